@@ -8,3 +8,5 @@ require (
 	golang.org/x/arch v0.30.0 // indirect
 	golang.org/x/sys v0.43.0 // indirect
 )
+
+tool github.com/cilium/ebpf/cmd/bpf2go

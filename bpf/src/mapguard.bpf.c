@@ -1,0 +1,143 @@
+// SPDX-License-Identifier: (MIT OR GPL-2.0-only)
+//
+// mapguard's uprobe program. One program serves every probe site: the
+// attach cookie is the site index, and sites[index] says what the site
+// means. Everything the program reads from the Go runtime (goroutine id,
+// map header, type kind) is at an offset passed in as a constant by the
+// loader, after the loader has verified those offsets in the live process.
+//
+// The program never writes user memory and never blocks. A hit costs the
+// trap (paid whatever this program does) plus a few reads; events go to a
+// ring buffer without a wake-up, and the reader drains it on a timer.
+
+#include "mapguard.h"
+
+char __license[] SEC("license") = "Dual MIT/GPL";
+
+// Offsets into runtime structures, verified by the loader before attach.
+volatile const __u64 goid_offset = 0;      // runtime.g.goid
+volatile const __u64 map_used_offset = 0;  // internal/runtime/maps.Map.used
+volatile const __u64 type_kind_offset = 0; // internal/abi.Type.Kind_
+// How many return PCs to collect per event, at most MG_MAX_FRAMES.
+volatile const __u32 max_frames = 4;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MG_MAX_SITES);
+	__type(key, __u32);
+	__type(value, struct site_conf);
+} sites SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MG_MAX_SITES);
+	__type(key, __u32);
+	__type(value, struct site_stats);
+} stats SEC(".maps");
+
+// Goroutines whose hits are ignored: the Guard's own reader and dispatcher.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u64);
+	__type(value, __u8);
+} ignored_goids SEC(".maps");
+
+// The loader sets max_entries from Options.BufferSize.
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+// Keep the record types in BTF so bpf2go generates Go declarations for them.
+const struct event *unused_event __attribute__((unused));
+const enum mg_kind *unused_kind __attribute__((unused));
+
+static __always_inline __u64 read_u64(__u64 addr)
+{
+	__u64 v = 0;
+	if (bpf_probe_read_user(&v, sizeof(v), (const void *)addr) < 0)
+		return 0;
+	return v;
+}
+
+static __always_inline void walk_frames(struct pt_regs *ctx, __u8 framed, struct event *e)
+{
+	__u64 fp = ctx->rbp;
+	__u64 pc;
+
+	// At a framed site this function's own frame is set up: its return
+	// address is at [BP+8] and [BP] is the caller's frame pointer. Before
+	// PUSHQ BP the return address is at [SP] and BP is still the caller's.
+	if (framed) {
+		pc = read_u64(fp + 8);
+		fp = read_u64(fp);
+	} else {
+		pc = read_u64(ctx->rsp);
+	}
+	e->pcs[0] = pc;
+	e->npcs = pc ? 1 : 0;
+
+	for (__u32 i = 1; i < MG_MAX_FRAMES; i++) {
+		if (i >= max_frames || fp == 0 || pc == 0)
+			break;
+		pc = read_u64(fp + 8);
+		fp = read_u64(fp);
+		if (pc == 0)
+			break;
+		e->pcs[i] = pc;
+		e->npcs = i + 1;
+	}
+}
+
+SEC("uprobe")
+int mapguard_site(struct pt_regs *ctx)
+{
+	__u32 index = (__u32)bpf_get_attach_cookie(ctx);
+	struct site_conf *conf = bpf_map_lookup_elem(&sites, &index);
+	struct site_stats *st = bpf_map_lookup_elem(&stats, &index);
+	if (!conf || !st)
+		return 0;
+	st->hits++;
+
+	// A nil-or-empty block: only a nil map (RBX == 0) is an anomaly.
+	if ((conf->flags & MG_SITE_NIL_ONLY) && ctx->rbx != 0) {
+		st->filtered++;
+		return 0;
+	}
+
+	__u64 goid = read_u64(ctx->r14 + goid_offset);
+	if (bpf_map_lookup_elem(&ignored_goids, &goid)) {
+		st->ignored++;
+		return 0;
+	}
+
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		st->dropped++;
+		return 0;
+	}
+
+	e->time_ns = bpf_ktime_get_ns();
+	e->goid = goid;
+	e->site = index;
+	e->kind = conf->kind;
+	e->count = 1;
+	e->map = ctx->rbx;
+	e->len = e->map ? read_u64(e->map + map_used_offset) : 0;
+
+	// RAX holds the map type at every site the loader accepts. Keep it only
+	// if it reads back as a map type, so user space never dereferences a
+	// pointer that is not one.
+	__u8 kind = 0;
+	e->typ = 0;
+	if (bpf_probe_read_user(&kind, sizeof(kind), (const void *)(ctx->rax + type_kind_offset)) == 0 &&
+	    (kind & MG_ABI_KIND_MASK) == MG_ABI_KIND_MAP)
+		e->typ = ctx->rax;
+
+	walk_frames(ctx, conf->flags & MG_SITE_FRAMED, e);
+
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	st->events++;
+	return 0;
+}

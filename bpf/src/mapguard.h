@@ -1,0 +1,92 @@
+// SPDX-License-Identifier: (MIT OR GPL-2.0-only)
+//
+// Self-contained definitions for mapguard.bpf.c, so that the object depends
+// only on the pinned clang and not on whichever kernel or libbpf headers the
+// build machine has. Helper numbers are the stable UAPI ones from
+// include/uapi/linux/bpf.h.
+
+#ifndef MAPGUARD_H
+#define MAPGUARD_H
+
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+typedef long long __s64;
+
+#define SEC(name) __attribute__((section(name), used))
+#define __always_inline inline __attribute__((always_inline))
+#define __uint(name, val) int (*name)[val]
+#define __type(name, val) typeof(val) *name
+
+enum {
+	BPF_MAP_TYPE_HASH = 1,
+	BPF_MAP_TYPE_ARRAY = 2,
+	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
+	BPF_MAP_TYPE_RINGBUF = 27,
+};
+
+#define BPF_RB_NO_WAKEUP 1
+
+// The x86-64 register file a uprobe program sees (struct pt_regs, UAPI names).
+struct pt_regs {
+	unsigned long r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8;
+	unsigned long rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs, eflags, rsp, ss;
+};
+
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
+static long (*bpf_probe_read_user)(void *dst, __u32 size, const void *unsafe_ptr) = (void *)112;
+static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
+static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
+static __u64 (*bpf_get_attach_cookie)(void *ctx) = (void *)174;
+
+#define MG_MAX_SITES 256
+#define MG_MAX_FRAMES 16
+
+// internal/abi: Kind_ & KindMask == Map for a map type.
+#define MG_ABI_KIND_MASK 0x1f
+#define MG_ABI_KIND_MAP 21
+
+// Event kinds. The Go package mapguard uses the same numbers for Kind.
+enum mg_kind {
+	MG_KIND_NIL_MAP_WRITE = 1,
+	MG_KIND_NIL_MAP_READ = 2,
+};
+
+// site_conf.flags
+#define MG_SITE_FRAMED 1   // the probed function's frame pointer is set up at the site
+#define MG_SITE_NIL_ONLY 2 // report only when the map argument (RBX) is nil
+
+struct site_conf {
+	__u8 kind;
+	__u8 flags;
+	__u16 _pad0;
+	__u32 _pad1;
+};
+
+// Per-CPU counters for one site; user space sums them.
+struct site_stats {
+	__u64 hits;     // traps taken at the site
+	__u64 events;   // records submitted
+	__u64 dropped;  // records lost because the ring buffer was full
+	__u64 filtered; // hits that were not an anomaly (an empty, non-nil map)
+	__u64 ignored;  // hits from the Guard's own goroutines
+};
+
+// One record in the ring buffer.
+struct event {
+	__u64 time_ns; // bpf_ktime_get_ns: CLOCK_MONOTONIC
+	__u64 goid;
+	__u64 map;   // map header address, 0 for a nil map
+	__u64 typ;   // *abi.MapType, 0 if it did not read back as a map type
+	__u64 len;   // entries in the map at the time
+	__u64 count; // occurrences this record stands for
+	__u32 site;  // index into sites
+	__u8 kind;   // enum mg_kind
+	__u8 npcs;   // valid entries in pcs
+	__u16 _pad;
+	__u64 pcs[MG_MAX_FRAMES]; // return PCs, innermost first: pcs[0] is the probed function's caller
+};
+
+#endif

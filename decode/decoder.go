@@ -1,0 +1,240 @@
+package decode
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// Wire layout of struct event in bpf/mapguard.h. A test checks it against the
+// generated Go declaration.
+const (
+	MaxFrames  = 16
+	RecordSize = 56 + 8*MaxFrames
+
+	offTime  = 0
+	offGoid  = 8
+	offMap   = 16
+	offTyp   = 24
+	offLen   = 32
+	offCount = 40
+	offSite  = 48
+	offKind  = 52
+	offNPCs  = 53
+	offPCs   = 56
+)
+
+// ErrRecord is returned for a record that is malformed.
+var ErrRecord = errors.New("malformed record")
+
+// Clock converts the BPF clock (CLOCK_MONOTONIC nanoseconds) to wall time.
+// Take both readings at the same moment, see NewClock.
+type Clock struct {
+	Wall time.Time
+	Mono int64 // CLOCK_MONOTONIC at Wall, in nanoseconds
+}
+
+// Time converts a CLOCK_MONOTONIC reading to wall time.
+func (c Clock) Time(mono uint64) time.Time {
+	return c.Wall.Add(time.Duration(int64(mono) - c.Mono))
+}
+
+// Config configures a Decoder. The zero value is valid.
+type Config struct {
+	// StackDepth is how many frames Event.Stack holds, from the site
+	// outwards; 0 leaves Stack nil. At most MaxFrames.
+	StackDepth int
+	// Clock converts record times; the zero Clock yields times relative to
+	// the zero time.Time.
+	Clock Clock
+	// Probes names the probed function of each site index.
+	Probes []string
+	// TypeName names a runtime map type pointer. It is only called with
+	// pointers the BPF program has checked to be map types. Nil leaves
+	// Event.MapType empty.
+	TypeName func(typ uintptr) string
+}
+
+// cacheLimit bounds each cache; a full cache is cleared, not grown.
+const cacheLimit = 4096
+
+// Decoder decodes records. It is not safe for concurrent use.
+type Decoder struct {
+	cfg    Config
+	frames map[uintptr][]Frame            // return PC -> frames, inlined ones expanded
+	stacks map[[MaxFrames]uintptr][]Frame // PCs -> Stack
+	types  map[uintptr]string
+	pcs    [MaxFrames]uintptr
+}
+
+// NewDecoder returns a Decoder for cfg.
+func NewDecoder(cfg Config) *Decoder {
+	if cfg.StackDepth < 0 {
+		cfg.StackDepth = 0
+	}
+	if cfg.StackDepth > MaxFrames {
+		cfg.StackDepth = MaxFrames
+	}
+	return &Decoder{
+		cfg:    cfg,
+		frames: make(map[uintptr][]Frame),
+		stacks: make(map[[MaxFrames]uintptr][]Frame),
+		types:  make(map[uintptr]string),
+	}
+}
+
+// Site returns the raw site index of a record without decoding the rest.
+func Site(raw []byte) (uint32, error) {
+	if len(raw) < RecordSize {
+		return 0, fmt.Errorf("record of %d bytes, want %d: %w", len(raw), RecordSize, ErrRecord)
+	}
+	return binary.NativeEndian.Uint32(raw[offSite:]), nil
+}
+
+// Decode decodes raw into ev, overwriting every field.
+func (d *Decoder) Decode(raw []byte, ev *Event) error {
+	if len(raw) < RecordSize {
+		return fmt.Errorf("record of %d bytes, want %d: %w", len(raw), RecordSize, ErrRecord)
+	}
+	le := binary.NativeEndian
+	kind := Kind(raw[offKind])
+	if !kind.Valid() {
+		return fmt.Errorf("unknown kind %d: %w", raw[offKind], ErrRecord)
+	}
+	npcs := int(raw[offNPCs])
+	if npcs > MaxFrames {
+		return fmt.Errorf("%d frames, at most %d: %w", npcs, MaxFrames, ErrRecord)
+	}
+	site := le.Uint32(raw[offSite:])
+	probe := ""
+	if int(site) < len(d.cfg.Probes) {
+		probe = d.cfg.Probes[site]
+	}
+
+	d.pcs = [MaxFrames]uintptr{}
+	for i := 0; i < npcs; i++ {
+		d.pcs[i] = uintptr(le.Uint64(raw[offPCs+8*i:]))
+	}
+
+	*ev = Event{
+		Kind:      kind,
+		Time:      d.cfg.Clock.Time(le.Uint64(raw[offTime:])),
+		Goroutine: le.Uint64(raw[offGoid:]),
+		Map:       uintptr(le.Uint64(raw[offMap:])),
+		Len:       int(min(le.Uint64(raw[offLen:]), math.MaxInt64)),
+		Count:     le.Uint64(raw[offCount:]),
+		Probe:     probe,
+		MapType:   d.typeName(uintptr(le.Uint64(raw[offTyp:]))),
+	}
+	ev.Site, ev.Stack = d.symbolize(npcs)
+	return nil
+}
+
+func (d *Decoder) typeName(typ uintptr) string {
+	if typ == 0 || d.cfg.TypeName == nil {
+		return ""
+	}
+	if name, ok := d.types[typ]; ok {
+		return name
+	}
+	if len(d.types) >= cacheLimit {
+		clear(d.types)
+	}
+	name := d.cfg.TypeName(typ)
+	d.types[typ] = name
+	return name
+}
+
+// symbolize finds the user's frame among d.pcs[:n] and, if asked, the stack
+// from there.
+func (d *Decoder) symbolize(n int) (Frame, []Frame) {
+	site := Frame{}
+	first := -1 // index into pcs of the PC holding the site
+	for i := 0; i < n && first < 0; i++ {
+		for _, f := range d.pcFrames(d.pcs[i]) {
+			if !isMapRuntime(f.Function) {
+				site, first = f, i
+				break
+			}
+		}
+	}
+	if first < 0 {
+		// Every frame is runtime code (or unknown): report the outermost.
+		if n > 0 {
+			fs := d.pcFrames(d.pcs[n-1])
+			site = fs[len(fs)-1]
+		}
+		return site, nil
+	}
+	if d.cfg.StackDepth == 0 {
+		return site, nil
+	}
+
+	var key [MaxFrames]uintptr
+	copy(key[:], d.pcs[first:n])
+	if st, ok := d.stacks[key]; ok {
+		return site, st
+	}
+	st := make([]Frame, 0, d.cfg.StackDepth)
+	seen := false
+	for i := first; i < n && len(st) < d.cfg.StackDepth; i++ {
+		for _, f := range d.pcFrames(d.pcs[i]) {
+			if !seen {
+				// Skip the runtime frames inlined before the site.
+				if f != site {
+					continue
+				}
+				seen = true
+			}
+			if len(st) == d.cfg.StackDepth {
+				break
+			}
+			st = append(st, f)
+		}
+	}
+	if len(d.stacks) >= cacheLimit {
+		clear(d.stacks)
+	}
+	d.stacks[key] = st
+	return site, st
+}
+
+// pcFrames returns the frames of one return PC, innermost first; never empty.
+func (d *Decoder) pcFrames(pc uintptr) []Frame {
+	if fs, ok := d.frames[pc]; ok {
+		return fs
+	}
+	var fs []Frame
+	frames := runtime.CallersFrames([]uintptr{pc})
+	for {
+		f, more := frames.Next()
+		if f.Function != "" || f.File != "" {
+			fs = append(fs, Frame{Function: f.Function, File: f.File, Line: f.Line, PC: pc})
+		}
+		if !more {
+			break
+		}
+	}
+	if len(fs) == 0 {
+		fs = []Frame{{PC: pc}}
+	}
+	if len(d.frames) >= cacheLimit {
+		clear(d.frames)
+	}
+	d.frames[pc] = fs
+	return fs
+}
+
+// isMapRuntime reports whether a frame belongs to the code between the user
+// and the probed runtime function: the runtime itself, reflect's map
+// wrappers and the standard maps package.
+func isMapRuntime(fn string) bool {
+	return strings.HasPrefix(fn, "runtime.") ||
+		strings.HasPrefix(fn, "internal/runtime/") ||
+		strings.HasPrefix(fn, "reflect.") ||
+		strings.HasPrefix(fn, "maps.")
+}

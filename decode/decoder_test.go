@@ -1,0 +1,147 @@
+package decode
+
+import (
+	"encoding/binary"
+	"errors"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+)
+
+// record builds a wire record as the BPF program would.
+func record(kind Kind, site uint32, goid uint64, mono uint64, typ uintptr, pcs ...uintptr) []byte {
+	b := make([]byte, RecordSize)
+	le := binary.NativeEndian
+	le.PutUint64(b[offTime:], mono)
+	le.PutUint64(b[offGoid:], goid)
+	le.PutUint64(b[offTyp:], uint64(typ))
+	le.PutUint64(b[offLen:], 7)
+	le.PutUint64(b[offCount:], 1)
+	le.PutUint32(b[offSite:], site)
+	b[offKind] = byte(kind)
+	b[offNPCs] = byte(len(pcs))
+	for i, pc := range pcs {
+		le.PutUint64(b[offPCs+8*i:], uint64(pc))
+	}
+	return b
+}
+
+// callerPCs returns return PCs as a probe inside a runtime function would
+// see them: the first is a PC inside the runtime (runtime.Callers itself),
+// then this package's callers.
+//
+//go:noinline
+func callerPCs() []uintptr {
+	pcs := make([]uintptr, 8)
+	n := runtime.Callers(0, pcs)
+	return pcs[:n]
+}
+
+//go:noinline
+func userSite() ([]uintptr, int) {
+	_, _, line, _ := runtime.Caller(0)
+	return callerPCs(), line + 1
+}
+
+func TestDecodeSite(t *testing.T) {
+	pcs, line := userSite()
+	wall := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	d := NewDecoder(Config{
+		StackDepth: 2,
+		Clock:      Clock{Wall: wall, Mono: 1000},
+		Probes:     []string{"runtime.mapassign_faststr"},
+		TypeName:   func(uintptr) string { return "map[string]int" },
+	})
+	var ev Event
+	if err := d.Decode(record(NilMapWrite, 0, 42, 1500, 0x1234, pcs...), &ev); err != nil {
+		t.Fatal(err)
+	}
+	if ev.Kind != NilMapWrite || ev.Goroutine != 42 || ev.Len != 7 || ev.Count != 1 {
+		t.Fatalf("event %+v", ev)
+	}
+	if !ev.Time.Equal(wall.Add(500)) {
+		t.Errorf("time %v, want %v", ev.Time, wall.Add(500))
+	}
+	// runtime.Callers is skipped; callerPCs is this package's frame.
+	if !strings.HasSuffix(ev.Site.Function, ".callerPCs") {
+		t.Errorf("site %v, want callerPCs", ev.Site)
+	}
+	if len(ev.Stack) != 2 || ev.Stack[0] != ev.Site || !strings.HasSuffix(ev.Stack[1].Function, ".userSite") || ev.Stack[1].Line != line {
+		t.Errorf("stack %v, want callerPCs then userSite line %d", ev.Stack, line)
+	}
+	if ev.MapType != "map[string]int" || ev.Probe != "runtime.mapassign_faststr" {
+		t.Errorf("type %q probe %q", ev.MapType, ev.Probe)
+	}
+	if s := ev.String(); !strings.Contains(s, "nil-map-write at ") || !strings.Contains(s, "goroutine 42") {
+		t.Errorf("String() = %q", s)
+	}
+}
+
+func TestDecodeNoTypeName(t *testing.T) {
+	d := NewDecoder(Config{})
+	var ev Event
+	if err := d.Decode(record(NilMapRead, 9, 1, 0, 0x1234), &ev); err != nil {
+		t.Fatal(err)
+	}
+	if ev.MapType != "" || ev.Probe != "" || ev.Stack != nil || ev.Site.PC != 0 {
+		t.Fatalf("event %+v", ev)
+	}
+}
+
+func TestDecodeErrors(t *testing.T) {
+	d := NewDecoder(Config{})
+	var ev Event
+	for name, raw := range map[string][]byte{
+		"short":  make([]byte, RecordSize-1),
+		"kind0":  record(0, 0, 0, 0, 0),
+		"kind99": record(99, 0, 0, 0, 0),
+		"frames": func() []byte { b := record(NilMapRead, 0, 0, 0, 0); b[offNPCs] = MaxFrames + 1; return b }(),
+	} {
+		if err := d.Decode(raw, &ev); !errors.Is(err, ErrRecord) {
+			t.Errorf("%s: err = %v, want ErrRecord", name, err)
+		}
+	}
+}
+
+func TestKindString(t *testing.T) {
+	for _, k := range Kinds() {
+		if !k.Valid() || strings.HasPrefix(k.String(), "kind(") {
+			t.Errorf("kind %d has no name", k)
+		}
+	}
+	if NilMapWrite.String() != "nil-map-write" || NilMapRead.String() != "nil-map-read" || Kind(200).String() != "kind(200)" {
+		t.Error("kind names changed")
+	}
+}
+
+func BenchmarkDecode(b *testing.B) {
+	pcs, _ := userSite()
+	for _, depth := range []int{0, 4} {
+		b.Run("StackDepth="+string(rune('0'+depth)), func(b *testing.B) {
+			d := NewDecoder(Config{StackDepth: depth, TypeName: func(uintptr) string { return "map[string]int" }})
+			raw := record(NilMapWrite, 0, 42, 1500, 0x1234, pcs...)
+			var ev Event
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := d.Decode(raw, &ev); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func FuzzDecode(f *testing.F) {
+	pcs, _ := userSite()
+	f.Add(record(NilMapWrite, 0, 42, 1500, 0x1234, pcs...))
+	f.Add(record(NilMapRead, 3, 1, 0, 0))
+	f.Add([]byte{1, 2, 3})
+	d := NewDecoder(Config{StackDepth: 3, Probes: []string{"a", "b"}})
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		var ev Event
+		if err := d.Decode(raw, &ev); err != nil && !errors.Is(err, ErrRecord) {
+			t.Fatalf("error %v does not wrap ErrRecord", err)
+		}
+	})
+}

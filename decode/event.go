@@ -1,0 +1,105 @@
+package decode
+
+import (
+	"fmt"
+	"strconv"
+	"time"
+)
+
+// Kind is what an event reports. Its values are the wire values of the BPF
+// program (enum mg_kind in bpf/mapguard.h).
+type Kind uint8
+
+const (
+	// NilMapWrite is an assignment to a nil map. The runtime panics right
+	// after the probe fires; the panic may be recovered (net/http does so per
+	// request), the event arrives either way.
+	NilMapWrite Kind = 1
+	// NilMapRead is a read from a nil map, which silently returns the zero
+	// value. It is how m[a][b] looks when m[a] is missing.
+	NilMapRead Kind = 2
+
+	maxKind = NilMapRead
+)
+
+var kindNames = [...]string{
+	NilMapWrite: "nil-map-write",
+	NilMapRead:  "nil-map-read",
+}
+
+// Kinds returns every kind this version knows, in order.
+func Kinds() []Kind {
+	ks := make([]Kind, 0, maxKind)
+	for k := Kind(1); k <= maxKind; k++ {
+		ks = append(ks, k)
+	}
+	return ks
+}
+
+// String returns the kind's stable name, e.g. "nil-map-write".
+func (k Kind) String() string {
+	if k >= 1 && k <= maxKind {
+		return kindNames[k]
+	}
+	return "kind(" + strconv.Itoa(int(k)) + ")"
+}
+
+// Valid reports whether k is a kind this version knows.
+func (k Kind) Valid() bool { return k >= 1 && k <= maxKind }
+
+// Frame is one resolved stack frame.
+type Frame struct {
+	Function string  // package-qualified function name, e.g. "main.handler"
+	File     string  // absolute source path as recorded by the compiler
+	Line     int     // 1-based; 0 if unknown
+	PC       uintptr // return PC in this process
+}
+
+// String returns "file:line (function)".
+func (f Frame) String() string {
+	if f.File == "" {
+		return fmt.Sprintf("%#x", f.PC)
+	}
+	return f.File + ":" + strconv.Itoa(f.Line) + " (" + f.Function + ")"
+}
+
+// Event is one detected map misuse.
+type Event struct {
+	Kind Kind
+	// Time is when the probe fired, as wall-clock time.
+	Time time.Time
+	// Goroutine is the id of the goroutine that performed the operation.
+	Goroutine uint64
+	// Site is the first frame outside the runtime's map code: the user's line.
+	Site Frame
+	// Stack holds up to Options.StackDepth frames starting at Site; nil when
+	// StackDepth is 0. The slice is shared between events: do not modify it.
+	Stack []Frame
+	// MapType is the map's static type, e.g. "map[string]map[int]bool", or ""
+	// if it could not be resolved.
+	MapType string
+	// Map identifies the map (its header address); 0 for a nil map. An
+	// address can be reused after the map is garbage collected.
+	Map uintptr
+	// Len is the number of entries in the map when the probe fired.
+	Len int
+	// Count is how many occurrences this event stands for: 1 unless the
+	// kind is aggregated.
+	Count uint64
+	// Probe is the runtime function the probe fired in, e.g.
+	// "runtime.mapassign_faststr".
+	Probe string
+}
+
+// String returns a one-line human description of the event.
+func (e Event) String() string {
+	typ := e.MapType
+	if typ == "" {
+		typ = "map"
+	}
+	s := fmt.Sprintf("%s at %s in goroutine %d: %s len=%d", e.Kind, e.Site, e.Goroutine, typ, e.Len)
+	if e.Count > 1 {
+		s += " count=" + strconv.FormatUint(e.Count, 10)
+	}
+	return s
+}

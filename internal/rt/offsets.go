@@ -1,0 +1,21 @@
+package rt
+
+// Offsets are the byte offsets into runtime structures that the BPF program
+// reads. They are constants of one Go release line.
+type Offsets struct {
+	// GoID is the offset of runtime.g.goid.
+	GoID uint64
+	// MapUsed is the offset of internal/runtime/maps.Map.used (the entry count).
+	MapUsed uint64
+	// MapDirLen, MapGlobalDepth and MapGlobalShift are read only by Verify, to
+	// tell a swiss map header from anything else.
+	MapDirPtr, MapDirLen, MapGlobalDepth, MapGlobalShift uint64
+	// TypeKind is the offset of internal/abi.Type.Kind_.
+	TypeKind uint64
+}
+
+// KindMask and KindMap decode internal/abi.Type.Kind_.
+const (
+	KindMask = 0x1f
+	KindMap  = 21
+)

@@ -1,0 +1,123 @@
+package rt
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/bits"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"unsafe"
+)
+
+// ErrUnknownRuntime means this Go release or map implementation has no
+// known layout.
+var ErrUnknownRuntime = errors.New("unknown Go runtime layout")
+
+// ErrMismatch means a known layout did not verify in this process.
+var ErrMismatch = errors.New("runtime layout does not match")
+
+// Load returns the offsets for the running Go release, verified against
+// maps and types this function builds itself.
+func Load() (*Offsets, error) {
+	if known == nil {
+		return nil, fmt.Errorf("%s: %w", runtime.Version(), ErrUnknownRuntime)
+	}
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range info.Settings {
+			if s.Key == "GOEXPERIMENT" && strings.Contains(s.Value, "noswissmap") {
+				return nil, fmt.Errorf("GOEXPERIMENT=%s: %w", s.Value, ErrUnknownRuntime)
+			}
+		}
+	}
+	if err := verify(known); err != nil {
+		return nil, err
+	}
+	o := *known
+	return &o, nil
+}
+
+// eface is the layout of an empty interface: its first word is the type.
+type eface struct {
+	typ  unsafe.Pointer
+	data unsafe.Pointer
+}
+
+// TypeOf returns the runtime type pointer of v's dynamic type.
+func TypeOf(v any) unsafe.Pointer {
+	return (*eface)(unsafe.Pointer(&v)).typ
+}
+
+// mapHeader returns the address of m's internal/runtime/maps.Map.
+func mapHeader[K comparable, V any](m map[K]V) unsafe.Pointer {
+	return *(*unsafe.Pointer)(unsafe.Pointer(&m))
+}
+
+func verify(o *Offsets) error {
+	mismatch := func(format string, args ...any) error {
+		return fmt.Errorf("%s: %s: %w", runtime.Version(), fmt.Sprintf(format, args...), ErrMismatch)
+	}
+
+	// Type kind: a map type reads back as Map, an int type does not.
+	mapKind := *(*uint8)(unsafe.Add(TypeOf(map[uint64]uint64(nil)), o.TypeKind)) & KindMask
+	intKind := *(*uint8)(unsafe.Add(TypeOf(0), o.TypeKind)) & KindMask
+	if mapKind != KindMap || intKind == KindMap {
+		return mismatch("type kind at +%d reads %d for a map and %d for an int", o.TypeKind, mapKind, intKind)
+	}
+
+	// A small map: one group, no directory.
+	small := map[uint64]uint64{1: 1, 2: 2, 3: 3}
+	h := mapHeader(small)
+	if used := *(*uint64)(unsafe.Add(h, o.MapUsed)); used != 3 {
+		return mismatch("small map used = %d, want 3", used)
+	}
+	if dirLen := *(*int64)(unsafe.Add(h, o.MapDirLen)); dirLen != 0 {
+		return mismatch("small map dirLen = %d, want 0", dirLen)
+	}
+	if *(*unsafe.Pointer)(unsafe.Add(h, o.MapDirPtr)) == nil {
+		return mismatch("small map has no group")
+	}
+
+	// A large map: a directory of 2^globalDepth tables.
+	large := make(map[uint64]uint64)
+	const n = 5000
+	for i := uint64(0); i < n; i++ {
+		large[i] = i
+	}
+	h = mapHeader(large)
+	used := *(*uint64)(unsafe.Add(h, o.MapUsed))
+	dirLen := *(*int64)(unsafe.Add(h, o.MapDirLen))
+	depth := *(*uint8)(unsafe.Add(h, o.MapGlobalDepth))
+	shift := *(*uint8)(unsafe.Add(h, o.MapGlobalShift))
+	if used != n {
+		return mismatch("map used = %d, want %d", used, n)
+	}
+	if dirLen < 2 || dirLen&(dirLen-1) != 0 || bits.TrailingZeros64(uint64(dirLen)) != int(depth) || int(shift) != 64-int(depth) {
+		return mismatch("map directory: dirLen %d, globalDepth %d, globalShift %d", dirLen, depth, shift)
+	}
+	delete(large, 0)
+	if used := *(*uint64)(unsafe.Add(h, o.MapUsed)); used != n-1 {
+		return mismatch("map used after delete = %d, want %d", used, n-1)
+	}
+	runtime.KeepAlive(small)
+	runtime.KeepAlive(large)
+	return nil
+}
+
+// GoID returns the calling goroutine's id, as the runtime prints it. It is
+// slow (it formats a stack header) and meant for start-up and tests.
+func GoID() uint64 {
+	var buf [64]byte
+	b := buf[:runtime.Stack(buf[:], false)]
+	b = bytes.TrimPrefix(b, []byte("goroutine "))
+	if i := bytes.IndexByte(b, ' '); i > 0 {
+		b = b[:i]
+	}
+	id, err := strconv.ParseUint(string(b), 10, 64)
+	if err != nil {
+		return 0
+	}
+	return id
+}
