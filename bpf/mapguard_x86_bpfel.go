@@ -59,11 +59,11 @@ const (
 	MapguardMapEvents         = "events"
 	MapguardMapIgnoredGoids   = "ignored_goids"
 	MapguardMapSites          = "sites"
-	MapguardMapStats          = "stats"
 	MapguardProgMapguardSite  = "mapguard_site"
 	MapguardVarGoidOffset     = "goid_offset"
 	MapguardVarMapUsedOffset  = "map_used_offset"
 	MapguardVarMaxFrames      = "max_frames"
+	MapguardVarStats          = "stats"
 	MapguardVarTypeKindOffset = "type_kind_offset"
 	MapguardVarUnusedEvent    = "unused_event"
 	MapguardVarUnusedKind     = "unused_kind"
@@ -121,7 +121,6 @@ type MapguardMapSpecs struct {
 	Events       *ebpf.MapSpec `ebpf:"events"`
 	IgnoredGoids *ebpf.MapSpec `ebpf:"ignored_goids"`
 	Sites        *ebpf.MapSpec `ebpf:"sites"`
-	Stats        *ebpf.MapSpec `ebpf:"stats"`
 }
 
 // MapguardVariableSpecs contains global variables before they are loaded into the kernel.
@@ -131,6 +130,7 @@ type MapguardVariableSpecs struct {
 	GoidOffset     *ebpf.VariableSpec `ebpf:"goid_offset"`
 	MapUsedOffset  *ebpf.VariableSpec `ebpf:"map_used_offset"`
 	MaxFrames      *ebpf.VariableSpec `ebpf:"max_frames"`
+	Stats          *ebpf.VariableSpec `ebpf:"stats"`
 	TypeKindOffset *ebpf.VariableSpec `ebpf:"type_kind_offset"`
 	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedKind     *ebpf.VariableSpec `ebpf:"unused_kind"`
@@ -159,7 +159,6 @@ type MapguardMaps struct {
 	Events       *ebpf.Map `ebpf:"events"`
 	IgnoredGoids *ebpf.Map `ebpf:"ignored_goids"`
 	Sites        *ebpf.Map `ebpf:"sites"`
-	Stats        *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *MapguardMaps) Close() error {
@@ -167,7 +166,6 @@ func (m *MapguardMaps) Close() error {
 		m.Events,
 		m.IgnoredGoids,
 		m.Sites,
-		m.Stats,
 	)
 }
 
@@ -178,6 +176,7 @@ type MapguardVariables struct {
 	GoidOffset     *ebpf.Variable `ebpf:"goid_offset"`
 	MapUsedOffset  *ebpf.Variable `ebpf:"map_used_offset"`
 	MaxFrames      *ebpf.Variable `ebpf:"max_frames"`
+	Stats          *ebpf.Variable `ebpf:"stats"`
 	TypeKindOffset *ebpf.Variable `ebpf:"type_kind_offset"`
 	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
 	UnusedKind     *ebpf.Variable `ebpf:"unused_kind"`

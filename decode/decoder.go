@@ -31,6 +31,12 @@ const (
 // ErrRecord is returned for a record that is malformed.
 var ErrRecord = errors.New("malformed record")
 
+// ErrRuntimeOwned is returned for a record whose map belongs to the Go
+// runtime itself: the first caller outside the map code is runtime code
+// (for example runtime.resolveTypeOff reads a nil module type map on every
+// call, by design). It is not user misuse and is not reported.
+var ErrRuntimeOwned = errors.New("map operation by the Go runtime")
+
 // Clock converts the BPF clock (CLOCK_MONOTONIC nanoseconds) to wall time.
 // Take both readings at the same moment, see NewClock.
 type Clock struct {
@@ -87,12 +93,26 @@ func NewDecoder(cfg Config) *Decoder {
 	}
 }
 
-// Site returns the raw site index of a record without decoding the rest.
-func Site(raw []byte) (uint32, error) {
+// Header is the part of a record needed to route it before decoding.
+type Header struct {
+	Site uint32
+	Kind Kind
+	Goid uint64
+	Typ  uintptr
+}
+
+// Peek returns a record's header without decoding the rest.
+func Peek(raw []byte) (Header, error) {
 	if len(raw) < RecordSize {
-		return 0, fmt.Errorf("record of %d bytes, want %d: %w", len(raw), RecordSize, ErrRecord)
+		return Header{}, fmt.Errorf("record of %d bytes, want %d: %w", len(raw), RecordSize, ErrRecord)
 	}
-	return binary.NativeEndian.Uint32(raw[offSite:]), nil
+	le := binary.NativeEndian
+	return Header{
+		Site: le.Uint32(raw[offSite:]),
+		Kind: Kind(raw[offKind]),
+		Goid: le.Uint64(raw[offGoid:]),
+		Typ:  uintptr(le.Uint64(raw[offTyp:])),
+	}, nil
 }
 
 // Decode decodes raw into ev, overwriting every field.
@@ -130,7 +150,11 @@ func (d *Decoder) Decode(raw []byte, ev *Event) error {
 		Probe:     probe,
 		MapType:   d.typeName(uintptr(le.Uint64(raw[offTyp:]))),
 	}
-	ev.Site, ev.Stack = d.symbolize(npcs)
+	var owned bool
+	ev.Site, ev.Stack, owned = d.symbolize(npcs)
+	if owned {
+		return ErrRuntimeOwned
+	}
 	return nil
 }
 
@@ -150,34 +174,37 @@ func (d *Decoder) typeName(typ uintptr) string {
 }
 
 // symbolize finds the user's frame among d.pcs[:n] and, if asked, the stack
-// from there.
-func (d *Decoder) symbolize(n int) (Frame, []Frame) {
-	site := Frame{}
+// from there. owned reports that the caller is the runtime itself.
+func (d *Decoder) symbolize(n int) (site Frame, stack []Frame, owned bool) {
 	first := -1 // index into pcs of the PC holding the site
 	for i := 0; i < n && first < 0; i++ {
 		for _, f := range d.pcFrames(d.pcs[i]) {
-			if !isMapRuntime(f.Function) {
-				site, first = f, i
-				break
+			if isMapCode(f.Function) {
+				continue
 			}
+			if isRuntime(f.Function) {
+				return f, nil, true
+			}
+			site, first = f, i
+			break
 		}
 	}
 	if first < 0 {
-		// Every frame is runtime code (or unknown): report the outermost.
+		// Every frame is map code (or unknown): report the outermost.
 		if n > 0 {
 			fs := d.pcFrames(d.pcs[n-1])
 			site = fs[len(fs)-1]
 		}
-		return site, nil
+		return site, nil, false
 	}
 	if d.cfg.StackDepth == 0 {
-		return site, nil
+		return site, nil, false
 	}
 
 	var key [MaxFrames]uintptr
 	copy(key[:], d.pcs[first:n])
 	if st, ok := d.stacks[key]; ok {
-		return site, st
+		return site, st, false
 	}
 	st := make([]Frame, 0, d.cfg.StackDepth)
 	seen := false
@@ -200,7 +227,7 @@ func (d *Decoder) symbolize(n int) (Frame, []Frame) {
 		clear(d.stacks)
 	}
 	d.stacks[key] = st
-	return site, st
+	return site, st, false
 }
 
 // pcFrames returns the frames of one return PC, innermost first; never empty.
@@ -229,12 +256,18 @@ func (d *Decoder) pcFrames(pc uintptr) []Frame {
 	return fs
 }
 
-// isMapRuntime reports whether a frame belongs to the code between the user
-// and the probed runtime function: the runtime itself, reflect's map
-// wrappers and the standard maps package.
-func isMapRuntime(fn string) bool {
-	return strings.HasPrefix(fn, "runtime.") ||
-		strings.HasPrefix(fn, "internal/runtime/") ||
+// isMapCode reports whether a frame belongs to the code between a map's
+// user and the probed runtime function: the runtime's map functions and
+// their wrappers (mapaccess1_fat, ...), reflect's map operations and the
+// standard maps package.
+func isMapCode(fn string) bool {
+	return strings.HasPrefix(fn, "runtime.map") ||
+		strings.HasPrefix(fn, "internal/runtime/maps.") ||
 		strings.HasPrefix(fn, "reflect.") ||
 		strings.HasPrefix(fn, "maps.")
+}
+
+// isRuntime reports whether fn is Go runtime code other than map code.
+func isRuntime(fn string) bool {
+	return strings.HasPrefix(fn, "runtime.") || strings.HasPrefix(fn, "internal/")
 }

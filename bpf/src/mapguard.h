@@ -22,7 +22,6 @@ typedef long long __s64;
 enum {
 	BPF_MAP_TYPE_HASH = 1,
 	BPF_MAP_TYPE_ARRAY = 2,
-	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
 	BPF_MAP_TYPE_RINGBUF = 27,
 };
 
@@ -65,7 +64,7 @@ struct site_conf {
 	__u32 _pad1;
 };
 
-// Per-CPU counters for one site; user space sums them.
+// Counters for one site, updated atomically.
 struct site_stats {
 	__u64 hits;     // traps taken at the site
 	__u64 events;   // records submitted

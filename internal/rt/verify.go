@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"reflect"
 	"runtime"
 	"runtime/debug"
 	"strconv"
@@ -120,4 +121,13 @@ func GoID() uint64 {
 		return 0
 	}
 	return id
+}
+
+// TypeString names the runtime type at typ, e.g. "map[string]int". typ must
+// be a live *abi.Type; callers only pass pointers the BPF program has read
+// back as map types.
+func TypeString(typ uintptr) string {
+	var v any
+	(*eface)(unsafe.Pointer(&v)).typ = *(*unsafe.Pointer)(unsafe.Pointer(&typ))
+	return reflect.TypeOf(v).String()
 }

@@ -44,3 +44,10 @@ func TestGoID(t *testing.T) {
 		t.Fatalf("goroutine ids %d, %d, %d", a, b, GoID())
 	}
 }
+
+func TestTypeString(t *testing.T) {
+	typ := uintptr(TypeOf(map[string]map[int]bool(nil)))
+	if got := TypeString(typ); got != "map[string]map[int]bool" {
+		t.Fatalf("TypeString = %q", got)
+	}
+}

@@ -1,0 +1,69 @@
+// Package mapguard lets a Go service watch its own map operations with eBPF
+// and act on misuse before it becomes an outage.
+//
+// Go's map misuse is silent or fatal: a read from a nil map (which is what
+// m[a][b] is when m[a] is missing) quietly returns a zero value, and a write
+// to a nil map panics, which net/http recovers per request so that nobody
+// sees it. A Guard attaches uprobes to the process's own runtime map
+// functions and turns these into typed events carrying the user's call site
+// (file:line), the goroutine, and the map's type, delivered on a channel and
+// to callbacks, so that a service can count them, alert, and flip a
+// downgrade switch.
+//
+//	g, err := mapguard.New(mapguard.Options{})
+//	if err != nil { ... }
+//	if err := g.Start(ctx); err != nil {
+//		log.Printf("map watching off: %v", err) // the service runs on regardless
+//	}
+//	defer g.Close()
+//	g.OnEvent(func(ev mapguard.Event) { log.Print(ev) })
+//
+// # Requirements
+//
+// Linux on amd64, kernel 5.15 or later (6.10 or later uses one uprobe_multi
+// link per site; older kernels use perf-event uprobes, which take about
+// 100 ms each to detach), the binary built by Go 1.25 or 1.26, and
+// CAP_SYS_ADMIN (creating uprobes requires it on current kernels). Stripped
+// (-ldflags=-s -w) and PIE binaries work: functions are found through
+// .gopclntab, which every Go binary has. On any other platform the package
+// compiles and Start returns ErrNotSupported.
+//
+// # Cost
+//
+// The default kinds probe only blocks that run when something is wrong: the
+// branch a map assignment takes when the map is nil, and the branch a map
+// read takes when the map is nil or empty. A healthy operation on a
+// non-empty map pays nothing. A hit costs a trap, about 0.6 us at an
+// instruction the kernel emulates and about 23 us at one it single-steps
+// (measured on the project's VMs; bare metal is several times cheaper).
+// Reads from empty maps go through the same block as nil maps, so a probe
+// site that fires more often than Options.SiteRateLimit per second is
+// detached and re-armed after a back-off; Stats shows it.
+//
+// # Lifecycle
+//
+// New validates options and attaches nothing. Start finds the runtime's map
+// functions in the running binary, decodes each one from its first byte to
+// choose probe sites on instruction boundaries, verifies the runtime
+// layouts it will read against maps it builds itself, loads the BPF
+// program, attaches it (filtered to this process), and provokes one canary
+// event that must come back with the right goroutine, call site and map
+// type before Start returns nil. Events then flow until ctx is done or Close
+// is called. The Guard's own goroutines are excluded in the kernel, so its
+// work never produces events.
+//
+// # Errors
+//
+// Start returns errors that wrap ErrNotSupported (platform, kernel or Go
+// version), ErrPermission (capabilities), ErrLayoutMismatch (the runtime did
+// not look as expected, so nothing was attached) or ErrClosed. In every
+// case nothing is left running and the process behaves as if mapguard were
+// not there. Events are never waited for: what does not fit in a buffer is
+// counted in Stats.
+//
+// # Testing
+//
+// Options.Probe takes a probe.Fake, whose Emit delivers an event as the
+// kernel would, so that code reacting to events can be unit tested without
+// privileges.
+package mapguard

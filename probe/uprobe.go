@@ -1,0 +1,135 @@
+package probe
+
+import (
+	"time"
+
+	"github.com/go-logr/logr"
+
+	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/symbols"
+)
+
+// UprobeConfig configures NewUprobes. The zero value is valid.
+type UprobeConfig struct {
+	// Kinds to watch; nil means DefaultKinds.
+	Kinds []decode.Kind
+	// StackDepth is how many frames each event's Stack holds (0: the call
+	// site only). At most decode.MaxFrames.
+	StackDepth int
+	// BufferSize is how many events the kernel ring buffer holds between two
+	// drains (every 100 ms). Default 1024.
+	BufferSize int
+	// SiteRateLimit is how many hits per second one probe site may take
+	// before it is detached for a back-off (5 s, doubling to 5 min). Default
+	// 200, about 0.5% of one CPU at a single-stepped site here; negative
+	// disables the limit.
+	SiteRateLimit int
+	// Logger receives errors, V(1) warnings, V(4) lifecycle and V(8) events.
+	Logger logr.Logger
+}
+
+// DefaultKinds are the kinds whose probes sit only on paths that run when
+// something is wrong, so a healthy map operation pays nothing.
+func DefaultKinds() []decode.Kind {
+	return []decode.Kind{decode.NilMapWrite, decode.NilMapRead}
+}
+
+// NewUprobes returns a Probe that attaches eBPF uprobes to this process. It
+// does no work until Start; on platforms other than linux/amd64 Start
+// returns ErrNotSupported.
+func NewUprobes(cfg UprobeConfig) Probe { return newUprobes(cfg) }
+
+func (c UprobeConfig) kinds() []decode.Kind {
+	if len(c.Kinds) == 0 {
+		return DefaultKinds()
+	}
+	return c.Kinds
+}
+
+func (c UprobeConfig) bufferSize() int {
+	if c.BufferSize <= 0 {
+		return 1024
+	}
+	return c.BufferSize
+}
+
+func (c UprobeConfig) siteRateLimit() int {
+	if c.SiteRateLimit == 0 {
+		return 200
+	}
+	return c.SiteRateLimit
+}
+
+// ringSize is the ring buffer size in bytes for n events: a power of two of
+// at least one page.
+func ringSize(n int) uint32 {
+	size := uint32(4096)
+	for int(size) < n*decode.RecordSize && size < 1<<30 {
+		size <<= 1
+	}
+	return size
+}
+
+const (
+	maxSites      = 256 // MG_MAX_SITES
+	siteFramed    = 1   // MG_SITE_FRAMED
+	siteNilOnly   = 2   // MG_SITE_NIL_ONLY
+	pollInterval  = 100 * time.Millisecond
+	canaryTimeout = 3 * time.Second
+)
+
+// target lists the runtime functions probed for one kind, the block shape
+// looked for in them, and the function the start-up canary goes through.
+type target struct {
+	op     symbols.MapOp
+	funcs  []string
+	canary string
+}
+
+var targets = map[decode.Kind]target{
+	decode.NilMapWrite: {
+		op: symbols.MapAssign,
+		funcs: []string{
+			"runtime.mapassign",
+			"runtime.mapassign_fast32",
+			"runtime.mapassign_fast32ptr",
+			"runtime.mapassign_fast64",
+			"runtime.mapassign_fast64ptr",
+			"runtime.mapassign_faststr",
+		},
+		canary: "runtime.mapassign",
+	},
+	decode.NilMapRead: {
+		op: symbols.MapAccess,
+		funcs: []string{
+			"runtime.mapaccess1",
+			"runtime.mapaccess2",
+			"runtime.mapaccess1_fast32",
+			"runtime.mapaccess2_fast32",
+			"runtime.mapaccess1_fast64",
+			"runtime.mapaccess2_fast64",
+			"runtime.mapaccess1_faststr",
+			"runtime.mapaccess2_faststr",
+		},
+		canary: "runtime.mapaccess1",
+	},
+}
+
+// canaryKey is 16 bytes, so its maps use the generic runtime.mapassign and
+// runtime.mapaccess1, which every program using mapguard therefore contains.
+type canaryKey struct{ a, b uint64 }
+
+//go:noinline
+func canaryWrite() {
+	defer func() { _ = recover() }()
+	var m map[canaryKey]uint8
+	m[canaryKey{1, 2}] = 1
+}
+
+var canarySink uint8
+
+//go:noinline
+func canaryRead() {
+	var m map[canaryKey]uint8
+	canarySink = m[canaryKey{1, 2}]
+}

@@ -1,0 +1,622 @@
+//go:build linux && amd64
+
+package probe
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+	"github.com/go-logr/logr"
+	"golang.org/x/sys/unix"
+
+	"github.com/mapguard/mapguard/bpf"
+	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/rt"
+	"github.com/mapguard/mapguard/symbols"
+)
+
+// selfExe is the running binary. Uprobes live on the inode, and the magic
+// link keeps naming the inode this process runs even if the file on disk
+// is replaced.
+const selfExe = "/proc/self/exe"
+
+type uprobes struct {
+	cfg UprobeConfig
+	log logr.Logger
+
+	mu       sync.Mutex // guards everything below once Start has begun
+	started  bool
+	closed   bool
+	coll     *ebpf.Collection
+	ex       *link.Executable
+	reader   *ringbuf.Reader
+	multi    bool
+	sites    []*site
+	inactive []Inactive
+	canaryT  uintptr           // type of the canary's map; its events never reach the sink
+	canary   chan decode.Event // receives the canary event during Start
+	sink     Sink
+	done     chan struct{} // closed when the reader goroutine exits
+	ignore   *ebpf.Map
+	stats    *ebpf.Variable
+	counters [maxSites]bpf.MapguardSiteStats // scratch for stats reads
+	decoder  *decode.Decoder
+	// runtimeOwned counts, per site, events the runtime caused on its own
+	// maps; written by the reader, read by Stats.
+	runtimeOwned []atomic.Uint64
+	lastTick     time.Time
+}
+
+type site struct {
+	index    uint32
+	kind     decode.Kind
+	fn       symbols.Func
+	at       symbols.Site
+	link     link.Link // nil while disarmed
+	disarms  int
+	rearmAt  time.Time
+	lastHits uint64
+}
+
+// newUprobes is NewUprobes on linux/amd64.
+func newUprobes(cfg UprobeConfig) Probe {
+	return &uprobes{cfg: cfg, log: cfg.Logger}
+}
+
+func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.closed {
+		return ErrClosed
+	}
+	if u.started {
+		return errors.New("start probe: already started")
+	}
+	u.started = true
+	u.sink = sink
+	begin := time.Now()
+
+	defer func() {
+		if err != nil {
+			u.teardownLocked()
+			u.log.V(4).Info("probe start failed", "error", err.Error())
+		}
+	}()
+
+	offsets, err := rt.Load()
+	switch {
+	case errors.Is(err, rt.ErrUnknownRuntime):
+		return fmt.Errorf("start probe: %w: %w", ErrNotSupported, err)
+	case err != nil:
+		return fmt.Errorf("start probe: %w: %w", ErrLayoutMismatch, err)
+	}
+	if err := checkCapabilities(); err != nil {
+		return err
+	}
+	if err := checkKernel(); err != nil {
+		return err
+	}
+	u.multi = haveUprobeMulti()
+
+	bin, err := symbols.OpenSelf()
+	if err != nil {
+		return fmt.Errorf("start probe: read own symbols: %w: %w", ErrNotSupported, err)
+	}
+	defer bin.Close()
+	if err := u.chooseSites(bin); err != nil {
+		return err
+	}
+	if err := u.load(offsets); err != nil {
+		return err
+	}
+
+	clock, err := newClock()
+	if err != nil {
+		return fmt.Errorf("start probe: %w", err)
+	}
+	u.runtimeOwned = make([]atomic.Uint64, len(u.sites))
+	probes := make([]string, len(u.sites))
+	for i, s := range u.sites {
+		probes[i] = s.fn.Name
+	}
+	u.decoder = decode.NewDecoder(decode.Config{
+		StackDepth: u.cfg.StackDepth,
+		Clock:      clock,
+		Probes:     probes,
+		TypeName:   rt.TypeString,
+	})
+
+	// The reader ignores itself before any probe is armed.
+	u.canary = make(chan decode.Event, 1)
+	u.done = make(chan struct{})
+	ready := make(chan error, 1)
+	go u.run(ready)
+	if err := <-ready; err != nil {
+		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
+	}
+
+	now := time.Now()
+	for _, s := range u.sites {
+		if err := u.armLocked(s, now); err != nil {
+			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+				return fmt.Errorf("start probe: attach %s+%#x: %w: %w", s.fn.Name, s.at.Offset, ErrPermission, err)
+			}
+			return fmt.Errorf("start probe: attach %s+%#x: %w", s.fn.Name, s.at.Offset, err)
+		}
+	}
+
+	if err := u.checkCanaryLocked(ctx); err != nil {
+		return err
+	}
+	u.log.V(4).Info("probe started", "sites", len(u.sites), "inactive", len(u.inactive),
+		"uprobeMulti", u.multi, "took", time.Since(begin))
+	return nil
+}
+
+// chooseSites decodes every target function present in the binary.
+func (u *uprobes) chooseSites(bin *symbols.Binary) error {
+	callee := func(addr uint64) string {
+		if f, ok := bin.FuncAt(addr); ok && f.Entry == addr {
+			return f.Name
+		}
+		return ""
+	}
+	for _, kind := range u.cfg.kinds() {
+		t, ok := targets[kind]
+		if !ok {
+			return fmt.Errorf("start probe: kind %s: %w", kind, ErrNotSupported)
+		}
+		for _, name := range t.funcs {
+			fn, ok := bin.Func(name)
+			if !ok {
+				u.inactive = append(u.inactive, Inactive{kind, name, "not in binary"})
+				continue
+			}
+			code, err := bin.Code(fn)
+			if err != nil {
+				return fmt.Errorf("start probe: read %s: %w", name, err)
+			}
+			at, err := symbols.NilMapSite(code, fn.Entry, t.op, callee)
+			if err != nil {
+				u.inactive = append(u.inactive, Inactive{kind, name, err.Error()})
+				u.log.V(1).Info("function not probed", "function", name, "reason", err.Error())
+				continue
+			}
+			if len(u.sites) == maxSites {
+				return fmt.Errorf("start probe: more than %d sites", maxSites)
+			}
+			u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: kind, fn: fn, at: at})
+		}
+	}
+	return nil
+}
+
+func (u *uprobes) load(o *rt.Offsets) error {
+	spec, err := bpf.LoadMapguard()
+	if err != nil {
+		return fmt.Errorf("start probe: %w", err)
+	}
+	frames := uint32(min(decode.MaxFrames, 6+u.cfg.StackDepth))
+	for name, v := range map[string]any{
+		bpf.MapguardVarGoidOffset:     o.GoID,
+		bpf.MapguardVarMapUsedOffset:  o.MapUsed,
+		bpf.MapguardVarTypeKindOffset: o.TypeKind,
+		bpf.MapguardVarMaxFrames:      frames,
+	} {
+		if err := spec.Variables[name].Set(v); err != nil {
+			return fmt.Errorf("start probe: set %s: %w", name, err)
+		}
+	}
+	spec.Maps[bpf.MapguardMapEvents].MaxEntries = ringSize(u.cfg.bufferSize())
+	if u.multi {
+		spec.Programs[bpf.MapguardProgMapguardSite].AttachType = ebpf.AttachTraceUprobeMulti
+	}
+
+	coll, err := ebpf.NewCollection(spec)
+	if err != nil {
+		var verr *ebpf.VerifierError
+		if !errors.As(err, &verr) && (errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES)) {
+			return fmt.Errorf("start probe: load BPF: %w: %w", ErrPermission, err)
+		}
+		return fmt.Errorf("start probe: load BPF: %w", err)
+	}
+	u.coll = coll
+	u.stats = coll.Variables[bpf.MapguardVarStats]
+	u.ignore = coll.Maps[bpf.MapguardMapIgnoredGoids]
+
+	sitesMap := coll.Maps[bpf.MapguardMapSites]
+	for _, s := range u.sites {
+		conf := bpf.MapguardSiteConf{Kind: uint8(s.kind)}
+		if s.at.Framed {
+			conf.Flags |= siteFramed
+		}
+		if targets[s.kind].op == symbols.MapAccess {
+			conf.Flags |= siteNilOnly
+		}
+		if err := sitesMap.Put(s.index, conf); err != nil {
+			return fmt.Errorf("start probe: configure site: %w", err)
+		}
+	}
+
+	u.ex, err = link.OpenExecutable(selfExe)
+	if err != nil {
+		return fmt.Errorf("start probe: %w", err)
+	}
+	u.reader, err = ringbuf.NewReader(coll.Maps[bpf.MapguardMapEvents])
+	if err != nil {
+		return fmt.Errorf("start probe: %w", err)
+	}
+	return nil
+}
+
+// armLocked attaches one site, filtered to this process.
+func (u *uprobes) armLocked(s *site, now time.Time) error {
+	if s.link != nil {
+		return nil
+	}
+	prog := u.coll.Programs[bpf.MapguardProgMapguardSite]
+	off := s.fn.FileOffset + s.at.Offset
+	var (
+		l   link.Link
+		err error
+	)
+	if u.multi {
+		l, err = u.ex.UprobeMulti(nil, prog, &link.UprobeMultiOptions{
+			Addresses: []uint64{off},
+			Cookies:   []uint64{uint64(s.index)},
+			PID:       uint32(os.Getpid()),
+		})
+	} else {
+		l, err = u.ex.Uprobe("", prog, &link.UprobeOptions{
+			Address: off,
+			Cookie:  uint64(s.index),
+			PID:     os.Getpid(),
+		})
+	}
+	if err != nil {
+		return err
+	}
+	s.link = l
+	s.lastHits = u.siteCounters(s).Hits
+	return nil
+}
+
+func (u *uprobes) disarmLocked(s *site) {
+	if s.link == nil {
+		return
+	}
+	if err := s.link.Close(); err != nil {
+		u.log.Error(err, "detach probe", "function", s.fn.Name)
+	}
+	s.link = nil
+}
+
+// checkCanaryLocked provokes one event of the first kind watched on a
+// goroutine of its own and checks that it comes back whole: the goroutine id
+// read in BPF, the map type and the call site.
+func (u *uprobes) checkCanaryLocked(ctx context.Context) error {
+	kind := u.cfg.kinds()[0]
+	var provoke func()
+	switch kind {
+	case decode.NilMapWrite:
+		u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
+		provoke = canaryWrite
+	case decode.NilMapRead:
+		u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
+		provoke = canaryRead
+	default:
+		return fmt.Errorf("start probe: no canary for %s: %w", kind, ErrNotSupported)
+	}
+	if !u.hasSite(kind, targets[kind].canary) {
+		return fmt.Errorf("start probe: canary function %s not probed: %w", targets[kind].canary, ErrNotSupported)
+	}
+
+	goid := make(chan uint64, 1)
+	go func() {
+		goid <- rt.GoID()
+		provoke()
+	}()
+	want := <-goid
+
+	// The reader takes u.mu in its governor tick; let it run while we wait.
+	u.mu.Unlock()
+	defer u.mu.Lock()
+	timer := time.NewTimer(canaryTimeout)
+	defer timer.Stop()
+	select {
+	case ev := <-u.canary:
+		switch {
+		case ev.Kind != kind:
+			return fmt.Errorf("start probe: canary came back as %s, want %s: %w", ev.Kind, kind, ErrLayoutMismatch)
+		case ev.Goroutine != want:
+			return fmt.Errorf("start probe: canary goroutine read as %d, want %d: %w", ev.Goroutine, want, ErrLayoutMismatch)
+		case !strings.HasSuffix(ev.Site.Function, "probe.canaryWrite") && !strings.HasSuffix(ev.Site.Function, "probe.canaryRead"):
+			return fmt.Errorf("start probe: canary site resolved to %q: %w", ev.Site.Function, ErrLayoutMismatch)
+		case ev.MapType != "map[probe.canaryKey]uint8":
+			return fmt.Errorf("start probe: canary map type resolved to %q: %w", ev.MapType, ErrLayoutMismatch)
+		}
+		return nil
+	case <-timer.C:
+		return fmt.Errorf("start probe: canary event did not arrive within %v: %w", canaryTimeout, ErrLayoutMismatch)
+	case <-ctx.Done():
+		return fmt.Errorf("start probe: %w", ctx.Err())
+	}
+}
+
+func (u *uprobes) hasSite(kind decode.Kind, fn string) bool {
+	for _, s := range u.sites {
+		if s.kind == kind && s.fn.Name == fn {
+			return true
+		}
+	}
+	return false
+}
+
+// run is the reader goroutine: it drains the ring buffer every poll
+// interval (records are submitted without a wake-up), decodes and delivers,
+// and enforces the per-site rate limit.
+func (u *uprobes) run(ready chan<- error) {
+	defer close(u.done)
+	// Start holds u.mu and set u.ignore before starting this goroutine.
+	if err := u.ignore.Put(rt.GoID(), uint8(1)); err != nil {
+		ready <- err
+		return
+	}
+	close(ready)
+
+	var (
+		rec ringbuf.Record
+		ev  decode.Event
+	)
+	u.reader.SetDeadline(time.Now().Add(pollInterval))
+	for {
+		err := u.reader.ReadInto(&rec)
+		switch {
+		case err == nil:
+			u.handle(rec.RawSample, &ev)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			u.tick(time.Now())
+			u.reader.SetDeadline(time.Now().Add(pollInterval))
+		case errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
+			return
+		default:
+			u.log.Error(err, "read ring buffer")
+			return
+		}
+	}
+}
+
+func (u *uprobes) handle(raw []byte, ev *decode.Event) {
+	h, err := decode.Peek(raw)
+	if err != nil {
+		u.log.Error(err, "bad record")
+		return
+	}
+	if err := u.decoder.Decode(raw, ev); err != nil {
+		if errors.Is(err, decode.ErrRuntimeOwned) {
+			if int(h.Site) < len(u.runtimeOwned) {
+				u.runtimeOwned[h.Site].Add(1)
+			}
+			return
+		}
+		u.log.Error(err, "bad record")
+		return
+	}
+	if h.Typ != 0 && h.Typ == u.canaryT {
+		select {
+		case u.canary <- *ev:
+		default: // a late or repeated canary
+		}
+		return
+	}
+	u.log.V(8).Info("event", "kind", ev.Kind.String(), "site", ev.Site.String())
+	u.sink(ev)
+}
+
+// tick disarms sites over their rate limit and re-arms those whose back-off
+// has passed.
+func (u *uprobes) tick(now time.Time) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.closed || u.coll == nil {
+		return
+	}
+	elapsed := now.Sub(u.lastTick)
+	u.lastTick = now
+	limit := u.cfg.siteRateLimit()
+	for _, s := range u.sites {
+		if s.link == nil {
+			if !s.rearmAt.IsZero() && !now.Before(s.rearmAt) {
+				if err := u.armLocked(s, now); err != nil {
+					u.log.Error(err, "re-arm probe", "function", s.fn.Name)
+					s.rearmAt = now.Add(backoff(s.disarms))
+					continue
+				}
+				u.log.V(1).Info("probe re-armed", "function", s.fn.Name)
+			}
+			continue
+		}
+		hits := u.siteCounters(s).Hits
+		delta := hits - s.lastHits
+		s.lastHits = hits
+		if limit <= 0 || elapsed <= 0 || elapsed > 10*pollInterval {
+			continue
+		}
+		if float64(delta) > float64(limit)*elapsed.Seconds() && delta > 1 {
+			u.disarmLocked(s)
+			s.disarms++
+			s.rearmAt = now.Add(backoff(s.disarms))
+			u.log.V(1).Info("probe disarmed: over its rate limit", "function", s.fn.Name,
+				"hits", delta, "interval", elapsed, "limit", limit, "rearmAt", s.rearmAt)
+		}
+	}
+}
+
+// backoff doubles from 5 s up to 5 min with each disarm.
+func backoff(disarms int) time.Duration {
+	d := 5 * time.Second
+	for i := 1; i < disarms && d < 5*time.Minute; i++ {
+		d *= 2
+	}
+	return min(d, 5*time.Minute)
+}
+
+// siteCounters reads one site's counters. The array is read whole from the
+// memory-mapped .bss; a torn read of one counter is off by an increment at
+// most, and counters only grow.
+func (u *uprobes) siteCounters(s *site) bpf.MapguardSiteStats {
+	if err := u.stats.Get(&u.counters); err != nil {
+		return bpf.MapguardSiteStats{}
+	}
+	return u.counters[s.index]
+}
+
+func (u *uprobes) Ignore(goid uint64) error {
+	u.mu.Lock()
+	m := u.ignore
+	u.mu.Unlock()
+	if m == nil {
+		return ErrClosed
+	}
+	return m.Put(goid, uint8(1))
+}
+
+func (u *uprobes) Stats() Stats {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	st := Stats{Inactive: append([]Inactive(nil), u.inactive...)}
+	for _, s := range u.sites {
+		ss := SiteStats{
+			Kind:     s.kind,
+			Function: s.fn.Name,
+			Offset:   s.at.Offset,
+			Inst:     s.at.Inst,
+			Emulated: s.at.Emulated,
+			Armed:    s.link != nil,
+			Disarms:  s.disarms,
+		}
+		if int(s.index) < len(u.runtimeOwned) {
+			ss.RuntimeOwned = u.runtimeOwned[s.index].Load()
+		}
+		if s.link == nil {
+			ss.RearmAt = s.rearmAt
+		}
+		if u.coll != nil {
+			c := u.siteCounters(s)
+			ss.Hits, ss.Events, ss.Dropped, ss.Filtered, ss.Ignored = c.Hits, c.Events, c.Dropped, c.Filtered, c.Ignored
+		}
+		st.Dropped += ss.Dropped
+		st.Sites = append(st.Sites, ss)
+	}
+	return st
+}
+
+func (u *uprobes) Close() error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.closed {
+		return nil
+	}
+	u.closed = true
+	u.teardownLocked()
+	return nil
+}
+
+// teardownLocked stops the reader, then detaches every site in parallel
+// (each detach waits for the kernel), then frees the BPF objects.
+func (u *uprobes) teardownLocked() {
+	if u.reader != nil {
+		u.reader.Close()
+		if u.done != nil {
+			u.mu.Unlock()
+			<-u.done // the reader may be waiting for u.mu in tick
+			u.mu.Lock()
+		}
+	}
+	var wg sync.WaitGroup
+	for _, s := range u.sites {
+		if s.link == nil {
+			continue
+		}
+		wg.Add(1)
+		go func(l link.Link) {
+			defer wg.Done()
+			l.Close()
+		}(s.link)
+		s.link = nil
+	}
+	wg.Wait()
+	if u.coll != nil {
+		u.coll.Close()
+	}
+	u.coll, u.reader, u.ignore, u.stats, u.done = nil, nil, nil, nil, nil
+}
+
+// checkCapabilities fails fast without the capabilities BPF and uprobes
+// need, before anything is created.
+func checkCapabilities() error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("start probe: read capabilities: %w", err)
+	}
+	has := func(c uint) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
+	if has(unix.CAP_SYS_ADMIN) || (has(unix.CAP_BPF) && has(unix.CAP_PERFMON)) {
+		return nil
+	}
+	return fmt.Errorf("start probe: need CAP_SYS_ADMIN (or CAP_BPF and CAP_PERFMON): %w", ErrPermission)
+}
+
+// checkKernel requires ring buffers (5.8) and uprobe attach cookies (5.15).
+func checkKernel() error {
+	for what, err := range map[string]error{
+		"BPF ring buffer":    features.HaveMapType(ebpf.RingBuf),
+		"uprobe BPF cookies": features.HaveProgramHelper(ebpf.Kprobe, asm.FnGetAttachCookie),
+	} {
+		switch {
+		case err == nil:
+		case errors.Is(err, ebpf.ErrNotSupported):
+			return fmt.Errorf("start probe: kernel lacks %s: %w", what, ErrNotSupported)
+		case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
+			return fmt.Errorf("start probe: probe for %s: %w: %w", what, ErrPermission, err)
+		default:
+			return fmt.Errorf("start probe: probe for %s: %w", what, err)
+		}
+	}
+	return nil
+}
+
+// haveUprobeMulti reports whether uprobe_multi links can be used: the link
+// type exists (6.6) and its PID filter is per process (fixed in 6.10 and
+// 6.6.35; before that, hits from other threads were dropped).
+func haveUprobeMulti() bool {
+	if features.HaveBPFLinkUprobeMulti() != nil {
+		return false
+	}
+	var uts unix.Utsname
+	if unix.Uname(&uts) != nil {
+		return false
+	}
+	var major, minor, patch int
+	fmt.Sscanf(unix.ByteSliceToString(uts.Release[:]), "%d.%d.%d", &major, &minor, &patch)
+	return major > 6 || (major == 6 && minor >= 10) || (major == 6 && minor == 6 && patch >= 35)
+}
+
+func newClock() (decode.Clock, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return decode.Clock{}, fmt.Errorf("read monotonic clock: %w", err)
+	}
+	return decode.Clock{Wall: time.Now(), Mono: ts.Nano()}, nil
+}
