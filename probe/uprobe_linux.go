@@ -107,7 +107,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	if err := checkKernel(); err != nil {
 		return err
 	}
-	u.multi = haveUprobeMulti()
+	u.multi = haveUprobeMulti() && !forceSingleLinks
 
 	bin, err := symbols.OpenSelf()
 	if err != nil {
@@ -596,6 +596,10 @@ func checkKernel() error {
 	}
 	return nil
 }
+
+// forceSingleLinks makes Start use perf-event uprobes even where
+// uprobe_multi works, so that tests cover the older kernels' path.
+var forceSingleLinks = false
 
 // haveUprobeMulti reports whether uprobe_multi links can be used: the link
 // type exists (6.6) and its PID filter is per process (fixed in 6.10 and

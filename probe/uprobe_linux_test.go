@@ -1,0 +1,87 @@
+//go:build linux && amd64
+
+package probe
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/testutil"
+)
+
+// startProbe starts real uprobes and returns a channel of their events.
+func startProbe(t *testing.T, cfg UprobeConfig) (*uprobes, <-chan decode.Event) {
+	t.Helper()
+	testutil.RequirePrivileged(t)
+	p := NewUprobes(cfg).(*uprobes)
+	events := make(chan decode.Event, 64)
+	if err := p.Start(context.Background(), func(ev *decode.Event) {
+		select {
+		case events <- *ev:
+		default:
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p, events
+}
+
+var sinkByte uint8
+
+// The perf-event path, used on kernels without a working uprobe_multi,
+// attaches, delivers and detaches too.
+func TestPerfEventLinks(t *testing.T) {
+	forceSingleLinks = true
+	defer func() { forceSingleLinks = false }()
+	p, events := startProbe(t, UprobeConfig{Kinds: []decode.Kind{decode.NilMapRead}})
+	if p.multi {
+		t.Fatal("uprobe_multi used despite forceSingleLinks")
+	}
+	var m map[int64]uint8
+	sinkByte = m[42]
+	select {
+	case ev := <-events:
+		if ev.Kind != decode.NilMapRead || ev.MapType != "map[int64]uint8" {
+			t.Fatalf("event %v", ev)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no event")
+	}
+	begin := time.Now()
+	p.Close()
+	t.Logf("closed %d perf-event links in %v", len(p.sites), time.Since(begin))
+}
+
+func TestMultiLinks(t *testing.T) {
+	p, _ := startProbe(t, UprobeConfig{})
+	if !haveUprobeMulti() {
+		t.Skip("kernel without a per-process uprobe_multi filter")
+	}
+	if !p.multi {
+		t.Fatal("uprobe_multi available but not used")
+	}
+	begin := time.Now()
+	p.Close()
+	t.Logf("closed %d uprobe_multi links in %v", len(p.sites), time.Since(begin))
+}
+
+func TestSitesChosen(t *testing.T) {
+	p, _ := startProbe(t, UprobeConfig{})
+	st := p.Stats()
+	if len(st.Sites) == 0 {
+		t.Fatal("no sites")
+	}
+	for _, s := range st.Sites {
+		if !s.Armed || s.Offset == 0 || s.Inst == "" {
+			t.Errorf("site %+v", s)
+		}
+	}
+	for _, in := range st.Inactive {
+		if in.Reason != "not in binary" {
+			t.Errorf("function not probed: %+v", in)
+		}
+	}
+}
