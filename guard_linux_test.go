@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -197,7 +198,7 @@ func TestRealRecoveredByNetHTTP(t *testing.T) {
 	g := startReal(t, mapguard.Options{})
 	events := g.Events()
 
-	var handlerLine int
+	var handlerLine atomic.Int64
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -205,7 +206,7 @@ func TestRealRecoveredByNetHTTP(t *testing.T) {
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			var hits map[string]int
-			handlerLine = here() + 1
+			handlerLine.Store(int64(here() + 1))
 			hits[r.URL.Path]++ // panics; net/http recovers it
 		}),
 		ErrorLog: log.New(io.Discard, "", 0), // silence "http: panic serving"
@@ -218,8 +219,8 @@ func TestRealRecoveredByNetHTTP(t *testing.T) {
 		resp.Body.Close()
 	}
 	ev := await(t, events, func(ev mapguard.Event) bool { return ev.Kind == mapguard.NilMapWrite })
-	if ev.Site.Line != handlerLine || ev.MapType != "map[string]int" {
-		t.Fatalf("event %v, want line %d", ev, handlerLine)
+	if want := int(handlerLine.Load()); ev.Site.Line != want || ev.MapType != "map[string]int" {
+		t.Fatalf("event %v, want line %d", ev, want)
 	}
 }
 

@@ -138,6 +138,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	})
 
 	// The reader ignores itself before any probe is armed.
+	u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
 	u.canary = make(chan decode.Event, 1)
 	u.done = make(chan struct{})
 	ready := make(chan error, 1)
@@ -310,10 +311,8 @@ func (u *uprobes) checkCanaryLocked(ctx context.Context) error {
 	var provoke func()
 	switch kind {
 	case decode.NilMapWrite:
-		u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
 		provoke = canaryWrite
 	case decode.NilMapRead:
-		u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
 		provoke = canaryRead
 	default:
 		return fmt.Errorf("start probe: no canary for %s: %w", kind, ErrNotSupported)
