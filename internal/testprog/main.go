@@ -88,7 +88,7 @@ func nilWrite() (line int) {
 	defer func() { recover() }()
 	var m map[string]int
 	line = here() + 1 // set before the panic: the recovered function returns it
-	m["k"] = 1 // not m["k"]++: -race builds compile that to a read, then a write
+	m["k"] = 1        // not m["k"]++: -race builds compile that to a read, then a write
 	return line
 }
 
