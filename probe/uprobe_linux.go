@@ -419,7 +419,9 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 		}
 		return
 	}
-	u.log.V(8).Info("event", "kind", ev.Kind.String(), "site", ev.Site.String())
+	if v := u.log.V(8); v.Enabled() {
+		v.Info("event", "kind", ev.Kind.String(), "site", ev.Site.String())
+	}
 	u.sink(ev)
 }
 
