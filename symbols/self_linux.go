@@ -1,0 +1,147 @@
+//go:build linux
+
+package symbols
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"reflect"
+	"runtime"
+)
+
+const selfPath = "/proc/self/exe"
+
+// OpenSelf reads the function table of the running executable, through
+// /proc/self/exe.
+//
+// Unlike Open, it checks the table against the running code: the load bias
+// comes from the kernel's AT_ENTRY, and a function of this package, found
+// both by name in the table and by its runtime address, must match in
+// address and bytes; the base of the table is corrected if it does not.
+// Every function's entry is then checked with runtime.FuncForPC.
+//
+// Errors wrap those of Open. On systems other than Linux, OpenSelf returns
+// an error wrapping errors.ErrUnsupported.
+func OpenSelf() (*Binary, error) {
+	b, tab, err := openFile(selfPath, true)
+	if err != nil {
+		return nil, fmt.Errorf("open self: %w", err)
+	}
+	if err := b.verifySelf(tab); err != nil {
+		b.Close()
+		return nil, fmt.Errorf("open self: %w", err)
+	}
+	return b, nil
+}
+
+// anchor is a function with a known runtime address, reflect.ValueOf(anchor).
+//
+//go:noinline
+func anchor() int { return 0x5eed }
+
+// verifySelf sets the load bias and checks the table against the running
+// code, rebuilding it with a corrected textStart if needed.
+func (b *Binary) verifySelf(tab *pclntab) error {
+	atEntry, err := auxvEntry()
+	if err != nil {
+		return err
+	}
+	b.bias = atEntry - b.entry
+	if !b.pie && b.bias != 0 {
+		return fmt.Errorf("check load bias: non-PIE binary loaded at %#x, linked at %#x", atEntry, b.entry)
+	}
+
+	pc := uint64(reflect.ValueOf(anchor).Pointer())
+	rf := runtime.FuncForPC(uintptr(pc))
+	if rf == nil || uint64(rf.Entry()) != pc {
+		return fmt.Errorf("check anchor: runtime does not know %#x as a function entry", pc)
+	}
+	name := rf.Name()
+	f, ok := b.Func(name)
+	if !ok {
+		return fmt.Errorf("check anchor: %s not in function table", name)
+	}
+	if f.Entry+b.bias != pc {
+		// The table's base is off, as with a stripped, externally linked
+		// binary whose moduledata was not found: shift it so the anchor
+		// lands where it runs.
+		start := b.textStart + (pc - b.bias - f.Entry)
+		if err := b.build(tab, start); err != nil {
+			return fmt.Errorf("correct textStart from %#x to %#x: %w", b.textStart, start, err)
+		}
+		b.textStart, b.textSource = start, "anchor"
+		if f, ok = b.Func(name); !ok || f.Entry+b.bias != pc {
+			return fmt.Errorf("check anchor: %s at %#x+%#x after correction, runs at %#x", name, f.Entry, b.bias, pc)
+		}
+		if err := b.checkPadding(); err != nil {
+			return fmt.Errorf("check corrected textStart %#x: %w", start, err)
+		}
+	}
+
+	// Bytes at the file offset must be the running code: this catches a
+	// wrong load bias that the correction above would have absorbed.
+	code, err := b.Code(f)
+	if err != nil {
+		return fmt.Errorf("check anchor: %w", err)
+	}
+	mem, err := readMemory(pc, len(code))
+	if err != nil {
+		return fmt.Errorf("check anchor: %w", err)
+	}
+	if !bytes.Equal(code, mem) {
+		return fmt.Errorf("check anchor: code of %s at file offset %#x differs from memory at %#x", name, f.FileOffset, pc)
+	}
+
+	// The runtime reads the same table with its own base: every entry must
+	// agree, and a few names too. Names are only compared for functions
+	// whose first instruction is not inlined code.
+	for _, f := range b.funcs {
+		addr := uintptr(f.Entry + b.bias)
+		if rf := runtime.FuncForPC(addr); rf == nil || rf.Entry() != addr {
+			return fmt.Errorf("check %s: runtime has no function at %#x", f.Name, addr)
+		}
+	}
+	for _, n := range []string{name, "runtime.main", "runtime.goexit"} {
+		f, ok := b.Func(n)
+		if !ok {
+			return fmt.Errorf("check %s: not in function table", n)
+		}
+		if rf := runtime.FuncForPC(uintptr(f.Entry + b.bias)); rf.Name() != n {
+			return fmt.Errorf("check %s: runtime names %#x %s", n, f.Entry+b.bias, rf.Name())
+		}
+	}
+	return nil
+}
+
+// auxvEntry returns AT_ENTRY, the runtime address of the ELF entry point.
+func auxvEntry() (uint64, error) {
+	const atEntry = 9
+	auxv, err := os.ReadFile("/proc/self/auxv")
+	if err != nil {
+		return 0, fmt.Errorf("read auxiliary vector: %w", err)
+	}
+	for i := 0; i+16 <= len(auxv); i += 16 {
+		if binary.LittleEndian.Uint64(auxv[i:]) == atEntry {
+			return binary.LittleEndian.Uint64(auxv[i+8:]), nil
+		}
+	}
+	return 0, errors.New("read auxiliary vector: no AT_ENTRY")
+}
+
+// readMemory reads n bytes of this process's memory at addr. It goes
+// through /proc/self/mem rather than unsafe, so a bad address is an error.
+func readMemory(addr uint64, n int) ([]byte, error) {
+	f, err := os.Open("/proc/self/mem")
+	if err != nil {
+		return nil, fmt.Errorf("read memory: %w", err)
+	}
+	defer f.Close()
+	buf := make([]byte, n)
+	if _, err := f.ReadAt(buf, int64(addr)); err != nil {
+		return nil, fmt.Errorf("read memory at %#x: %w", addr, err)
+	}
+	return buf, nil
+}
