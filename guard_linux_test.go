@@ -401,3 +401,39 @@ func waitFor(t *testing.T, cond func() bool, format string, args ...any) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// With a tiny ring buffer and a consumer that does not keep up, every event
+// is either delivered or counted as dropped at exactly one stage, and the
+// goroutines that hit the probes never wait.
+func TestRealOverflow(t *testing.T) {
+	g := startReal(t, mapguard.Options{BufferSize: 1, SiteRateLimit: -1})
+	events := g.Events()
+	block := make(chan struct{})
+	g.OnEvent(func(mapguard.Event) { <-block }) // a stalled consumer
+
+	const n = 500
+	begin := time.Now()
+	for i := 0; i < n; i++ {
+		growAndWrite(0)
+	}
+	took := time.Since(begin)
+	time.Sleep(300 * time.Millisecond) // let the reader drain the ring
+	close(block)
+	if err := g.Close(); err != nil {
+		t.Fatal(err)
+	}
+	delivered := uint64(len(events))
+	st := g.Stats()
+	left := st.Events[mapguard.NilMapWrite]
+	if left+st.DroppedKernel != n {
+		t.Errorf("%d events left the kernel + %d dropped there = %d, want %d", left, st.DroppedKernel, left+st.DroppedKernel, n)
+	}
+	if delivered+st.DroppedQueue+st.DroppedChannel != left {
+		t.Errorf("%d delivered + %d dropped in the queue + %d on the channel != %d", delivered, st.DroppedQueue, st.DroppedChannel, left)
+	}
+	if st.DroppedKernel == 0 {
+		t.Errorf("a %d-event burst into a one-page ring dropped nothing", n)
+	}
+	t.Logf("%d misuses in %v: %d dropped in the kernel, %d in the queue, %d on the channel, %d delivered",
+		n, took, st.DroppedKernel, st.DroppedQueue, st.DroppedChannel, delivered)
+}

@@ -44,7 +44,7 @@ type uprobes struct {
 	multi    bool
 	sites    []*site
 	inactive []Inactive
-	canaryT  uintptr           // type of the canary's map; its events never reach the sink
+	canaryT  uintptr           // type of the canary's map, set before the reader starts; its events never reach the sink
 	canary   chan decode.Event // receives the canary event during Start
 	sink     Sink
 	done     chan struct{} // closed when the reader goroutine exits
@@ -56,6 +56,7 @@ type uprobes struct {
 	// maps; written by the reader, read by Stats.
 	runtimeOwned []atomic.Uint64
 	lastTick     time.Time
+	lastDropped  uint64
 }
 
 type site struct {
@@ -67,6 +68,7 @@ type site struct {
 	disarms  int
 	rearmAt  time.Time
 	lastHits uint64
+	final    bpf.MapguardSiteStats // counters at Close
 }
 
 // newUprobes is NewUprobes on linux/amd64.
@@ -289,7 +291,8 @@ func (u *uprobes) armLocked(s *site, now time.Time) error {
 		return err
 	}
 	s.link = l
-	s.lastHits = u.siteCounters(s).Hits
+	u.readCounters()
+	s.lastHits = u.counters[s.index].Hits
 	return nil
 }
 
@@ -436,6 +439,16 @@ func (u *uprobes) tick(now time.Time) {
 	elapsed := now.Sub(u.lastTick)
 	u.lastTick = now
 	limit := u.cfg.siteRateLimit()
+	u.readCounters()
+	var dropped uint64
+	for _, s := range u.sites {
+		dropped += u.counters[s.index].Dropped
+	}
+	if dropped > u.lastDropped {
+		u.log.V(1).Info("events dropped: the ring buffer was full; raise Options.BufferSize",
+			"dropped", dropped-u.lastDropped, "total", dropped)
+		u.lastDropped = dropped
+	}
 	for _, s := range u.sites {
 		if s.link == nil {
 			if !s.rearmAt.IsZero() && !now.Before(s.rearmAt) {
@@ -448,7 +461,7 @@ func (u *uprobes) tick(now time.Time) {
 			}
 			continue
 		}
-		hits := u.siteCounters(s).Hits
+		hits := u.counters[s.index].Hits
 		delta := hits - s.lastHits
 		s.lastHits = hits
 		if limit <= 0 || elapsed <= 0 || elapsed > 10*pollInterval {
@@ -473,14 +486,12 @@ func backoff(disarms int) time.Duration {
 	return min(d, 5*time.Minute)
 }
 
-// siteCounters reads one site's counters. The array is read whole from the
-// memory-mapped .bss; a torn read of one counter is off by an increment at
-// most, and counters only grow.
-func (u *uprobes) siteCounters(s *site) bpf.MapguardSiteStats {
+// readCounters refreshes u.counters from the memory-mapped .bss: a copy,
+// no system call. Counters only grow, and each is updated atomically.
+func (u *uprobes) readCounters() {
 	if err := u.stats.Get(&u.counters); err != nil {
-		return bpf.MapguardSiteStats{}
+		u.counters = [maxSites]bpf.MapguardSiteStats{}
 	}
-	return u.counters[s.index]
 }
 
 func (u *uprobes) Ignore(goid uint64) error {
@@ -497,6 +508,9 @@ func (u *uprobes) Stats() Stats {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	st := Stats{Inactive: append([]Inactive(nil), u.inactive...)}
+	if u.coll != nil {
+		u.readCounters()
+	}
 	for _, s := range u.sites {
 		ss := SiteStats{
 			Kind:     s.kind,
@@ -513,10 +527,11 @@ func (u *uprobes) Stats() Stats {
 		if s.link == nil {
 			ss.RearmAt = s.rearmAt
 		}
+		c := s.final
 		if u.coll != nil {
-			c := u.siteCounters(s)
-			ss.Hits, ss.Events, ss.Dropped, ss.Filtered, ss.Ignored = c.Hits, c.Events, c.Dropped, c.Filtered, c.Ignored
+			c = u.counters[s.index]
 		}
+		ss.Hits, ss.Events, ss.Dropped, ss.Filtered, ss.Ignored = c.Hits, c.Events, c.Dropped, c.Filtered, c.Ignored
 		st.Dropped += ss.Dropped
 		st.Sites = append(st.Sites, ss)
 	}
@@ -559,6 +574,11 @@ func (u *uprobes) teardownLocked() {
 	}
 	wg.Wait()
 	if u.coll != nil {
+		// Keep the final counters for Stats after Close.
+		u.readCounters()
+		for _, s := range u.sites {
+			s.final = u.counters[s.index]
+		}
 		u.coll.Close()
 	}
 	u.coll, u.reader, u.ignore, u.stats, u.done = nil, nil, nil, nil, nil
