@@ -57,6 +57,7 @@ type uprobes struct {
 	runtimeOwned []atomic.Uint64
 	lastTick     time.Time
 	lastDropped  uint64
+	stopping     bool // teardown has begun
 }
 
 type site struct {
@@ -390,7 +391,7 @@ func (u *uprobes) run(ready chan<- error) {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			u.tick(time.Now())
 			u.reader.SetDeadline(time.Now().Add(pollInterval))
-		case errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
+		case errors.Is(err, ringbuf.ErrFlushed), errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
 			return
 		default:
 			u.log.Error(err, "read ring buffer")
@@ -433,7 +434,7 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 func (u *uprobes) tick(now time.Time) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.closed || u.coll == nil {
+	if u.stopping || u.coll == nil {
 		return
 	}
 	elapsed := now.Sub(u.lastTick)
@@ -549,17 +550,12 @@ func (u *uprobes) Close() error {
 	return nil
 }
 
-// teardownLocked stops the reader, then detaches every site in parallel
-// (each detach waits for the kernel), then frees the BPF objects.
+// teardownLocked detaches every site in parallel (each detach waits for
+// the kernel), then lets the reader deliver what is left in the ring buffer
+// and stop, then frees the BPF objects. Nothing that hit a probe before
+// Close is lost.
 func (u *uprobes) teardownLocked() {
-	if u.reader != nil {
-		u.reader.Close()
-		if u.done != nil {
-			u.mu.Unlock()
-			<-u.done // the reader may be waiting for u.mu in tick
-			u.mu.Lock()
-		}
-	}
+	u.stopping = true // tick must not re-arm anything from here on
 	var wg sync.WaitGroup
 	for _, s := range u.sites {
 		if s.link == nil {
@@ -573,6 +569,15 @@ func (u *uprobes) teardownLocked() {
 		s.link = nil
 	}
 	wg.Wait()
+	if u.reader != nil {
+		if u.done != nil {
+			u.reader.Flush() // the reader drains the ring, then returns on ErrFlushed
+			u.mu.Unlock()
+			<-u.done // the reader may be waiting for u.mu in tick
+			u.mu.Lock()
+		}
+		u.reader.Close()
+	}
 	if u.coll != nil {
 		// Keep the final counters for Stats after Close.
 		u.readCounters()
