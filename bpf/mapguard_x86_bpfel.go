@@ -59,6 +59,7 @@ const (
 	MapguardMapEvents         = "events"
 	MapguardMapIgnoredGoids   = "ignored_goids"
 	MapguardMapSites          = "sites"
+	MapguardProgMapguardEmpty = "mapguard_empty"
 	MapguardProgMapguardSite  = "mapguard_site"
 	MapguardVarGoidOffset     = "goid_offset"
 	MapguardVarMapUsedOffset  = "map_used_offset"
@@ -111,7 +112,8 @@ type MapguardSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MapguardProgramSpecs struct {
-	MapguardSite *ebpf.ProgramSpec `ebpf:"mapguard_site"`
+	MapguardEmpty *ebpf.ProgramSpec `ebpf:"mapguard_empty"`
+	MapguardSite  *ebpf.ProgramSpec `ebpf:"mapguard_site"`
 }
 
 // MapguardMapSpecs contains maps before they are loaded into the kernel.
@@ -186,11 +188,13 @@ type MapguardVariables struct {
 //
 // It can be passed to LoadMapguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MapguardPrograms struct {
-	MapguardSite *ebpf.Program `ebpf:"mapguard_site"`
+	MapguardEmpty *ebpf.Program `ebpf:"mapguard_empty"`
+	MapguardSite  *ebpf.Program `ebpf:"mapguard_site"`
 }
 
 func (p *MapguardPrograms) Close() error {
 	return _MapguardClose(
+		p.MapguardEmpty,
 		p.MapguardSite,
 	)
 }

@@ -224,7 +224,9 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	}
 	spec.Maps[bpf.MapguardMapEvents].MaxEntries = ringSize(u.cfg.bufferSize())
 	if u.multi {
-		spec.Programs[bpf.MapguardProgMapguardSite].AttachType = ebpf.AttachTraceUprobeMulti
+		for _, p := range spec.Programs {
+			p.AttachType = ebpf.AttachTraceUprobeMulti
+		}
 	}
 
 	coll, err := ebpf.NewCollection(spec)

@@ -142,3 +142,12 @@ int mapguard_site(struct pt_regs *ctx)
 	__sync_fetch_and_add(&st->events, 1);
 	return 0;
 }
+
+// An empty program: the floor a uprobe costs whatever the program does. It is
+// attached only by benchmarks and by the cost calibration, to compare with
+// mapguard_site at the same instruction.
+SEC("uprobe")
+int mapguard_empty(struct pt_regs *ctx)
+{
+	return 0;
+}

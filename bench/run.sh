@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Prints mapguard's cost table from one run of the benchmarks (as root: the
+# benchmarks attach real uprobes). Medians over COUNT runs of each benchmark,
+# ratios within the same run. Usage: bash bench/run.sh [COUNT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+count=${1:-5}
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+go test -run '^$' -bench 'MapHeavy|Detection|StartClose' -benchmem -count "$count" . >>"$out"
+go test -run '^$' -bench 'HitCost' -benchmem -count "$count" ./probe >>"$out"
+go test -run '^$' -bench 'Decode' -benchmem -count "$count" ./decode >>"$out"
+go run ./bench/table <"$out"

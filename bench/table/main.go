@@ -1,0 +1,117 @@
+// Command table reads `go test -bench` output on stdin and prints mapguard's
+// cost table: medians per benchmark, and ratios between benchmarks of the
+// same run. bench/run.sh feeds it.
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// results maps a benchmark name (without the -GOMAXPROCS suffix) and a unit
+// to its measurements.
+type results map[string]map[string][]float64
+
+var line = regexp.MustCompile(`^(Benchmark\S+?)(-\d+)?\s+\d+\s+(.*)$`)
+
+func parse() results {
+	res := results{}
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		m := line.FindStringSubmatch(sc.Text())
+		if m == nil {
+			continue
+		}
+		fields := strings.Fields(m[3])
+		for i := 0; i+1 < len(fields); i += 2 {
+			v, err := strconv.ParseFloat(fields[i], 64)
+			if err != nil {
+				continue
+			}
+			if res[m[1]] == nil {
+				res[m[1]] = map[string][]float64{}
+			}
+			res[m[1]][fields[i+1]] = append(res[m[1]][fields[i+1]], v)
+		}
+	}
+	return res
+}
+
+// median returns the median of name's unit, and whether it was measured.
+func (r results) median(name, unit string) (float64, bool) {
+	vs := append([]float64(nil), r[name][unit]...)
+	if len(vs) == 0 {
+		return 0, false
+	}
+	sort.Float64s(vs)
+	if len(vs)%2 == 1 {
+		return vs[len(vs)/2], true
+	}
+	return (vs[len(vs)/2-1] + vs[len(vs)/2]) / 2, true
+}
+
+func main() {
+	r := parse()
+	row := func(what, value, ratio string) { fmt.Printf("| %-62s | %16s | %10s |\n", what, value, ratio) }
+	na := func(what string) { row(what, "not measured", "") }
+	fmt.Println("| measurement (median of runs)                                   |            value |      ratio |")
+	fmt.Println("|----------------------------------------------------------------|------------------|------------|")
+
+	const heavy = "BenchmarkMapHeavy/guard="
+	if base, ok := r.median(heavy+"none", "ns/op"); ok {
+		row("map-heavy loop, no Guard", fmt.Sprintf("%.1f ns/op", base), "1.00x")
+		if v, ok := r.median(heavy+"default", "ns/op"); ok {
+			row("map-heavy loop, default Guard (always-on detectors)", fmt.Sprintf("%.1f ns/op", v), fmt.Sprintf("%.2fx", v/base))
+		}
+		na("map-heavy loop, deep watching (not built yet)")
+	} else {
+		na("map-heavy loop")
+	}
+
+	const hit = "BenchmarkHitCost/probe="
+	none, okNone := r.median(hit+"none", "ns/op")
+	floor, okFloor := r.median(hit+"empty@nil-branch", "ns/op")
+	perHit := func(what, name string) {
+		v, ok := r.median(hit+name, "ns/op")
+		if !ok || !okNone {
+			na(what)
+			return
+		}
+		ratio := ""
+		if okFloor && floor > none {
+			ratio = fmt.Sprintf("%.2fx", (v-none)/(floor-none))
+		}
+		row(what, fmt.Sprintf("%.2f us/hit", (v-none)/1000), ratio)
+	}
+	perHit("per hit: empty program at the nil branch (the floor)", "empty@nil-branch")
+	perHit("per hit: mapguard's program at the nil branch", "mapguard@nil-branch")
+	perHit("per hit: empty program at function entry (naive, bpftrace)", "empty@entry")
+	perHit("per hit: empty program after the stack check (PUSHQ BP)", "empty@after-stack-check")
+
+	const det = "BenchmarkDetection/guard="
+	if base, ok := r.median(det+"none", "ns/op"); ok {
+		if v, ok := r.median(det+"default", "ns/op"); ok {
+			allocs, _ := r.median(det+"default", "allocs/op")
+			row("one detected nil-map write, end to end (vs recovered panic alone)",
+				fmt.Sprintf("%.2f us", (v-base)/1000), fmt.Sprintf("%.0f allocs", allocs))
+		}
+	}
+	for _, depth := range []string{"0", "4"} {
+		name := "BenchmarkDecode/StackDepth=" + depth
+		if v, ok := r.median(name, "ns/op"); ok {
+			allocs, _ := r.median(name, "allocs/op")
+			row("decode one record, StackDepth "+depth, fmt.Sprintf("%.0f ns", v), fmt.Sprintf("%.0f allocs", allocs))
+		}
+	}
+	if v, ok := r.median("BenchmarkStartClose", "start-ms"); ok {
+		row("Start: find sites, load, attach, canary", fmt.Sprintf("%.0f ms", v), "")
+	}
+	if v, ok := r.median("BenchmarkStartClose", "close-ms"); ok {
+		row("Close: detach every site, drain", fmt.Sprintf("%.0f ms", v), "")
+	}
+}

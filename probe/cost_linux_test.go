@@ -1,0 +1,107 @@
+//go:build linux && amd64
+
+package probe
+
+import (
+	"context"
+	"os"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/mapguard/mapguard/bpf"
+	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/testutil"
+	"github.com/mapguard/mapguard/symbols"
+)
+
+//go:noinline
+func nilWrite() {
+	defer func() { _ = recover() }()
+	var m map[string]int
+	m["k"] = 1
+}
+
+// attachEmpty attaches the empty BPF program at fn+off in this process.
+func attachEmpty(b *testing.B, fn string, off func(code []byte, f symbols.Func) uint64) {
+	b.Helper()
+	bin, err := symbols.OpenSelf()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer bin.Close()
+	f, ok := bin.Func(fn)
+	if !ok {
+		b.Fatalf("%s not in binary", fn)
+	}
+	code, err := bin.Code(f)
+	if err != nil {
+		b.Fatal(err)
+	}
+	spec, err := bpf.LoadMapguard()
+	if err != nil {
+		b.Fatal(err)
+	}
+	prog, err := ebpf.NewProgram(spec.Programs[bpf.MapguardProgMapguardEmpty])
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { prog.Close() })
+	ex, err := link.OpenExecutable(selfExe)
+	if err != nil {
+		b.Fatal(err)
+	}
+	l, err := ex.Uprobe("", prog, &link.UprobeOptions{Address: f.FileOffset + off(code, f), PID: os.Getpid()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { l.Close() })
+}
+
+// BenchmarkHitCost is the cost of one probe hit on a recovered nil-map write
+// (runtime.mapassign_faststr), by where the probe sits and what it runs.
+// Subtract "none" for the per-hit cost; bench/run.sh prints the ratios.
+func BenchmarkHitCost(b *testing.B) {
+	testutil.RequirePrivileged(b)
+	loop := func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			nilWrite()
+		}
+	}
+	nilSite := func(code []byte, f symbols.Func) uint64 {
+		s, err := symbols.NilMapSite(code, f.Entry, symbols.MapAssign, func(uint64) string { return "runtime.gopanic" })
+		if err != nil {
+			b.Fatal(err)
+		}
+		return s.Offset
+	}
+	b.Run("probe=none", loop)
+	b.Run("probe=empty@nil-branch", func(b *testing.B) {
+		attachEmpty(b, "runtime.mapassign_faststr", nilSite)
+		loop(b)
+	})
+	b.Run("probe=mapguard@nil-branch", func(b *testing.B) {
+		p := NewUprobes(UprobeConfig{Kinds: []decode.Kind{decode.NilMapWrite}, SiteRateLimit: -1, BufferSize: 1 << 16})
+		if err := p.Start(context.Background(), func(*decode.Event) {}); err != nil {
+			b.Fatal(err)
+		}
+		defer p.Close()
+		loop(b)
+	})
+	b.Run("probe=empty@entry", func(b *testing.B) {
+		attachEmpty(b, "runtime.mapassign_faststr", func([]byte, symbols.Func) uint64 { return 0 })
+		loop(b)
+	})
+	b.Run("probe=empty@after-stack-check", func(b *testing.B) {
+		attachEmpty(b, "runtime.mapassign_faststr", func(code []byte, f symbols.Func) uint64 {
+			s, err := symbols.EntrySite(code)
+			if err != nil {
+				b.Fatal(err)
+			}
+			return s.Offset
+		})
+		loop(b)
+	})
+}
