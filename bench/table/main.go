@@ -108,6 +108,10 @@ func main() {
 			row("decode one record, StackDepth "+depth, fmt.Sprintf("%.0f ns", v), fmt.Sprintf("%.0f allocs", allocs))
 		}
 	}
+	if v, ok := r.median("BenchmarkDelivery", "events/s"); ok {
+		allocs, _ := r.median("BenchmarkDelivery", "allocs/op")
+		row("delivery to a callback (queue, dispatcher)", fmt.Sprintf("%.0f events/s", v), fmt.Sprintf("%.0f allocs", allocs))
+	}
 	if v, ok := r.median("BenchmarkStartClose", "start-ms"); ok {
 		row("Start: find sites, load, attach, canary", fmt.Sprintf("%.0f ms", v), "")
 	}
