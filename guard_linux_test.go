@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -436,4 +437,53 @@ func TestRealOverflow(t *testing.T) {
 	}
 	t.Logf("%d misuses in %v: %d dropped in the kernel, %d in the queue, %d on the channel, %d delivered",
 		n, took, st.DroppedKernel, st.DroppedQueue, st.DroppedChannel, delivered)
+}
+
+// A map that crosses the growth threshold is reported with the insert that
+// grew it, and again at each doubling, not at every growth.
+func TestRealMapGrowth(t *testing.T) {
+	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.MapGrowth}, GrowthThreshold: 5000})
+	events := g.Events()
+	var line int
+	goid, _ := provoke(func() int {
+		cache := make(map[string][]byte)
+		for i := 0; i < 40000; i++ {
+			line = here() + 1
+			cache[strconv.Itoa(i)] = nil
+		}
+		sink = cache
+		return 0
+	})
+	var got []mapguard.Event
+	deadline := time.After(2 * time.Second)
+collect:
+	for {
+		select {
+		case ev := <-events:
+			if ev.Goroutine == goid {
+				got = append(got, ev)
+			}
+		case <-deadline:
+			break collect
+		}
+	}
+	if len(got) < 2 || len(got) > 4 {
+		t.Fatalf("%d growth events for 40000 entries from a 5000 threshold, want 2 to 4 (one per doubling): %v", len(got), got)
+	}
+	prev := 0
+	for _, ev := range got {
+		if ev.Kind != mapguard.MapGrowth || ev.MapType != "map[string][]uint8" || ev.Site.Line != line || ev.Map == 0 {
+			t.Errorf("event %v, want map-growth of map[string][]uint8 at line %d", ev, line)
+		}
+		if ev.Len < 5000 || ev.Len < 2*prev {
+			t.Errorf("len %d after %d: not a doubling past the threshold", ev.Len, prev)
+		}
+		prev = ev.Len
+	}
+	t.Log(got[0])
+	for _, s := range g.Stats().Sites {
+		if s.Kind == mapguard.NilMapWrite && s.Events > 1 {
+			t.Errorf("unwatched canary site delivered %d events", s.Events)
+		}
+	}
 }

@@ -26,6 +26,10 @@ const (
 	// NilMapRead: a read from a nil map, which silently returns the zero
 	// value. This is how m[a][b] looks when m[a] is missing.
 	NilMapRead = decode.NilMapRead
+	// MapGrowth: a map crossed Options.GrowthThreshold entries, or doubled
+	// again after that; Site is the insert that grew it and Len its entries.
+	// Maps never shrink, so this is how an unbounded cache shows.
+	MapGrowth = decode.MapGrowth
 )
 
 // Event is one detected misuse: what, when, where (Site is the user's
@@ -77,6 +81,9 @@ type Options struct {
 	// StackDepth is how many frames Event.Stack holds, starting at the call
 	// site; 0 (the default) reports the call site only. At most 16.
 	StackDepth int
+	// GrowthThreshold is the entry count at which a growing map is first
+	// reported as MapGrowth, and again at each doubling. Default 1<<20.
+	GrowthThreshold int
 	// SiteRateLimit is how many hits per second one probe site may take
 	// before it is detached for a back-off (5 s, doubling up to 5 min).
 	// Default 200; negative disables the limit. See Stats.Sites.
@@ -142,6 +149,9 @@ func New(opts Options) (*Guard, error) {
 	if opts.StackDepth < 0 || opts.StackDepth > decode.MaxFrames {
 		return nil, fmt.Errorf("new guard: StackDepth %d out of range [0, %d]", opts.StackDepth, decode.MaxFrames)
 	}
+	if opts.GrowthThreshold < 0 {
+		return nil, fmt.Errorf("new guard: negative GrowthThreshold %d", opts.GrowthThreshold)
+	}
 	if opts.BufferSize < 0 {
 		return nil, fmt.Errorf("new guard: negative BufferSize %d", opts.BufferSize)
 	}
@@ -165,8 +175,9 @@ func New(opts Options) (*Guard, error) {
 			Kinds:         opts.Detect,
 			StackDepth:    opts.StackDepth,
 			BufferSize:    opts.BufferSize,
-			SiteRateLimit: opts.SiteRateLimit,
-			Logger:        log,
+			SiteRateLimit:   opts.SiteRateLimit,
+			GrowthThreshold: opts.GrowthThreshold,
+			Logger:          log,
 		})
 	}
 	return &Guard{opts: opts, log: log, probe: p}, nil

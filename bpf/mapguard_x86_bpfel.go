@@ -33,14 +33,16 @@ type MapguardMgKind uint32
 const (
 	MapguardMgKindMG_KIND_NIL_MAP_WRITE MapguardMgKind = 1
 	MapguardMgKindMG_KIND_NIL_MAP_READ  MapguardMgKind = 2
+	MapguardMgKindMG_KIND_MAP_GROWTH    MapguardMgKind = 3
 )
 
 type MapguardSiteConf struct {
-	_     structs.HostLayout
-	Kind  uint8
-	Flags uint8
-	Pad0  uint16
-	Pad1  uint32
+	_      structs.HostLayout
+	Kind   uint8
+	Flags  uint8
+	MapReg uint8
+	TypReg uint8
+	Pad    uint32
 }
 
 type MapguardSiteStats struct {
@@ -56,18 +58,20 @@ type MapguardSiteStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	MapguardMapEvents         = "events"
-	MapguardMapIgnoredGoids   = "ignored_goids"
-	MapguardMapSites          = "sites"
-	MapguardProgMapguardEmpty = "mapguard_empty"
-	MapguardProgMapguardSite  = "mapguard_site"
-	MapguardVarGoidOffset     = "goid_offset"
-	MapguardVarMapUsedOffset  = "map_used_offset"
-	MapguardVarMaxFrames      = "max_frames"
-	MapguardVarStats          = "stats"
-	MapguardVarTypeKindOffset = "type_kind_offset"
-	MapguardVarUnusedEvent    = "unused_event"
-	MapguardVarUnusedKind     = "unused_kind"
+	MapguardMapEvents          = "events"
+	MapguardMapGrowthNext      = "growth_next"
+	MapguardMapIgnoredGoids    = "ignored_goids"
+	MapguardMapSites           = "sites"
+	MapguardProgMapguardEmpty  = "mapguard_empty"
+	MapguardProgMapguardSite   = "mapguard_site"
+	MapguardVarGoidOffset      = "goid_offset"
+	MapguardVarGrowthThreshold = "growth_threshold"
+	MapguardVarMapUsedOffset   = "map_used_offset"
+	MapguardVarMaxFrames       = "max_frames"
+	MapguardVarStats           = "stats"
+	MapguardVarTypeKindOffset  = "type_kind_offset"
+	MapguardVarUnusedEvent     = "unused_event"
+	MapguardVarUnusedKind      = "unused_kind"
 )
 
 // LoadMapguard returns the embedded CollectionSpec for Mapguard.
@@ -121,6 +125,7 @@ type MapguardProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type MapguardMapSpecs struct {
 	Events       *ebpf.MapSpec `ebpf:"events"`
+	GrowthNext   *ebpf.MapSpec `ebpf:"growth_next"`
 	IgnoredGoids *ebpf.MapSpec `ebpf:"ignored_goids"`
 	Sites        *ebpf.MapSpec `ebpf:"sites"`
 }
@@ -129,13 +134,14 @@ type MapguardMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MapguardVariableSpecs struct {
-	GoidOffset     *ebpf.VariableSpec `ebpf:"goid_offset"`
-	MapUsedOffset  *ebpf.VariableSpec `ebpf:"map_used_offset"`
-	MaxFrames      *ebpf.VariableSpec `ebpf:"max_frames"`
-	Stats          *ebpf.VariableSpec `ebpf:"stats"`
-	TypeKindOffset *ebpf.VariableSpec `ebpf:"type_kind_offset"`
-	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedKind     *ebpf.VariableSpec `ebpf:"unused_kind"`
+	GoidOffset      *ebpf.VariableSpec `ebpf:"goid_offset"`
+	GrowthThreshold *ebpf.VariableSpec `ebpf:"growth_threshold"`
+	MapUsedOffset   *ebpf.VariableSpec `ebpf:"map_used_offset"`
+	MaxFrames       *ebpf.VariableSpec `ebpf:"max_frames"`
+	Stats           *ebpf.VariableSpec `ebpf:"stats"`
+	TypeKindOffset  *ebpf.VariableSpec `ebpf:"type_kind_offset"`
+	UnusedEvent     *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedKind      *ebpf.VariableSpec `ebpf:"unused_kind"`
 }
 
 // MapguardObjects contains all objects after they have been loaded into the kernel.
@@ -159,6 +165,7 @@ func (o *MapguardObjects) Close() error {
 // It can be passed to LoadMapguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MapguardMaps struct {
 	Events       *ebpf.Map `ebpf:"events"`
+	GrowthNext   *ebpf.Map `ebpf:"growth_next"`
 	IgnoredGoids *ebpf.Map `ebpf:"ignored_goids"`
 	Sites        *ebpf.Map `ebpf:"sites"`
 }
@@ -166,6 +173,7 @@ type MapguardMaps struct {
 func (m *MapguardMaps) Close() error {
 	return _MapguardClose(
 		m.Events,
+		m.GrowthNext,
 		m.IgnoredGoids,
 		m.Sites,
 	)
@@ -175,13 +183,14 @@ func (m *MapguardMaps) Close() error {
 //
 // It can be passed to LoadMapguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MapguardVariables struct {
-	GoidOffset     *ebpf.Variable `ebpf:"goid_offset"`
-	MapUsedOffset  *ebpf.Variable `ebpf:"map_used_offset"`
-	MaxFrames      *ebpf.Variable `ebpf:"max_frames"`
-	Stats          *ebpf.Variable `ebpf:"stats"`
-	TypeKindOffset *ebpf.Variable `ebpf:"type_kind_offset"`
-	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
-	UnusedKind     *ebpf.Variable `ebpf:"unused_kind"`
+	GoidOffset      *ebpf.Variable `ebpf:"goid_offset"`
+	GrowthThreshold *ebpf.Variable `ebpf:"growth_threshold"`
+	MapUsedOffset   *ebpf.Variable `ebpf:"map_used_offset"`
+	MaxFrames       *ebpf.Variable `ebpf:"max_frames"`
+	Stats           *ebpf.Variable `ebpf:"stats"`
+	TypeKindOffset  *ebpf.Variable `ebpf:"type_kind_offset"`
+	UnusedEvent     *ebpf.Variable `ebpf:"unused_event"`
+	UnusedKind      *ebpf.Variable `ebpf:"unused_kind"`
 }
 
 // MapguardPrograms contains all programs after they have been loaded into the kernel.

@@ -114,7 +114,7 @@ func TestKindString(t *testing.T) {
 			t.Errorf("kind %d has no name", k)
 		}
 	}
-	if NilMapWrite.String() != "nil-map-write" || NilMapRead.String() != "nil-map-read" || Kind(200).String() != "kind(200)" {
+	if NilMapWrite.String() != "nil-map-write" || NilMapRead.String() != "nil-map-read" || MapGrowth.String() != "map-growth" || Kind(200).String() != "kind(200)" {
 		t.Error("kind names changed")
 	}
 }

@@ -18,13 +18,19 @@ const (
 	// NilMapRead is a read from a nil map, which silently returns the zero
 	// value. It is how m[a][b] looks when m[a] is missing.
 	NilMapRead Kind = 2
+	// MapGrowth is a map that crossed the growth threshold (by default 1<<20
+	// entries), and again at each doubling after that: the unbounded cache
+	// that leaks memory. Site is the insert that made it grow; Len its
+	// entries then.
+	MapGrowth Kind = 3
 
-	maxKind = NilMapRead
+	maxKind = MapGrowth
 )
 
 var kindNames = [...]string{
 	NilMapWrite: "nil-map-write",
 	NilMapRead:  "nil-map-read",
+	MapGrowth:   "map-growth",
 }
 
 // Kinds returns every kind this version knows, in order.

@@ -24,14 +24,18 @@ type UprobeConfig struct {
 	// 200, about 0.5% of one CPU at a single-stepped site here; negative
 	// disables the limit.
 	SiteRateLimit int
+	// GrowthThreshold is the entry count at which MapGrowth first reports a
+	// map, then at each doubling. Default 1<<20.
+	GrowthThreshold int
 	// Logger receives errors, V(1) warnings, V(4) lifecycle and V(8) events.
 	Logger logr.Logger
 }
 
 // DefaultKinds are the kinds whose probes sit only on paths that run when
-// something is wrong, so a healthy map operation pays nothing.
+// something is wrong, or rarely (a table of a large map growing), so a
+// healthy map operation pays nothing.
 func DefaultKinds() []decode.Kind {
-	return []decode.Kind{decode.NilMapWrite, decode.NilMapRead}
+	return []decode.Kind{decode.NilMapWrite, decode.NilMapRead, decode.MapGrowth}
 }
 
 // NewUprobes returns a Probe that attaches eBPF uprobes to this process. It
@@ -53,6 +57,13 @@ func (c UprobeConfig) bufferSize() int {
 	return c.BufferSize
 }
 
+func (c UprobeConfig) growthThreshold() uint64 {
+	if c.GrowthThreshold <= 0 {
+		return 1 << 20
+	}
+	return uint64(c.GrowthThreshold)
+}
+
 func (c UprobeConfig) siteRateLimit() int {
 	if c.SiteRateLimit == 0 {
 		return 200
@@ -71,24 +82,53 @@ func ringSize(n int) uint32 {
 }
 
 const (
-	maxSites      = 256 // MG_MAX_SITES
-	siteFramed    = 1   // MG_SITE_FRAMED
-	siteNilOnly   = 2   // MG_SITE_NIL_ONLY
+	maxSites    = 256 // MG_MAX_SITES
+	siteFramed  = 1   // MG_SITE_FRAMED
+	siteNilOnly = 2   // MG_SITE_NIL_ONLY
+	siteGrowth  = 4   // MG_SITE_GROWTH
+
+	// enum mg_reg: argument registers.
+	regAX         = 0
+	regBX         = 1
+	regCX         = 2
 	pollInterval  = 100 * time.Millisecond
 	canaryTimeout = 3 * time.Second
 )
 
-// target lists the runtime functions probed for one kind, the block shape
-// looked for in them, and the function the start-up canary goes through.
+// target lists the runtime functions probed for one kind, how the probe
+// site is found in each, and which argument registers hold the map and its
+// type there.
 type target struct {
-	op     symbols.MapOp
-	funcs  []string
-	canary string
+	site           siteFinder
+	flags          uint8
+	mapReg, typReg uint8
+	funcs          []string
 }
+
+// siteFinder chooses the probe site in one function's code.
+type siteFinder func(code []byte, entry uint64, callee func(uint64) string) (symbols.Site, error)
+
+func nilBranch(op symbols.MapOp) siteFinder {
+	return func(code []byte, entry uint64, callee func(uint64) string) (symbols.Site, error) {
+		return symbols.NilMapSite(code, entry, op, callee)
+	}
+}
+
+func afterStackCheck(code []byte, _ uint64, _ func(uint64) string) (symbols.Site, error) {
+	return symbols.EntrySite(code)
+}
+
+// The start-up canary is a nil-map write through the generic
+// runtime.mapassign, whose site is attached whatever kinds are watched.
+const (
+	canaryKind = decode.NilMapWrite
+	canaryFunc = "runtime.mapassign"
+)
 
 var targets = map[decode.Kind]target{
 	decode.NilMapWrite: {
-		op: symbols.MapAssign,
+		site:   nilBranch(symbols.MapAssign),
+		mapReg: regBX, typReg: regAX,
 		funcs: []string{
 			"runtime.mapassign",
 			"runtime.mapassign_fast32",
@@ -97,10 +137,11 @@ var targets = map[decode.Kind]target{
 			"runtime.mapassign_fast64ptr",
 			"runtime.mapassign_faststr",
 		},
-		canary: "runtime.mapassign",
 	},
 	decode.NilMapRead: {
-		op: symbols.MapAccess,
+		site:   nilBranch(symbols.MapAccess),
+		flags:  siteNilOnly,
+		mapReg: regBX, typReg: regAX,
 		funcs: []string{
 			"runtime.mapaccess1",
 			"runtime.mapaccess2",
@@ -111,12 +152,23 @@ var targets = map[decode.Kind]target{
 			"runtime.mapaccess1_faststr",
 			"runtime.mapaccess2_faststr",
 		},
-		canary: "runtime.mapaccess1",
+	},
+	// A table of a large map grows or splits O(log n) times over the map's
+	// life; the probe sits on the emulated PUSHQ BP after the stack check.
+	// (*table).grow(typ, m, capacity) and split(typ, m) take the table in AX.
+	decode.MapGrowth: {
+		site:   afterStackCheck,
+		flags:  siteGrowth,
+		mapReg: regCX, typReg: regBX,
+		funcs: []string{
+			"internal/runtime/maps.(*table).grow",
+			"internal/runtime/maps.(*table).split",
+		},
 	},
 }
 
-// canaryKey is 16 bytes, so its maps use the generic runtime.mapassign and
-// runtime.mapaccess1, which every program using mapguard therefore contains.
+// canaryKey is 16 bytes, so its maps use the generic runtime.mapassign,
+// which every program using mapguard therefore contains.
 type canaryKey struct{ a, b uint64 }
 
 //go:noinline
@@ -124,12 +176,4 @@ func canaryWrite() {
 	defer func() { _ = recover() }()
 	var m map[canaryKey]uint8
 	m[canaryKey{1, 2}] = 1
-}
-
-var canarySink uint8
-
-//go:noinline
-func canaryRead() {
-	var m map[canaryKey]uint8
-	canarySink = m[canaryKey{1, 2}]
 }

@@ -52,6 +52,7 @@ type uprobes struct {
 	stats    *ebpf.Variable
 	counters [maxSites]bpf.MapguardSiteStats // scratch for stats reads
 	decoder  *decode.Decoder
+	watched  [256]bool // kinds asked for
 	// runtimeOwned counts, per site, events the runtime caused on its own
 	// maps; written by the reader, read by Stats.
 	runtimeOwned []atomic.Uint64
@@ -168,7 +169,9 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	return nil
 }
 
-// chooseSites decodes every target function present in the binary.
+// chooseSites decodes every target function present in the binary. The
+// canary's site is always chosen; if its kind is not watched, only the
+// canary's own events come from it.
 func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 	callee := func(addr uint64) string {
 		if f, ok := bin.FuncAt(addr); ok && f.Entry == addr {
@@ -176,31 +179,44 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 		}
 		return ""
 	}
+	type want struct {
+		kind  decode.Kind
+		funcs []string
+	}
+	var wants []want
 	for _, kind := range u.cfg.kinds() {
 		t, ok := targets[kind]
 		if !ok {
 			return fmt.Errorf("start probe: kind %s: %w", kind, ErrNotSupported)
 		}
-		for _, name := range t.funcs {
+		u.watched[kind] = true
+		wants = append(wants, want{kind, t.funcs})
+	}
+	if !u.watched[canaryKind] {
+		wants = append(wants, want{canaryKind, []string{canaryFunc}})
+	}
+	for _, w := range wants {
+		t := targets[w.kind]
+		for _, name := range w.funcs {
 			fn, ok := bin.Func(name)
 			if !ok {
-				u.inactive = append(u.inactive, Inactive{kind, name, "not in binary"})
+				u.inactive = append(u.inactive, Inactive{w.kind, name, "not in binary"})
 				continue
 			}
 			code, err := bin.Code(fn)
 			if err != nil {
 				return fmt.Errorf("start probe: read %s: %w", name, err)
 			}
-			at, err := symbols.NilMapSite(code, fn.Entry, t.op, callee)
+			at, err := t.site(code, fn.Entry, callee)
 			if err != nil {
-				u.inactive = append(u.inactive, Inactive{kind, name, err.Error()})
+				u.inactive = append(u.inactive, Inactive{w.kind, name, err.Error()})
 				u.log.V(1).Info("function not probed", "function", name, "reason", err.Error())
 				continue
 			}
 			if len(u.sites) == maxSites {
 				return fmt.Errorf("start probe: more than %d sites", maxSites)
 			}
-			u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: kind, fn: fn, at: at})
+			u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: w.kind, fn: fn, at: at})
 		}
 	}
 	return nil
@@ -213,10 +229,11 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	}
 	frames := uint32(min(decode.MaxFrames, 6+u.cfg.StackDepth))
 	for name, v := range map[string]any{
-		bpf.MapguardVarGoidOffset:     o.GoID,
-		bpf.MapguardVarMapUsedOffset:  o.MapUsed,
-		bpf.MapguardVarTypeKindOffset: o.TypeKind,
-		bpf.MapguardVarMaxFrames:      frames,
+		bpf.MapguardVarGoidOffset:      o.GoID,
+		bpf.MapguardVarMapUsedOffset:   o.MapUsed,
+		bpf.MapguardVarTypeKindOffset:  o.TypeKind,
+		bpf.MapguardVarMaxFrames:       frames,
+		bpf.MapguardVarGrowthThreshold: u.cfg.growthThreshold(),
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return fmt.Errorf("start probe: set %s: %w", name, err)
@@ -243,12 +260,10 @@ func (u *uprobes) load(o *rt.Offsets) error {
 
 	sitesMap := coll.Maps[bpf.MapguardMapSites]
 	for _, s := range u.sites {
-		conf := bpf.MapguardSiteConf{Kind: uint8(s.kind)}
+		t := targets[s.kind]
+		conf := bpf.MapguardSiteConf{Kind: uint8(s.kind), Flags: t.flags, MapReg: t.mapReg, TypReg: t.typReg}
 		if s.at.Framed {
 			conf.Flags |= siteFramed
-		}
-		if targets[s.kind].op == symbols.MapAccess {
-			conf.Flags |= siteNilOnly
 		}
 		if err := sitesMap.Put(s.index, conf); err != nil {
 			return fmt.Errorf("start probe: configure site: %w", err)
@@ -309,28 +324,17 @@ func (u *uprobes) disarmLocked(s *site) {
 	s.link = nil
 }
 
-// checkCanaryLocked provokes one event of the first kind watched on a
-// goroutine of its own and checks that it comes back whole: the goroutine id
-// read in BPF, the map type and the call site.
+// checkCanaryLocked provokes one nil-map write on a goroutine of its own and
+// checks that it comes back whole: the goroutine id read in BPF, the map type
+// and the call site.
 func (u *uprobes) checkCanaryLocked(ctx context.Context) error {
-	kind := u.cfg.kinds()[0]
-	var provoke func()
-	switch kind {
-	case decode.NilMapWrite:
-		provoke = canaryWrite
-	case decode.NilMapRead:
-		provoke = canaryRead
-	default:
-		return fmt.Errorf("start probe: no canary for %s: %w", kind, ErrNotSupported)
+	if !u.hasSite(canaryKind, canaryFunc) {
+		return fmt.Errorf("start probe: canary function %s not probed: %w", canaryFunc, ErrNotSupported)
 	}
-	if !u.hasSite(kind, targets[kind].canary) {
-		return fmt.Errorf("start probe: canary function %s not probed: %w", targets[kind].canary, ErrNotSupported)
-	}
-
 	goid := make(chan uint64, 1)
 	go func() {
 		goid <- rt.GoID()
-		provoke()
+		canaryWrite()
 	}()
 	want := <-goid
 
@@ -342,11 +346,11 @@ func (u *uprobes) checkCanaryLocked(ctx context.Context) error {
 	select {
 	case ev := <-u.canary:
 		switch {
-		case ev.Kind != kind:
-			return fmt.Errorf("start probe: canary came back as %s, want %s: %w", ev.Kind, kind, ErrLayoutMismatch)
+		case ev.Kind != canaryKind:
+			return fmt.Errorf("start probe: canary came back as %s, want %s: %w", ev.Kind, canaryKind, ErrLayoutMismatch)
 		case ev.Goroutine != want:
 			return fmt.Errorf("start probe: canary goroutine read as %d, want %d: %w", ev.Goroutine, want, ErrLayoutMismatch)
-		case !strings.HasSuffix(ev.Site.Function, "probe.canaryWrite") && !strings.HasSuffix(ev.Site.Function, "probe.canaryRead"):
+		case !strings.HasSuffix(ev.Site.Function, "probe.canaryWrite"):
 			return fmt.Errorf("start probe: canary site resolved to %q: %w", ev.Site.Function, ErrLayoutMismatch)
 		case ev.MapType != "map[probe.canaryKey]uint8":
 			return fmt.Errorf("start probe: canary map type resolved to %q: %w", ev.MapType, ErrLayoutMismatch)
@@ -424,6 +428,9 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 		default: // a late or repeated canary
 		}
 		return
+	}
+	if !u.watched[ev.Kind] {
+		return // the canary's site, its kind not watched
 	}
 	if v := u.log.V(8); v.Enabled() {
 		v.Info("event", "kind", ev.Kind.String(), "site", ev.Site.String())

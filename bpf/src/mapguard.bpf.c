@@ -20,6 +20,8 @@ volatile const __u64 map_used_offset = 0;  // internal/runtime/maps.Map.used
 volatile const __u64 type_kind_offset = 0; // internal/abi.Type.Kind_
 // How many return PCs to collect per event, at most MG_MAX_FRAMES.
 volatile const __u32 max_frames = 4;
+// Entries at which a growing map is first reported (Options.GrowthThreshold).
+volatile const __u64 growth_threshold = 1 << 20;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -41,6 +43,16 @@ struct {
 	__type(value, __u8);
 } ignored_goids SEC(".maps");
 
+// For growth sites: map header address -> entry count at which that map is
+// reported next (twice the count at its last report). An address reused by a
+// new map after garbage collection inherits the old entry until evicted.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} growth_next SEC(".maps");
+
 // The loader sets max_entries from Options.BufferSize.
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -57,6 +69,43 @@ static __always_inline __u64 read_u64(__u64 addr)
 	if (bpf_probe_read_user(&v, sizeof(v), (const void *)addr) < 0)
 		return 0;
 	return v;
+}
+
+// args holds the argument registers a site may need. They are loaded from
+// ctx at fixed offsets up front: the verifier rejects a ctx load at an offset
+// computed from the site's configuration.
+struct args {
+	__u64 ax, bx, cx;
+};
+
+static __always_inline __u64 arg_reg(const struct args *a, __u8 reg)
+{
+	switch (reg) {
+	case MG_REG_AX:
+		return a->ax;
+	case MG_REG_BX:
+		return a->bx;
+	case MG_REG_CX:
+		return a->cx;
+	}
+	return 0;
+}
+
+// growth_due reports whether the map at m has crossed its next report size,
+// and if so moves that size to twice its entry count.
+static __always_inline int growth_due(__u64 m)
+{
+	if (!m)
+		return 0;
+	__u64 used = read_u64(m + map_used_offset);
+	if (used < growth_threshold)
+		return 0;
+	__u64 *next = bpf_map_lookup_elem(&growth_next, &m);
+	if (next && used < *next)
+		return 0;
+	__u64 due = used * 2;
+	bpf_map_update_elem(&growth_next, &m, &due, 0);
+	return 1;
 }
 
 static __always_inline void walk_frames(struct pt_regs *ctx, __u8 framed, struct event *e)
@@ -101,8 +150,14 @@ int mapguard_site(struct pt_regs *ctx)
 	struct site_stats *st = &stats[index & (MG_MAX_SITES - 1)];
 	__sync_fetch_and_add(&st->hits, 1);
 
-	// A nil-or-empty block: only a nil map (RBX == 0) is an anomaly.
-	if ((conf->flags & MG_SITE_NIL_ONLY) && ctx->rbx != 0) {
+	struct args a = {ctx->rax, ctx->rbx, ctx->rcx};
+	__u64 m = arg_reg(&a, conf->map_reg);
+	// A nil-or-empty block: only a nil map is an anomaly.
+	if ((conf->flags & MG_SITE_NIL_ONLY) && m != 0) {
+		__sync_fetch_and_add(&st->filtered, 1);
+		return 0;
+	}
+	if ((conf->flags & MG_SITE_GROWTH) && !growth_due(m)) {
 		__sync_fetch_and_add(&st->filtered, 1);
 		return 0;
 	}
@@ -124,17 +179,18 @@ int mapguard_site(struct pt_regs *ctx)
 	e->site = index;
 	e->kind = conf->kind;
 	e->count = 1;
-	e->map = ctx->rbx;
-	e->len = e->map ? read_u64(e->map + map_used_offset) : 0;
+	e->map = m;
+	e->len = m ? read_u64(m + map_used_offset) : 0;
 
-	// RAX holds the map type at every site the loader accepts. Keep it only
-	// if it reads back as a map type, so user space never dereferences a
-	// pointer that is not one.
+	// typ_reg holds the map type at every site the loader accepts. Keep it
+	// only if it reads back as a map type, so user space never dereferences
+	// a pointer that is not one.
+	__u64 typ = arg_reg(&a, conf->typ_reg);
 	__u8 kind = 0;
 	e->typ = 0;
-	if (bpf_probe_read_user(&kind, sizeof(kind), (const void *)(ctx->rax + type_kind_offset)) == 0 &&
+	if (bpf_probe_read_user(&kind, sizeof(kind), (const void *)(typ + type_kind_offset)) == 0 &&
 	    (kind & MG_ABI_KIND_MASK) == MG_ABI_KIND_MAP)
-		e->typ = ctx->rax;
+		e->typ = typ;
 
 	walk_frames(ctx, conf->flags & MG_SITE_FRAMED, e);
 

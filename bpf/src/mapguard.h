@@ -22,6 +22,7 @@ typedef long long __s64;
 enum {
 	BPF_MAP_TYPE_HASH = 1,
 	BPF_MAP_TYPE_ARRAY = 2,
+	BPF_MAP_TYPE_LRU_HASH = 9,
 	BPF_MAP_TYPE_RINGBUF = 27,
 };
 
@@ -34,6 +35,7 @@ struct pt_regs {
 };
 
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
 static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
 static long (*bpf_probe_read_user)(void *dst, __u32 size, const void *unsafe_ptr) = (void *)112;
 static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
@@ -51,17 +53,27 @@ static __u64 (*bpf_get_attach_cookie)(void *ctx) = (void *)174;
 enum mg_kind {
 	MG_KIND_NIL_MAP_WRITE = 1,
 	MG_KIND_NIL_MAP_READ = 2,
+	MG_KIND_MAP_GROWTH = 3,
+};
+
+// Argument registers, for site_conf.map_reg and typ_reg.
+enum mg_reg {
+	MG_REG_AX = 0,
+	MG_REG_BX = 1,
+	MG_REG_CX = 2,
 };
 
 // site_conf.flags
 #define MG_SITE_FRAMED 1   // the probed function's frame pointer is set up at the site
-#define MG_SITE_NIL_ONLY 2 // report only when the map argument (RBX) is nil
+#define MG_SITE_NIL_ONLY 2 // report only when the map argument is nil
+#define MG_SITE_GROWTH 4   // report when the map crosses growth_threshold, then each doubling
 
 struct site_conf {
 	__u8 kind;
 	__u8 flags;
-	__u16 _pad0;
-	__u32 _pad1;
+	__u8 map_reg; // enum mg_reg holding the map pointer
+	__u8 typ_reg; // enum mg_reg holding the map type
+	__u32 _pad;
 };
 
 // Counters for one site, updated atomically.
@@ -69,7 +81,7 @@ struct site_stats {
 	__u64 hits;     // traps taken at the site
 	__u64 events;   // records submitted
 	__u64 dropped;  // records lost because the ring buffer was full
-	__u64 filtered; // hits that were not an anomaly (an empty, non-nil map)
+	__u64 filtered; // hits that were not an anomaly (an empty, non-nil map; a map below the growth threshold)
 	__u64 ignored;  // hits from the Guard's own goroutines
 };
 

@@ -16,7 +16,9 @@ import (
 )
 
 func main() {
-	g, err := mapguard.New(mapguard.Options{StackDepth: 2})
+	// A low growth threshold, so that the demo need not build a million
+	// entries; the default is 1<<20.
+	g, err := mapguard.New(mapguard.Options{StackDepth: 2, GrowthThreshold: 50000})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
@@ -47,7 +49,14 @@ func main() {
 		fmt.Println("unreachable")
 	}
 
-	for want := 2; want > 0; {
+	// 3. A cache that is never evicted grows without bound. It is reported
+	//    when it crosses the threshold, then at each doubling.
+	cache := map[int]string{}
+	for i := 0; i < 60000; i++ {
+		cache[i] = "v"
+	}
+
+	for want := 3; want > 0; {
 		select {
 		case ev := <-events:
 			fmt.Println(ev)
