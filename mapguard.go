@@ -172,9 +172,9 @@ func New(opts Options) (*Guard, error) {
 	p := opts.Probe
 	if p == nil {
 		p = probe.NewUprobes(probe.UprobeConfig{
-			Kinds:         opts.Detect,
-			StackDepth:    opts.StackDepth,
-			BufferSize:    opts.BufferSize,
+			Kinds:           opts.Detect,
+			StackDepth:      opts.StackDepth,
+			BufferSize:      opts.BufferSize,
 			SiteRateLimit:   opts.SiteRateLimit,
 			GrowthThreshold: opts.GrowthThreshold,
 			Logger:          log,
