@@ -3,9 +3,10 @@
 //
 // A handler bug writes to a nil map on some requests. net/http recovers the
 // panic per request, so the bug is invisible in the service's own metrics;
-// mapguard sees every one of them, and after -trip of them within -window
-// the service stops calling the buggy code path and serves a fallback
-// instead, until -cooldown has passed. Run it as root:
+// mapguard sees every one of them and feeds them to a mapguard.Breaker.
+// After -trip of them within -window the breaker trips, and the service
+// stops calling the buggy code path and serves a fallback instead, until
+// -cooldown has passed and the breaker resets. Run it as root:
 //
 //	go run ./examples/downgrade            # serve on 127.0.0.1:8080
 //	go run ./examples/downgrade -demo      # send requests to itself, print what happens, exit
@@ -20,8 +21,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/mapguard/mapguard"
@@ -29,33 +28,43 @@ import (
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8080", "listen address")
-	trip := flag.Int("trip", 3, "nil-map writes within -window that trip the switch")
+	trip := flag.Int("trip", 3, "nil-map writes within -window that trip the breaker")
 	window := flag.Duration("window", 10*time.Second, "window for -trip")
 	cooldown := flag.Duration("cooldown", 30*time.Second, "how long to stay degraded")
 	demo := flag.Bool("demo", false, "send requests to itself on a loopback port, print, and exit")
 	flag.Parse()
+
+	// The breaker is the downgrade switch: it trips after -trip nil-map
+	// writes within -window, and resets -cooldown later.
+	b, err := mapguard.NewBreaker(mapguard.BreakerConfig{
+		Kinds:    []mapguard.Kind{mapguard.NilMapWrite},
+		Trip:     *trip,
+		Window:   *window,
+		Cooldown: *cooldown,
+		OnTrip: func(ev mapguard.Event) {
+			log.Printf("downgraded for %v: %d nil-map writes within %v, last %v", *cooldown, *trip, *window, ev)
+		},
+		OnReset: func() { log.Print("restored: serving live stats again") },
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
 
 	g, err := mapguard.New(mapguard.Options{})
 	if err != nil {
 		log.Fatal(err)
 	}
 	if err := g.Start(context.Background()); err != nil {
-		// The service runs on without the switch: mapguard never takes the
-		// host down with it.
+		// The service runs on without the breaker: mapguard never takes
+		// the host down with it.
 		log.Printf("mapguard off: %v", err)
 	}
 	defer g.Close()
-
-	sw := &downgradeSwitch{trip: *trip, window: *window, cooldown: *cooldown}
-	g.OnEvent(func(ev mapguard.Event) {
-		if ev.Kind == mapguard.NilMapWrite && sw.record(ev.Time) {
-			log.Printf("downgraded: %d nil-map writes within %v, last %v", *trip, *window, ev)
-		}
-	})
+	g.OnEvent(b.Observe)
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("/stats", func(w http.ResponseWriter, r *http.Request) {
-		if sw.degraded(time.Now()) {
+		if b.Tripped() {
 			fmt.Fprintln(w, "degraded: cached stats")
 			return
 		}
@@ -77,7 +86,7 @@ func main() {
 	}
 	go srv.Serve(ln)
 	defer srv.Close()
-	runDemo("http://"+ln.Addr().String(), sw)
+	runDemo("http://"+ln.Addr().String(), b)
 }
 
 // computeStats has the bug: users without a profile get a nil inner map,
@@ -89,7 +98,7 @@ func computeStats(user string) int {
 	return profile["visits"]
 }
 
-func runDemo(base string, sw *downgradeSwitch) {
+func runDemo(base string, b *mapguard.Breaker) {
 	for i, user := range []string{"alice", "bob", "bob", "bob", "alice", "bob"} {
 		resp, err := http.Get(base + "/stats?user=" + user)
 		status := "connection reset (handler panicked)"
@@ -101,40 +110,9 @@ func runDemo(base string, sw *downgradeSwitch) {
 		fmt.Printf("request %d user=%-5s -> %s\n", i+1, user, status)
 		time.Sleep(300 * time.Millisecond) // events reach the callback within about 100 ms
 	}
-	if !sw.degraded(time.Now()) {
-		fmt.Println("the switch did not trip")
+	if !b.Tripped() {
+		fmt.Println("the breaker did not trip")
 		os.Exit(1)
 	}
 	fmt.Println("the service is degraded and still serving")
-}
-
-// downgradeSwitch trips after trip events within window and stays tripped
-// for cooldown.
-type downgradeSwitch struct {
-	trip     int
-	window   time.Duration
-	cooldown time.Duration
-
-	mu     sync.Mutex
-	recent []time.Time
-	until  atomic.Int64 // unix nanoseconds until which the service is degraded
-}
-
-func (s *downgradeSwitch) record(at time.Time) (tripped bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.recent = append(s.recent, at)
-	for len(s.recent) > 0 && at.Sub(s.recent[0]) > s.window {
-		s.recent = s.recent[1:]
-	}
-	if len(s.recent) >= s.trip && !s.degraded(at) {
-		s.until.Store(at.Add(s.cooldown).UnixNano())
-		s.recent = s.recent[:0]
-		return true
-	}
-	return false
-}
-
-func (s *downgradeSwitch) degraded(now time.Time) bool {
-	return now.UnixNano() < s.until.Load()
 }
