@@ -37,6 +37,12 @@ var ErrRecord = errors.New("malformed record")
 // call, by design). It is not user misuse and is not reported.
 var ErrRuntimeOwned = errors.New("map operation by the Go runtime")
 
+// ErrStdlib is returned for a nil-map read whose site is in the Go standard
+// library, when Config.Scope is set: the library reads nil maps on purpose
+// (a nil map reads as empty; net/http does it on every request). Decode has
+// filled in the event.
+var ErrStdlib = errors.New("nil-map read in the standard library")
+
 // Clock converts the BPF clock (CLOCK_MONOTONIC nanoseconds) to wall time.
 // Take both readings at the same moment, see NewClock.
 type Clock struct {
@@ -63,6 +69,9 @@ type Config struct {
 	// pointers the BPF program has checked to be map types. Nil leaves
 	// Event.MapType empty.
 	TypeName func(typ uintptr) string
+	// Scope, if set, makes Decode return ErrStdlib for nil-map reads whose
+	// site is not the program's own.
+	Scope *Scope
 }
 
 // cacheLimit bounds each cache; a full cache is cleared, not grown.
@@ -154,6 +163,9 @@ func (d *Decoder) Decode(raw []byte, ev *Event) error {
 	ev.Site, ev.Stack, owned = d.symbolize(npcs)
 	if owned {
 		return ErrRuntimeOwned
+	}
+	if kind == NilMapRead && d.cfg.Scope != nil && !d.cfg.Scope.Own(ev.Site.Function) {
+		return ErrStdlib
 	}
 	return nil
 }

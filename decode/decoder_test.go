@@ -149,3 +149,37 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+func TestScope(t *testing.T) {
+	s := ProgramScope()
+	for fn, own := range map[string]bool{
+		"main.main": true,
+		"github.com/mapguard/mapguard/decode.TestScope": true,
+		"github.com/mapguard/mapguard.New":              true,
+		"github.com/mapguard/mapguard_test.init.func1":  true,
+		"net/http.(*conn).serve":                        false,
+		"net/textproto.MIMEHeader.Get":                  false,
+		"fmt.Sprintf":                                   false,
+		"github.com/mapguard/mapguardian.f":             false,
+	} {
+		if got := s.Own(fn); got != own {
+			t.Errorf("Own(%q) = %v, want %v", fn, got, own)
+		}
+	}
+	if !(Scope{}).Own("net/http.f") {
+		t.Error("the zero Scope owns everything")
+	}
+}
+
+func TestDecodeStdlib(t *testing.T) {
+	pcs, _ := userSite()
+	s := Scope{prefixes: []string{"main."}} // this package is not "own" here
+	d := NewDecoder(Config{Scope: &s})
+	var ev Event
+	if err := d.Decode(record(NilMapRead, 0, 1, 0, 0, pcs[1:]...), &ev); !errors.Is(err, ErrStdlib) {
+		t.Fatalf("err = %v, want ErrStdlib", err)
+	}
+	if err := d.Decode(record(NilMapWrite, 0, 1, 0, 0, pcs[1:]...), &ev); err != nil {
+		t.Fatalf("nil-map writes are reported wherever they are: %v", err)
+	}
+}

@@ -69,10 +69,12 @@ type SiteStats struct {
 	Dropped  uint64 // records lost to a full ring buffer
 	Filtered uint64 // hits that were not an anomaly (an empty, non-nil map)
 	Ignored  uint64 // hits from ignored goroutines
-	// RuntimeOwned counts events on maps of the Go runtime itself (e.g.
-	// runtime.resolveTypeOff reads a nil map on every call, by design); they
-	// are not reported.
-	RuntimeOwned uint64
+	// NotOwned counts events not reported because they are not the
+	// program's: operations by the Go runtime on its own maps (e.g.
+	// runtime.resolveTypeOff reads a nil map on every call, by design), and
+	// nil-map reads in the standard library, which reads nil maps as empty
+	// on purpose (net/http on every request).
+	NotOwned uint64
 	// Disarms counts how often the site was detached for exceeding its rate
 	// limit; RearmAt is when a disarmed site will be attached again.
 	Disarms int

@@ -21,8 +21,9 @@ type UprobeConfig struct {
 	BufferSize int
 	// SiteRateLimit is how many hits per second one probe site may take
 	// before it is detached for a back-off (5 s, doubling to 5 min). Default
-	// 200, about 0.5% of one CPU at a single-stepped site here; negative
-	// disables the limit.
+	// 200, about 0.5% of one CPU at a single-stepped site here. A site on an
+	// instruction the kernel emulates costs about a twentieth or less, and
+	// may take 20 times as many. Negative disables the limit.
 	SiteRateLimit int
 	// GrowthThreshold is the entry count at which MapGrowth first reports a
 	// map, then at each doubling. Default 1<<20.
@@ -88,11 +89,15 @@ const (
 	siteGrowth  = 4   // MG_SITE_GROWTH
 
 	// enum mg_reg: argument registers.
-	regAX         = 0
-	regBX         = 1
-	regCX         = 2
-	pollInterval  = 100 * time.Millisecond
-	canaryTimeout = 3 * time.Second
+	regAX        = 0
+	regBX        = 1
+	regCX        = 2
+	pollInterval = 100 * time.Millisecond
+
+	// emulatedRateFactor scales the rate limit of sites on emulated
+	// instructions: ~0.6 us a hit against ~23 us single-stepped, measured.
+	emulatedRateFactor = 20
+	canaryTimeout      = 3 * time.Second
 )
 
 // target lists the runtime functions probed for one kind, how the probe

@@ -53,12 +53,13 @@ type uprobes struct {
 	counters [maxSites]bpf.MapguardSiteStats // scratch for stats reads
 	decoder  *decode.Decoder
 	watched  [256]bool // kinds asked for
-	// runtimeOwned counts, per site, events the runtime caused on its own
-	// maps; written by the reader, read by Stats.
-	runtimeOwned []atomic.Uint64
-	lastTick     time.Time
-	lastDropped  uint64
-	stopping     bool // teardown has begun
+	// notOwned counts, per site, events the runtime caused on its own
+	// maps and nil-map reads in the standard library; written by the
+	// reader, read by Stats.
+	notOwned    []atomic.Uint64
+	lastTick    time.Time
+	lastDropped uint64
+	stopping    bool // teardown has begun
 }
 
 type site struct {
@@ -129,16 +130,18 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	if err != nil {
 		return fmt.Errorf("start probe: %w", err)
 	}
-	u.runtimeOwned = make([]atomic.Uint64, len(u.sites))
+	u.notOwned = make([]atomic.Uint64, len(u.sites))
 	probes := make([]string, len(u.sites))
 	for i, s := range u.sites {
 		probes[i] = s.fn.Name
 	}
+	scope := decode.ProgramScope()
 	u.decoder = decode.NewDecoder(decode.Config{
 		StackDepth: u.cfg.StackDepth,
 		Clock:      clock,
 		Probes:     probes,
 		TypeName:   rt.TypeString,
+		Scope:      &scope,
 	})
 
 	// The reader ignores itself before any probe is armed.
@@ -413,9 +416,9 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 		return
 	}
 	if err := u.decoder.Decode(raw, ev); err != nil {
-		if errors.Is(err, decode.ErrRuntimeOwned) {
-			if int(h.Site) < len(u.runtimeOwned) {
-				u.runtimeOwned[h.Site].Add(1)
+		if errors.Is(err, decode.ErrRuntimeOwned) || errors.Is(err, decode.ErrStdlib) {
+			if int(h.Site) < len(u.notOwned) {
+				u.notOwned[h.Site].Add(1)
 			}
 			return
 		}
@@ -477,7 +480,11 @@ func (u *uprobes) tick(now time.Time) {
 		if limit <= 0 || elapsed <= 0 || elapsed > 10*pollInterval {
 			continue
 		}
-		if float64(delta) > float64(limit)*elapsed.Seconds() && delta > 1 {
+		siteLimit := float64(limit)
+		if s.at.Emulated {
+			siteLimit *= emulatedRateFactor
+		}
+		if float64(delta) > siteLimit*elapsed.Seconds() && delta > 1 {
 			u.disarmLocked(s)
 			s.disarms++
 			s.rearmAt = now.Add(backoff(s.disarms))
@@ -531,8 +538,8 @@ func (u *uprobes) Stats() Stats {
 			Armed:    s.link != nil,
 			Disarms:  s.disarms,
 		}
-		if int(s.index) < len(u.runtimeOwned) {
-			ss.RuntimeOwned = u.runtimeOwned[s.index].Load()
+		if int(s.index) < len(u.notOwned) {
+			ss.NotOwned = u.notOwned[s.index].Load()
 		}
 		if s.link == nil {
 			ss.RearmAt = s.rearmAt

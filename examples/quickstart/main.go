@@ -72,14 +72,14 @@ func main() {
 
 	st := g.Stats()
 	fmt.Printf("\nevents: %v, dropped: %d\n", st.Events, st.Dropped)
-	fmt.Println("probe sites (hits: traps taken; filtered: empty non-nil maps; runtime: the runtime's own maps):")
+	fmt.Println("probe sites (hits: traps taken; filtered: empty non-nil maps; not-own: the runtime's own maps, nil reads in the standard library):")
 	for _, s := range st.Sites {
 		cost := "single-stepped"
 		if s.Emulated {
 			cost = "emulated"
 		}
-		fmt.Printf("  %-14s %-30s +%#-5x %-28s %-14s armed=%-5v hits=%d filtered=%d runtime=%d\n",
-			s.Kind, s.Function, s.Offset, s.Inst, cost, s.Armed, s.Hits, s.Filtered, s.RuntimeOwned)
+		fmt.Printf("  %-14s %-30s +%#-5x %-28s %-14s armed=%-5v hits=%d filtered=%d not-own=%d\n",
+			s.Kind, s.Function, s.Offset, s.Inst, cost, s.Armed, s.Hits, s.Filtered, s.NotOwned)
 	}
 	for _, in := range st.Inactive {
 		fmt.Printf("  %-14s %-30s not probed: %s\n", in.Kind, in.Function, in.Reason)
