@@ -487,3 +487,36 @@ collect:
 		}
 	}
 }
+
+// The standard library reads nil maps as empty on purpose; those reads are
+// counted as NotOwned, and the program's own are reported.
+func TestRealStdlibNilReadNotReported(t *testing.T) {
+	g := startReal(t, mapguard.Options{})
+	events := g.Events()
+	notOwned := func() (n uint64) {
+		for _, s := range g.Stats().Sites {
+			n += s.NotOwned
+		}
+		return n
+	}
+	before := notOwned()
+	var line int
+	goid, _ := provoke(func() int {
+		var h http.Header // nil
+		sink = h.Get("X-Request-Id")
+		line = here() + 1
+		sink = misuseNilRead()
+		return 0
+	})
+	ev := await(t, events, func(ev mapguard.Event) bool { return ev.Goroutine == goid })
+	if !strings.HasSuffix(ev.Site.Function, ".misuseNilRead") {
+		t.Fatalf("first event %v, want the program's own read (line %d's callee)", ev, line)
+	}
+	waitFor(t, func() bool { return notOwned() > before }, "the standard library's nil-map read counted as NotOwned")
+}
+
+//go:noinline
+func misuseNilRead() int {
+	var m map[string]int
+	return m["k"]
+}
