@@ -9,6 +9,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"net/url"
 	"runtime"
 	"strconv"
 	"strings"
@@ -502,8 +503,8 @@ func TestRealStdlibNilReadNotReported(t *testing.T) {
 	before := notOwned()
 	var line int
 	goid, _ := provoke(func() int {
-		var h http.Header // nil
-		sink = h.Get("X-Request-Id")
+		var q url.Values // nil: Get reads it as empty
+		sink = q.Get("page")
 		line = here() + 1
 		sink = misuseNilRead()
 		return 0
