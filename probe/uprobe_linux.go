@@ -154,9 +154,8 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
 	}
 
-	now := time.Now()
 	for _, s := range u.sites {
-		if err := u.armLocked(s, now); err != nil {
+		if err := u.armLocked(s); err != nil {
 			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
 				return fmt.Errorf("start probe: attach %s+%#x: %w: %w", s.fn.Name, s.at.Offset, ErrPermission, err)
 			}
@@ -285,7 +284,7 @@ func (u *uprobes) load(o *rt.Offsets) error {
 }
 
 // armLocked attaches one site, filtered to this process.
-func (u *uprobes) armLocked(s *site, now time.Time) error {
+func (u *uprobes) armLocked(s *site) error {
 	if s.link != nil {
 		return nil
 	}
@@ -465,7 +464,7 @@ func (u *uprobes) tick(now time.Time) {
 	for _, s := range u.sites {
 		if s.link == nil {
 			if !s.rearmAt.IsZero() && !now.Before(s.rearmAt) {
-				if err := u.armLocked(s, now); err != nil {
+				if err := u.armLocked(s); err != nil {
 					u.log.Error(err, "re-arm probe", "function", s.fn.Name)
 					s.rearmAt = now.Add(backoff(s.disarms))
 					continue
