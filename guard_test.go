@@ -190,3 +190,20 @@ func BenchmarkDelivery(b *testing.B) {
 	}
 	b.ReportMetric(float64(n)/b.Elapsed().Seconds(), "events/s")
 }
+
+// The fake delivers events whatever goroutine id a test gives them, even
+// the id of the Guard's own dispatcher, which the Guard asks it to ignore.
+func TestFakeIgnoresNoMadeUpGoroutine(t *testing.T) {
+	g, fake := startFake(t, Options{})
+	got := make(chan Event, 1)
+	g.OnEvent(func(ev Event) { got <- ev })
+	if !fake.Ignored(g.dispGoid) {
+		t.Fatal("the Guard did not ask the probe to ignore its dispatcher")
+	}
+	if !fake.Emit(Event{Kind: NilMapRead, Goroutine: g.dispGoid}) {
+		t.Fatal("Emit dropped an event")
+	}
+	if ev := <-got; ev.Goroutine != g.dispGoid {
+		t.Fatalf("event %v", ev)
+	}
+}
