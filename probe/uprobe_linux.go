@@ -242,6 +242,8 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		}
 	}
 	spec.Maps[bpf.MapguardMapEvents].MaxEntries = ringSize(u.cfg.bufferSize())
+	// The empty program is for benchmarks; do not load it at every Start.
+	delete(spec.Programs, bpf.MapguardProgMapguardEmpty)
 	if u.multi {
 		for _, p := range spec.Programs {
 			p.AttachType = ebpf.AttachTraceUprobeMulti
@@ -311,7 +313,8 @@ func (u *uprobes) armLocked(s *site) error {
 		return err
 	}
 	s.link = l
-	u.readCounters()
+	// u.counters is current: zero at Start, read at the top of tick when
+	// re-arming.
 	s.lastHits = u.counters[s.index].Hits
 	return nil
 }
