@@ -21,9 +21,11 @@
 // # Requirements
 //
 // Linux on amd64, kernel 5.15 or later (6.10 or later uses one uprobe_multi
-// link per site; older kernels use perf-event uprobes, which take about
-// 100 ms each to detach), the binary built by Go 1.25 or 1.26, and
-// CAP_SYS_ADMIN (creating uprobes requires it on current kernels). Stripped
+// link per site; older kernels use perf-event uprobes, which are slower to
+// detach: 0.5-0.7 s for nine of them, closed in parallel, on Debian's 6.1),
+// the binary built by Go 1.25 or 1.26, and
+// CAP_SYS_ADMIN (perf-event uprobes require it on current kernels; with
+// uprobe_multi links, CAP_BPF and CAP_PERFMON were enough on 6.18). Stripped
 // (-ldflags=-s -w) and PIE binaries work: functions are found through
 // .gopclntab, which every Go binary has. On any other platform the package
 // compiles and Start returns ErrNotSupported.
@@ -34,9 +36,9 @@
 // rarely: the branch a map assignment takes when the map is nil, the branch
 // a map read takes when the map is nil or empty, and the growth of a large
 // map's tables (O(log n) times per map). A healthy operation on a non-empty
-// map pays nothing. A hit costs a trap, about 0.6 us at an
-// instruction the kernel emulates and about 23 us at one it single-steps
-// (measured on the project's VMs; bare metal is several times cheaper).
+// map pays nothing. A hit costs a trap: about 1 us at an instruction the
+// kernel emulates and 6 to 23 us at one it single-steps, measured on the
+// project's VMs (bare metal is several times cheaper).
 // Reads from empty maps go through the same block as nil maps, so a probe
 // site that fires more often than Options.SiteRateLimit per second is
 // detached and re-armed after a back-off; Stats shows it.
