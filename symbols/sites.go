@@ -429,15 +429,25 @@ func sxSite(in *Inst, framed bool) Site {
 	return Site{Offset: in.Offset, Inst: in.sxText(), Emulated: in.Emulated, Framed: framed}
 }
 
+// sxDecodeFunc decodes a whole function and recognises its prologue. Every
+// error wraps ErrUnrecognized.
+func sxDecodeFunc(code []byte) ([]Inst, sxPrologue, error) {
+	insts, err := sxDecode(code, false)
+	if err != nil {
+		return nil, sxPrologue{}, fmt.Errorf("%w: %w", ErrUnrecognized, err)
+	}
+	p, err := sxParsePrologue(insts)
+	if err != nil {
+		return nil, sxPrologue{}, err
+	}
+	return insts, p, nil
+}
+
 // EntrySite returns the first instruction after the stack-check branch of
 // the function whose body is code. The stack pointer is still the entry's
 // there, so the return PC is at [SP] (Framed is false).
 func EntrySite(code []byte) (Site, error) {
-	insts, err := sxDecode(code, false)
-	if err != nil {
-		return Site{}, fmt.Errorf("%w: %w", ErrUnrecognized, err)
-	}
-	p, err := sxParsePrologue(insts)
+	insts, p, err := sxDecodeFunc(code)
 	if err != nil {
 		return Site{}, err
 	}
@@ -501,11 +511,7 @@ func NilMapSite(code []byte, entry uint64, op MapOp, callee func(addr uint64) st
 	if op != MapAssign && op != MapAccess {
 		return Site{}, sxReject("unknown map op %d", op)
 	}
-	insts, err := sxDecode(code, false)
-	if err != nil {
-		return Site{}, fmt.Errorf("%w: %w", ErrUnrecognized, err)
-	}
-	p, err := sxParsePrologue(insts)
+	insts, p, err := sxDecodeFunc(code)
 	if err != nil {
 		return Site{}, err
 	}
