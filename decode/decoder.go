@@ -10,8 +10,8 @@ import (
 	"time"
 )
 
-// Wire layout of struct event in bpf/mapguard.h. A test checks it against the
-// generated Go declaration.
+// Wire layout of struct event in bpf/src/mapguard.h. probe's
+// TestWireMatchesBPF checks it against the declaration bpf2go generates.
 const (
 	MaxFrames  = 16
 	RecordSize = 56 + 8*MaxFrames

@@ -1,0 +1,48 @@
+//go:build linux && amd64
+
+package probe
+
+import (
+	"testing"
+	"unsafe"
+
+	"github.com/mapguard/mapguard/bpf"
+	"github.com/mapguard/mapguard/decode"
+)
+
+// The record layout and kind numbers decode uses must match the BPF
+// program's, as bpf2go generated them from its BTF.
+func TestWireMatchesBPF(t *testing.T) {
+	if got := unsafe.Sizeof(bpf.MapguardEvent{}); got != decode.RecordSize {
+		t.Errorf("struct event is %d bytes, decode.RecordSize %d", got, decode.RecordSize)
+	}
+	if got := len(bpf.MapguardEvent{}.Pcs); got != decode.MaxFrames {
+		t.Errorf("struct event holds %d frames, decode.MaxFrames %d", got, decode.MaxFrames)
+	}
+	var ev bpf.MapguardEvent
+	for name, off := range map[string][2]uintptr{
+		"time_ns": {unsafe.Offsetof(ev.TimeNs), 0},
+		"goid":    {unsafe.Offsetof(ev.Goid), 8},
+		"map":     {unsafe.Offsetof(ev.Map), 16},
+		"typ":     {unsafe.Offsetof(ev.Typ), 24},
+		"len":     {unsafe.Offsetof(ev.Len), 32},
+		"count":   {unsafe.Offsetof(ev.Count), 40},
+		"site":    {unsafe.Offsetof(ev.Site), 48},
+		"kind":    {unsafe.Offsetof(ev.Kind), 52},
+		"npcs":    {unsafe.Offsetof(ev.Npcs), 53},
+		"pcs":     {unsafe.Offsetof(ev.Pcs), 56},
+	} {
+		if off[0] != off[1] {
+			t.Errorf("field %s at %d in BPF, decode reads it at %d", name, off[0], off[1])
+		}
+	}
+	for c, k := range map[bpf.MapguardMgKind]decode.Kind{
+		bpf.MapguardMgKindMG_KIND_NIL_MAP_WRITE: decode.NilMapWrite,
+		bpf.MapguardMgKindMG_KIND_NIL_MAP_READ:  decode.NilMapRead,
+		bpf.MapguardMgKindMG_KIND_MAP_GROWTH:    decode.MapGrowth,
+	} {
+		if uint32(c) != uint32(k) {
+			t.Errorf("BPF kind %d is decode kind %v (%d)", c, k, k)
+		}
+	}
+}
