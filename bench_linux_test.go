@@ -44,8 +44,7 @@ func mapHeavy(b *testing.B) {
 func BenchmarkMapHeavy(b *testing.B) {
 	b.Run("guard=none", mapHeavy)
 	b.Run("guard=default", func(b *testing.B) {
-		g := startBenchGuard(b, mapguard.Options{})
-		defer g.Close()
+		g := startReal(b, mapguard.Options{})
 		mapHeavy(b)
 		b.StopTimer()
 		reportHits(b, g)
@@ -66,8 +65,7 @@ func BenchmarkDetection(b *testing.B) {
 	}
 	b.Run("guard=none", write)
 	b.Run("guard=default", func(b *testing.B) {
-		g := startBenchGuard(b, mapguard.Options{SiteRateLimit: -1, BufferSize: 1 << 16})
-		defer g.Close()
+		g := startReal(b, mapguard.Options{SiteRateLimit: -1, BufferSize: 1 << 16})
 		write(b)
 		b.StopTimer()
 		reportHits(b, g)
@@ -92,19 +90,6 @@ func BenchmarkStartClose(b *testing.B) {
 	}
 	b.ReportMetric(float64(start.Milliseconds())/float64(b.N), "start-ms")
 	b.ReportMetric(float64(stop.Milliseconds())/float64(b.N), "close-ms")
-}
-
-func startBenchGuard(b *testing.B, opts mapguard.Options) *mapguard.Guard {
-	b.Helper()
-	testutil.RequirePrivileged(b)
-	g, err := mapguard.New(opts)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := g.Start(context.Background()); err != nil {
-		b.Fatal(err)
-	}
-	return g
 }
 
 func reportHits(b *testing.B, g *mapguard.Guard) {

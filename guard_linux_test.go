@@ -23,8 +23,9 @@ import (
 	"github.com/mapguard/mapguard/internal/testutil"
 )
 
-// startReal starts a Guard with real uprobes on this test binary.
-func startReal(t *testing.T, opts mapguard.Options) *mapguard.Guard {
+// startReal starts a Guard with real uprobes on this test binary; it is
+// closed when the test or benchmark ends.
+func startReal(t testing.TB, opts mapguard.Options) *mapguard.Guard {
 	t.Helper()
 	testutil.RequirePrivileged(t)
 	g, err := mapguard.New(opts)
