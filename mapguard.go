@@ -30,6 +30,28 @@ const (
 	// again after that; Site is the insert that grew it and Len its entries.
 	// Maps never shrink, so this is how an unbounded cache shows.
 	MapGrowth = decode.MapGrowth
+	// MissingKeyRead: a single-value read (v := m[k]) of a key that is not
+	// in a non-nil map, which silently returns the zero value. Comma-ok
+	// reads are not reported, nor reads outside Options.MissingKeyScope.
+	// The first read at a call site is an event; later ones there arrive
+	// about once a second as one event whose Count is the number since.
+	MissingKeyRead = decode.MissingKeyRead
+	// UnhashableKey: the "hash of unhashable type" panic, an interface key
+	// holding a slice, map or func. Detail is the runtime's message.
+	UnhashableKey = decode.UnhashableKey
+	// MapBloat: a map of at least GrowthThreshold slots was emptied (its
+	// last entry deleted, or clear(m)) and keeps its memory, since maps
+	// never shrink. Capacity and Bytes say what it holds; copy the live
+	// entries into a new map, or drop it, to give the memory back.
+	MapBloat = decode.MapBloat
+	// ConcurrentMisuse: the runtime's fatal "concurrent map writes" (or read
+	// and write, iteration and write, clone and write). The process dies
+	// right after, so this event is rarely delivered live; a crash record
+	// keeps it, and the next Start reports it as PreviousCrash.
+	ConcurrentMisuse = decode.ConcurrentMisuse
+	// PreviousCrash: a ConcurrentMisuse that killed an earlier process of
+	// this program (PID), delivered once by the next Guard to start.
+	PreviousCrash = decode.PreviousCrash
 )
 
 // Event is one detected misuse: what, when, where (Site is the user's
@@ -92,6 +114,15 @@ type Options struct {
 	// most 23 us, or 4000 of about 1 us). Negative disables the limit. See
 	// Stats.Sites.
 	SiteRateLimit int
+	// MissingKeyScope lists the packages (import path prefixes, e.g.
+	// "example.com/svc/internal") whose missing-key reads are reported.
+	// Empty means the main module's packages: libraries read missing keys
+	// on purpose, and the standard library is never reported.
+	MissingKeyScope []string
+	// NoCrashRecord turns off the crash record (a small BPF map pinned under
+	// /sys/fs/bpf/mapguard) that carries a fatal ConcurrentMisuse over to
+	// the next Start as PreviousCrash.
+	NoCrashRecord bool
 	// Probe replaces the eBPF probe, e.g. with a probe.Fake in tests. Nil
 	// means real uprobes on this process.
 	Probe probe.Probe
@@ -120,6 +151,10 @@ type Stats struct {
 	Sites []SiteStats
 	// Inactive lists the runtime functions that were not probed, and why.
 	Inactive []Inactive
+	// CrashRecord is where this process's crash record is pinned ("" if
+	// none); CrashRecordError says why there is none when one was wanted.
+	CrashRecord      string
+	CrashRecordError string
 }
 
 // A Guard watches this process's map operations. Create it with New, then
@@ -181,6 +216,8 @@ func New(opts Options) (*Guard, error) {
 			BufferSize:      opts.BufferSize,
 			SiteRateLimit:   opts.SiteRateLimit,
 			GrowthThreshold: opts.GrowthThreshold,
+			MissingKeyScope: opts.MissingKeyScope,
+			NoCrashRecord:   opts.NoCrashRecord,
 			Logger:          log,
 		})
 	}
@@ -334,6 +371,9 @@ func (g *Guard) Stats() Stats {
 		CallbackPanics: g.callbackPanics.Load(),
 		Sites:          ps.Sites,
 		Inactive:       ps.Inactive,
+
+		CrashRecord:      ps.CrashRecord,
+		CrashRecordError: ps.CrashRecordError,
 	}
 	for _, k := range decode.Kinds() {
 		if n := g.perKind[k].Load(); n > 0 {

@@ -125,9 +125,9 @@ func TestRealTorture(t *testing.T) {
 		afterClose := misuses.Load()
 		st := g.Stats()
 		for _, s := range st.Sites {
-			if s.Hits != s.Events+s.Dropped+s.Filtered+s.Ignored {
-				t.Errorf("cycle %d: %s: hits %d != events %d + dropped %d + filtered %d + ignored %d",
-					c, s.Function, s.Hits, s.Events, s.Dropped, s.Filtered, s.Ignored)
+			if s.Hits != s.Events+s.Dropped+s.Filtered+s.Ignored+s.Aggregated {
+				t.Errorf("cycle %d: %s: hits %d != events %d + dropped %d + filtered %d + ignored %d + aggregated %d",
+					c, s.Function, s.Hits, s.Events, s.Dropped, s.Filtered, s.Ignored, s.Aggregated)
 			}
 		}
 		// Every misuse between Start's return and the call to Close is

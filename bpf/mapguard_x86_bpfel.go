@@ -13,36 +13,67 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type MapguardAggKey struct {
+	_    structs.HostLayout
+	Site uint32
+	Pad  uint32
+	Pc   uint64
+}
+
+type MapguardAggVal struct {
+	_     structs.HostLayout
+	Count uint64
+	Muted uint64
+}
+
+type MapguardCrash struct {
+	_       structs.HostLayout
+	Bias    uint64
+	ExeId   uint64
+	StartNs uint64
+	Crashed uint64
+	Ev      MapguardEvent
+}
+
 type MapguardEvent struct {
-	_      structs.HostLayout
-	TimeNs uint64
-	Goid   uint64
-	Map    uint64
-	Typ    uint64
-	Len    uint64
-	Count  uint64
-	Site   uint32
-	Kind   uint8
-	Npcs   uint8
-	Pad    uint16
-	Pcs    [16]uint64
+	_         structs.HostLayout
+	TimeNs    uint64
+	Goid      uint64
+	Map       uint64
+	Typ       uint64
+	Len       uint64
+	Count     uint64
+	Site      uint32
+	Kind      uint8
+	Npcs      uint8
+	DetailLen uint8
+	Pad       uint8
+	Cap       uint64
+	Aux       uint64
+	Pcs       [16]uint64
+	Detail    [64]int8
 }
 
 type MapguardMgKind uint32
 
 const (
-	MapguardMgKindMG_KIND_NIL_MAP_WRITE MapguardMgKind = 1
-	MapguardMgKindMG_KIND_NIL_MAP_READ  MapguardMgKind = 2
-	MapguardMgKindMG_KIND_MAP_GROWTH    MapguardMgKind = 3
+	MapguardMgKindMG_KIND_NIL_MAP_WRITE     MapguardMgKind = 1
+	MapguardMgKindMG_KIND_NIL_MAP_READ      MapguardMgKind = 2
+	MapguardMgKindMG_KIND_MAP_GROWTH        MapguardMgKind = 3
+	MapguardMgKindMG_KIND_MISSING_KEY_READ  MapguardMgKind = 4
+	MapguardMgKindMG_KIND_UNHASHABLE_KEY    MapguardMgKind = 5
+	MapguardMgKindMG_KIND_MAP_BLOAT         MapguardMgKind = 6
+	MapguardMgKindMG_KIND_CONCURRENT_MISUSE MapguardMgKind = 7
+	MapguardMgKindMG_KIND_PREVIOUS_CRASH    MapguardMgKind = 8
 )
 
 type MapguardSiteConf struct {
 	_      structs.HostLayout
 	Kind   uint8
-	Flags  uint8
 	MapReg uint8
 	TypReg uint8
-	Pad    uint32
+	Pad    uint8
+	Flags  uint32
 }
 
 type MapguardSiteStats struct {
@@ -52,26 +83,39 @@ type MapguardSiteStats struct {
 	Dropped  uint64
 	Filtered uint64
 	Ignored  uint64
+	Agg      uint64
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	MapguardMapEvents          = "events"
-	MapguardMapGrowthNext      = "growth_next"
-	MapguardMapIgnoredGoids    = "ignored_goids"
-	MapguardMapSites           = "sites"
-	MapguardProgMapguardEmpty  = "mapguard_empty"
-	MapguardProgMapguardSite   = "mapguard_site"
-	MapguardVarGoidOffset      = "goid_offset"
-	MapguardVarGrowthThreshold = "growth_threshold"
-	MapguardVarMapUsedOffset   = "map_used_offset"
-	MapguardVarMaxFrames       = "max_frames"
-	MapguardVarStats           = "stats"
-	MapguardVarTypeKindOffset  = "type_kind_offset"
-	MapguardVarUnusedEvent     = "unused_event"
-	MapguardVarUnusedKind      = "unused_kind"
+	MapguardMapAggs                  = "aggs"
+	MapguardMapCrashes               = "crashes"
+	MapguardMapEvents                = "events"
+	MapguardMapGrowthNext            = "growth_next"
+	MapguardMapIgnoredGoids          = "ignored_goids"
+	MapguardMapScratch               = "scratch"
+	MapguardMapSites                 = "sites"
+	MapguardProgMapguardEmpty        = "mapguard_empty"
+	MapguardProgMapguardSite         = "mapguard_site"
+	MapguardVarCrashKey              = "crash_key"
+	MapguardVarGoidOffset            = "goid_offset"
+	MapguardVarGrowthThreshold       = "growth_threshold"
+	MapguardVarMapDirLenOffset       = "map_dir_len_offset"
+	MapguardVarMapDirPtrOffset       = "map_dir_ptr_offset"
+	MapguardVarMapGlobalDepthOffset  = "map_global_depth_offset"
+	MapguardVarMapUsedOffset         = "map_used_offset"
+	MapguardVarMaxFrames             = "max_frames"
+	MapguardVarStats                 = "stats"
+	MapguardVarTableCapacityOffset   = "table_capacity_offset"
+	MapguardVarTableLocalDepthOffset = "table_local_depth_offset"
+	MapguardVarTypeKindOffset        = "type_kind_offset"
+	MapguardVarUnusedAggKey          = "unused_agg_key"
+	MapguardVarUnusedAggVal          = "unused_agg_val"
+	MapguardVarUnusedCrash           = "unused_crash"
+	MapguardVarUnusedEvent           = "unused_event"
+	MapguardVarUnusedKind            = "unused_kind"
 )
 
 // LoadMapguard returns the embedded CollectionSpec for Mapguard.
@@ -124,9 +168,12 @@ type MapguardProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MapguardMapSpecs struct {
+	Aggs         *ebpf.MapSpec `ebpf:"aggs"`
+	Crashes      *ebpf.MapSpec `ebpf:"crashes"`
 	Events       *ebpf.MapSpec `ebpf:"events"`
 	GrowthNext   *ebpf.MapSpec `ebpf:"growth_next"`
 	IgnoredGoids *ebpf.MapSpec `ebpf:"ignored_goids"`
+	Scratch      *ebpf.MapSpec `ebpf:"scratch"`
 	Sites        *ebpf.MapSpec `ebpf:"sites"`
 }
 
@@ -134,14 +181,23 @@ type MapguardMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MapguardVariableSpecs struct {
-	GoidOffset      *ebpf.VariableSpec `ebpf:"goid_offset"`
-	GrowthThreshold *ebpf.VariableSpec `ebpf:"growth_threshold"`
-	MapUsedOffset   *ebpf.VariableSpec `ebpf:"map_used_offset"`
-	MaxFrames       *ebpf.VariableSpec `ebpf:"max_frames"`
-	Stats           *ebpf.VariableSpec `ebpf:"stats"`
-	TypeKindOffset  *ebpf.VariableSpec `ebpf:"type_kind_offset"`
-	UnusedEvent     *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedKind      *ebpf.VariableSpec `ebpf:"unused_kind"`
+	CrashKey              *ebpf.VariableSpec `ebpf:"crash_key"`
+	GoidOffset            *ebpf.VariableSpec `ebpf:"goid_offset"`
+	GrowthThreshold       *ebpf.VariableSpec `ebpf:"growth_threshold"`
+	MapDirLenOffset       *ebpf.VariableSpec `ebpf:"map_dir_len_offset"`
+	MapDirPtrOffset       *ebpf.VariableSpec `ebpf:"map_dir_ptr_offset"`
+	MapGlobalDepthOffset  *ebpf.VariableSpec `ebpf:"map_global_depth_offset"`
+	MapUsedOffset         *ebpf.VariableSpec `ebpf:"map_used_offset"`
+	MaxFrames             *ebpf.VariableSpec `ebpf:"max_frames"`
+	Stats                 *ebpf.VariableSpec `ebpf:"stats"`
+	TableCapacityOffset   *ebpf.VariableSpec `ebpf:"table_capacity_offset"`
+	TableLocalDepthOffset *ebpf.VariableSpec `ebpf:"table_local_depth_offset"`
+	TypeKindOffset        *ebpf.VariableSpec `ebpf:"type_kind_offset"`
+	UnusedAggKey          *ebpf.VariableSpec `ebpf:"unused_agg_key"`
+	UnusedAggVal          *ebpf.VariableSpec `ebpf:"unused_agg_val"`
+	UnusedCrash           *ebpf.VariableSpec `ebpf:"unused_crash"`
+	UnusedEvent           *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedKind            *ebpf.VariableSpec `ebpf:"unused_kind"`
 }
 
 // MapguardObjects contains all objects after they have been loaded into the kernel.
@@ -164,17 +220,23 @@ func (o *MapguardObjects) Close() error {
 //
 // It can be passed to LoadMapguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MapguardMaps struct {
+	Aggs         *ebpf.Map `ebpf:"aggs"`
+	Crashes      *ebpf.Map `ebpf:"crashes"`
 	Events       *ebpf.Map `ebpf:"events"`
 	GrowthNext   *ebpf.Map `ebpf:"growth_next"`
 	IgnoredGoids *ebpf.Map `ebpf:"ignored_goids"`
+	Scratch      *ebpf.Map `ebpf:"scratch"`
 	Sites        *ebpf.Map `ebpf:"sites"`
 }
 
 func (m *MapguardMaps) Close() error {
 	return _MapguardClose(
+		m.Aggs,
+		m.Crashes,
 		m.Events,
 		m.GrowthNext,
 		m.IgnoredGoids,
+		m.Scratch,
 		m.Sites,
 	)
 }
@@ -183,14 +245,23 @@ func (m *MapguardMaps) Close() error {
 //
 // It can be passed to LoadMapguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MapguardVariables struct {
-	GoidOffset      *ebpf.Variable `ebpf:"goid_offset"`
-	GrowthThreshold *ebpf.Variable `ebpf:"growth_threshold"`
-	MapUsedOffset   *ebpf.Variable `ebpf:"map_used_offset"`
-	MaxFrames       *ebpf.Variable `ebpf:"max_frames"`
-	Stats           *ebpf.Variable `ebpf:"stats"`
-	TypeKindOffset  *ebpf.Variable `ebpf:"type_kind_offset"`
-	UnusedEvent     *ebpf.Variable `ebpf:"unused_event"`
-	UnusedKind      *ebpf.Variable `ebpf:"unused_kind"`
+	CrashKey              *ebpf.Variable `ebpf:"crash_key"`
+	GoidOffset            *ebpf.Variable `ebpf:"goid_offset"`
+	GrowthThreshold       *ebpf.Variable `ebpf:"growth_threshold"`
+	MapDirLenOffset       *ebpf.Variable `ebpf:"map_dir_len_offset"`
+	MapDirPtrOffset       *ebpf.Variable `ebpf:"map_dir_ptr_offset"`
+	MapGlobalDepthOffset  *ebpf.Variable `ebpf:"map_global_depth_offset"`
+	MapUsedOffset         *ebpf.Variable `ebpf:"map_used_offset"`
+	MaxFrames             *ebpf.Variable `ebpf:"max_frames"`
+	Stats                 *ebpf.Variable `ebpf:"stats"`
+	TableCapacityOffset   *ebpf.Variable `ebpf:"table_capacity_offset"`
+	TableLocalDepthOffset *ebpf.Variable `ebpf:"table_local_depth_offset"`
+	TypeKindOffset        *ebpf.Variable `ebpf:"type_kind_offset"`
+	UnusedAggKey          *ebpf.Variable `ebpf:"unused_agg_key"`
+	UnusedAggVal          *ebpf.Variable `ebpf:"unused_agg_val"`
+	UnusedCrash           *ebpf.Variable `ebpf:"unused_crash"`
+	UnusedEvent           *ebpf.Variable `ebpf:"unused_event"`
+	UnusedKind            *ebpf.Variable `ebpf:"unused_kind"`
 }
 
 // MapguardPrograms contains all programs after they have been loaded into the kernel.

@@ -14,18 +14,23 @@ import (
 // TestWireMatchesBPF checks it against the declaration bpf2go generates.
 const (
 	MaxFrames  = 16
-	RecordSize = 56 + 8*MaxFrames
+	DetailLen  = 64
+	RecordSize = 72 + 8*MaxFrames + DetailLen
 
-	offTime  = 0
-	offGoid  = 8
-	offMap   = 16
-	offTyp   = 24
-	offLen   = 32
-	offCount = 40
-	offSite  = 48
-	offKind  = 52
-	offNPCs  = 53
-	offPCs   = 56
+	offTime      = 0
+	offGoid      = 8
+	offMap       = 16
+	offTyp       = 24
+	offLen       = 32
+	offCount     = 40
+	offSite      = 48
+	offKind      = 52
+	offNPCs      = 53
+	offDetailLen = 54
+	offCap       = 56
+	offAux       = 64
+	offPCs       = 72
+	offDetail    = 72 + 8*MaxFrames
 )
 
 // ErrRecord is returned for a record that is malformed.
@@ -42,6 +47,10 @@ var ErrRuntimeOwned = errors.New("map operation by the Go runtime")
 // (a nil map reads as empty; net/http does it on every request). Decode has
 // filled in the event.
 var ErrStdlib = errors.New("nil-map read in the standard library")
+
+// ErrOutOfScope is returned for a MissingKeyRead whose site is outside
+// Config.MissScope. Decode has filled in the event.
+var ErrOutOfScope = errors.New("missing-key read outside the watched packages")
 
 // Clock converts the BPF clock (CLOCK_MONOTONIC nanoseconds) to wall time.
 // Take both readings at the same moment, see NewClock.
@@ -69,9 +78,19 @@ type Config struct {
 	// pointers the BPF program has checked to be map types. Nil leaves
 	// Event.MapType empty.
 	TypeName func(typ uintptr) string
-	// Scope, if set, makes Decode return ErrStdlib for nil-map reads whose
-	// site is not the program's own.
+	// Scope, if set, makes Decode return ErrStdlib for nil-map and
+	// missing-key reads whose site is not the program's own.
 	Scope *Scope
+	// MissScope, if set, makes Decode return ErrOutOfScope for missing-key
+	// reads whose site it does not own.
+	MissScope *Scope
+	// CallSiteType, if set, returns the map type a call site passes to the
+	// runtime (0 if unknown), for records whose probe could not read the
+	// type. It must return only pointers checked to be map types.
+	CallSiteType func(pc uintptr) uintptr
+	// MapBytes, if set, estimates the bytes a map of type typ holds for
+	// capacity slots.
+	MapBytes func(typ uintptr, capacity uint64) uint64
 }
 
 // cacheLimit bounds each cache; a full cache is cleared, not grown.
@@ -83,7 +102,9 @@ type Decoder struct {
 	frames map[uintptr][]Frame            // return PC -> frames, inlined ones expanded
 	stacks map[[MaxFrames]uintptr][]Frame // PCs -> Stack
 	types  map[uintptr]string
-	pcs    [MaxFrames]uintptr
+	// callTypes caches CallSiteType by return PC.
+	callTypes map[uintptr]uintptr
+	pcs       [MaxFrames]uintptr
 }
 
 // NewDecoder returns a Decoder for cfg.
@@ -99,6 +120,8 @@ func NewDecoder(cfg Config) *Decoder {
 		frames: make(map[uintptr][]Frame),
 		stacks: make(map[[MaxFrames]uintptr][]Frame),
 		types:  make(map[uintptr]string),
+
+		callTypes: make(map[uintptr]uintptr),
 	}
 }
 
@@ -108,6 +131,57 @@ type Header struct {
 	Kind Kind
 	Goid uint64
 	Typ  uintptr
+	PC   uintptr // the probed function's caller (the first return PC), 0 if none
+}
+
+// Record builds a wire record: what the BPF program writes, for records
+// made in user space (aggregated counts, crash records, tests). pcs beyond
+// MaxFrames and detail beyond DetailLen are cut.
+func Record(raw []byte, kind Kind, site uint32, goid uint64, mono uint64, count uint64, pcs []uintptr, detail string) []byte {
+	if cap(raw) < RecordSize {
+		raw = make([]byte, RecordSize)
+	}
+	raw = raw[:RecordSize]
+	clear(raw)
+	le := binary.NativeEndian
+	le.PutUint64(raw[offTime:], mono)
+	le.PutUint64(raw[offGoid:], goid)
+	le.PutUint64(raw[offCount:], count)
+	le.PutUint32(raw[offSite:], site)
+	raw[offKind] = byte(kind)
+	n := min(len(pcs), MaxFrames)
+	raw[offNPCs] = byte(n)
+	for i := 0; i < n; i++ {
+		le.PutUint64(raw[offPCs+8*i:], uint64(pcs[i]))
+	}
+	raw[offDetailLen] = byte(copy(raw[offDetail:offDetail+DetailLen], detail))
+	return raw
+}
+
+// SetKind overwrites a record's kind.
+func SetKind(raw []byte, kind Kind) { raw[offKind] = byte(kind) }
+
+// Rebase moves a record's PCs and type by delta and clears its map
+// address, for a record written by another process of the same binary
+// loaded at another address.
+func Rebase(raw []byte, delta int64) {
+	le := binary.NativeEndian
+	for i := 0; i < int(min(raw[offNPCs], MaxFrames)); i++ {
+		p := raw[offPCs+8*i:]
+		le.PutUint64(p, uint64(int64(le.Uint64(p))+delta))
+	}
+	if typ := le.Uint64(raw[offTyp:]); typ != 0 {
+		le.PutUint64(raw[offTyp:], uint64(int64(typ)+delta))
+	}
+	le.PutUint64(raw[offMap:], 0)
+}
+
+// Strip removes a record's PCs and type, for a record whose addresses mean
+// nothing in this process.
+func Strip(raw []byte) {
+	raw[offNPCs] = 0
+	binary.NativeEndian.PutUint64(raw[offTyp:], 0)
+	binary.NativeEndian.PutUint64(raw[offMap:], 0)
 }
 
 // Peek returns a record's header without decoding the rest.
@@ -116,12 +190,16 @@ func Peek(raw []byte) (Header, error) {
 		return Header{}, fmt.Errorf("record of %d bytes, want %d: %w", len(raw), RecordSize, ErrRecord)
 	}
 	le := binary.NativeEndian
-	return Header{
+	h := Header{
 		Site: le.Uint32(raw[offSite:]),
 		Kind: Kind(raw[offKind]),
 		Goid: le.Uint64(raw[offGoid:]),
 		Typ:  uintptr(le.Uint64(raw[offTyp:])),
-	}, nil
+	}
+	if raw[offNPCs] > 0 {
+		h.PC = uintptr(le.Uint64(raw[offPCs:]))
+	}
+	return h, nil
 }
 
 // Decode decodes raw into ev, overwriting every field.
@@ -149,6 +227,7 @@ func (d *Decoder) Decode(raw []byte, ev *Event) error {
 		d.pcs[i] = uintptr(le.Uint64(raw[offPCs+8*i:]))
 	}
 
+	typ := uintptr(le.Uint64(raw[offTyp:]))
 	*ev = Event{
 		Kind:      kind,
 		Time:      d.cfg.Clock.Time(le.Uint64(raw[offTime:])),
@@ -156,18 +235,44 @@ func (d *Decoder) Decode(raw []byte, ev *Event) error {
 		Map:       uintptr(le.Uint64(raw[offMap:])),
 		Len:       int(min(le.Uint64(raw[offLen:]), math.MaxInt64)),
 		Count:     le.Uint64(raw[offCount:]),
+		Capacity:  le.Uint64(raw[offCap:]),
 		Probe:     probe,
-		MapType:   d.typeName(uintptr(le.Uint64(raw[offTyp:]))),
+	}
+	if n := int(raw[offDetailLen]); n > 0 {
+		ev.Detail = string(raw[offDetail : offDetail+min(n, DetailLen)])
 	}
 	var owned bool
-	ev.Site, ev.Stack, owned = d.symbolize(npcs)
+	var sitePC uintptr
+	ev.Site, ev.Stack, sitePC, owned = d.symbolize(npcs)
 	if owned {
 		return ErrRuntimeOwned
 	}
-	if kind == NilMapRead && d.cfg.Scope != nil && !d.cfg.Scope.Own(ev.Site.Function) {
+	if typ == 0 && d.cfg.CallSiteType != nil && sitePC != 0 {
+		typ = d.callSiteType(sitePC)
+	}
+	ev.MapType = d.typeName(typ)
+	if ev.Capacity > 0 && typ != 0 && d.cfg.MapBytes != nil {
+		ev.Bytes = d.cfg.MapBytes(typ, ev.Capacity)
+	}
+	if (kind == NilMapRead || kind == MissingKeyRead) && d.cfg.Scope != nil && !d.cfg.Scope.Own(ev.Site.Function) {
 		return ErrStdlib
 	}
+	if kind == MissingKeyRead && d.cfg.MissScope != nil && !d.cfg.MissScope.Own(ev.Site.Function) {
+		return ErrOutOfScope
+	}
 	return nil
+}
+
+func (d *Decoder) callSiteType(pc uintptr) uintptr {
+	if typ, ok := d.callTypes[pc]; ok {
+		return typ
+	}
+	if len(d.callTypes) >= cacheLimit {
+		clear(d.callTypes)
+	}
+	typ := d.cfg.CallSiteType(pc)
+	d.callTypes[pc] = typ
+	return typ
 }
 
 func (d *Decoder) typeName(typ uintptr) string {
@@ -186,18 +291,25 @@ func (d *Decoder) typeName(typ uintptr) string {
 }
 
 // symbolize finds the user's frame among d.pcs[:n] and, if asked, the stack
-// from there. owned reports that the caller is the runtime itself.
-func (d *Decoder) symbolize(n int) (site Frame, stack []Frame, owned bool) {
+// from there. pc is the return PC holding the site, for CallSiteType when
+// the site is not inlined into its caller (0 otherwise). owned reports that
+// the caller is the runtime itself.
+func (d *Decoder) symbolize(n int) (site Frame, stack []Frame, pc uintptr, owned bool) {
 	first := -1 // index into pcs of the PC holding the site
 	for i := 0; i < n && first < 0; i++ {
-		for _, f := range d.pcFrames(d.pcs[i]) {
+		fs := d.pcFrames(d.pcs[i])
+		for j, f := range fs {
 			if isMapCode(f.Function) {
 				continue
 			}
 			if isRuntime(f.Function) {
-				return f, nil, true
+				return f, nil, 0, true
 			}
 			site, first = f, i
+			if j == 0 {
+				// The call instruction itself is in site's function.
+				pc = d.pcs[i]
+			}
 			break
 		}
 	}
@@ -207,16 +319,16 @@ func (d *Decoder) symbolize(n int) (site Frame, stack []Frame, owned bool) {
 			fs := d.pcFrames(d.pcs[n-1])
 			site = fs[len(fs)-1]
 		}
-		return site, nil, false
+		return site, nil, 0, false
 	}
 	if d.cfg.StackDepth == 0 {
-		return site, nil, false
+		return site, nil, pc, false
 	}
 
 	var key [MaxFrames]uintptr
 	copy(key[:], d.pcs[first:n])
 	if st, ok := d.stacks[key]; ok {
-		return site, st, false
+		return site, st, pc, false
 	}
 	st := make([]Frame, 0, d.cfg.StackDepth)
 	seen := false
@@ -239,7 +351,7 @@ func (d *Decoder) symbolize(n int) (site Frame, stack []Frame, owned bool) {
 		clear(d.stacks)
 	}
 	d.stacks[key] = st
-	return site, st, false
+	return site, st, pc, false
 }
 
 // pcFrames returns the frames of one return PC, innermost first; never empty.
@@ -274,6 +386,7 @@ func (d *Decoder) pcFrames(pc uintptr) []Frame {
 // standard maps package.
 func isMapCode(fn string) bool {
 	return strings.HasPrefix(fn, "runtime.map") ||
+		fn == "runtime.interhash" || fn == "runtime.nilinterhash" || fn == "runtime.typehash" ||
 		strings.HasPrefix(fn, "internal/runtime/maps.") ||
 		strings.HasPrefix(fn, "reflect.") ||
 		strings.HasPrefix(fn, "maps.")

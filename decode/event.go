@@ -23,14 +23,41 @@ const (
 	// that leaks memory. Site is the insert that made it grow; Len its
 	// entries then.
 	MapGrowth Kind = 3
+	// MissingKeyRead is a single-value read (v := m[k]) of a key that is not
+	// in a non-nil map: the silent zero value. Comma-ok reads are not
+	// reported. The first read at a call site is an event with Count 1; later
+	// ones at the same call site arrive about once a second as one event
+	// whose Count is the number of reads since (Goroutine 0, no Stack).
+	MissingKeyRead Kind = 4
+	// UnhashableKey is the "hash of unhashable type" panic: an interface key
+	// holding a slice, map or func. Detail is the runtime's message.
+	UnhashableKey Kind = 5
+	// MapBloat is a large map that was emptied but keeps its memory (maps
+	// never shrink): reported when a delete removes the last entry, or
+	// clear(m) runs, on a map of at least the growth threshold's capacity.
+	// Capacity and Bytes say what it still holds.
+	MapBloat Kind = 6
+	// ConcurrentMisuse is the runtime's fatal "concurrent map writes" (or
+	// read and write, iteration and write, clone and write). The process
+	// dies right after, so the event is rarely delivered; it is kept in a
+	// crash record and comes back as PreviousCrash. Detail is the message.
+	ConcurrentMisuse Kind = 7
+	// PreviousCrash is a ConcurrentMisuse that killed an earlier process of
+	// the same program, delivered at the next Start. PID is that process.
+	PreviousCrash Kind = 8
 
-	maxKind = MapGrowth
+	maxKind = PreviousCrash
 )
 
 var kindNames = [...]string{
-	NilMapWrite: "nil-map-write",
-	NilMapRead:  "nil-map-read",
-	MapGrowth:   "map-growth",
+	NilMapWrite:      "nil-map-write",
+	NilMapRead:       "nil-map-read",
+	MapGrowth:        "map-growth",
+	MissingKeyRead:   "missing-key-read",
+	UnhashableKey:    "unhashable-key",
+	MapBloat:         "map-bloat",
+	ConcurrentMisuse: "concurrent-misuse",
+	PreviousCrash:    "previous-crash",
 }
 
 // Kinds returns every kind this version knows, in order.
@@ -95,6 +122,15 @@ type Event struct {
 	// Probe is the runtime function the probe fired in, e.g.
 	// "runtime.mapassign_faststr".
 	Probe string
+	// Detail is the runtime's message for UnhashableKey, ConcurrentMisuse
+	// and PreviousCrash (at most 64 bytes of it), else "".
+	Detail string
+	// Capacity (slots) and Bytes (estimated memory of its groups) of the
+	// map, for MapBloat; else 0.
+	Capacity uint64
+	Bytes    uint64
+	// PID is the process that crashed, for PreviousCrash; else 0.
+	PID int
 }
 
 // String returns a one-line human description of the event.
@@ -106,6 +142,15 @@ func (e Event) String() string {
 	s := fmt.Sprintf("%s at %s in goroutine %d: %s len=%d", e.Kind, e.Site, e.Goroutine, typ, e.Len)
 	if e.Count > 1 {
 		s += " count=" + strconv.FormatUint(e.Count, 10)
+	}
+	if e.Capacity > 0 {
+		s += fmt.Sprintf(" capacity=%d bytes=%d", e.Capacity, e.Bytes)
+	}
+	if e.PID != 0 {
+		s += " pid=" + strconv.Itoa(e.PID)
+	}
+	if e.Detail != "" {
+		s += ": " + strconv.Quote(e.Detail)
 	}
 	return s
 }

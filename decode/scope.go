@@ -46,3 +46,34 @@ func (s Scope) Own(fn string) bool {
 	}
 	return false
 }
+
+// NewScope returns the Scope owning the functions of the packages whose
+// import paths start with one of prefixes (a prefix "example.com/svc"
+// owns example.com/svc and example.com/svc/...). No prefixes owns
+// everything.
+func NewScope(prefixes ...string) Scope {
+	if len(prefixes) == 0 {
+		return Scope{}
+	}
+	s := Scope{prefixes: []string{}}
+	for _, p := range prefixes {
+		p = strings.TrimSuffix(p, "/")
+		if p == "main" {
+			s.prefixes = append(s.prefixes, "main.")
+			continue
+		}
+		s.prefixes = append(s.prefixes, p+"/", p+".", p+"_test.")
+	}
+	return s
+}
+
+// ModuleScope returns the Scope of the main module alone: package main and
+// the packages of the module that holds it, without its dependencies.
+// Without build information it owns everything.
+func ModuleScope() Scope {
+	info, ok := debug.ReadBuildInfo()
+	if !ok || info.Main.Path == "" {
+		return Scope{}
+	}
+	return NewScope("main", info.Main.Path)
+}

@@ -52,6 +52,10 @@ type Stats struct {
 	// Dropped counts records lost in the kernel because the ring buffer was
 	// full.
 	Dropped uint64
+	// CrashRecord is where this process's crash record is pinned, "" if
+	// there is none; CrashRecordError says why not, if it was wanted.
+	CrashRecord      string
+	CrashRecordError string
 }
 
 // SiteStats describes one probe site.
@@ -69,6 +73,12 @@ type SiteStats struct {
 	Dropped  uint64 // records lost to a full ring buffer
 	Filtered uint64 // hits that were not an anomaly (an empty, non-nil map)
 	Ignored  uint64 // hits from ignored goroutines
+	// Aggregated counts hits folded into a per-call-site count (reported
+	// about once a second) rather than an event of their own.
+	Aggregated uint64
+	// OutOfScope counts events not reported because their call site is
+	// outside UprobeConfig.MissingKeyScope.
+	OutOfScope uint64
 	// NotOwned counts events not reported because they are not the
 	// program's: operations by the Go runtime on its own maps (e.g.
 	// runtime.resolveTypeOff reads a nil map on every call, by design), and

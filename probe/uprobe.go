@@ -1,6 +1,7 @@
 package probe
 
 import (
+	"fmt"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -29,6 +30,15 @@ type UprobeConfig struct {
 	// GrowthThreshold is the entry count at which MapGrowth first reports a
 	// map, then at each doubling. Default 1<<20.
 	GrowthThreshold int
+	// MissingKeyScope lists the packages (import path prefixes) whose
+	// missing-key reads are reported; nil means the main module's packages.
+	// Libraries, and the standard library always, read missing keys on
+	// purpose.
+	MissingKeyScope []string
+	// NoCrashRecord turns off the crash record pinned under BPFFS, with
+	// which a ConcurrentMisuse that kills the process is reported as
+	// PreviousCrash at the next Start.
+	NoCrashRecord bool
 	// Logger receives errors, V(1) warnings, V(4) lifecycle and V(8) events.
 	Logger logr.Logger
 }
@@ -37,7 +47,10 @@ type UprobeConfig struct {
 // something is wrong, or rarely (a table of a large map growing), so a
 // healthy map operation pays nothing.
 func DefaultKinds() []decode.Kind {
-	return []decode.Kind{decode.NilMapWrite, decode.NilMapRead, decode.MapGrowth}
+	return []decode.Kind{
+		decode.NilMapWrite, decode.NilMapRead, decode.MapGrowth, decode.MissingKeyRead,
+		decode.UnhashableKey, decode.MapBloat, decode.ConcurrentMisuse,
+	}
 }
 
 // NewUprobes returns a Probe that attaches eBPF uprobes to this process. It
@@ -84,16 +97,30 @@ func ringSize(n int) uint32 {
 }
 
 const (
-	maxSites    = 256 // MG_MAX_SITES
-	siteFramed  = 1   // MG_SITE_FRAMED
-	siteNilOnly = 2   // MG_SITE_NIL_ONLY
-	siteGrowth  = 4   // MG_SITE_GROWTH
+	maxSites = 256 // MG_MAX_SITES
 
-	// enum mg_reg: argument registers.
-	regAX        = 0
-	regBX        = 1
-	regCX        = 2
+	// site_conf.flags (MG_SITE_* in bpf/src/mapguard.h).
+	siteFramed  = 1
+	siteNilOnly = 2
+	siteGrowth  = 4
+	siteNonNil  = 8
+	siteAgg     = 16
+	siteStr     = 32
+	siteErr     = 64
+	siteCrash   = 128
+	siteBloat   = 256
+
+	// enum mg_reg: where a site finds the map and its type.
+	regAX    = 0
+	regBX    = 1
+	regCX    = 2
+	regNone  = 3
+	regHome0 = 4 // the probed function's first register argument's spill slot, [BP+16]
+	regHome1 = 5 // its second's, [BP+24]
+
 	pollInterval = 100 * time.Millisecond
+	// aggInterval is how often aggregated counts are reported.
+	aggInterval = time.Second
 
 	// emulatedRateFactor scales the rate limit of sites on emulated
 	// instructions: ~1 us a hit against 6-23 us single-stepped, measured on
@@ -102,18 +129,33 @@ const (
 	canaryTimeout      = 3 * time.Second
 )
 
-// target lists the runtime functions probed for one kind, how the probe
-// site is found in each, and which argument registers hold the map and its
-// type there.
-type target struct {
-	site           siteFinder
-	flags          uint8
+// found is one probe site in a function and how the BPF program reads it.
+type found struct {
+	at             symbols.Site
+	flags          uint32
 	mapReg, typReg uint8
-	funcs          []string
+}
+
+// target lists runtime functions probed for one kind and how the probe
+// sites are found in each.
+type target struct {
+	find  func(code []byte, entry uint64, callee func(uint64) string) ([]found, error)
+	funcs []string
 }
 
 // siteFinder chooses the probe site in one function's code.
 type siteFinder func(code []byte, entry uint64, callee func(uint64) string) (symbols.Site, error)
+
+// one is a target with one site per function.
+func one(f siteFinder, flags uint32, mapReg, typReg uint8) func([]byte, uint64, func(uint64) string) ([]found, error) {
+	return func(code []byte, entry uint64, callee func(uint64) string) ([]found, error) {
+		at, err := f(code, entry, callee)
+		if err != nil {
+			return nil, err
+		}
+		return []found{{at, flags, mapReg, typReg}}, nil
+	}
+}
 
 func nilBranch(op symbols.MapOp) siteFinder {
 	return func(code []byte, entry uint64, callee func(uint64) string) (symbols.Site, error) {
@@ -125,6 +167,47 @@ func afterStackCheck(code []byte, _ uint64, _ func(uint64) string) (symbols.Site
 	return symbols.EntrySite(code)
 }
 
+// calls finds every direct call to fn, each a site.
+func calls(fn string, flags uint32, mapReg, typReg uint8) func([]byte, uint64, func(uint64) string) ([]found, error) {
+	return func(code []byte, entry uint64, callee func(uint64) string) ([]found, error) {
+		sites, err := symbols.CallSites(code, entry, callee, fn)
+		if err != nil {
+			return nil, err
+		}
+		if len(sites) == 0 {
+			return nil, fmt.Errorf("no call to %s", fn)
+		}
+		fs := make([]found, len(sites))
+		for i, at := range sites {
+			fs[i] = found{at, flags, mapReg, typReg}
+		}
+		return fs, nil
+	}
+}
+
+// missBlocks finds every block of a mapaccess1 function that returns the
+// zero value. The nil-or-empty block is reported only for an empty map (a
+// nil one is NilMapRead); the map and its type are only known there.
+func missBlocks(code []byte, entry uint64, callee func(uint64) string) ([]found, error) {
+	nilAt, err := symbols.NilMapSite(code, entry, symbols.MapAccess, callee)
+	if err != nil {
+		return nil, err
+	}
+	_, sites, err := symbols.MissSites(code, entry, callee)
+	if err != nil {
+		return nil, err
+	}
+	fs := make([]found, len(sites))
+	for i, at := range sites {
+		if at.Offset == nilAt.Offset {
+			fs[i] = found{at, siteAgg | siteNonNil, regBX, regAX}
+		} else {
+			fs[i] = found{at, siteAgg, regNone, regNone}
+		}
+	}
+	return fs, nil
+}
+
 // The start-up canary is a nil-map write through the generic
 // runtime.mapassign, whose site is attached whatever kinds are watched.
 const (
@@ -132,10 +215,9 @@ const (
 	canaryFunc = "runtime.mapassign"
 )
 
-var targets = map[decode.Kind]target{
-	decode.NilMapWrite: {
-		site:   nilBranch(symbols.MapAssign),
-		mapReg: regBX, typReg: regAX,
+var targets = map[decode.Kind][]target{
+	decode.NilMapWrite: {{
+		find: one(nilBranch(symbols.MapAssign), 0, regBX, regAX),
 		funcs: []string{
 			"runtime.mapassign",
 			"runtime.mapassign_fast32",
@@ -144,11 +226,9 @@ var targets = map[decode.Kind]target{
 			"runtime.mapassign_fast64ptr",
 			"runtime.mapassign_faststr",
 		},
-	},
-	decode.NilMapRead: {
-		site:   nilBranch(symbols.MapAccess),
-		flags:  siteNilOnly,
-		mapReg: regBX, typReg: regAX,
+	}},
+	decode.NilMapRead: {{
+		find: one(nilBranch(symbols.MapAccess), siteNilOnly, regBX, regAX),
 		funcs: []string{
 			"runtime.mapaccess1",
 			"runtime.mapaccess2",
@@ -159,19 +239,52 @@ var targets = map[decode.Kind]target{
 			"runtime.mapaccess1_faststr",
 			"runtime.mapaccess2_faststr",
 		},
-	},
+	}},
 	// A table of a large map grows or splits O(log n) times over the map's
 	// life; the probe sits on the emulated PUSHQ BP after the stack check.
 	// (*table).grow(typ, m, capacity) and split(typ, m) take the table in AX.
-	decode.MapGrowth: {
-		site:   afterStackCheck,
-		flags:  siteGrowth,
-		mapReg: regCX, typReg: regBX,
+	decode.MapGrowth: {{
+		find: one(afterStackCheck, siteGrowth, regCX, regBX),
 		funcs: []string{
 			"internal/runtime/maps.(*table).grow",
 			"internal/runtime/maps.(*table).split",
 		},
-	},
+	}},
+	// Only the single-value reads: mapaccess2 is the comma-ok form.
+	decode.MissingKeyRead: {{
+		find: missBlocks,
+		funcs: []string{
+			"runtime.mapaccess1",
+			"runtime.mapaccess1_fast32",
+			"runtime.mapaccess1_fast64",
+			"runtime.mapaccess1_faststr",
+		},
+	}},
+	// The hash functions of interface keys panic with "hash of unhashable
+	// type T"; the probe sits on their CALL runtime.gopanic (emulated), with
+	// the boxed message in AX, BX.
+	decode.UnhashableKey: {{
+		find: calls("runtime.gopanic", siteErr, regNone, regNone),
+		funcs: []string{
+			"runtime.interhash",
+			"runtime.nilinterhash",
+			"runtime.typehash",
+		},
+	}},
+	// (*Map).Delete(typ, key) calls rand for a new seed when the delete
+	// removed the last entry; clear(m) is runtime.mapclear(typ, m).
+	decode.MapBloat: {{
+		find:  calls("internal/runtime/maps.rand", siteBloat, regHome0, regHome1),
+		funcs: []string{"internal/runtime/maps.(*Map).Delete"},
+	}, {
+		find:  one(afterStackCheck, siteBloat, regBX, regAX),
+		funcs: []string{"runtime.mapclear"},
+	}},
+	// Every "concurrent map ..." report goes through maps.fatal(s string).
+	decode.ConcurrentMisuse: {{
+		find:  one(afterStackCheck, siteStr|siteCrash, regNone, regNone),
+		funcs: []string{"internal/runtime/maps.fatal"},
+	}},
 }
 
 // canaryKey is 16 bytes, so its maps use the generic runtime.mapassign,

@@ -56,17 +56,32 @@ type uprobes struct {
 	// notOwned counts, per site, events the runtime caused on its own
 	// maps and nil-map reads in the standard library; written by the
 	// reader, read by Stats.
-	notOwned    []atomic.Uint64
-	lastTick    time.Time
+	notOwned   []atomic.Uint64
+	outOfScope []atomic.Uint64
+	lastTick   time.Time
+	// Aggregates (MissingKeyRead): the count already reported per key, and
+	// when they were last reported.
+	aggs    *ebpf.Map
+	aggSeen map[bpf.MapguardAggKey]uint64
+	lastAgg time.Time
+	aggRaw  []byte
+	// Crash records: the pinned map and its path, this process's key, and
+	// records of earlier processes waiting to be delivered by the reader.
+	crashes     *ebpf.Map
+	crashPath   string
+	crashErr    string
+	pending     []crashRecord
+	own         *ownBinary
 	lastDropped uint64
 	stopping    bool // teardown has begun
+	running     bool // Start succeeded
 }
 
 type site struct {
-	index    uint32
-	kind     decode.Kind
-	fn       symbols.Func
-	at       symbols.Site
+	index uint32
+	kind  decode.Kind
+	fn    symbols.Func
+	found
 	link     link.Link // nil while disarmed
 	disarms  int
 	rearmAt  time.Time
@@ -131,18 +146,32 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		return fmt.Errorf("start probe: %w", err)
 	}
 	u.notOwned = make([]atomic.Uint64, len(u.sites))
+	u.outOfScope = make([]atomic.Uint64, len(u.sites))
+	u.aggSeen = make(map[bpf.MapguardAggKey]uint64)
 	probes := make([]string, len(u.sites))
 	for i, s := range u.sites {
 		probes[i] = s.fn.Name
 	}
-	scope := decode.ProgramScope()
-	u.decoder = decode.NewDecoder(decode.Config{
-		StackDepth: u.cfg.StackDepth,
-		Clock:      clock,
-		Probes:     probes,
-		TypeName:   rt.TypeString,
-		Scope:      &scope,
-	})
+	dcfg := decoderConfig(offsets, clock)
+	dcfg.StackDepth = u.cfg.StackDepth
+	dcfg.Probes = probes
+	if u.cfg.MissingKeyScope != nil {
+		miss := decode.NewScope(u.cfg.MissingKeyScope...)
+		dcfg.MissScope = &miss
+	}
+	u.decoder = decode.NewDecoder(dcfg)
+	if u.crashes != nil {
+		u.own, err = newOwnBinary(bin, offsets, clock)
+		if err == nil {
+			err = u.registerCrashLocked(clock)
+		}
+		if err != nil {
+			u.log.Error(err, "crash records unavailable", "path", u.crashPath)
+			u.crashErr = err.Error()
+			u.crashes.Close()
+			u.crashes, u.crashPath, u.pending = nil, "", nil
+		}
+	}
 
 	// The reader ignores itself before any probe is armed.
 	u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
@@ -166,6 +195,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	if err := u.checkCanaryLocked(ctx); err != nil {
 		return err
 	}
+	u.running = true
 	u.log.V(4).Info("probe started", "sites", len(u.sites), "inactive", len(u.inactive),
 		"uprobeMulti", u.multi, "took", time.Since(begin))
 	return nil
@@ -182,24 +212,27 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 		return ""
 	}
 	type want struct {
-		kind  decode.Kind
-		funcs []string
+		kind decode.Kind
+		t    target
 	}
 	var wants []want
 	for _, kind := range u.cfg.kinds() {
-		t, ok := targets[kind]
+		ts, ok := targets[kind]
 		if !ok {
 			return fmt.Errorf("start probe: kind %s: %w", kind, ErrNotSupported)
 		}
 		u.watched[kind] = true
-		wants = append(wants, want{kind, t.funcs})
+		for _, t := range ts {
+			wants = append(wants, want{kind, t})
+		}
 	}
 	if !u.watched[canaryKind] {
-		wants = append(wants, want{canaryKind, []string{canaryFunc}})
+		t := targets[canaryKind][0]
+		t.funcs = []string{canaryFunc}
+		wants = append(wants, want{canaryKind, t})
 	}
 	for _, w := range wants {
-		t := targets[w.kind]
-		for _, name := range w.funcs {
+		for _, name := range w.t.funcs {
 			fn, ok := bin.Func(name)
 			if !ok {
 				u.inactive = append(u.inactive, Inactive{w.kind, name, "not in binary"})
@@ -209,19 +242,115 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 			if err != nil {
 				return fmt.Errorf("start probe: read %s: %w", name, err)
 			}
-			at, err := t.site(code, fn.Entry, callee)
+			fs, err := w.t.find(code, fn.Entry, callee)
 			if err != nil {
 				u.inactive = append(u.inactive, Inactive{w.kind, name, err.Error()})
 				u.log.V(1).Info("function not probed", "function", name, "reason", err.Error())
 				continue
 			}
-			if len(u.sites) == maxSites {
-				return fmt.Errorf("start probe: more than %d sites", maxSites)
+			for _, f := range fs {
+				if len(u.sites) == maxSites {
+					return fmt.Errorf("start probe: more than %d sites", maxSites)
+				}
+				if f.at.Framed {
+					f.flags |= siteFramed
+				}
+				u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: w.kind, fn: fn, found: f})
 			}
-			u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: w.kind, fn: fn, at: at})
 		}
 	}
 	return nil
+}
+
+// decoderConfig is the decoding shared by the live reader and crash
+// records: type names, the program's scope, the map type at a call site,
+// and the bytes a map holds.
+func decoderConfig(o *rt.Offsets, clock decode.Clock) decode.Config {
+	scope := decode.ProgramScope()
+	miss := decode.ModuleScope()
+	return decode.Config{
+		Clock:        clock,
+		TypeName:     rt.TypeString,
+		Scope:        &scope,
+		MissScope:    &miss,
+		CallSiteType: func(pc uintptr) uintptr { return callSiteType(o, pc) },
+		MapBytes: func(typ uintptr, capacity uint64) uint64 {
+			return rt.MapBytes(typ, capacity, o)
+		},
+	}
+}
+
+// ownBinary decodes crash records written by processes of this binary.
+type ownBinary struct {
+	bias  uint64
+	exeID uint64
+	dec   *decode.Decoder
+}
+
+func newOwnBinary(bin *symbols.Binary, o *rt.Offsets, clock decode.Clock) (*ownBinary, error) {
+	id, err := exeIdentity(selfExe)
+	if err != nil {
+		return nil, err
+	}
+	cfg := decoderConfig(o, clock)
+	cfg.StackDepth = decode.MaxFrames
+	cfg.Scope, cfg.MissScope = nil, nil
+	return &ownBinary{bias: bin.LoadBias(), exeID: id, dec: decode.NewDecoder(cfg)}, nil
+}
+
+func openOwnBinary() (*ownBinary, error) {
+	o, err := rt.Load()
+	if err != nil {
+		return nil, err
+	}
+	bin, err := symbols.OpenSelf()
+	if err != nil {
+		return nil, err
+	}
+	defer bin.Close()
+	clock, err := newClock()
+	if err != nil {
+		return nil, err
+	}
+	return newOwnBinary(bin, o, clock)
+}
+
+// decodeCrash turns a crash record into a PreviousCrash event. Only a
+// record of this very binary has addresses that mean something here; o may
+// be nil (no binary to symbolise with).
+func (o *ownBinary) decodeCrash(r crashRecord, ev *decode.Event) {
+	raw := r.raw
+	dec := (*decode.Decoder)(nil)
+	if o != nil {
+		dec = o.dec
+	}
+	if o != nil && r.exeID == o.exeID {
+		decode.Rebase(raw, int64(o.bias-r.bias))
+	} else {
+		decode.Strip(raw)
+		dec = decode.NewDecoder(decode.Config{})
+	}
+	decode.SetKind(raw, decode.PreviousCrash)
+	if err := dec.Decode(raw, ev); err != nil && !errors.Is(err, decode.ErrRuntimeOwned) {
+		*ev = decode.Event{Kind: decode.PreviousCrash}
+	}
+	ev.PID = r.pid
+}
+
+// registerCrashLocked reads the records earlier processes of this program
+// left (the reader delivers them, then deletes them) and creates this
+// process's entry.
+func (u *uprobes) registerCrashLocked(clock decode.Clock) error {
+	recs, err := readCrashes(u.crashes, os.Getpid(), false)
+	if err != nil {
+		return err
+	}
+	u.pending = recs
+	return u.crashes.Put(uint64(os.Getpid()), bpf.MapguardCrash{
+		Bias:    u.own.bias,
+		ExeId:   u.own.exeID,
+		StartNs: uint64(clock.Mono),
+	})
 }
 
 func (u *uprobes) load(o *rt.Offsets) error {
@@ -231,11 +360,17 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	}
 	frames := uint32(min(decode.MaxFrames, 6+u.cfg.StackDepth))
 	for name, v := range map[string]any{
-		bpf.MapguardVarGoidOffset:      o.GoID,
-		bpf.MapguardVarMapUsedOffset:   o.MapUsed,
-		bpf.MapguardVarTypeKindOffset:  o.TypeKind,
-		bpf.MapguardVarMaxFrames:       frames,
-		bpf.MapguardVarGrowthThreshold: u.cfg.growthThreshold(),
+		bpf.MapguardVarGoidOffset:            o.GoID,
+		bpf.MapguardVarMapUsedOffset:         o.MapUsed,
+		bpf.MapguardVarTypeKindOffset:        o.TypeKind,
+		bpf.MapguardVarMaxFrames:             frames,
+		bpf.MapguardVarGrowthThreshold:       u.cfg.growthThreshold(),
+		bpf.MapguardVarMapDirPtrOffset:       o.MapDirPtr,
+		bpf.MapguardVarMapDirLenOffset:       o.MapDirLen,
+		bpf.MapguardVarMapGlobalDepthOffset:  o.MapGlobalDepth,
+		bpf.MapguardVarTableCapacityOffset:   o.TableCapacity,
+		bpf.MapguardVarTableLocalDepthOffset: o.TableLocalDepth,
+		bpf.MapguardVarCrashKey:              uint64(os.Getpid()),
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return fmt.Errorf("start probe: set %s: %w", name, err)
@@ -250,7 +385,21 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		}
 	}
 
-	coll, err := ebpf.NewCollection(spec)
+	var opts ebpf.CollectionOptions
+	if u.watched[decode.ConcurrentMisuse] && !u.cfg.NoCrashRecord {
+		m, path, err := openCrashMap(spec.Maps[bpf.MapguardMapCrashes])
+		if err != nil {
+			// The crash is still seen live if the reader is quick enough;
+			// only the record that outlives it is missing.
+			u.crashErr = err.Error()
+			u.log.Error(err, "crash records unavailable: a concurrent map misuse that kills the process will not be reported at the next start")
+		} else {
+			u.crashes, u.crashPath = m, path
+			opts.MapReplacements = map[string]*ebpf.Map{bpf.MapguardMapCrashes: m}
+		}
+	}
+
+	coll, err := ebpf.NewCollectionWithOptions(spec, opts)
 	if err != nil {
 		var verr *ebpf.VerifierError
 		if !errors.As(err, &verr) && (errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES)) {
@@ -261,14 +410,11 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	u.coll = coll
 	u.stats = coll.Variables[bpf.MapguardVarStats]
 	u.ignore = coll.Maps[bpf.MapguardMapIgnoredGoids]
+	u.aggs = coll.Maps[bpf.MapguardMapAggs]
 
 	sitesMap := coll.Maps[bpf.MapguardMapSites]
 	for _, s := range u.sites {
-		t := targets[s.kind]
-		conf := bpf.MapguardSiteConf{Kind: uint8(s.kind), Flags: t.flags, MapReg: t.mapReg, TypReg: t.typReg}
-		if s.at.Framed {
-			conf.Flags |= siteFramed
-		}
+		conf := bpf.MapguardSiteConf{Kind: uint8(s.kind), Flags: s.flags, MapReg: s.mapReg, TypReg: s.typReg}
 		if err := sitesMap.Put(s.index, conf); err != nil {
 			return fmt.Errorf("start probe: configure site: %w", err)
 		}
@@ -418,9 +564,23 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 		return
 	}
 	if err := u.decoder.Decode(raw, ev); err != nil {
-		if errors.Is(err, decode.ErrRuntimeOwned) || errors.Is(err, decode.ErrStdlib) {
-			if int(h.Site) < len(u.notOwned) {
+		owned := errors.Is(err, decode.ErrRuntimeOwned) || errors.Is(err, decode.ErrStdlib)
+		if owned || errors.Is(err, decode.ErrOutOfScope) {
+			if int(h.Site) >= len(u.sites) {
+				return
+			}
+			if owned {
 				u.notOwned[h.Site].Add(1)
+			} else {
+				u.outOfScope[h.Site].Add(1)
+			}
+			if u.sites[h.Site].flags&siteAgg != 0 {
+				// Count this call site from now on, but never report it.
+				key := bpf.MapguardAggKey{Site: h.Site, Pc: uint64(h.PC)}
+				if err := u.aggs.Update(key, bpf.MapguardAggVal{Muted: 1}, ebpf.UpdateExist); err != nil {
+					u.log.V(1).Info("mute call site", "error", err.Error())
+				}
+				u.aggSeen[key] = 0
 			}
 			return
 		}
@@ -453,6 +613,13 @@ func (u *uprobes) tick(now time.Time) {
 	}
 	elapsed := now.Sub(u.lastTick)
 	u.lastTick = now
+	if len(u.pending) > 0 && u.running {
+		u.deliverCrashesLocked()
+	}
+	if now.Sub(u.lastAgg) >= aggInterval {
+		u.lastAgg = now
+		u.flushAggsLocked()
+	}
 	limit := u.cfg.siteRateLimit()
 	u.readCounters()
 	var dropped uint64
@@ -496,6 +663,51 @@ func (u *uprobes) tick(now time.Time) {
 	}
 }
 
+// deliverCrashesLocked reports the crash records of earlier processes.
+func (u *uprobes) deliverCrashesLocked() {
+	var ev decode.Event
+	for _, r := range u.pending {
+		u.own.decodeCrash(r, &ev)
+		u.sink(&ev)
+		if err := u.crashes.Delete(uint64(r.pid)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			u.log.Error(err, "delete delivered crash record")
+		}
+	}
+	u.pending = nil
+}
+
+// flushAggsLocked reports, per call site, the occurrences counted in BPF
+// since the last report.
+func (u *uprobes) flushAggsLocked() {
+	var (
+		key bpf.MapguardAggKey
+		val bpf.MapguardAggVal
+		ev  decode.Event
+	)
+	clock, err := newClock()
+	if err != nil {
+		return
+	}
+	it := u.aggs.Iterate()
+	for it.Next(&key, &val) {
+		seen := u.aggSeen[key]
+		if val.Muted != 0 || val.Count <= seen || int(key.Site) >= len(u.sites) {
+			continue
+		}
+		u.aggSeen[key] = val.Count
+		s := u.sites[key.Site]
+		u.aggRaw = decode.Record(u.aggRaw, s.kind, key.Site, 0, uint64(clock.Mono), val.Count-seen, []uintptr{uintptr(key.Pc)}, "")
+		if err := u.decoder.Decode(u.aggRaw, &ev); err != nil {
+			continue
+		}
+		ev.Time = clock.Wall
+		u.sink(&ev)
+	}
+	if err := it.Err(); err != nil {
+		u.log.V(1).Info("read aggregates", "error", err.Error())
+	}
+}
+
 // backoff doubles from 5 s up to 5 min with each disarm.
 func backoff(disarms int) time.Duration {
 	d := 5 * time.Second
@@ -526,7 +738,7 @@ func (u *uprobes) Ignore(goid uint64) error {
 func (u *uprobes) Stats() Stats {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	st := Stats{Inactive: append([]Inactive(nil), u.inactive...)}
+	st := Stats{Inactive: append([]Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr}
 	if u.coll != nil {
 		u.readCounters()
 	}
@@ -542,6 +754,7 @@ func (u *uprobes) Stats() Stats {
 		}
 		if int(s.index) < len(u.notOwned) {
 			ss.NotOwned = u.notOwned[s.index].Load()
+			ss.OutOfScope = u.outOfScope[s.index].Load()
 		}
 		if s.link == nil {
 			ss.RearmAt = s.rearmAt
@@ -550,7 +763,7 @@ func (u *uprobes) Stats() Stats {
 		if u.coll != nil {
 			c = u.counters[s.index]
 		}
-		ss.Hits, ss.Events, ss.Dropped, ss.Filtered, ss.Ignored = c.Hits, c.Events, c.Dropped, c.Filtered, c.Ignored
+		ss.Hits, ss.Events, ss.Dropped, ss.Filtered, ss.Ignored, ss.Aggregated = c.Hits, c.Events, c.Dropped, c.Filtered, c.Ignored, c.Agg
 		st.Dropped += ss.Dropped
 		st.Sites = append(st.Sites, ss)
 	}
@@ -596,6 +809,13 @@ func (u *uprobes) teardownLocked() {
 		}
 		u.reader.Close()
 	}
+	if u.running {
+		// Counts since the last report, and crash records not yet delivered.
+		u.flushAggsLocked()
+		if len(u.pending) > 0 {
+			u.deliverCrashesLocked()
+		}
+	}
 	if u.coll != nil {
 		// Keep the final counters for Stats after Close.
 		u.readCounters()
@@ -604,7 +824,25 @@ func (u *uprobes) teardownLocked() {
 		}
 		u.coll.Close()
 	}
-	u.coll, u.reader, u.ignore, u.stats, u.done = nil, nil, nil, nil, nil
+	if u.crashes != nil {
+		u.releaseCrashLocked()
+	}
+	u.coll, u.reader, u.ignore, u.stats, u.done, u.aggs, u.crashes = nil, nil, nil, nil, nil, nil, nil
+}
+
+// releaseCrashLocked deletes this process's crash entry (it did not crash)
+// and unpins the map once no process of the program uses it.
+func (u *uprobes) releaseCrashLocked() {
+	if err := u.crashes.Delete(uint64(os.Getpid())); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		u.log.Error(err, "delete crash entry")
+	}
+	var key uint64
+	if err := u.crashes.NextKey(nil, &key); errors.Is(err, ebpf.ErrKeyNotExist) && len(u.pending) == 0 {
+		if err := u.crashes.Unpin(); err != nil {
+			u.log.V(1).Info("unpin crash records", "error", err.Error())
+		}
+	}
+	u.crashes.Close()
 }
 
 // checkCapabilities fails fast without the capabilities BPF and uprobes

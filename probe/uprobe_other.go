@@ -6,6 +6,8 @@ import (
 	"context"
 	"fmt"
 	"runtime"
+
+	"github.com/mapguard/mapguard/decode"
 )
 
 type unsupported struct{}
@@ -18,3 +20,8 @@ func (unsupported) Start(context.Context, Sink) error {
 func (unsupported) Ignore(uint64) error { return ErrClosed }
 func (unsupported) Stats() Stats        { return Stats{} }
 func (unsupported) Close() error        { return nil }
+
+// ReadCrashes needs Linux on amd64.
+func ReadCrashes(string) ([]decode.Event, error) {
+	return nil, fmt.Errorf("read crash records: %s/%s: %w", runtime.GOOS, runtime.GOARCH, ErrNotSupported)
+}

@@ -16,30 +16,42 @@ func TestWireMatchesBPF(t *testing.T) {
 	if got := unsafe.Sizeof(bpf.MapguardEvent{}); got != decode.RecordSize {
 		t.Errorf("struct event is %d bytes, decode.RecordSize %d", got, decode.RecordSize)
 	}
+	if got := len(bpf.MapguardEvent{}.Detail); got != decode.DetailLen {
+		t.Errorf("struct event holds %d detail bytes, decode.DetailLen %d", got, decode.DetailLen)
+	}
 	if got := len(bpf.MapguardEvent{}.Pcs); got != decode.MaxFrames {
 		t.Errorf("struct event holds %d frames, decode.MaxFrames %d", got, decode.MaxFrames)
 	}
 	var ev bpf.MapguardEvent
 	for name, off := range map[string][2]uintptr{
-		"time_ns": {unsafe.Offsetof(ev.TimeNs), 0},
-		"goid":    {unsafe.Offsetof(ev.Goid), 8},
-		"map":     {unsafe.Offsetof(ev.Map), 16},
-		"typ":     {unsafe.Offsetof(ev.Typ), 24},
-		"len":     {unsafe.Offsetof(ev.Len), 32},
-		"count":   {unsafe.Offsetof(ev.Count), 40},
-		"site":    {unsafe.Offsetof(ev.Site), 48},
-		"kind":    {unsafe.Offsetof(ev.Kind), 52},
-		"npcs":    {unsafe.Offsetof(ev.Npcs), 53},
-		"pcs":     {unsafe.Offsetof(ev.Pcs), 56},
+		"time_ns":    {unsafe.Offsetof(ev.TimeNs), 0},
+		"goid":       {unsafe.Offsetof(ev.Goid), 8},
+		"map":        {unsafe.Offsetof(ev.Map), 16},
+		"typ":        {unsafe.Offsetof(ev.Typ), 24},
+		"len":        {unsafe.Offsetof(ev.Len), 32},
+		"count":      {unsafe.Offsetof(ev.Count), 40},
+		"site":       {unsafe.Offsetof(ev.Site), 48},
+		"kind":       {unsafe.Offsetof(ev.Kind), 52},
+		"npcs":       {unsafe.Offsetof(ev.Npcs), 53},
+		"detail_len": {unsafe.Offsetof(ev.DetailLen), 54},
+		"cap":        {unsafe.Offsetof(ev.Cap), 56},
+		"aux":        {unsafe.Offsetof(ev.Aux), 64},
+		"pcs":        {unsafe.Offsetof(ev.Pcs), 72},
+		"detail":     {unsafe.Offsetof(ev.Detail), 200},
 	} {
 		if off[0] != off[1] {
 			t.Errorf("field %s at %d in BPF, decode reads it at %d", name, off[0], off[1])
 		}
 	}
 	for c, k := range map[bpf.MapguardMgKind]decode.Kind{
-		bpf.MapguardMgKindMG_KIND_NIL_MAP_WRITE: decode.NilMapWrite,
-		bpf.MapguardMgKindMG_KIND_NIL_MAP_READ:  decode.NilMapRead,
-		bpf.MapguardMgKindMG_KIND_MAP_GROWTH:    decode.MapGrowth,
+		bpf.MapguardMgKindMG_KIND_NIL_MAP_WRITE:     decode.NilMapWrite,
+		bpf.MapguardMgKindMG_KIND_NIL_MAP_READ:      decode.NilMapRead,
+		bpf.MapguardMgKindMG_KIND_MAP_GROWTH:        decode.MapGrowth,
+		bpf.MapguardMgKindMG_KIND_MISSING_KEY_READ:  decode.MissingKeyRead,
+		bpf.MapguardMgKindMG_KIND_UNHASHABLE_KEY:    decode.UnhashableKey,
+		bpf.MapguardMgKindMG_KIND_MAP_BLOAT:         decode.MapBloat,
+		bpf.MapguardMgKindMG_KIND_CONCURRENT_MISUSE: decode.ConcurrentMisuse,
+		bpf.MapguardMgKindMG_KIND_PREVIOUS_CRASH:    decode.PreviousCrash,
 	} {
 		if uint32(c) != uint32(k) {
 			t.Errorf("BPF kind %d is decode kind %v (%d)", c, k, k)

@@ -20,8 +20,17 @@ volatile const __u64 map_used_offset = 0;  // internal/runtime/maps.Map.used
 volatile const __u64 type_kind_offset = 0; // internal/abi.Type.Kind_
 // How many return PCs to collect per event, at most MG_MAX_FRAMES.
 volatile const __u32 max_frames = 4;
-// Entries at which a growing map is first reported (Options.GrowthThreshold).
+// Entries at which a growing map is first reported (Options.GrowthThreshold),
+// and the capacity in slots from which an emptied map is reported as bloated.
 volatile const __u64 growth_threshold = 1 << 20;
+// Map directory and table layout, for a map's capacity.
+volatile const __u64 map_dir_ptr_offset = 0;      // Map.dirPtr
+volatile const __u64 map_dir_len_offset = 0;      // Map.dirLen
+volatile const __u64 map_global_depth_offset = 0; // Map.globalDepth
+volatile const __u64 table_capacity_offset = 0;   // table.capacity (u16)
+volatile const __u64 table_local_depth_offset = 0; // table.localDepth (u8)
+// Key of this process's entry in crashes (its PID as the process sees it).
+volatile const __u64 crash_key = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -53,6 +62,32 @@ struct {
 	__type(value, __u64);
 } growth_next SEC(".maps");
 
+// Per call site aggregates of MG_SITE_AGG sites: user space reads the counts
+// and reports them once per interval.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct agg_key);
+	__type(value, struct agg_val);
+} aggs SEC(".maps");
+
+// Crash records, by process. User space pins this map on the BPF file
+// system (so it outlives the process) and creates this process's entry.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, struct crash);
+} crashes SEC(".maps");
+
+// Room to build one record: it is too large for the BPF stack.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct event);
+} scratch SEC(".maps");
+
 // The loader sets max_entries from Options.BufferSize.
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -62,6 +97,9 @@ struct {
 // Keep the record types in BTF so bpf2go generates Go declarations for them.
 const struct event *unused_event __attribute__((unused));
 const enum mg_kind *unused_kind __attribute__((unused));
+const struct crash *unused_crash __attribute__((unused));
+const struct agg_key *unused_agg_key __attribute__((unused));
+const struct agg_val *unused_agg_val __attribute__((unused));
 
 static __always_inline __u64 read_u64(__u64 addr)
 {
@@ -71,11 +109,27 @@ static __always_inline __u64 read_u64(__u64 addr)
 	return v;
 }
 
+static __always_inline __u64 read_u16(__u64 addr)
+{
+	__u16 v = 0;
+	if (bpf_probe_read_user(&v, sizeof(v), (const void *)addr) < 0)
+		return 0;
+	return v;
+}
+
+static __always_inline __u64 read_u8(__u64 addr)
+{
+	__u8 v = 0;
+	if (bpf_probe_read_user(&v, sizeof(v), (const void *)addr) < 0)
+		return 0;
+	return v;
+}
+
 // args holds the argument registers a site may need. They are loaded from
 // ctx at fixed offsets up front: the verifier rejects a ctx load at an offset
 // computed from the site's configuration.
 struct args {
-	__u64 ax, bx, cx;
+	__u64 ax, bx, cx, bp;
 };
 
 static __always_inline __u64 arg_reg(const struct args *a, __u8 reg)
@@ -87,8 +141,55 @@ static __always_inline __u64 arg_reg(const struct args *a, __u8 reg)
 		return a->bx;
 	case MG_REG_CX:
 		return a->cx;
+	case MG_REG_HOME0:
+		return read_u64(a->bp + 16);
+	case MG_REG_HOME1:
+		return read_u64(a->bp + 24);
 	}
 	return 0;
+}
+
+#define MG_MAX_TABLES 512
+
+// map_capacity returns the slots of the map at m: 8 for a small map (one
+// group), else the sum of the capacities of its distinct tables (a table of
+// local depth l fills 2^(globalDepth-l) directory entries). Past
+// MG_MAX_TABLES tables the rest is extrapolated.
+static __always_inline __u64 map_capacity(__u64 m)
+{
+	__s64 dir_len = (__s64)read_u64(m + map_dir_len_offset);
+	if (dir_len <= 0)
+		return 8;
+	__u64 dir = read_u64(m + map_dir_ptr_offset);
+	__u64 depth = read_u8(m + map_global_depth_offset);
+	__u64 capacity = 0, i = 0;
+	for (int n = 0; n < MG_MAX_TABLES; n++) {
+		if (i >= (__u64)dir_len)
+			break;
+		__u64 t = read_u64(dir + 8 * i);
+		__u64 local = read_u8(t + table_local_depth_offset);
+		if (t == 0 || local > depth)
+			return 0;
+		capacity += read_u16(t + table_capacity_offset);
+		i += 1ULL << ((depth - local) & 63);
+	}
+	if (i == 0)
+		return 0;
+	if (i < (__u64)dir_len)
+		capacity = capacity * (__u64)dir_len / i;
+	return capacity;
+}
+
+// read_detail copies the Go string (ptr, n) into e->detail.
+static __always_inline void read_detail(struct event *e, __u64 ptr, __u64 n)
+{
+	if (n > MG_DETAIL_LEN)
+		n = MG_DETAIL_LEN;
+	e->detail_len = 0;
+	if (n == 0 || ptr == 0)
+		return;
+	if (bpf_probe_read_user(e->detail, n & (MG_DETAIL_LEN * 2 - 1), (const void *)ptr) == 0)
+		e->detail_len = n;
 }
 
 // growth_due reports whether the map at m has crossed its next report size,
@@ -150,16 +251,36 @@ int mapguard_site(struct pt_regs *ctx)
 	struct site_stats *st = &stats[index & (MG_MAX_SITES - 1)];
 	__sync_fetch_and_add(&st->hits, 1);
 
-	struct args a = {ctx->rax, ctx->rbx, ctx->rcx};
+	__u32 flags = conf->flags;
+	struct args a = {ctx->rax, ctx->rbx, ctx->rcx, ctx->rbp};
 	__u64 m = arg_reg(&a, conf->map_reg);
-	// A nil-or-empty block: only a nil map is an anomaly.
-	if ((conf->flags & MG_SITE_NIL_ONLY) && m != 0) {
+	// A nil-or-empty block: only a nil map is an anomaly (or, for a
+	// missing-key site, only an empty one).
+	if (((flags & MG_SITE_NIL_ONLY) && m != 0) || ((flags & MG_SITE_NON_NIL) && m == 0)) {
 		__sync_fetch_and_add(&st->filtered, 1);
 		return 0;
 	}
-	if ((conf->flags & MG_SITE_GROWTH) && !growth_due(m)) {
+	if ((flags & MG_SITE_GROWTH) && !growth_due(m)) {
 		__sync_fetch_and_add(&st->filtered, 1);
 		return 0;
+	}
+	// Keep the type only if it reads back as a map type, so user space
+	// never dereferences a pointer that is not one.
+	__u64 typ = arg_reg(&a, conf->typ_reg);
+	__u8 kind = 0;
+	if (!typ || bpf_probe_read_user(&kind, sizeof(kind), (const void *)(typ + type_kind_offset)) < 0 ||
+	    (kind & MG_ABI_KIND_MASK) != MG_ABI_KIND_MAP)
+		typ = 0;
+
+	__u64 capacity = 0;
+	if (flags & MG_SITE_BLOAT) {
+		// The map and type come from spill slots at some sites: a type
+		// that does not read back as a map type means they are not there.
+		capacity = (m && typ) ? map_capacity(m) : 0;
+		if (capacity < growth_threshold) {
+			__sync_fetch_and_add(&st->filtered, 1);
+			return 0;
+		}
 	}
 
 	__u64 goid = read_u64(ctx->r14 + goid_offset);
@@ -168,11 +289,25 @@ int mapguard_site(struct pt_regs *ctx)
 		return 0;
 	}
 
-	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		__sync_fetch_and_add(&st->dropped, 1);
-		return 0;
+	// One event per call site, then counts: the caller's PC is the key.
+	if (flags & MG_SITE_AGG) {
+		struct agg_key key = {.site = index};
+		key.pc = (flags & MG_SITE_FRAMED) ? read_u64(ctx->rbp + 8) : read_u64(ctx->rsp);
+		struct agg_val *v = bpf_map_lookup_elem(&aggs, &key);
+		if (v) {
+			__sync_fetch_and_add(&v->count, 1);
+			__sync_fetch_and_add(&st->agg, 1);
+			return 0;
+		}
+		struct agg_val zero = {};
+		// If the table is full, every occurrence is an event of its own.
+		bpf_map_update_elem(&aggs, &key, &zero, BPF_NOEXIST);
 	}
+
+	__u32 zero_key = 0;
+	struct event *e = bpf_map_lookup_elem(&scratch, &zero_key);
+	if (!e)
+		return 0;
 
 	e->time_ns = bpf_ktime_get_ns();
 	e->goid = goid;
@@ -181,20 +316,35 @@ int mapguard_site(struct pt_regs *ctx)
 	e->count = 1;
 	e->map = m;
 	e->len = m ? read_u64(m + map_used_offset) : 0;
+	e->cap = capacity;
+	e->aux = 0;
+	e->_pad = 0;
 
-	// typ_reg holds the map type at every site the loader accepts. Keep it
-	// only if it reads back as a map type, so user space never dereferences
-	// a pointer that is not one.
-	__u64 typ = arg_reg(&a, conf->typ_reg);
-	__u8 kind = 0;
-	e->typ = 0;
-	if (bpf_probe_read_user(&kind, sizeof(kind), (const void *)(typ + type_kind_offset)) == 0 &&
-	    (kind & MG_ABI_KIND_MASK) == MG_ABI_KIND_MAP)
-		e->typ = typ;
+	e->typ = typ;
 
-	walk_frames(ctx, conf->flags & MG_SITE_FRAMED, e);
+	e->detail_len = 0;
+	if (flags & MG_SITE_STR) {
+		read_detail(e, a.ax, a.bx);
+	} else if (flags & MG_SITE_ERR) {
+		// BX points at the boxed string header.
+		read_detail(e, read_u64(a.bx), read_u64(a.bx + 8));
+	}
 
-	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	walk_frames(ctx, flags & MG_SITE_FRAMED, e);
+
+	if (flags & MG_SITE_CRASH) {
+		__u64 ck = crash_key;
+		struct crash *c = bpf_map_lookup_elem(&crashes, &ck);
+		if (c) {
+			__builtin_memcpy(&c->ev, e, sizeof(*e));
+			c->crashed = 1;
+		}
+	}
+
+	if (bpf_ringbuf_output(&events, e, sizeof(*e), BPF_RB_NO_WAKEUP) < 0) {
+		__sync_fetch_and_add(&st->dropped, 1);
+		return 0;
+	}
 	__sync_fetch_and_add(&st->events, 1);
 	return 0;
 }

@@ -22,11 +22,13 @@ typedef long long __s64;
 enum {
 	BPF_MAP_TYPE_HASH = 1,
 	BPF_MAP_TYPE_ARRAY = 2,
+	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
 	BPF_MAP_TYPE_LRU_HASH = 9,
 	BPF_MAP_TYPE_RINGBUF = 27,
 };
 
 #define BPF_RB_NO_WAKEUP 1
+#define BPF_NOEXIST 1
 
 // The x86-64 register file a uprobe program sees (struct pt_regs, UAPI names).
 struct pt_regs {
@@ -36,6 +38,7 @@ struct pt_regs {
 
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
+static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 flags) = (void *)130;
 static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
 static long (*bpf_probe_read_user)(void *dst, __u32 size, const void *unsafe_ptr) = (void *)112;
 static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
@@ -44,6 +47,7 @@ static __u64 (*bpf_get_attach_cookie)(void *ctx) = (void *)174;
 
 #define MG_MAX_SITES 256
 #define MG_MAX_FRAMES 16
+#define MG_DETAIL_LEN 64
 
 // internal/abi: Kind_ & KindMask == Map for a map type.
 #define MG_ABI_KIND_MASK 0x1f
@@ -54,26 +58,42 @@ enum mg_kind {
 	MG_KIND_NIL_MAP_WRITE = 1,
 	MG_KIND_NIL_MAP_READ = 2,
 	MG_KIND_MAP_GROWTH = 3,
+	MG_KIND_MISSING_KEY_READ = 4,
+	MG_KIND_UNHASHABLE_KEY = 5,
+	MG_KIND_MAP_BLOAT = 6,
+	MG_KIND_CONCURRENT_MISUSE = 7,
+	MG_KIND_PREVIOUS_CRASH = 8,
 };
 
-// Argument registers, for site_conf.map_reg and typ_reg.
+// Where a site finds a value, for site_conf.map_reg and typ_reg: an
+// argument register, or a home (spill) slot of the probed function's
+// register arguments, at [BP+16+8*i] once its frame pointer is set up.
 enum mg_reg {
 	MG_REG_AX = 0,
 	MG_REG_BX = 1,
 	MG_REG_CX = 2,
+	MG_REG_NONE = 3,
+	MG_REG_HOME0 = 4,
+	MG_REG_HOME1 = 5,
 };
 
 // site_conf.flags
 #define MG_SITE_FRAMED 1   // the probed function's frame pointer is set up at the site
 #define MG_SITE_NIL_ONLY 2 // report only when the map argument is nil
 #define MG_SITE_GROWTH 4   // report when the map crosses growth_threshold, then each doubling
+#define MG_SITE_NON_NIL 8  // report only when the map argument is not nil
+#define MG_SITE_AGG 16     // aggregate per (site, caller PC): the first occurrence is an event, later ones a count
+#define MG_SITE_STR 32     // AX, BX hold a Go string (ptr, len): copy it to detail
+#define MG_SITE_ERR 64     // AX, BX hold an interface whose data points at a Go string: copy it to detail
+#define MG_SITE_CRASH 128  // the process is about to die: also write the event to the crash record
+#define MG_SITE_BLOAT 256  // report when the map's capacity is at least growth_threshold slots
 
 struct site_conf {
 	__u8 kind;
-	__u8 flags;
 	__u8 map_reg; // enum mg_reg holding the map pointer
 	__u8 typ_reg; // enum mg_reg holding the map type
-	__u32 _pad;
+	__u8 _pad;
+	__u32 flags;
 };
 
 // Counters for one site, updated atomically.
@@ -83,6 +103,19 @@ struct site_stats {
 	__u64 dropped;  // records lost because the ring buffer was full
 	__u64 filtered; // hits that were not an anomaly (an empty, non-nil map; a map below the growth threshold)
 	__u64 ignored;  // hits from the Guard's own goroutines
+	__u64 agg;      // hits counted into an aggregate instead of an event of their own
+};
+
+// Key of the per-call-site aggregates (MG_SITE_AGG).
+struct agg_key {
+	__u32 site;
+	__u32 _pad;
+	__u64 pc; // the probed function's caller
+};
+
+struct agg_val {
+	__u64 count; // occurrences after the first, which was an event
+	__u64 muted; // set by user space for call sites it does not report
 };
 
 // One record in the ring buffer.
@@ -96,8 +129,24 @@ struct event {
 	__u32 site;  // index into sites
 	__u8 kind;   // enum mg_kind
 	__u8 npcs;   // valid entries in pcs
-	__u16 _pad;
+	__u8 detail_len; // valid bytes in detail
+	__u8 _pad;
+	__u64 cap;   // MG_SITE_BLOAT: the map's capacity in slots
+	__u64 aux;   // spare, zero
 	__u64 pcs[MG_MAX_FRAMES]; // return PCs, innermost first: pcs[0] is the probed function's caller
+	char detail[MG_DETAIL_LEN]; // the runtime's message, for MG_SITE_STR and MG_SITE_ERR sites
+};
+
+// The crash record of this process, kept in a map pinned on the BPF file
+// system so that it outlives the process. User space creates the entry at
+// Start (bias, start time, identity of the binary); the program fills in
+// the event when the runtime is about to die.
+struct crash {
+	__u64 bias;     // load bias of the binary in the process that wrote it
+	__u64 exe_id;   // identity of the binary (user space's hash)
+	__u64 start_ns; // CLOCK_MONOTONIC at Start
+	__u64 crashed;  // set to 1 by the program
+	struct event ev;
 };
 
 #endif

@@ -12,6 +12,13 @@ type Offsets struct {
 	MapDirPtr, MapDirLen, MapGlobalDepth, MapGlobalShift uint64
 	// TypeKind is the offset of internal/abi.Type.Kind_.
 	TypeKind uint64
+	// TableCapacity and TableLocalDepth are the offsets of
+	// internal/runtime/maps.table.capacity (uint16) and .localDepth (uint8),
+	// for a map's capacity: the sum over its directory's distinct tables.
+	TableCapacity, TableLocalDepth uint64
+	// MapTypeGroupSize and MapTypeSlotSize are the offsets of GroupSize and
+	// SlotSize in the map type (internal/abi.MapType; SwissMapType in 1.25).
+	MapTypeGroupSize, MapTypeSlotSize uint64
 }
 
 // KindMask and KindMap decode internal/abi.Type.Kind_.

@@ -13,4 +13,10 @@ var known = &Offsets{
 	MapGlobalDepth: 32,
 	MapGlobalShift: 33,
 	TypeKind:       23,
+	// table{used, capacity uint16; growthLeft uint16; localDepth uint8; ...}
+	TableCapacity:   2,
+	TableLocalDepth: 6,
+	// MapType{Type (48 bytes); Key, Elem, Group *Type; Hasher func; GroupSize, SlotSize uintptr; ...}
+	MapTypeGroupSize: 80,
+	MapTypeSlotSize:  88,
 }

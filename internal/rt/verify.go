@@ -98,6 +98,33 @@ func verify(o *Offsets) error {
 	if dirLen < 2 || dirLen&(dirLen-1) != 0 || bits.TrailingZeros64(uint64(dirLen)) != int(depth) || int(shift) != 64-int(depth) {
 		return mismatch("map directory: dirLen %d, globalDepth %d, globalShift %d", dirLen, depth, shift)
 	}
+	// Tables: each distinct table covers 2^(globalDepth-localDepth)
+	// directory entries; their capacities hold every entry at a load of at
+	// most 7/8, and are powers of two.
+	dir := *(*unsafe.Pointer)(unsafe.Add(h, o.MapDirPtr))
+	var capacity uint64
+	for i := int64(0); i < dirLen; {
+		t := *(*unsafe.Pointer)(unsafe.Add(dir, 8*i))
+		c := *(*uint16)(unsafe.Add(t, o.TableCapacity))
+		ld := *(*uint8)(unsafe.Add(t, o.TableLocalDepth))
+		if t == nil || c == 0 || c&(c-1) != 0 || ld > depth {
+			return mismatch("table %d: capacity %d, localDepth %d, globalDepth %d", i, c, ld, depth)
+		}
+		capacity += uint64(c)
+		i += 1 << (depth - ld)
+	}
+	if capacity < n || capacity > 4*n {
+		return mismatch("map capacity %d for %d entries", capacity, n)
+	}
+	if cap := MapCapacity(uintptr(h), o); cap != capacity {
+		return mismatch("MapCapacity = %d, want %d", cap, capacity)
+	}
+	// Group and slot sizes of map[uint64]uint64: 8 control bytes and 8
+	// slots of 16 bytes.
+	mt := TypeOf(large)
+	if gs, ss := *(*uintptr)(unsafe.Add(mt, o.MapTypeGroupSize)), *(*uintptr)(unsafe.Add(mt, o.MapTypeSlotSize)); gs != 8+8*16 || ss != 16 {
+		return mismatch("map type GroupSize %d, SlotSize %d, want 136 and 16", gs, ss)
+	}
 	delete(large, 0)
 	if used := *(*uint64)(unsafe.Add(h, o.MapUsed)); used != n-1 {
 		return mismatch("map used after delete = %d, want %d", used, n-1)
@@ -105,6 +132,35 @@ func verify(o *Offsets) error {
 	runtime.KeepAlive(small)
 	runtime.KeepAlive(large)
 	return nil
+}
+
+// MapCapacity returns the slots of the map whose header is at h: 8 for a
+// small map, else the sum of its tables' capacities. h must be a live map
+// that no other goroutine is writing.
+func MapCapacity(h uintptr, o *Offsets) uint64 {
+	p := *(*unsafe.Pointer)(unsafe.Pointer(&h))
+	dirLen := *(*int64)(unsafe.Add(p, o.MapDirLen))
+	if dirLen <= 0 {
+		return 8
+	}
+	dir := *(*unsafe.Pointer)(unsafe.Add(p, o.MapDirPtr))
+	depth := *(*uint8)(unsafe.Add(p, o.MapGlobalDepth))
+	var capacity uint64
+	for i := int64(0); i < dirLen; {
+		t := *(*unsafe.Pointer)(unsafe.Add(dir, 8*i))
+		capacity += uint64(*(*uint16)(unsafe.Add(t, o.TableCapacity)))
+		i += 1 << (depth - *(*uint8)(unsafe.Add(t, o.TableLocalDepth)))
+	}
+	return capacity
+}
+
+// MapBytes estimates the bytes a map of the type at typ holds for capacity
+// slots: its groups (8 slots and 8 control bytes each). typ must be a live
+// map type.
+func MapBytes(typ uintptr, capacity uint64, o *Offsets) uint64 {
+	p := *(*unsafe.Pointer)(unsafe.Pointer(&typ))
+	groupSize := *(*uintptr)(unsafe.Add(p, o.MapTypeGroupSize))
+	return capacity / 8 * uint64(groupSize)
 }
 
 // GoID returns the calling goroutine's id, as the runtime prints it. It is

@@ -1,0 +1,50 @@
+//go:build linux && amd64
+
+package probe
+
+import (
+	"os"
+	"runtime"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mapguard/mapguard/internal/rt"
+	"github.com/mapguard/mapguard/symbols"
+)
+
+// maxCallerCode bounds how much of a caller's code callSiteType decodes.
+const maxCallerCode = 64 << 10
+
+// callSiteType returns the map type that the call returning to pc passes
+// in AX, when the compiler loads it as a constant right before the call
+// (LEAQ type:map[K]V(SB), AX), as it does for every map operation outside
+// generic code; 0 otherwise. It is used where the probe cannot read the
+// type itself. The candidate is read back through process_vm_readv, so an
+// address that is not mapped costs an error, not a fault, and it is kept
+// only if it reads as a map type.
+func callSiteType(o *rt.Offsets, pc uintptr) uintptr {
+	f := runtime.FuncForPC(pc - 1)
+	if f == nil {
+		return 0
+	}
+	entry := f.Entry()
+	if pc <= entry || pc-entry > maxCallerCode {
+		return 0
+	}
+	code := unsafe.Slice((*byte)(*(*unsafe.Pointer)(unsafe.Pointer(&entry))), pc-entry)
+	addr, ok := symbols.CallArgType(code, uint64(entry), uint64(pc))
+	if !ok || addr == 0 {
+		return 0
+	}
+	var kind [1]byte
+	local := []unix.Iovec{{Base: &kind[0], Len: 1}}
+	remote := []unix.RemoteIovec{{Base: uintptr(addr + o.TypeKind), Len: 1}}
+	if n, err := unix.ProcessVMReadv(os.Getpid(), local, remote, 0); err != nil || n != 1 {
+		return 0
+	}
+	if kind[0]&rt.KindMask != rt.KindMap {
+		return 0
+	}
+	return uintptr(addr)
+}

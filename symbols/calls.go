@@ -1,0 +1,421 @@
+package symbols
+
+// This file finds three more kinds of site and operand (amd64 only), with
+// the same whole-function linear decoding as sites.go:
+//
+//   - MissSites: every "return &runtime.zeroVal" block of
+//     runtime.mapaccess1 and its fast variants, that is every
+//     LEAQ runtime.zeroVal(SB), AX. The address of runtime.zeroVal is
+//     learnt from the nil-or-empty block NilMapSite proves, so stripped
+//     binaries work too.
+//
+//   - CallSites: every direct CALL of a named function, such as
+//     CALL runtime.gopanic in runtime.interhash.
+//
+//   - CallArgType: the RIP-relative address a caller loaded into RAX just
+//     before a CALL, which for calls of the runtime map functions is the
+//     static map type.
+
+import (
+	"fmt"
+
+	"golang.org/x/arch/x86/x86asm"
+)
+
+// sxMaxNilBlock bounds the instructions MissSites walks from the nil-map
+// site to the zeroVal return when the site is not the return itself.
+const sxMaxNilBlock = 32
+
+// sxMaxArgWalk bounds the instructions CallArgType walks back from a CALL.
+const sxMaxArgWalk = 32
+
+// sxRIPLeaAX returns the function-relative target of LEAQ disp(IP), AX
+// (64-bit operand and address size, no legacy prefix).
+func sxRIPLeaAX(in *Inst) (int64, bool) {
+	if in.Op != x86asm.LEA || !in.direct || in.x.Op != in.Op || in.legacy || in.x.Args[0] != x86asm.RAX || in.x.Args[2] != nil {
+		return 0, false
+	}
+	m, ok := in.x.Args[1].(x86asm.Mem)
+	if !ok || m.Base != x86asm.RIP || m.Index != 0 || m.Segment != 0 {
+		return 0, false
+	}
+	return int64(in.Offset) + int64(in.Len) + m.Disp, true
+}
+
+// sxReturnsAfter reports whether insts[i] is followed, in straight line, by
+// a Go function epilogue: [NOPs] [ADDQ $n, SP] [NOPs] POPQ BP [NOPs] RET.
+// The frame pointer is therefore still set at insts[i], and RAX at the
+// RET is what insts[i] left there.
+func sxReturnsAfter(insts []Inst, i int) bool {
+	j := i + 1
+	nops := func() {
+		for j < len(insts) && insts[j].Op == x86asm.NOP && !insts[j].endbr {
+			j++
+		}
+	}
+	nops()
+	if j < len(insts) && insts[j].Op == x86asm.ADD && !insts[j].legacy && insts[j].x.Args[0] == x86asm.RSP && insts[j].x.Args[2] == nil {
+		if _, ok := insts[j].x.Args[1].(x86asm.Imm); ok {
+			j++
+			nops()
+		}
+	}
+	if j >= len(insts) || insts[j].Op != x86asm.POP || insts[j].x.Args[0] != x86asm.RBP || insts[j].x.DataSize == 16 {
+		return false
+	}
+	j++
+	nops()
+	return j < len(insts) && insts[j].Op == x86asm.RET && insts[j].x.Args[0] == nil && !insts[j].legacy
+}
+
+// MissSites finds the zero-value returns of runtime.mapaccess1,
+// mapaccess1_fast32, mapaccess1_fast64 and mapaccess1_faststr (Go 1.24+
+// swiss maps), which return &runtime.zeroVal when the key is missing or the
+// map nil or empty. Each such return starts with LEAQ runtime.zeroVal(SB),
+// AX followed by the epilogue (ADDQ $n, SP; POPQ BP; RET).
+//
+// The address of runtime.zeroVal is not taken from a symbol table (the
+// binary may be stripped): it is the target of the RIP-relative LEAQ into
+// RAX that starts the nil-or-empty block NilMapSite(code, entry,
+// MapAccess, callee) proves. In runtime.mapaccess1 (generic keys) that
+// block first checks whether hashing the key would panic (mapKeyError);
+// the zeroVal return is then the only LEAQ disp(IP), AX followed by an
+// epilogue that is reachable from the nil site through forward branches
+// within 32 instructions, not counting paths through CALL runtime.gopanic.
+//
+// zeroVal is the absolute address (entry + offset + length + disp), and
+// sites are every LEAQ of that address into RAX in the function, in offset
+// order, including the one of the nil block. Each must be followed by the
+// epilogue and lie after the frame set-up, so every site is Framed. Every
+// error wraps ErrUnrecognized.
+func MissSites(code []byte, entry uint64, callee func(uint64) string) (zeroVal uint64, sites []Site, err error) {
+	nilSite, err := NilMapSite(code, entry, MapAccess, callee)
+	if err != nil {
+		return 0, nil, fmt.Errorf("miss sites: %w", err)
+	}
+	insts, p, err := sxDecodeFunc(code)
+	if err != nil {
+		return 0, nil, err
+	}
+	f := sxNewFunc(insts)
+	start, ok := f.boundary(int64(nilSite.Offset))
+	if !ok {
+		return 0, nil, sxReject("nil-map site +%#x not an instruction boundary", nilSite.Offset)
+	}
+	nilRet, err := sxZeroValReturn(&f, start, entry, callee)
+	if err != nil {
+		return 0, nil, sxReject("nil-map block at +%#x: %v", nilSite.Offset, err)
+	}
+	target, _ := sxRIPLeaAX(&insts[nilRet])
+	for i := range insts {
+		in := &insts[i]
+		t, ok := sxRIPLeaAX(in)
+		if !ok || t != target {
+			continue
+		}
+		if p.FrameSet == 0 || in.Offset < p.FrameSet {
+			return 0, nil, sxReject("zeroVal LEAQ at +%#x before the frame set-up", in.Offset)
+		}
+		if !sxReturnsAfter(insts, i) {
+			return 0, nil, sxReject("zeroVal LEAQ at +%#x not followed by a return", in.Offset)
+		}
+		sites = append(sites, sxSite(in, true))
+	}
+	found := false
+	for _, s := range sites {
+		found = found || s.Offset == insts[nilRet].Offset
+	}
+	if !found {
+		// Cannot happen: the scan above sees every instruction.
+		return 0, nil, sxReject("nil-block zeroVal LEAQ at +%#x not among the sites", insts[nilRet].Offset)
+	}
+	return entry + uint64(target), sites, nil
+}
+
+// sxZeroValReturn returns the index of the zeroVal return of the nil-map
+// block starting at insts[start]: insts[start] itself if it is LEAQ
+// disp(IP), AX followed by an epilogue, otherwise the only such
+// instruction reachable from it (see MissSites).
+func sxZeroValReturn(f *sxFunc, start int, entry uint64, callee func(uint64) string) (int, error) {
+	insts := f.insts
+	if _, ok := sxRIPLeaAX(&insts[start]); ok {
+		if !sxReturnsAfter(insts, start) {
+			return 0, fmt.Errorf("LEAQ (IP), AX not followed by a return")
+		}
+		return start, nil
+	}
+	if callee == nil {
+		return 0, fmt.Errorf("no callee resolver")
+	}
+	found := -1
+	seen := map[int]bool{}
+	work := []int{start}
+	push := func(from *Inst, t int64) error {
+		if t <= int64(from.Offset) {
+			return fmt.Errorf("backward branch at +%#x", from.Offset)
+		}
+		j, ok := f.boundary(t)
+		if !ok {
+			return fmt.Errorf("branch at +%#x: target not an instruction boundary", from.Offset)
+		}
+		work = append(work, j)
+		return nil
+	}
+	next := func(i int) error {
+		if i+1 >= len(insts) {
+			return fmt.Errorf("runs off the end of the function")
+		}
+		work = append(work, i+1)
+		return nil
+	}
+	for len(work) > 0 {
+		i := work[len(work)-1]
+		work = work[:len(work)-1]
+		if seen[i] {
+			continue
+		}
+		seen[i] = true
+		if len(seen) > sxMaxNilBlock {
+			return 0, fmt.Errorf("no zeroVal return within %d instructions", sxMaxNilBlock)
+		}
+		in := &insts[i]
+		if _, ok := sxRIPLeaAX(in); ok && sxReturnsAfter(insts, i) {
+			if found >= 0 && found != i {
+				return 0, fmt.Errorf("two zeroVal candidates, at +%#x and +%#x", insts[found].Offset, in.Offset)
+			}
+			found = i
+			continue
+		}
+		switch {
+		case in.Op == x86asm.RET:
+			continue
+		case in.Op == x86asm.CALL:
+			t, ok := sxPlainBranch(in, x86asm.CALL)
+			if !ok {
+				return 0, fmt.Errorf("%s at +%#x", in.sxText(), in.Offset)
+			}
+			if callee(entry+uint64(t)) == "runtime.gopanic" {
+				continue
+			}
+			if err := next(i); err != nil {
+				return 0, err
+			}
+		case in.Op == x86asm.JMP:
+			t, ok := sxPlainBranch(in, x86asm.JMP)
+			if !ok {
+				return 0, fmt.Errorf("%s at +%#x", in.sxText(), in.Offset)
+			}
+			if err := push(in, t); err != nil {
+				return 0, err
+			}
+		case sxCondJump(in.Op):
+			t, ok := sxPlainBranch(in, in.Op)
+			if !ok {
+				return 0, fmt.Errorf("%s at +%#x", in.sxText(), in.Offset)
+			}
+			if err := push(in, t); err != nil {
+				return 0, err
+			}
+			if err := next(i); err != nil {
+				return 0, err
+			}
+		case sxControl(in.Op):
+			return 0, fmt.Errorf("%s at +%#x", in.sxText(), in.Offset)
+		default:
+			if err := next(i); err != nil {
+				return 0, err
+			}
+		}
+	}
+	if found < 0 {
+		return 0, fmt.Errorf("no zeroVal return (LEAQ (IP), AX; epilogue) reachable")
+	}
+	return found, nil
+}
+
+// sxTail returns the index range [lo, hi] of the morestack tail the stack
+// check branches to: from the branch target to the first unconditional
+// jump after it (back to the entry). ok is false if it has no such shape.
+func sxTail(f *sxFunc, p *sxPrologue) (lo, hi int, ok bool) {
+	lo = -1
+	for _, b := range p.branches {
+		t, ok := sxRel(&f.insts[b])
+		if !ok {
+			return 0, 0, false
+		}
+		i, ok := f.boundary(t)
+		if !ok || lo >= 0 && i != lo {
+			return 0, 0, false
+		}
+		lo = i
+	}
+	if lo < 0 {
+		return 0, 0, false
+	}
+	for hi = lo; hi < len(f.insts); hi++ {
+		if f.insts[hi].Op == x86asm.JMP {
+			return lo, hi, true
+		}
+	}
+	return 0, 0, false
+}
+
+// CallSites returns every direct CALL rel32 in the function whose absolute
+// destination (entry + offset + length + rel) callee resolves to target,
+// for example CALL runtime.gopanic in runtime.interhash or CALL
+// internal/runtime/maps.rand in internal/runtime/maps.(*Map).Delete. Each
+// site is the CALL itself, which the kernel emulates (Emulated). Sites in
+// the function body, after the frame set-up, are Framed; a call in the
+// morestack tail, where SP is the entry's, is not. The function must decode
+// whole and have a Go stack-check prologue, and a call before the frame
+// set-up, or a matching call with a prefix, is an error; every error wraps
+// ErrUnrecognized. No matching call is not an error: (nil, nil).
+func CallSites(code []byte, entry uint64, callee func(uint64) string, target string) ([]Site, error) {
+	if callee == nil {
+		return nil, sxReject("no callee resolver")
+	}
+	insts, p, err := sxDecodeFunc(code)
+	if err != nil {
+		return nil, err
+	}
+	f := sxNewFunc(insts)
+	lo, hi, tail := sxTail(&f, &p)
+	var sites []Site
+	for i := range insts {
+		in := &insts[i]
+		if in.Op != x86asm.CALL {
+			continue
+		}
+		t, ok := sxRel(in)
+		if !ok || callee(entry+uint64(t)) != target {
+			continue
+		}
+		if !in.plain {
+			return nil, sxReject("prefixed call of %s at +%#x", target, in.Offset)
+		}
+		switch {
+		case tail && i >= lo && i <= hi:
+			sites = append(sites, sxSite(in, false))
+		case !tail:
+			return nil, sxReject("no morestack tail (stack-check branch target to JMP)")
+		case p.FrameSet != 0 && in.Offset >= p.FrameSet:
+			sites = append(sites, sxSite(in, true))
+		default:
+			return nil, sxReject("call of %s at +%#x before the frame set-up", target, in.Offset)
+		}
+	}
+	return sites, nil
+}
+
+// sxRAXWrite classifies what in does to RAX: writes reports that it writes
+// RAX, EAX, AX, AL or AH; known is false if that is not certain (the
+// instruction is not one whose register effects this package knows).
+func sxRAXWrite(in *Inst) (writes, known bool) {
+	x := &in.x
+	if !in.direct || x.Op != in.Op {
+		return false, false
+	}
+	regAX := func(a x86asm.Arg) bool {
+		r, ok := a.(x86asm.Reg)
+		return ok && sxFamily(r) == sxFamAX
+	}
+	switch {
+	case sxControl(in.Op):
+		// CALL clobbers RAX; jumps and returns end the walk anyway.
+		return in.Op == x86asm.CALL || in.Op == x86asm.LCALL, in.Op == x86asm.CALL || in.Op == x86asm.LCALL
+	case sxNoWrite[in.Op]:
+		return false, true
+	case in.Op == x86asm.PUSH:
+		return false, true
+	case in.Op == x86asm.POP:
+		return regAX(x.Args[0]), true
+	case in.Op == x86asm.IMUL && x.Args[1] == nil:
+		return true, true // RDX:RAX
+	case sxWritesDst[in.Op]:
+		return regAX(x.Args[0]), true
+	}
+	return false, false
+}
+
+// CallArgType returns the address a caller loads into RAX, with LEAQ
+// sym(IP), AX, before the CALL that returns to ret: for calls of
+// runtime.mapaccess1, mapassign and the like, the static map type. code is
+// the body of the calling function from its entry, whole or truncated at
+// ret; decoding starts at its first byte and must reach ret exactly, just
+// after a direct CALL rel32.
+//
+// Walking back from the CALL, the nearest instruction that writes RAX (in
+// any width) must be LEAQ disp(IP), AX; the result is entry + offset +
+// length + disp. The answer is false if an instruction on the way might
+// write RAX without being known to (anything outside a list of
+// instructions with known register effects), if the CALL or an
+// instruction after the LEAQ is the target of a direct branch in the
+// decoded code (control could arrive with another RAX) or into the middle
+// of one of its instructions, if a jump or
+// return comes first, after 32 instructions, or if the decoded code holds
+// an indirect jump (a jump table, whose targets are unknown). With code
+// truncated at ret, branches after the CALL are not seen; pass the whole
+// function when possible. The caller must check that the address is what
+// it expects (a map type). CallArgType never panics.
+func CallArgType(code []byte, entry uint64, ret uint64) (uint64, bool) {
+	if ret <= entry || ret-entry > uint64(len(code)) {
+		return 0, false
+	}
+	insts, err := sxDecode(code, false)
+	if err != nil {
+		return 0, false
+	}
+	f := sxNewFunc(insts)
+	end := ret - entry
+	c, ok := f.index[end] // the instruction after the CALL
+	if !ok {
+		if end != f.size {
+			return 0, false
+		}
+		c = len(insts)
+	}
+	c-- // the CALL
+	if c < 0 {
+		return 0, false
+	}
+	if _, ok := sxPlainBranch(&insts[c], x86asm.CALL); !ok {
+		return 0, false
+	}
+	joins := map[uint64]bool{}
+	for i := range insts {
+		in := &insts[i]
+		if (in.Op == x86asm.JMP || in.Op == x86asm.LJMP) && !sxIsRel(in) {
+			return 0, false // indirect jump: unknown targets
+		}
+		if t, ok := sxRel(in); ok {
+			if in.legacy {
+				return 0, false // a 0x66 prefix truncates the target
+			}
+			if _, ok := f.boundary(t); !ok && t >= 0 && uint64(t) < f.size {
+				return 0, false // the decoding is not the one control flow sees
+			}
+			joins[uint64(t)] = true
+		}
+	}
+	if joins[insts[c].Offset] {
+		return 0, false
+	}
+	for i := c - 1; i >= 0 && i >= c-sxMaxArgWalk; i-- {
+		in := &insts[i]
+		if t, ok := sxRIPLeaAX(in); ok {
+			return entry + uint64(t), true
+		}
+		writes, known := sxRAXWrite(in)
+		if !known || writes || sxControl(in.Op) || joins[in.Offset] {
+			return 0, false
+		}
+	}
+	return 0, false
+}
+
+// sxIsRel reports whether the instruction's first operand is a relative
+// branch target.
+func sxIsRel(in *Inst) bool {
+	_, ok := in.x.Args[0].(x86asm.Rel)
+	return ok
+}
