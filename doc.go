@@ -1,14 +1,24 @@
 // Package mapguard lets a Go service watch its own map operations with eBPF
 // and act on misuse before it becomes an outage.
 //
-// Go's map misuse is silent or fatal: a read from a nil map (which is what
-// m[a][b] is when m[a] is missing) quietly returns a zero value, and a write
-// to a nil map panics, which net/http recovers per request so that nobody
-// sees it. A Guard attaches uprobes to the process's own runtime map
-// functions and turns these into typed events carrying the user's call site
-// (file:line), the goroutine, and the map's type, delivered on a channel and
-// to callbacks, so that a service can count them, alert, and flip a
-// downgrade switch.
+// Go's map misuse is silent or fatal: a read of a missing key quietly
+// returns a zero value, and so does a read from a nil map (which is what
+// m[a][b] is when m[a] is missing); a write to a nil map panics, which
+// net/http recovers per request so that nobody sees it; concurrent writes
+// kill the process with a report that names one side; maps never shrink.
+// A Guard attaches uprobes to the process's own runtime map functions and
+// turns these into typed events carrying the user's call site (file:line),
+// the goroutine, and the map's type, delivered on a channel and to
+// callbacks, so that a service can count them, alert, and flip a downgrade
+// switch (see Breaker).
+//
+// The default kinds: NilMapWrite, NilMapRead, MissingKeyRead (single-value
+// reads only, in the main module's packages, aggregated per call site),
+// MapGrowth, MapBloat, UnhashableKey and ConcurrentMisuse. The last one
+// kills the process right after it is detected; the BPF program writes it
+// into a crash record pinned under /sys/fs/bpf/mapguard, which the next
+// Start of the same program delivers as a PreviousCrash event and
+// ReadCrashReports reads without a Guard.
 //
 //	g, err := mapguard.New(mapguard.Options{})
 //	if err != nil { ... }
@@ -33,15 +43,19 @@
 // # Cost
 //
 // The default kinds probe only blocks that run when something is wrong, or
-// rarely: the branch a map assignment takes when the map is nil, the branch
-// a map read takes when the map is nil or empty, and the growth of a large
-// map's tables (O(log n) times per map). A healthy operation on a non-empty
-// map pays nothing. A hit costs a trap: about 1 us at an instruction the
-// kernel emulates and 6 to 23 us at one it single-steps, measured on the
-// project's VMs (bare metal is several times cheaper).
-// Reads from empty maps go through the same block as nil maps, so a probe
-// site that fires more often than Options.SiteRateLimit per second is
-// detached and re-armed after a back-off; Stats shows it.
+// rarely: the branch a map assignment takes when the map is nil, the blocks
+// a read takes when it returns the zero value, the growth of a large map's
+// tables (O(log n) times per map), a delete that empties a map, clear(m),
+// the unhashable-key panic and the runtime's fatal error. A healthy
+// operation that finds its key pays nothing. A hit costs a trap: about 1 us
+// at an instruction the kernel emulates and 6 to 23 us at one it
+// single-steps, measured on the project's VMs (bare metal is several times
+// cheaper). The miss blocks start with single-stepped instructions, and
+// misses are common on healthy paths (a set lookup, if seen[k]), so a watched
+// miss costs one single-stepped trap; a probe site that fires more often
+// than Options.SiteRateLimit per second is detached and re-armed after a
+// back-off (Stats shows it), which bounds the cost and makes the counts of
+// a busy site a lower bound.
 //
 // # Lifecycle
 //

@@ -33,6 +33,12 @@ func sxtFuzzBodies() []sxtFuzzBody {
 					bodies = append(bodies, sxtFuzzBody{code, entry, panicAt})
 				}
 			}
+			// CallSites and CallArgType targets (see calls_test.go).
+			for _, fn := range sxtFuzzCallFuncs {
+				if code, entry, ok, err := img.symtabFunc(fn); err == nil && ok {
+					bodies = append(bodies, sxtFuzzBody{code, entry, panicAt})
+				}
+			}
 			img.file.Close()
 		}
 	}
@@ -42,18 +48,19 @@ func sxtFuzzBodies() []sxtFuzzBody {
 	} {
 		bodies = append(bodies, sxtFuzzBody{a.code(sxtEntry), sxtEntry, sxtGopanic})
 	}
-	return bodies
+	return append(bodies, sxtFuzzCallBodies()...)
 }
 
 // FuzzSites feeds arbitrary function bodies to Decode, ParsePrologue,
-// EntrySite and NilMapSite. They must never panic, must fail closed (with
+// EntrySite and NilMapSite, and to MissSites, CallSites and CallArgType
+// (see sxtFuzzCalls). They must never panic, must fail closed (with
 // ErrUnrecognized) on code that does not decode, and every site returned
 // must be the start of an instruction of Decode's output that agrees with
 // the site.
 //
 // base == 0 fuzzes the raw bytes of patch. Otherwise the body is a known
-// one (a real runtime map function of this test binary or a hand-written
-// shape), with patch written over it at offset at, the last cut bytes
+// one (a real runtime map or hash function of this test binary, a map
+// call of it, or a hand-written shape), with patch written over it at offset at, the last cut bytes
 // dropped, and entry and panicAt added to its real entry and
 // runtime.gopanic addresses. Keeping the real bodies out of the fuzz input
 // keeps inputs small, so the fuzzer's minimisation of new inputs (quadratic
@@ -150,6 +157,7 @@ func FuzzSites(f *testing.F) {
 		check("NilMapSite(MapAssign)", s, err, true)
 		s, err = NilMapSite(code, entry, MapAccess, callee)
 		check("NilMapSite(MapAccess)", s, err, true)
+		sxtFuzzCalls(t, code, insts, decErr, entry, callee, at)
 	})
 }
 
