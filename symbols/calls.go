@@ -17,6 +17,7 @@ package symbols
 //     static map type.
 
 import (
+	"errors"
 	"fmt"
 
 	"golang.org/x/arch/x86/x86asm"
@@ -69,10 +70,11 @@ func sxReturnsAfter(insts []Inst, i int) bool {
 }
 
 // MissSites finds the zero-value returns of runtime.mapaccess1,
-// mapaccess1_fast32, mapaccess1_fast64 and mapaccess1_faststr (Go 1.24+
-// swiss maps), which return &runtime.zeroVal when the key is missing or the
-// map nil or empty. Each such return starts with LEAQ runtime.zeroVal(SB),
-// AX followed by the epilogue (ADDQ $n, SP; POPQ BP; RET).
+// mapaccess1_fast32, mapaccess1_fast64 and mapaccess1_faststr (swiss maps,
+// as in Go 1.25 and 1.26), which return &runtime.zeroVal when the key is
+// missing or the map nil or empty. Each such return starts with
+// LEAQ runtime.zeroVal(SB), AX followed by the epilogue (ADDQ $n, SP;
+// POPQ BP; RET).
 //
 // The address of runtime.zeroVal is not taken from a symbol table (the
 // binary may be stripped): it is the target of the RIP-relative LEAQ into
@@ -140,12 +142,12 @@ func sxZeroValReturn(f *sxFunc, start int, entry uint64, callee func(uint64) str
 	insts := f.insts
 	if _, ok := sxRIPLeaAX(&insts[start]); ok {
 		if !sxReturnsAfter(insts, start) {
-			return 0, fmt.Errorf("LEAQ (IP), AX not followed by a return")
+			return 0, errors.New("LEAQ (IP), AX not followed by a return")
 		}
 		return start, nil
 	}
 	if callee == nil {
-		return 0, fmt.Errorf("no callee resolver")
+		return 0, errors.New("no callee resolver")
 	}
 	found := -1
 	seen := map[int]bool{}
@@ -163,7 +165,7 @@ func sxZeroValReturn(f *sxFunc, start int, entry uint64, callee func(uint64) str
 	}
 	next := func(i int) error {
 		if i+1 >= len(insts) {
-			return fmt.Errorf("runs off the end of the function")
+			return errors.New("runs off the end of the function")
 		}
 		work = append(work, i+1)
 		return nil
@@ -228,7 +230,7 @@ func sxZeroValReturn(f *sxFunc, start int, entry uint64, callee func(uint64) str
 		}
 	}
 	if found < 0 {
-		return 0, fmt.Errorf("no zeroVal return (LEAQ (IP), AX; epilogue) reachable")
+		return 0, errors.New("no zeroVal return (LEAQ (IP), AX; epilogue) reachable")
 	}
 	return found, nil
 }

@@ -1171,3 +1171,40 @@ func sxtFuzzCalls(t *testing.T, code []byte, insts []Inst, decErr error, entry u
 		}
 	}
 }
+
+// TestFuzzCallBodies checks that FuzzSites's bodies reach the success
+// paths of MissSites, CallSites and CallArgType, so that the fuzzer mutates
+// inputs the functions accept.
+func TestFuzzCallBodies(t *testing.T) {
+	var miss, calls, args int
+	for _, b := range sxtFuzzBodies() {
+		callee := func(addr uint64) string {
+			if addr == b.panicAt {
+				return "runtime.gopanic"
+			}
+			return ""
+		}
+		if _, _, err := MissSites(b.code, b.entry, callee); err == nil {
+			miss++
+		}
+		if s, err := CallSites(b.code, b.entry, callee, "runtime.gopanic"); err == nil && len(s) > 0 {
+			calls++
+		}
+		insts, err := Decode(b.code)
+		if err != nil {
+			continue
+		}
+		for i := range insts {
+			if insts[i].Op != x86asm.CALL {
+				continue
+			}
+			if _, ok := CallArgType(b.code, b.entry, b.entry+insts[i].Offset+uint64(insts[i].Len)); ok {
+				args++
+			}
+		}
+	}
+	t.Logf("bodies accepted: MissSites %d, CallSites %d, CallArgType %d calls", miss, calls, args)
+	if miss < 2 || calls < 2 || args < 1 {
+		t.Errorf("bodies accepted: MissSites %d, CallSites %d, CallArgType %d calls; want at least 2, 2, 1", miss, calls, args)
+	}
+}

@@ -49,4 +49,15 @@
 //
 // Function code is always read from the file, never from memory: once a
 // uprobe is attached, memory holds an int3 at the probed address.
+//
+// # Probe sites
+//
+// [EntrySite], [NilMapSite], [MissSites] and [CallSites] find instructions
+// to probe inside a function, and [CallArgType] the static map type a
+// caller passes in RAX. All decode the whole function linearly from its
+// first byte with golang.org/x/arch/x86/x86asm and fail closed: a function
+// that does not decode, or whose shape is not the expected one, gives an
+// error wrapping [ErrUnrecognized] (or false), never a guess. Each [Site]
+// says whether the kernel emulates its instruction and whether the frame
+// pointer is set there, which tells where the return PC is.
 package symbols

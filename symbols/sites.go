@@ -27,9 +27,9 @@ import (
 	"golang.org/x/arch/x86/x86asm"
 )
 
-// ErrUnrecognized is wrapped by every error of EntrySite, NilMapSite and
-// ParsePrologue: the function does not have a shape this package can
-// prove. Callers must then not place the probe.
+// ErrUnrecognized is wrapped by every error of EntrySite, NilMapSite,
+// MissSites, CallSites and ParsePrologue: the function does not have a
+// shape this package can prove. Callers must then not place the probe.
 var ErrUnrecognized = errors.New("function shape not recognised")
 
 // Inst is one decoded instruction.

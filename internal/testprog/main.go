@@ -41,7 +41,7 @@ func main() {
 	defer func() {
 		json.NewEncoder(os.Stdout).Encode(res)
 	}()
-	g, err := mapguard.New(mapguard.Options{})
+	g, err := mapguard.New(mapguard.Options{GrowthThreshold: 4096})
 	if err != nil {
 		res.Error = err.Error()
 		return
@@ -56,31 +56,60 @@ func main() {
 	defer g.Close()
 	events := g.Events()
 
-	for _, provoke := range []func() int{nilWrite, nestedRead} {
+	for _, p := range provocations {
 		var goid uint64
 		var line int
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
 			goid = rt.GoID()
-			line = provoke()
+			line = p.run()
 		}()
 		<-done
-		select {
-		case ev := <-events:
+		for _, kind := range p.kinds {
+			ev, ok := await(events, func(ev mapguard.Event) bool { return ev.Goroutine == goid && ev.Kind == kind })
+			if !ok {
+				res.Error = "no " + kind.String() + " event within 5s"
+				return
+			}
 			res.Events = append(res.Events, Event{
 				Kind: ev.Kind.String(), Function: ev.Site.Function, File: ev.Site.File,
 				MapType: ev.MapType, Line: ev.Site.Line, WantLine: line, GoroutineOK: ev.Goroutine == goid,
 			})
-		case <-time.After(5 * time.Second):
-			res.Error = "no event within 5s"
-			return
 		}
 	}
 	st := g.Stats()
 	res.Sites = len(st.Sites)
 	for _, in := range st.Inactive {
 		res.Inactive = append(res.Inactive, in.Function+": "+in.Reason)
+	}
+}
+
+// provocations are run in order, each on a fresh goroutine, and must give
+// these kinds of event, in any order.
+var provocations = []struct {
+	run   func() int
+	kinds []mapguard.Kind
+}{
+	{nilWrite, []mapguard.Kind{mapguard.NilMapWrite}},
+	{nestedRead, []mapguard.Kind{mapguard.MissingKeyRead, mapguard.NilMapRead}},
+	{unhashable, []mapguard.Kind{mapguard.UnhashableKey}},
+	{grow, []mapguard.Kind{mapguard.MapGrowth}},
+	{bloat, []mapguard.Kind{mapguard.MapBloat}},
+}
+
+// await returns the first event that matches, skipping others.
+func await(events <-chan mapguard.Event, match func(mapguard.Event) bool) (mapguard.Event, bool) {
+	timeout := time.After(5 * time.Second)
+	for {
+		select {
+		case ev := <-events:
+			if match(ev) {
+				return ev, true
+			}
+		case <-timeout:
+			return mapguard.Event{}, false
+		}
 	}
 }
 
@@ -96,6 +125,33 @@ func nestedRead() (line int) {
 	users := map[string]map[int64]bool{"alice": {1: true}}
 	line = here() + 1
 	sink = users["bob"][1]
+	return line
+}
+
+func unhashable() (line int) {
+	defer func() { recover() }()
+	m := map[any]int{1: 1}
+	line = here() + 1
+	m[[]int{1}] = 2
+	return line
+}
+
+var big map[int64]int64
+
+func grow() (line int) {
+	big = make(map[int64]int64)
+	for i := int64(0); i < 20000; i++ {
+		if i == 0 {
+			line = here() + 2
+		}
+		big[i] = i // crosses 4096 entries at a table split
+	}
+	return line
+}
+
+func bloat() (line int) {
+	line = here() + 1
+	clear(big)
 	return line
 }
 
