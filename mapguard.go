@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/go-logr/logr"
 
@@ -52,7 +53,31 @@ const (
 	// PreviousCrash: a ConcurrentMisuse that killed an earlier process of
 	// this program (PID), delivered once by the next Guard to start.
 	PreviousCrash = decode.PreviousCrash
+
+	// Deep kinds probe every operation of a kind, so they are opt-in (list
+	// them in Options.Detect) and kept within Options.Budget.
+
+	// MissingKeyDelete: delete(m, k) of a key that is not there; the delete
+	// did nothing. A delete of a present key is never reported.
+	MissingKeyDelete = decode.MissingKeyDelete
+	// NilMapDelete: delete on a nil map, a silent no-op.
+	NilMapDelete = decode.NilMapDelete
+	// SharedWriters: one map written by two goroutines within
+	// Options.SharedWindow; Peer is the first. The precursor of "concurrent
+	// map writes" — or a map correctly guarded by a mutex, which is a false
+	// positive: list its type or site in Options.SharedExclude.
+	SharedWriters = decode.SharedWriters
 )
+
+// Peer is the other goroutine of a SharedWriters or ConcurrentMisuse event.
+type Peer = decode.Peer
+
+// OpStat is the number of operations of one kind (read, write, delete,
+// iterate) at one call site, from Options.OpStats.
+type OpStat = probe.OpStat
+
+// DeepStats describes deep watching and its measured cost.
+type DeepStats = probe.DeepStats
 
 // Event is one detected misuse: what, when, where (Site is the user's
 // file:line), on which goroutine and on which map.
@@ -123,6 +148,30 @@ type Options struct {
 	// /sys/fs/bpf/mapguard) that carries a fatal ConcurrentMisuse over to
 	// the next Start as PreviousCrash.
 	NoCrashRecord bool
+	// OpStats counts map operations per call site and kind, for the "which
+	// code hammers which map" question; read them with Guard.OpStats. Deep
+	// watching, like the deep kinds.
+	OpStats bool
+	// Budget is the share of one CPU that deep watching may cost, on
+	// average (default 0.01, 1%). Start measures what one probe hit costs on
+	// this machine; the Guard then detaches the deep probes whenever they
+	// have spent their budget and attaches them again once it has been
+	// earned back (a duty cycle). Stats().Deep shows the measured cost, the
+	// duty cycle and the estimated overhead; events from deep probes say
+	// Sampled once the duty cycle has started.
+	Budget float64
+	// SharedWindow is how close two writes of one map by different
+	// goroutines must be to report SharedWriters (default 100 ms).
+	SharedWindow time.Duration
+	// SharedExclude drops SharedWriters events whose map type equals an
+	// entry (e.g. "map[string]int") or whose site's function starts with one
+	// (e.g. "example.com/svc/cache."), for maps guarded by a mutex.
+	SharedExclude []string
+	// CaptureKeys, if set, is the redaction function that sees the first 16
+	// bytes of the key of a delete event inside the process; its result is
+	// Event.Key. Nil (the default) keeps key bytes in the kernel: delete
+	// events carry a salted hash of the key and its length only.
+	CaptureKeys func(prefix []byte) string
 	// Probe replaces the eBPF probe, e.g. with a probe.Fake in tests. Nil
 	// means real uprobes on this process.
 	Probe probe.Probe
@@ -155,6 +204,8 @@ type Stats struct {
 	// none); CrashRecordError says why there is none when one was wanted.
 	CrashRecord      string
 	CrashRecordError string
+	// Deep describes deep watching and its cost; nil when it is off.
+	Deep *DeepStats
 }
 
 // A Guard watches this process's map operations. Create it with New, then
@@ -191,6 +242,17 @@ func New(opts Options) (*Guard, error) {
 	if opts.GrowthThreshold < 0 {
 		return nil, fmt.Errorf("new guard: negative GrowthThreshold %d", opts.GrowthThreshold)
 	}
+	if opts.Budget < 0 || opts.Budget > 1 {
+		return nil, fmt.Errorf("new guard: Budget %v out of range [0, 1]", opts.Budget)
+	}
+	if opts.SharedWindow < 0 {
+		return nil, fmt.Errorf("new guard: negative SharedWindow %v", opts.SharedWindow)
+	}
+	for _, k := range opts.Detect {
+		if k == PreviousCrash {
+			return nil, fmt.Errorf("new guard: %s is not watched itself: it comes with %s", k, ConcurrentMisuse)
+		}
+	}
 	if opts.BufferSize < 0 {
 		return nil, fmt.Errorf("new guard: negative BufferSize %d", opts.BufferSize)
 	}
@@ -218,6 +280,11 @@ func New(opts Options) (*Guard, error) {
 			GrowthThreshold: opts.GrowthThreshold,
 			MissingKeyScope: opts.MissingKeyScope,
 			NoCrashRecord:   opts.NoCrashRecord,
+			OpStats:         opts.OpStats,
+			Budget:          opts.Budget,
+			SharedWindow:    opts.SharedWindow,
+			SharedExclude:   opts.SharedExclude,
+			CaptureKeys:     opts.CaptureKeys,
 			Logger:          log,
 		})
 	}
@@ -374,6 +441,7 @@ func (g *Guard) Stats() Stats {
 
 		CrashRecord:      ps.CrashRecord,
 		CrashRecordError: ps.CrashRecordError,
+		Deep:             ps.Deep,
 	}
 	for _, k := range decode.Kinds() {
 		if n := g.perKind[k].Load(); n > 0 {
@@ -382,6 +450,16 @@ func (g *Guard) Stats() Stats {
 	}
 	st.Dropped = st.DroppedKernel + st.DroppedQueue + st.DroppedChannel
 	return st
+}
+
+// OpStats returns the map operations counted per call site and kind since
+// Start (while the deep probes were attached), with Options.OpStats; nil
+// otherwise.
+func (g *Guard) OpStats() []OpStat {
+	if s, ok := g.probe.(probe.OpStatser); ok {
+		return s.OpStats()
+	}
+	return nil
 }
 
 // Close detaches every probe and stops delivery. When it returns, no more

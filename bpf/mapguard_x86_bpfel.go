@@ -50,30 +50,54 @@ type MapguardEvent struct {
 	Pad       uint8
 	Cap       uint64
 	Aux       uint64
+	PeerGoid  uint64
+	PeerPc    uint64
+	KeyHash   uint64
+	KeyLen    uint32
+	Pad2      uint32
 	Pcs       [16]uint64
 	Detail    [64]int8
+}
+
+type MapguardKeybuf struct {
+	_ structs.HostLayout
+	B [64]int8
 }
 
 type MapguardMgKind uint32
 
 const (
-	MapguardMgKindMG_KIND_NIL_MAP_WRITE     MapguardMgKind = 1
-	MapguardMgKindMG_KIND_NIL_MAP_READ      MapguardMgKind = 2
-	MapguardMgKindMG_KIND_MAP_GROWTH        MapguardMgKind = 3
-	MapguardMgKindMG_KIND_MISSING_KEY_READ  MapguardMgKind = 4
-	MapguardMgKindMG_KIND_UNHASHABLE_KEY    MapguardMgKind = 5
-	MapguardMgKindMG_KIND_MAP_BLOAT         MapguardMgKind = 6
-	MapguardMgKindMG_KIND_CONCURRENT_MISUSE MapguardMgKind = 7
-	MapguardMgKindMG_KIND_PREVIOUS_CRASH    MapguardMgKind = 8
+	MapguardMgKindMG_KIND_NIL_MAP_WRITE      MapguardMgKind = 1
+	MapguardMgKindMG_KIND_NIL_MAP_READ       MapguardMgKind = 2
+	MapguardMgKindMG_KIND_MAP_GROWTH         MapguardMgKind = 3
+	MapguardMgKindMG_KIND_MISSING_KEY_READ   MapguardMgKind = 4
+	MapguardMgKindMG_KIND_UNHASHABLE_KEY     MapguardMgKind = 5
+	MapguardMgKindMG_KIND_MAP_BLOAT          MapguardMgKind = 6
+	MapguardMgKindMG_KIND_CONCURRENT_MISUSE  MapguardMgKind = 7
+	MapguardMgKindMG_KIND_PREVIOUS_CRASH     MapguardMgKind = 8
+	MapguardMgKindMG_KIND_MISSING_KEY_DELETE MapguardMgKind = 9
+	MapguardMgKindMG_KIND_NIL_MAP_DELETE     MapguardMgKind = 10
+	MapguardMgKindMG_KIND_SHARED_WRITERS     MapguardMgKind = 11
 )
 
+type MapguardPendingDelete struct {
+	_         structs.HostLayout
+	Map       uint64
+	Used      uint64
+	Typ       uint64
+	KeyHash   uint64
+	KeyLen    uint32
+	PrefixLen uint32
+	Prefix    [16]int8
+}
+
 type MapguardSiteConf struct {
-	_      structs.HostLayout
-	Kind   uint8
-	MapReg uint8
-	TypReg uint8
-	Pad    uint8
-	Flags  uint32
+	_       structs.HostLayout
+	Kind    uint8
+	MapReg  uint8
+	TypReg  uint8
+	KeyMode uint8
+	Flags   uint32
 }
 
 type MapguardSiteStats struct {
@@ -86,35 +110,57 @@ type MapguardSiteStats struct {
 	Agg      uint64
 }
 
+type MapguardWriters struct {
+	_        structs.HostLayout
+	Goid     [2]uint64
+	Pc       [2]uint64
+	TimeNs   [2]uint64
+	Reported uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	MapguardMapAggs                  = "aggs"
 	MapguardMapCrashes               = "crashes"
+	MapguardMapDeletes               = "deletes"
 	MapguardMapEvents                = "events"
+	MapguardMapGoidMap               = "goid_map"
 	MapguardMapGrowthNext            = "growth_next"
 	MapguardMapIgnoredGoids          = "ignored_goids"
+	MapguardMapKeys                  = "keys"
+	MapguardMapMapWriters            = "map_writers"
 	MapguardMapScratch               = "scratch"
 	MapguardMapSites                 = "sites"
+	MapguardMapWakeups               = "wakeups"
+	MapguardProgMapguardDeep         = "mapguard_deep"
 	MapguardProgMapguardEmpty        = "mapguard_empty"
 	MapguardProgMapguardSite         = "mapguard_site"
+	MapguardVarCaptureKeys           = "capture_keys"
 	MapguardVarCrashKey              = "crash_key"
+	MapguardVarDeepHits              = "deep_hits"
+	MapguardVarDeepLimit             = "deep_limit"
 	MapguardVarGoidOffset            = "goid_offset"
 	MapguardVarGrowthThreshold       = "growth_threshold"
+	MapguardVarKeySalt               = "key_salt"
 	MapguardVarMapDirLenOffset       = "map_dir_len_offset"
 	MapguardVarMapDirPtrOffset       = "map_dir_ptr_offset"
 	MapguardVarMapGlobalDepthOffset  = "map_global_depth_offset"
+	MapguardVarMapTypeKeyOffset      = "map_type_key_offset"
 	MapguardVarMapUsedOffset         = "map_used_offset"
 	MapguardVarMaxFrames             = "max_frames"
+	MapguardVarSharedWindowNs        = "shared_window_ns"
 	MapguardVarStats                 = "stats"
 	MapguardVarTableCapacityOffset   = "table_capacity_offset"
 	MapguardVarTableLocalDepthOffset = "table_local_depth_offset"
 	MapguardVarTypeKindOffset        = "type_kind_offset"
+	MapguardVarTypeSizeOffset        = "type_size_offset"
 	MapguardVarUnusedAggKey          = "unused_agg_key"
 	MapguardVarUnusedAggVal          = "unused_agg_val"
 	MapguardVarUnusedCrash           = "unused_crash"
 	MapguardVarUnusedEvent           = "unused_event"
+	MapguardVarUnusedKey             = "unused_key"
 	MapguardVarUnusedKind            = "unused_kind"
 )
 
@@ -160,6 +206,7 @@ type MapguardSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MapguardProgramSpecs struct {
+	MapguardDeep  *ebpf.ProgramSpec `ebpf:"mapguard_deep"`
 	MapguardEmpty *ebpf.ProgramSpec `ebpf:"mapguard_empty"`
 	MapguardSite  *ebpf.ProgramSpec `ebpf:"mapguard_site"`
 }
@@ -170,33 +217,46 @@ type MapguardProgramSpecs struct {
 type MapguardMapSpecs struct {
 	Aggs         *ebpf.MapSpec `ebpf:"aggs"`
 	Crashes      *ebpf.MapSpec `ebpf:"crashes"`
+	Deletes      *ebpf.MapSpec `ebpf:"deletes"`
 	Events       *ebpf.MapSpec `ebpf:"events"`
+	GoidMap      *ebpf.MapSpec `ebpf:"goid_map"`
 	GrowthNext   *ebpf.MapSpec `ebpf:"growth_next"`
 	IgnoredGoids *ebpf.MapSpec `ebpf:"ignored_goids"`
+	Keys         *ebpf.MapSpec `ebpf:"keys"`
+	MapWriters   *ebpf.MapSpec `ebpf:"map_writers"`
 	Scratch      *ebpf.MapSpec `ebpf:"scratch"`
 	Sites        *ebpf.MapSpec `ebpf:"sites"`
+	Wakeups      *ebpf.MapSpec `ebpf:"wakeups"`
 }
 
 // MapguardVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MapguardVariableSpecs struct {
+	CaptureKeys           *ebpf.VariableSpec `ebpf:"capture_keys"`
 	CrashKey              *ebpf.VariableSpec `ebpf:"crash_key"`
+	DeepHits              *ebpf.VariableSpec `ebpf:"deep_hits"`
+	DeepLimit             *ebpf.VariableSpec `ebpf:"deep_limit"`
 	GoidOffset            *ebpf.VariableSpec `ebpf:"goid_offset"`
 	GrowthThreshold       *ebpf.VariableSpec `ebpf:"growth_threshold"`
+	KeySalt               *ebpf.VariableSpec `ebpf:"key_salt"`
 	MapDirLenOffset       *ebpf.VariableSpec `ebpf:"map_dir_len_offset"`
 	MapDirPtrOffset       *ebpf.VariableSpec `ebpf:"map_dir_ptr_offset"`
 	MapGlobalDepthOffset  *ebpf.VariableSpec `ebpf:"map_global_depth_offset"`
+	MapTypeKeyOffset      *ebpf.VariableSpec `ebpf:"map_type_key_offset"`
 	MapUsedOffset         *ebpf.VariableSpec `ebpf:"map_used_offset"`
 	MaxFrames             *ebpf.VariableSpec `ebpf:"max_frames"`
+	SharedWindowNs        *ebpf.VariableSpec `ebpf:"shared_window_ns"`
 	Stats                 *ebpf.VariableSpec `ebpf:"stats"`
 	TableCapacityOffset   *ebpf.VariableSpec `ebpf:"table_capacity_offset"`
 	TableLocalDepthOffset *ebpf.VariableSpec `ebpf:"table_local_depth_offset"`
 	TypeKindOffset        *ebpf.VariableSpec `ebpf:"type_kind_offset"`
+	TypeSizeOffset        *ebpf.VariableSpec `ebpf:"type_size_offset"`
 	UnusedAggKey          *ebpf.VariableSpec `ebpf:"unused_agg_key"`
 	UnusedAggVal          *ebpf.VariableSpec `ebpf:"unused_agg_val"`
 	UnusedCrash           *ebpf.VariableSpec `ebpf:"unused_crash"`
 	UnusedEvent           *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedKey             *ebpf.VariableSpec `ebpf:"unused_key"`
 	UnusedKind            *ebpf.VariableSpec `ebpf:"unused_kind"`
 }
 
@@ -222,22 +282,32 @@ func (o *MapguardObjects) Close() error {
 type MapguardMaps struct {
 	Aggs         *ebpf.Map `ebpf:"aggs"`
 	Crashes      *ebpf.Map `ebpf:"crashes"`
+	Deletes      *ebpf.Map `ebpf:"deletes"`
 	Events       *ebpf.Map `ebpf:"events"`
+	GoidMap      *ebpf.Map `ebpf:"goid_map"`
 	GrowthNext   *ebpf.Map `ebpf:"growth_next"`
 	IgnoredGoids *ebpf.Map `ebpf:"ignored_goids"`
+	Keys         *ebpf.Map `ebpf:"keys"`
+	MapWriters   *ebpf.Map `ebpf:"map_writers"`
 	Scratch      *ebpf.Map `ebpf:"scratch"`
 	Sites        *ebpf.Map `ebpf:"sites"`
+	Wakeups      *ebpf.Map `ebpf:"wakeups"`
 }
 
 func (m *MapguardMaps) Close() error {
 	return _MapguardClose(
 		m.Aggs,
 		m.Crashes,
+		m.Deletes,
 		m.Events,
+		m.GoidMap,
 		m.GrowthNext,
 		m.IgnoredGoids,
+		m.Keys,
+		m.MapWriters,
 		m.Scratch,
 		m.Sites,
+		m.Wakeups,
 	)
 }
 
@@ -245,22 +315,30 @@ func (m *MapguardMaps) Close() error {
 //
 // It can be passed to LoadMapguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MapguardVariables struct {
+	CaptureKeys           *ebpf.Variable `ebpf:"capture_keys"`
 	CrashKey              *ebpf.Variable `ebpf:"crash_key"`
+	DeepHits              *ebpf.Variable `ebpf:"deep_hits"`
+	DeepLimit             *ebpf.Variable `ebpf:"deep_limit"`
 	GoidOffset            *ebpf.Variable `ebpf:"goid_offset"`
 	GrowthThreshold       *ebpf.Variable `ebpf:"growth_threshold"`
+	KeySalt               *ebpf.Variable `ebpf:"key_salt"`
 	MapDirLenOffset       *ebpf.Variable `ebpf:"map_dir_len_offset"`
 	MapDirPtrOffset       *ebpf.Variable `ebpf:"map_dir_ptr_offset"`
 	MapGlobalDepthOffset  *ebpf.Variable `ebpf:"map_global_depth_offset"`
+	MapTypeKeyOffset      *ebpf.Variable `ebpf:"map_type_key_offset"`
 	MapUsedOffset         *ebpf.Variable `ebpf:"map_used_offset"`
 	MaxFrames             *ebpf.Variable `ebpf:"max_frames"`
+	SharedWindowNs        *ebpf.Variable `ebpf:"shared_window_ns"`
 	Stats                 *ebpf.Variable `ebpf:"stats"`
 	TableCapacityOffset   *ebpf.Variable `ebpf:"table_capacity_offset"`
 	TableLocalDepthOffset *ebpf.Variable `ebpf:"table_local_depth_offset"`
 	TypeKindOffset        *ebpf.Variable `ebpf:"type_kind_offset"`
+	TypeSizeOffset        *ebpf.Variable `ebpf:"type_size_offset"`
 	UnusedAggKey          *ebpf.Variable `ebpf:"unused_agg_key"`
 	UnusedAggVal          *ebpf.Variable `ebpf:"unused_agg_val"`
 	UnusedCrash           *ebpf.Variable `ebpf:"unused_crash"`
 	UnusedEvent           *ebpf.Variable `ebpf:"unused_event"`
+	UnusedKey             *ebpf.Variable `ebpf:"unused_key"`
 	UnusedKind            *ebpf.Variable `ebpf:"unused_kind"`
 }
 
@@ -268,12 +346,14 @@ type MapguardVariables struct {
 //
 // It can be passed to LoadMapguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MapguardPrograms struct {
+	MapguardDeep  *ebpf.Program `ebpf:"mapguard_deep"`
 	MapguardEmpty *ebpf.Program `ebpf:"mapguard_empty"`
 	MapguardSite  *ebpf.Program `ebpf:"mapguard_site"`
 }
 
 func (p *MapguardPrograms) Close() error {
 	return _MapguardClose(
+		p.MapguardDeep,
 		p.MapguardEmpty,
 		p.MapguardSite,
 	)

@@ -15,7 +15,7 @@ import (
 const (
 	MaxFrames  = 16
 	DetailLen  = 64
-	RecordSize = 72 + 8*MaxFrames + DetailLen
+	RecordSize = 104 + 8*MaxFrames + DetailLen
 
 	offTime      = 0
 	offGoid      = 8
@@ -29,8 +29,12 @@ const (
 	offDetailLen = 54
 	offCap       = 56
 	offAux       = 64
-	offPCs       = 72
-	offDetail    = 72 + 8*MaxFrames
+	offPeerGoid  = 72
+	offPeerPC    = 80
+	offKeyHash   = 88
+	offKeyLen    = 96
+	offPCs       = 104
+	offDetail    = 104 + 8*MaxFrames
 )
 
 // ErrRecord is returned for a record that is malformed.
@@ -88,6 +92,9 @@ type Config struct {
 	// runtime (0 if unknown), for records whose probe could not read the
 	// type. It must return only pointers checked to be map types.
 	CallSiteType func(pc uintptr) uintptr
+	// Redact, if set, turns a captured key prefix into Event.Key; without
+	// it captured key bytes are dropped.
+	Redact func(prefix []byte) string
 	// MapBytes, if set, estimates the bytes a map of type typ holds for
 	// capacity slots.
 	MapBytes func(typ uintptr, capacity uint64) uint64
@@ -239,7 +246,24 @@ func (d *Decoder) Decode(raw []byte, ev *Event) error {
 		Probe:     probe,
 	}
 	if n := int(raw[offDetailLen]); n > 0 {
-		ev.Detail = string(raw[offDetail : offDetail+min(n, DetailLen)])
+		b := raw[offDetail : offDetail+min(n, DetailLen)]
+		switch kind {
+		case MissingKeyDelete, NilMapDelete:
+			// A captured key prefix: only the redaction function sees it.
+			if d.cfg.Redact != nil {
+				ev.Key = d.cfg.Redact(b)
+			}
+		default:
+			ev.Detail = string(b)
+		}
+	}
+	ev.KeyHash = le.Uint64(raw[offKeyHash:])
+	ev.KeyLen = int(le.Uint32(raw[offKeyLen:]))
+	if pg := le.Uint64(raw[offPeerGoid:]); pg != 0 {
+		ev.Peer = &Peer{Goroutine: pg}
+		if pc := uintptr(le.Uint64(raw[offPeerPC:])); pc != 0 {
+			ev.Peer.Site = d.siteOf(pc)
+		}
 	}
 	var owned bool
 	var sitePC uintptr
@@ -352,6 +376,17 @@ func (d *Decoder) symbolize(n int) (site Frame, stack []Frame, pc uintptr, owned
 	}
 	d.stacks[key] = st
 	return site, st, pc, false
+}
+
+// siteOf returns the first frame of pc outside the map code.
+func (d *Decoder) siteOf(pc uintptr) Frame {
+	fs := d.pcFrames(pc)
+	for _, f := range fs {
+		if !isMapCode(f.Function) {
+			return f
+		}
+	}
+	return fs[len(fs)-1]
 }
 
 // pcFrames returns the frames of one return PC, innermost first; never empty.

@@ -45,8 +45,19 @@ const (
 	// PreviousCrash is a ConcurrentMisuse that killed an earlier process of
 	// the same program, delivered at the next Start. PID is that process.
 	PreviousCrash Kind = 8
+	// MissingKeyDelete is delete(m, k) of a key that is not in m: the
+	// delete did nothing. A delete of a present key is never reported.
+	// Deep watching (opt-in, under the CPU budget).
+	MissingKeyDelete Kind = 9
+	// NilMapDelete is delete on a nil map (a no-op). Deep watching.
+	NilMapDelete Kind = 10
+	// SharedWriters is one map written by two goroutines within a short
+	// window: Goroutine and Site are the second writer, Peer the first. It
+	// is the precursor of "concurrent map writes", or a map guarded by a
+	// mutex (a false positive: exclude it). Deep watching.
+	SharedWriters Kind = 11
 
-	maxKind = PreviousCrash
+	maxKind = SharedWriters
 )
 
 var kindNames = [...]string{
@@ -58,6 +69,9 @@ var kindNames = [...]string{
 	MapBloat:         "map-bloat",
 	ConcurrentMisuse: "concurrent-misuse",
 	PreviousCrash:    "previous-crash",
+	MissingKeyDelete: "missing-key-delete",
+	NilMapDelete:     "nil-map-delete",
+	SharedWriters:    "shared-writers",
 }
 
 // Kinds returns every kind this version knows, in order.
@@ -131,6 +145,27 @@ type Event struct {
 	Bytes    uint64
 	// PID is the process that crashed, for PreviousCrash; else 0.
 	PID int
+	// Peer is the other goroutine of a SharedWriters event, or of a
+	// ConcurrentMisuse or PreviousCrash when writers were being tracked
+	// (SharedWriters watched); else nil.
+	Peer *Peer
+	// KeyHash (salted per Guard, so comparable only within one) and KeyLen
+	// identify the key of a delete event without its bytes. Key is set only
+	// with Options.CaptureKeys: the redaction function's output for the
+	// key's first 16 bytes.
+	KeyHash uint64
+	KeyLen  int
+	Key     string
+	// Sampled is set on deep-watching events while the budget governor
+	// detaches the deep probes part of the time: the event is real, but
+	// counts are lower bounds.
+	Sampled bool
+}
+
+// Peer is the other party of a SharedWriters or ConcurrentMisuse event.
+type Peer struct {
+	Goroutine uint64
+	Site      Frame // the first frame of its map call outside the map code
 }
 
 // String returns a one-line human description of the event.
@@ -145,6 +180,15 @@ func (e Event) String() string {
 	}
 	if e.Capacity > 0 {
 		s += fmt.Sprintf(" capacity=%d bytes=%d", e.Capacity, e.Bytes)
+	}
+	if e.Peer != nil {
+		s += fmt.Sprintf(" (other goroutine %d at %s)", e.Peer.Goroutine, e.Peer.Site)
+	}
+	if e.KeyLen > 0 {
+		s += fmt.Sprintf(" key=%016x/%dB", e.KeyHash, e.KeyLen)
+	}
+	if e.Key != "" {
+		s += " " + strconv.Quote(e.Key)
 	}
 	if e.PID != 0 {
 		s += " pid=" + strconv.Itoa(e.PID)

@@ -56,14 +56,37 @@ type Stats struct {
 	// there is none; CrashRecordError says why not, if it was wanted.
 	CrashRecord      string
 	CrashRecordError string
+	// Deep describes deep watching; nil when it is off.
+	Deep *DeepStats
+}
+
+// DeepStats describes deep watching and its cost.
+type DeepStats struct {
+	// HitCost is one hit of a deep probe, measured at Start on this machine
+	// (a probe at an emulated instruction of a calibration function).
+	HitCost time.Duration
+	// Budget is the share of one CPU deep watching may cost.
+	Budget float64
+	// Watched is how long the deep probes were attached, of Elapsed since
+	// Start; DutyCycle is their ratio.
+	Watched, Elapsed time.Duration
+	DutyCycle        float64
+	// Hits counts deep probe hits; Overhead = Hits x HitCost / Elapsed, the
+	// estimated share of one CPU spent.
+	Hits     uint64
+	Overhead float64
+	// Detaches counts how often the governor detached the deep probes to
+	// stay within the budget.
+	Detaches int
 }
 
 // SiteStats describes one probe site.
 type SiteStats struct {
-	Kind     decode.Kind
-	Function string // runtime function, e.g. "runtime.mapassign_faststr"
-	Offset   uint64 // from the function's entry
-	Inst     string // instruction at the site
+	Kind     decode.Kind // for a deep site, the first deep kind it serves (0: operation statistics only)
+	Deep     bool        // a deep site, under the budget
+	Function string      // runtime function, e.g. "runtime.mapassign_faststr"
+	Offset   uint64      // from the function's entry
+	Inst     string      // instruction at the site
 	// Emulated sites cost about 1 us a hit on the project's test VMs;
 	// single-stepped ones 6 to 23 us.
 	Emulated bool
@@ -89,6 +112,11 @@ type SiteStats struct {
 	// limit; RearmAt is when a disarmed site will be attached again.
 	Disarms int
 	RearmAt time.Time
+}
+
+// OpStatser is implemented by probes that count operations per call site.
+type OpStatser interface {
+	OpStats() []OpStat
 }
 
 // Inactive is a function that has no probe, with the reason.

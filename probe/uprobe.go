@@ -39,6 +39,24 @@ type UprobeConfig struct {
 	// which a ConcurrentMisuse that kills the process is reported as
 	// PreviousCrash at the next Start.
 	NoCrashRecord bool
+	// OpStats counts map operations per call site and kind (deep watching,
+	// see Budget); read them with OpStats.
+	OpStats bool
+	// Budget is the share of one CPU that deep watching (MissingKeyDelete,
+	// NilMapDelete, SharedWriters, OpStats) may cost, averaged over time.
+	// Default 0.01 (1%).
+	Budget float64
+	// SharedWindow is how close two writes by different goroutines must be
+	// to report SharedWriters. Default 100 ms.
+	SharedWindow time.Duration
+	// SharedExclude drops SharedWriters events whose map type equals an
+	// entry, or whose site's function starts with one.
+	SharedExclude []string
+	// CaptureKeys, if set, lets the first 16 bytes of a deleted key leave
+	// the kernel, through this function only: its result is Event.Key.
+	// Nil (the default) keeps key bytes in the kernel; events carry a
+	// salted hash and the length.
+	CaptureKeys func(prefix []byte) string
 	// Logger receives errors, V(1) warnings, V(4) lifecycle and V(8) events.
 	Logger logr.Logger
 }
@@ -79,6 +97,20 @@ func (c UprobeConfig) growthThreshold() uint64 {
 	return uint64(c.GrowthThreshold)
 }
 
+func (c UprobeConfig) budget() float64 {
+	if c.Budget <= 0 {
+		return 0.01
+	}
+	return min(c.Budget, 1)
+}
+
+func (c UprobeConfig) sharedWindow() time.Duration {
+	if c.SharedWindow <= 0 {
+		return 100 * time.Millisecond
+	}
+	return c.SharedWindow
+}
+
 func (c UprobeConfig) siteRateLimit() int {
 	if c.SiteRateLimit == 0 {
 		return 200
@@ -109,6 +141,20 @@ const (
 	siteErr     = 64
 	siteCrash   = 128
 	siteBloat   = 256
+	siteCount   = 512
+	siteWriter  = 1024
+	siteDelNil  = 2048
+	siteDelIn   = 4096
+	siteDelDone = 8192
+	siteDeep    = 16384
+	siteCalib   = 32768
+
+	// enum mg_key
+	keyNone = 0
+	keyU32  = 1
+	keyU64  = 2
+	keyStr  = 3
+	keyPtr  = 4
 
 	// enum mg_reg: where a site finds the map and its type.
 	regAX    = 0
@@ -117,6 +163,12 @@ const (
 	regNone  = 3
 	regHome0 = 4 // the probed function's first register argument's spill slot, [BP+16]
 	regHome1 = 5 // its second's, [BP+24]
+	regDX    = 6
+	regSI    = 7
+	regDI    = 8
+
+	// calibIndex is the site index of the cost calibration's probe.
+	calibIndex = maxSites - 1
 
 	pollInterval = 100 * time.Millisecond
 	// aggInterval is how often aggregated counts are reported.
@@ -207,6 +259,83 @@ func missBlocks(code []byte, entry uint64, callee func(uint64) string) ([]found,
 	}
 	return fs, nil
 }
+
+// Deep kinds probe every operation of a kind: opt-in, under the budget.
+var deepKinds = map[decode.Kind]bool{
+	decode.MissingKeyDelete: true,
+	decode.NilMapDelete:     true,
+	decode.SharedWriters:    true,
+}
+
+// Op is a kind of map operation, for operation statistics.
+type Op uint8
+
+const (
+	OpRead Op = iota + 1
+	OpWrite
+	OpDelete
+	OpIterate
+)
+
+func (o Op) String() string {
+	switch o {
+	case OpRead:
+		return "read"
+	case OpWrite:
+		return "write"
+	case OpDelete:
+		return "delete"
+	case OpIterate:
+		return "iterate"
+	}
+	return "op(" + fmt.Sprint(uint8(o)) + ")"
+}
+
+// OpStat is the number of operations of one kind at one call site.
+type OpStat struct {
+	Op      Op
+	Site    decode.Frame
+	MapType string
+	Count   uint64
+}
+
+// deepFunc is a runtime map entry point that deep watching probes after its
+// stack check (an emulated PUSHQ BP): the type is in AX, the map in BX and
+// the key from CX.
+type deepFunc struct {
+	name string
+	op   Op
+	key  uint8 // deletes: enum mg_key
+}
+
+var deepFuncs = []deepFunc{
+	{"runtime.mapaccess1", OpRead, 0},
+	{"runtime.mapaccess2", OpRead, 0},
+	{"runtime.mapaccess1_fast32", OpRead, 0},
+	{"runtime.mapaccess2_fast32", OpRead, 0},
+	{"runtime.mapaccess1_fast64", OpRead, 0},
+	{"runtime.mapaccess2_fast64", OpRead, 0},
+	{"runtime.mapaccess1_faststr", OpRead, 0},
+	{"runtime.mapaccess2_faststr", OpRead, 0},
+	{"runtime.mapassign", OpWrite, 0},
+	{"runtime.mapassign_fast32", OpWrite, 0},
+	{"runtime.mapassign_fast32ptr", OpWrite, 0},
+	{"runtime.mapassign_fast64", OpWrite, 0},
+	{"runtime.mapassign_fast64ptr", OpWrite, 0},
+	{"runtime.mapassign_faststr", OpWrite, 0},
+	{"runtime.mapdelete", OpDelete, keyPtr},
+	{"runtime.mapdelete_fast32", OpDelete, keyU32},
+	{"runtime.mapdelete_fast64", OpDelete, keyU64},
+	{"runtime.mapdelete_faststr", OpDelete, keyStr},
+	{"runtime.mapIterStart", OpIterate, 0},
+}
+
+// deleteDoneFunc is where a delete's outcome is checked: the JNE guarding
+// (*Map).Delete's call of rand (if m.used == 0).
+const (
+	deleteDoneFunc = "internal/runtime/maps.(*Map).Delete"
+	deleteDoneCall = "internal/runtime/maps.rand"
+)
 
 // The start-up canary is a nil-map write through the generic
 // runtime.mapassign, whose site is attached whatever kinds are watched.

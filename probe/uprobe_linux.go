@@ -67,20 +67,41 @@ type uprobes struct {
 	aggRaw  []byte
 	// Crash records: the pinned map and its path, this process's key, and
 	// records of earlier processes waiting to be delivered by the reader.
-	crashes     *ebpf.Map
-	crashPath   string
-	crashErr    string
-	pending     []crashRecord
-	own         *ownBinary
+	crashes   *ebpf.Map
+	crashPath string
+	crashErr  string
+	pending   []crashRecord
+	own       *ownBinary
+
+	offsets *rt.Offsets
+	// Deep watching and its budget governor (see govern).
+	deep        bool
+	hitCost     time.Duration // calibrated at Start
+	deepArmed   bool
+	deepTokens  float64 // CPU nanoseconds deep probes may still spend
+	deepLast    uint64  // deep_hits at the last tick
+	deepOffTill time.Time
+	deepWatched time.Duration
+	deepSince   time.Time
+	deepLastGov time.Time
+	wakeReader  *ringbuf.Reader
+	wakeDone    chan struct{}
+	deepDetach  atomic.Int64
+	deepHitsVar *ebpf.Variable
+	deepLimit   *ebpf.Variable
+	statsDec    *decode.Decoder // OpStats' own decoder, under mu
 	lastDropped uint64
 	stopping    bool // teardown has begun
 	running     bool // Start succeeded
 }
 
 type site struct {
-	index uint32
-	kind  decode.Kind
-	fn    symbols.Func
+	index   uint32
+	kind    decode.Kind
+	fn      symbols.Func
+	deep    bool
+	op      Op
+	keyMode uint8
 	found
 	link     link.Link // nil while disarmed
 	disarms  int
@@ -115,6 +136,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	}()
 
 	offsets, err := rt.Load()
+	u.offsets = offsets
 	switch {
 	case errors.Is(err, rt.ErrUnknownRuntime):
 		return fmt.Errorf("start probe: %w: %w", ErrNotSupported, err)
@@ -155,6 +177,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	dcfg := decoderConfig(offsets, clock)
 	dcfg.StackDepth = u.cfg.StackDepth
 	dcfg.Probes = probes
+	dcfg.Redact = u.cfg.CaptureKeys
 	if u.cfg.MissingKeyScope != nil {
 		miss := decode.NewScope(u.cfg.MissingKeyScope...)
 		dcfg.MissScope = &miss
@@ -183,7 +206,15 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
 	}
 
+	if u.deep {
+		if u.hitCost, err = u.calibrateLocked(bin); err != nil {
+			return fmt.Errorf("start probe: calibrate the cost of a hit: %w", err)
+		}
+	}
 	for _, s := range u.sites {
+		if s.deep {
+			continue // armed after the canary, under the budget
+		}
 		if err := u.armLocked(s); err != nil {
 			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
 				return fmt.Errorf("start probe: attach %s+%#x: %w: %w", s.fn.Name, s.at.Offset, ErrPermission, err)
@@ -194,6 +225,14 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 
 	if err := u.checkCanaryLocked(ctx); err != nil {
 		return err
+	}
+	if u.deep {
+		if err := u.startGovernorLocked(); err != nil {
+			return fmt.Errorf("start probe: budget governor: %w", err)
+		}
+		if err := u.startDeepLocked(time.Now()); err != nil {
+			return fmt.Errorf("start probe: deep watching: %w", err)
+		}
 	}
 	u.running = true
 	u.log.V(4).Info("probe started", "sites", len(u.sites), "inactive", len(u.inactive),
@@ -217,6 +256,11 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 	}
 	var wants []want
 	for _, kind := range u.cfg.kinds() {
+		if deepKinds[kind] {
+			u.watched[kind] = true
+			u.deep = true
+			continue
+		}
 		ts, ok := targets[kind]
 		if !ok {
 			return fmt.Errorf("start probe: kind %s: %w", kind, ErrNotSupported)
@@ -259,7 +303,113 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 			}
 		}
 	}
+	if u.cfg.OpStats {
+		u.deep = true
+	}
+	if u.deep {
+		return u.chooseDeepSites(bin, callee)
+	}
 	return nil
+}
+
+// chooseDeepSites adds one site per map entry point after its stack check,
+// flagged for what deep watching was asked for, and the site where a
+// delete's outcome is known.
+func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) string) error {
+	add := func(kind decode.Kind, fn symbols.Func, f found, op Op, key uint8) error {
+		if len(u.sites) == calibIndex {
+			return fmt.Errorf("start probe: more than %d sites", calibIndex)
+		}
+		if f.at.Framed {
+			f.flags |= siteFramed
+		}
+		f.flags |= siteDeep
+		u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: kind, fn: fn, found: f, deep: true, op: op, keyMode: key})
+		return nil
+	}
+	for _, d := range deepFuncs {
+		var flags uint32
+		kind := decode.Kind(0)
+		if u.cfg.OpStats {
+			flags |= siteCount
+		}
+		switch d.op {
+		case OpWrite:
+			if u.watched[decode.SharedWriters] {
+				flags |= siteWriter
+				kind = decode.SharedWriters
+			}
+		case OpDelete:
+			if u.watched[decode.NilMapDelete] {
+				flags |= siteDelNil
+				kind = decode.NilMapDelete
+			}
+			if u.watched[decode.MissingKeyDelete] {
+				flags |= siteDelIn
+				kind = decode.MissingKeyDelete
+			}
+		}
+		if flags == 0 {
+			continue
+		}
+		fn, ok := bin.Func(d.name)
+		if !ok {
+			u.inactive = append(u.inactive, Inactive{kind, d.name, "not in binary"})
+			continue
+		}
+		code, err := bin.Code(fn)
+		if err != nil {
+			return fmt.Errorf("start probe: read %s: %w", d.name, err)
+		}
+		at, err := symbols.EntrySite(code)
+		if err != nil {
+			u.inactive = append(u.inactive, Inactive{kind, d.name, err.Error()})
+			continue
+		}
+		if err := add(kind, fn, found{at, flags, regBX, regAX}, d.op, d.key); err != nil {
+			return err
+		}
+	}
+	if !u.watched[decode.MissingKeyDelete] {
+		return nil
+	}
+	fn, ok := bin.Func(deleteDoneFunc)
+	if !ok {
+		u.inactive = append(u.inactive, Inactive{decode.MissingKeyDelete, deleteDoneFunc, "not in binary"})
+		return nil
+	}
+	code, err := bin.Code(fn)
+	if err != nil {
+		return fmt.Errorf("start probe: read %s: %w", deleteDoneFunc, err)
+	}
+	at, reg, err := deleteDoneSite(code, fn.Entry, callee)
+	if err != nil {
+		u.inactive = append(u.inactive, Inactive{decode.MissingKeyDelete, deleteDoneFunc, err.Error()})
+		return nil
+	}
+	return add(decode.MissingKeyDelete, fn, found{at, siteDelDone, reg, regNone}, OpDelete, keyNone)
+}
+
+// deleteDoneSite finds the branch in (*Map).Delete after the entry was
+// removed, if it was there: if m.used == 0 { m.seed = rand() }.
+func deleteDoneSite(code []byte, entry uint64, callee func(uint64) string) (symbols.Site, uint8, error) {
+	calls, err := symbols.CallSites(code, entry, callee, deleteDoneCall)
+	if err != nil {
+		return symbols.Site{}, 0, err
+	}
+	if len(calls) != 1 {
+		return symbols.Site{}, 0, fmt.Errorf("%d calls of %s, want 1", len(calls), deleteDoneCall)
+	}
+	at, reg, err := symbols.GuardedCallSite(code, calls[0])
+	if err != nil {
+		return symbols.Site{}, 0, err
+	}
+	regs := map[string]uint8{"AX": regAX, "BX": regBX, "CX": regCX, "DX": regDX, "SI": regSI, "DI": regDI}
+	r, ok := regs[reg]
+	if !ok {
+		return symbols.Site{}, 0, fmt.Errorf("map in %s", reg)
+	}
+	return at, r, nil
 }
 
 // decoderConfig is the decoding shared by the live reader and crash
@@ -371,6 +521,11 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		bpf.MapguardVarTableCapacityOffset:   o.TableCapacity,
 		bpf.MapguardVarTableLocalDepthOffset: o.TableLocalDepth,
 		bpf.MapguardVarCrashKey:              uint64(os.Getpid()),
+		bpf.MapguardVarKeySalt:               randomSalt(),
+		bpf.MapguardVarCaptureKeys:           uint32(boolInt(u.cfg.CaptureKeys != nil)),
+		bpf.MapguardVarSharedWindowNs:        uint64(u.cfg.sharedWindow()),
+		bpf.MapguardVarMapTypeKeyOffset:      o.MapTypeKey,
+		bpf.MapguardVarTypeSizeOffset:        o.TypeSize,
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return fmt.Errorf("start probe: set %s: %w", name, err)
@@ -379,6 +534,9 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	spec.Maps[bpf.MapguardMapEvents].MaxEntries = ringSize(u.cfg.bufferSize())
 	// The empty program is for benchmarks; do not load it at every Start.
 	delete(spec.Programs, bpf.MapguardProgMapguardEmpty)
+	if !u.deep {
+		delete(spec.Programs, bpf.MapguardProgMapguardDeep)
+	}
 	if u.multi {
 		for _, p := range spec.Programs {
 			p.AttachType = ebpf.AttachTraceUprobeMulti
@@ -409,12 +567,14 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	}
 	u.coll = coll
 	u.stats = coll.Variables[bpf.MapguardVarStats]
+	u.deepHitsVar = coll.Variables[bpf.MapguardVarDeepHits]
+	u.deepLimit = coll.Variables[bpf.MapguardVarDeepLimit]
 	u.ignore = coll.Maps[bpf.MapguardMapIgnoredGoids]
 	u.aggs = coll.Maps[bpf.MapguardMapAggs]
 
 	sitesMap := coll.Maps[bpf.MapguardMapSites]
 	for _, s := range u.sites {
-		conf := bpf.MapguardSiteConf{Kind: uint8(s.kind), Flags: s.flags, MapReg: s.mapReg, TypReg: s.typReg}
+		conf := bpf.MapguardSiteConf{Kind: uint8(s.kind), Flags: s.flags, MapReg: s.mapReg, TypReg: s.typReg, KeyMode: s.keyMode}
 		if err := sitesMap.Put(s.index, conf); err != nil {
 			return fmt.Errorf("start probe: configure site: %w", err)
 		}
@@ -437,6 +597,9 @@ func (u *uprobes) armLocked(s *site) error {
 		return nil
 	}
 	prog := u.coll.Programs[bpf.MapguardProgMapguardSite]
+	if s.deep || s.flags&siteCalib != 0 {
+		prog = u.coll.Programs[bpf.MapguardProgMapguardDeep]
+	}
 	off := s.fn.FileOffset + s.at.Offset
 	var (
 		l   link.Link
@@ -563,6 +726,7 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 		u.log.Error(err, "bad record")
 		return
 	}
+
 	if err := u.decoder.Decode(raw, ev); err != nil {
 		owned := errors.Is(err, decode.ErrRuntimeOwned) || errors.Is(err, decode.ErrStdlib)
 		if owned || errors.Is(err, decode.ErrOutOfScope) {
@@ -597,6 +761,13 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 	if !u.watched[ev.Kind] {
 		return // the canary's site, its kind not watched
 	}
+	if deepKinds[ev.Kind] {
+		ev.Sampled = u.deepDetach.Load() > 0
+		if ev.Kind == decode.SharedWriters && u.excluded(ev) {
+			u.outOfScope[h.Site].Add(1)
+			return
+		}
+	}
 	if v := u.log.V(8); v.Enabled() {
 		v.Info("event", "kind", ev.Kind.String(), "site", ev.Site.String())
 	}
@@ -620,6 +791,7 @@ func (u *uprobes) tick(now time.Time) {
 		u.lastAgg = now
 		u.flushAggsLocked()
 	}
+	u.governLocked(now)
 	limit := u.cfg.siteRateLimit()
 	u.readCounters()
 	var dropped uint64
@@ -632,6 +804,9 @@ func (u *uprobes) tick(now time.Time) {
 		u.lastDropped = dropped
 	}
 	for _, s := range u.sites {
+		if s.deep {
+			continue // the budget governor's
+		}
 		if s.link == nil {
 			if !s.rearmAt.IsZero() && !now.Before(s.rearmAt) {
 				if err := u.armLocked(s); err != nil {
@@ -738,13 +913,15 @@ func (u *uprobes) Ignore(goid uint64) error {
 func (u *uprobes) Stats() Stats {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	st := Stats{Inactive: append([]Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr}
+	st := Stats{Inactive: append([]Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
+		Deep: u.deepStatsLocked(time.Now())}
 	if u.coll != nil {
 		u.readCounters()
 	}
 	for _, s := range u.sites {
 		ss := SiteStats{
 			Kind:     s.kind,
+			Deep:     s.deep,
 			Function: s.fn.Name,
 			Offset:   s.at.Offset,
 			Inst:     s.at.Inst,
@@ -800,6 +977,15 @@ func (u *uprobes) teardownLocked() {
 		s.link = nil
 	}
 	wg.Wait()
+	if u.wakeReader != nil {
+		u.wakeReader.Close() // the governor goroutine returns
+		if u.wakeDone != nil {
+			u.mu.Unlock()
+			<-u.wakeDone // it may be waiting for u.mu
+			u.mu.Lock()
+		}
+		u.wakeReader, u.wakeDone = nil, nil
+	}
 	if u.reader != nil {
 		if u.done != nil {
 			u.reader.Flush() // the reader drains the ring, then returns on ErrFlushed

@@ -36,22 +36,29 @@ func TestWireMatchesBPF(t *testing.T) {
 		"detail_len": {unsafe.Offsetof(ev.DetailLen), 54},
 		"cap":        {unsafe.Offsetof(ev.Cap), 56},
 		"aux":        {unsafe.Offsetof(ev.Aux), 64},
-		"pcs":        {unsafe.Offsetof(ev.Pcs), 72},
-		"detail":     {unsafe.Offsetof(ev.Detail), 200},
+		"peer_goid":  {unsafe.Offsetof(ev.PeerGoid), 72},
+		"peer_pc":    {unsafe.Offsetof(ev.PeerPc), 80},
+		"key_hash":   {unsafe.Offsetof(ev.KeyHash), 88},
+		"key_len":    {unsafe.Offsetof(ev.KeyLen), 96},
+		"pcs":        {unsafe.Offsetof(ev.Pcs), 104},
+		"detail":     {unsafe.Offsetof(ev.Detail), 232},
 	} {
 		if off[0] != off[1] {
 			t.Errorf("field %s at %d in BPF, decode reads it at %d", name, off[0], off[1])
 		}
 	}
 	for c, k := range map[bpf.MapguardMgKind]decode.Kind{
-		bpf.MapguardMgKindMG_KIND_NIL_MAP_WRITE:     decode.NilMapWrite,
-		bpf.MapguardMgKindMG_KIND_NIL_MAP_READ:      decode.NilMapRead,
-		bpf.MapguardMgKindMG_KIND_MAP_GROWTH:        decode.MapGrowth,
-		bpf.MapguardMgKindMG_KIND_MISSING_KEY_READ:  decode.MissingKeyRead,
-		bpf.MapguardMgKindMG_KIND_UNHASHABLE_KEY:    decode.UnhashableKey,
-		bpf.MapguardMgKindMG_KIND_MAP_BLOAT:         decode.MapBloat,
-		bpf.MapguardMgKindMG_KIND_CONCURRENT_MISUSE: decode.ConcurrentMisuse,
-		bpf.MapguardMgKindMG_KIND_PREVIOUS_CRASH:    decode.PreviousCrash,
+		bpf.MapguardMgKindMG_KIND_NIL_MAP_WRITE:      decode.NilMapWrite,
+		bpf.MapguardMgKindMG_KIND_NIL_MAP_READ:       decode.NilMapRead,
+		bpf.MapguardMgKindMG_KIND_MAP_GROWTH:         decode.MapGrowth,
+		bpf.MapguardMgKindMG_KIND_MISSING_KEY_READ:   decode.MissingKeyRead,
+		bpf.MapguardMgKindMG_KIND_UNHASHABLE_KEY:     decode.UnhashableKey,
+		bpf.MapguardMgKindMG_KIND_MAP_BLOAT:          decode.MapBloat,
+		bpf.MapguardMgKindMG_KIND_CONCURRENT_MISUSE:  decode.ConcurrentMisuse,
+		bpf.MapguardMgKindMG_KIND_PREVIOUS_CRASH:     decode.PreviousCrash,
+		bpf.MapguardMgKindMG_KIND_MISSING_KEY_DELETE: decode.MissingKeyDelete,
+		bpf.MapguardMgKindMG_KIND_NIL_MAP_DELETE:     decode.NilMapDelete,
+		bpf.MapguardMgKindMG_KIND_SHARED_WRITERS:     decode.SharedWriters,
 	} {
 		if uint32(c) != uint32(k) {
 			t.Errorf("BPF kind %d is decode kind %v (%d)", c, k, k)

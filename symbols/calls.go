@@ -421,3 +421,54 @@ func sxIsRel(in *Inst) bool {
 	_, ok := in.x.Args[0].(x86asm.Rel)
 	return ok
 }
+
+// GuardedCallSite finds, for a call that runs only when a map became empty
+// (CALL internal/runtime/maps.rand in (*Map).Delete, under if m.used == 0),
+// the conditional branch that guards it, and the register holding the map
+// there:
+//
+//	CMPQ 0(R), $0     // m.used == 0 ?
+//	JNE  past         // the site: emulated, and run once per delete
+//	[NOPs]
+//	CALL target
+//
+// call is the CALL's site, as CallSites returns it. The branch must jump
+// forward past the CALL; R is returned by its Go assembler name ("CX").
+// Every error wraps ErrUnrecognized.
+func GuardedCallSite(code []byte, call Site) (Site, string, error) {
+	insts, p, err := sxDecodeFunc(code)
+	if err != nil {
+		return Site{}, "", err
+	}
+	f := sxNewFunc(insts)
+	ci, ok := f.boundary(int64(call.Offset))
+	if !ok || insts[ci].Op != x86asm.CALL {
+		return Site{}, "", sxReject("no CALL at +%#x", call.Offset)
+	}
+	j := ci - 1
+	for j >= 0 && insts[j].Op == x86asm.NOP {
+		j--
+	}
+	if j < 1 || insts[j].Op != x86asm.JNE || !insts[j].plain {
+		return Site{}, "", sxReject("no JNE guarding the call at +%#x", call.Offset)
+	}
+	t, ok := sxRel(&insts[j])
+	if !ok || t <= int64(insts[ci].Offset) {
+		return Site{}, "", sxReject("the branch at +%#x does not jump past the call", insts[j].Offset)
+	}
+	cmp := &insts[j-1]
+	if cmp.Op != x86asm.CMP || cmp.legacy {
+		return Site{}, "", sxReject("no CMPQ before the branch at +%#x", insts[j].Offset)
+	}
+	mem, ok := cmp.x.Args[0].(x86asm.Mem)
+	imm, iok := cmp.x.Args[1].(x86asm.Imm)
+	if !ok || !iok || imm != 0 || mem.Disp != 0 || mem.Index != 0 || mem.Segment != 0 || cmp.x.MemBytes != 8 {
+		return Site{}, "", sxReject("the compare at +%#x is not CMPQ 0(R), $0", cmp.Offset)
+	}
+	reg, full, ok := sxGPR(mem.Base)
+	if !ok || !full || p.FrameSet == 0 || insts[j].Offset < p.FrameSet {
+		return Site{}, "", sxReject("the compare at +%#x has no general base register or is before the frame set-up", cmp.Offset)
+	}
+	name := [...]string{"AX", "CX", "DX", "BX", "SP", "BP", "SI", "DI", "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"}[reg]
+	return sxSite(&insts[j], true), name, nil
+}

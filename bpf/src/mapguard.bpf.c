@@ -31,6 +31,14 @@ volatile const __u64 table_capacity_offset = 0;   // table.capacity (u16)
 volatile const __u64 table_local_depth_offset = 0; // table.localDepth (u8)
 // Key of this process's entry in crashes (its PID as the process sees it).
 volatile const __u64 crash_key = 0;
+// Deep watching: the salt of key hashes, whether key prefixes leave the
+// kernel (Options.CaptureKeys), the window within which two writers of one
+// map are reported, and MapType.Key / Type.Size_ for generic keys.
+volatile const __u64 key_salt = 0;
+volatile const __u32 capture_keys = 0;
+volatile const __u64 shared_window_ns = 0;
+volatile const __u64 map_type_key_offset = 0;
+volatile const __u64 type_size_offset = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -43,6 +51,11 @@ struct {
 // mapping: no system call, and no Go reflection (which would itself read the
 // runtime's nil type map and hit our own probes).
 struct site_stats stats[MG_MAX_SITES];
+
+// Hits of MG_SITE_DEEP sites, and the count at which the reader is woken to
+// detach them (set by user space from the budget left).
+__u64 deep_hits;
+__u64 deep_limit;
 
 // Goroutines whose hits are ignored: the Guard's own reader and dispatcher.
 struct {
@@ -80,6 +93,30 @@ struct {
 	__type(value, struct crash);
 } crashes SEC(".maps");
 
+// Deletes in progress, by goroutine id.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct pending_delete);
+} deletes SEC(".maps");
+
+// The last writers of each map, by map address, and the last map each
+// goroutine wrote (for the other side of a fatal concurrent write).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, struct writers);
+} map_writers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} goid_map SEC(".maps");
+
 // Room to build one record: it is too large for the BPF stack.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -87,6 +124,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct event);
 } scratch SEC(".maps");
+
+// Wake-ups of the budget governor, apart from events so that a flood of
+// events cannot crowd them out.
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} wakeups SEC(".maps");
 
 // The loader sets max_entries from Options.BufferSize.
 struct {
@@ -100,6 +144,7 @@ const enum mg_kind *unused_kind __attribute__((unused));
 const struct crash *unused_crash __attribute__((unused));
 const struct agg_key *unused_agg_key __attribute__((unused));
 const struct agg_val *unused_agg_val __attribute__((unused));
+const enum mg_key *unused_key __attribute__((unused));
 
 static __always_inline __u64 read_u64(__u64 addr)
 {
@@ -129,7 +174,7 @@ static __always_inline __u64 read_u8(__u64 addr)
 // ctx at fixed offsets up front: the verifier rejects a ctx load at an offset
 // computed from the site's configuration.
 struct args {
-	__u64 ax, bx, cx, bp;
+	__u64 ax, bx, cx, dx, si, di, bp;
 };
 
 static __always_inline __u64 arg_reg(const struct args *a, __u8 reg)
@@ -141,6 +186,12 @@ static __always_inline __u64 arg_reg(const struct args *a, __u8 reg)
 		return a->bx;
 	case MG_REG_CX:
 		return a->cx;
+	case MG_REG_DX:
+		return a->dx;
+	case MG_REG_SI:
+		return a->si;
+	case MG_REG_DI:
+		return a->di;
 	case MG_REG_HOME0:
 		return read_u64(a->bp + 16);
 	case MG_REG_HOME1:
@@ -238,8 +289,145 @@ static __always_inline void walk_frames(struct pt_regs *ctx, __u8 framed, struct
 	}
 }
 
-SEC("uprobe")
-int mapguard_site(struct pt_regs *ctx)
+// Per-CPU room for a key while it is hashed.
+struct keybuf {
+	char b[MG_KEY_HASHED];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct keybuf);
+} keys SEC(".maps");
+
+// read_key hashes the key a delete site was given (salted FNV-1a over its
+// first MG_KEY_HASHED bytes) and, only if capture_keys is set, keeps its
+// first MG_KEY_PREFIX bytes in p. Without capture_keys no key byte is
+// written anywhere user space can read.
+static __always_inline void read_key(const struct args *a, __u8 mode, __u64 typ, struct pending_delete *p)
+{
+	__u32 zero = 0;
+	struct keybuf *kb = bpf_map_lookup_elem(&keys, &zero);
+	p->key_hash = 0;
+	p->key_len = 0;
+	p->prefix_len = 0;
+	if (!kb || mode == MG_KEY_NONE)
+		return;
+	// No stale bytes of an earlier key may follow a short one.
+	__builtin_memset(kb->b, 0, sizeof(kb->b));
+	__u64 n = 0;
+	switch (mode) {
+	case MG_KEY_U32:
+		*(__u32 *)kb->b = (__u32)a->cx;
+		n = 4;
+		break;
+	case MG_KEY_U64:
+		*(__u64 *)kb->b = a->cx;
+		n = 8;
+		break;
+	case MG_KEY_STR:
+		p->key_len = (__u32)a->di;
+		n = a->di;
+		if (n > MG_KEY_HASHED)
+			n = MG_KEY_HASHED;
+		if (n && bpf_probe_read_user(kb->b, n & (MG_KEY_HASHED * 2 - 1), (const void *)a->cx) < 0)
+			return;
+		break;
+	case MG_KEY_PTR: {
+		__u64 ktyp = typ ? read_u64(typ + map_type_key_offset) : 0;
+		__u64 size = ktyp ? read_u64(ktyp + type_size_offset) : 0;
+		p->key_len = (__u32)size;
+		n = size;
+		if (n > MG_KEY_HASHED)
+			n = MG_KEY_HASHED;
+		if (n && bpf_probe_read_user(kb->b, n & (MG_KEY_HASHED * 2 - 1), (const void *)a->cx) < 0)
+			return;
+		break;
+	}
+	default:
+		return;
+	}
+	if (mode == MG_KEY_U32 || mode == MG_KEY_U64)
+		p->key_len = (__u32)n;
+	__u64 h = 14695981039346656037ULL ^ key_salt;
+	for (int i = 0; i < MG_KEY_HASHED; i++) {
+		if (i >= n)
+			break;
+		h ^= (__u8)kb->b[i];
+		h *= 1099511628211ULL;
+	}
+	p->key_hash = h;
+	if (capture_keys) {
+		__builtin_memcpy(p->prefix, kb->b, MG_KEY_PREFIX);
+		p->prefix_len = (__u32)(n < MG_KEY_PREFIX ? n : MG_KEY_PREFIX);
+	}
+}
+
+// count adds one to the (site, caller PC) count of an operation-statistics
+// site.
+static __always_inline void count_op(__u32 index, __u64 pc)
+{
+	struct agg_key key = {.site = index, .pc = pc};
+	struct agg_val *v = bpf_map_lookup_elem(&aggs, &key);
+	if (v) {
+		__sync_fetch_and_add(&v->count, 1);
+		return;
+	}
+	struct agg_val one = {.count = 1};
+	bpf_map_update_elem(&aggs, &key, &one, BPF_NOEXIST);
+}
+
+// note_writer records goid as the latest writer of m and returns 1 if
+// another goroutine wrote m within shared_window_ns and m was not reported
+// yet; then *peer_goid and *peer_pc name it.
+static __always_inline int note_writer(__u64 m, __u64 goid, __u64 pc, __u64 now, __u64 *peer_goid, __u64 *peer_pc)
+{
+	bpf_map_update_elem(&goid_map, &goid, &m, 0);
+	struct writers *w = bpf_map_lookup_elem(&map_writers, &m);
+	if (!w) {
+		struct writers fresh = {.goid = {goid, 0}, .pc = {pc, 0}, .time_ns = {now, 0}};
+		bpf_map_update_elem(&map_writers, &m, &fresh, BPF_NOEXIST);
+		return 0;
+	}
+	if (w->goid[0] != goid) {
+		w->goid[1] = w->goid[0];
+		w->pc[1] = w->pc[0];
+		w->time_ns[1] = w->time_ns[0];
+	}
+	w->goid[0] = goid;
+	w->pc[0] = pc;
+	w->time_ns[0] = now;
+	if (w->goid[1] == 0 || w->reported || now - w->time_ns[1] > shared_window_ns)
+		return 0;
+	w->reported = 1;
+	*peer_goid = w->goid[1];
+	*peer_pc = w->pc[1];
+	return 1;
+}
+
+// crash_peer finds, for a goroutine about to die of a concurrent map
+// misuse, the other goroutine that last wrote the map it last wrote (known
+// only while writers are tracked).
+static __always_inline void crash_peer(__u64 goid, struct event *e)
+{
+	__u64 *m = bpf_map_lookup_elem(&goid_map, &goid);
+	if (!m)
+		return;
+	__u64 key = *m;
+	struct writers *w = bpf_map_lookup_elem(&map_writers, &key);
+	if (!w)
+		return;
+	int i = w->goid[0] == goid ? 1 : 0;
+	if (w->goid[i] == 0 || w->goid[i] == goid)
+		return;
+	e->peer_goid = w->goid[i];
+	e->peer_pc = w->pc[i];
+}
+
+// handle is both programs: deep is a constant, so that each program holds
+// only its own half and the verifier explores fewer paths.
+static __always_inline int handle(struct pt_regs *ctx, const int deep)
 {
 	__u32 index = (__u32)bpf_get_attach_cookie(ctx);
 	if (index >= MG_MAX_SITES)
@@ -252,15 +440,25 @@ int mapguard_site(struct pt_regs *ctx)
 	__sync_fetch_and_add(&st->hits, 1);
 
 	__u32 flags = conf->flags;
-	struct args a = {ctx->rax, ctx->rbx, ctx->rcx, ctx->rbp};
+	if (deep && (flags & MG_SITE_CALIB))
+		return 0;
+	if (deep && (flags & MG_SITE_DEEP)) {
+		__u64 n = __sync_fetch_and_add(&deep_hits, 1) + 1;
+		if (n == deep_limit) {
+			// The budget is used up: wake the governor to detach deep sites.
+			__u64 site = index;
+			bpf_ringbuf_output(&wakeups, &site, sizeof(site), BPF_RB_FORCE_WAKEUP);
+		}
+	}
+	struct args a = {ctx->rax, ctx->rbx, ctx->rcx, ctx->rdx, ctx->rsi, ctx->rdi, ctx->rbp};
 	__u64 m = arg_reg(&a, conf->map_reg);
 	// A nil-or-empty block: only a nil map is an anomaly (or, for a
 	// missing-key site, only an empty one).
-	if (((flags & MG_SITE_NIL_ONLY) && m != 0) || ((flags & MG_SITE_NON_NIL) && m == 0)) {
+	if (!deep && (((flags & MG_SITE_NIL_ONLY) && m != 0) || ((flags & MG_SITE_NON_NIL) && m == 0))) {
 		__sync_fetch_and_add(&st->filtered, 1);
 		return 0;
 	}
-	if ((flags & MG_SITE_GROWTH) && !growth_due(m)) {
+	if (!deep && (flags & MG_SITE_GROWTH) && !growth_due(m)) {
 		__sync_fetch_and_add(&st->filtered, 1);
 		return 0;
 	}
@@ -273,7 +471,7 @@ int mapguard_site(struct pt_regs *ctx)
 		typ = 0;
 
 	__u64 capacity = 0;
-	if (flags & MG_SITE_BLOAT) {
+	if (!deep && (flags & MG_SITE_BLOAT)) {
 		// The map and type come from spill slots at some sites: a type
 		// that does not read back as a map type means they are not there.
 		capacity = (m && typ) ? map_capacity(m) : 0;
@@ -289,10 +487,66 @@ int mapguard_site(struct pt_regs *ctx)
 		return 0;
 	}
 
+	__u64 pc0 = (flags & MG_SITE_FRAMED) ? read_u64(ctx->rbp + 8) : read_u64(ctx->rsp);
+	__u8 ev_kind = conf->kind;
+	__u64 peer_goid = 0, peer_pc = 0;
+	struct pending_delete pd = {};
+
+	// Deep sites: counts, writers and deletes; most hits end here.
+	if (deep) {
+		int report = 0;
+		if (flags & MG_SITE_COUNT)
+			count_op(index, pc0);
+		if ((flags & MG_SITE_WRITER) && m &&
+		    note_writer(m, goid, pc0, bpf_ktime_get_ns(), &peer_goid, &peer_pc)) {
+			report = 1;
+			ev_kind = MG_KIND_SHARED_WRITERS;
+		}
+		if (flags & (MG_SITE_DEL_NIL | MG_SITE_DEL_ENTRY)) {
+			if (m == 0) {
+				if (flags & MG_SITE_DEL_NIL) {
+					report = 1;
+					ev_kind = MG_KIND_NIL_MAP_DELETE;
+					read_key(&a, conf->key_mode, typ, &pd);
+				}
+			} else if (flags & MG_SITE_DEL_ENTRY) {
+				read_key(&a, conf->key_mode, typ, &pd);
+				pd.used = read_u64(m + map_used_offset);
+				if (pd.used == 0) {
+					report = 1;
+					ev_kind = MG_KIND_MISSING_KEY_DELETE;
+				} else {
+					pd.map = m;
+					pd.typ = typ;
+					bpf_map_update_elem(&deletes, &goid, &pd, 0);
+				}
+			}
+		}
+		if (flags & MG_SITE_DEL_DONE) {
+			struct pending_delete *p = bpf_map_lookup_elem(&deletes, &goid);
+			if (p && p->map == m && m) {
+				__builtin_memcpy(&pd, p, sizeof(pd));
+				bpf_map_delete_elem(&deletes, &goid);
+				if (read_u64(m + map_used_offset) == pd.used) {
+					report = 1;
+					ev_kind = MG_KIND_MISSING_KEY_DELETE;
+					typ = pd.typ;
+				}
+			}
+		}
+		if (!report) {
+			if (flags & MG_SITE_COUNT)
+				__sync_fetch_and_add(&st->agg, 1);
+			else
+				__sync_fetch_and_add(&st->filtered, 1);
+			return 0;
+		}
+	}
+
 	// One event per call site, then counts: the caller's PC is the key.
-	if (flags & MG_SITE_AGG) {
+	if (!deep && (flags & MG_SITE_AGG)) {
 		struct agg_key key = {.site = index};
-		key.pc = (flags & MG_SITE_FRAMED) ? read_u64(ctx->rbp + 8) : read_u64(ctx->rsp);
+		key.pc = pc0;
 		struct agg_val *v = bpf_map_lookup_elem(&aggs, &key);
 		if (v) {
 			__sync_fetch_and_add(&v->count, 1);
@@ -312,7 +566,12 @@ int mapguard_site(struct pt_regs *ctx)
 	e->time_ns = bpf_ktime_get_ns();
 	e->goid = goid;
 	e->site = index;
-	e->kind = conf->kind;
+	e->kind = ev_kind;
+	e->peer_goid = peer_goid;
+	e->peer_pc = peer_pc;
+	e->key_hash = pd.key_hash;
+	e->key_len = pd.key_len;
+	e->_pad2 = 0;
 	e->count = 1;
 	e->map = m;
 	e->len = m ? read_u64(m + map_used_offset) : 0;
@@ -323,16 +582,20 @@ int mapguard_site(struct pt_regs *ctx)
 	e->typ = typ;
 
 	e->detail_len = 0;
-	if (flags & MG_SITE_STR) {
+	if (!deep && (flags & MG_SITE_STR)) {
 		read_detail(e, a.ax, a.bx);
-	} else if (flags & MG_SITE_ERR) {
+	} else if (!deep && (flags & MG_SITE_ERR)) {
 		// BX points at the boxed string header.
 		read_detail(e, read_u64(a.bx), read_u64(a.bx + 8));
+	} else if (deep && capture_keys && pd.prefix_len) {
+		__builtin_memcpy(e->detail, pd.prefix, MG_KEY_PREFIX);
+		e->detail_len = pd.prefix_len < MG_KEY_PREFIX ? pd.prefix_len : MG_KEY_PREFIX;
 	}
 
 	walk_frames(ctx, flags & MG_SITE_FRAMED, e);
 
-	if (flags & MG_SITE_CRASH) {
+	if (!deep && (flags & MG_SITE_CRASH)) {
+		crash_peer(goid, e);
 		__u64 ck = crash_key;
 		struct crash *c = bpf_map_lookup_elem(&crashes, &ck);
 		if (c) {
@@ -347,6 +610,22 @@ int mapguard_site(struct pt_regs *ctx)
 	}
 	__sync_fetch_and_add(&st->events, 1);
 	return 0;
+}
+
+// mapguard_site serves the always-on sites: nil maps, misses, growth,
+// bloat, the unhashable-key panic and the fatal error.
+SEC("uprobe")
+int mapguard_site(struct pt_regs *ctx)
+{
+	return handle(ctx, 0);
+}
+
+// mapguard_deep serves the deep sites (counts, writers, deletes) and the
+// cost calibration.
+SEC("uprobe")
+int mapguard_deep(struct pt_regs *ctx)
+{
+	return handle(ctx, 1);
 }
 
 // An empty program: the floor a uprobe costs whatever the program does. It is

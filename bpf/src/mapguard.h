@@ -28,6 +28,7 @@ enum {
 };
 
 #define BPF_RB_NO_WAKEUP 1
+#define BPF_RB_FORCE_WAKEUP 2
 #define BPF_NOEXIST 1
 
 // The x86-64 register file a uprobe program sees (struct pt_regs, UAPI names).
@@ -38,6 +39,7 @@ struct pt_regs {
 
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
+static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
 static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 flags) = (void *)130;
 static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
 static long (*bpf_probe_read_user)(void *dst, __u32 size, const void *unsafe_ptr) = (void *)112;
@@ -63,6 +65,18 @@ enum mg_kind {
 	MG_KIND_MAP_BLOAT = 6,
 	MG_KIND_CONCURRENT_MISUSE = 7,
 	MG_KIND_PREVIOUS_CRASH = 8,
+	MG_KIND_MISSING_KEY_DELETE = 9,
+	MG_KIND_NIL_MAP_DELETE = 10,
+	MG_KIND_SHARED_WRITERS = 11,
+};
+
+// Where a delete site finds the key (site_conf.key_mode).
+enum mg_key {
+	MG_KEY_NONE = 0,
+	MG_KEY_U32 = 1, // the value in CX (mapdelete_fast32)
+	MG_KEY_U64 = 2, // the value in CX (mapdelete_fast64)
+	MG_KEY_STR = 3, // a string in CX (data) and DI (length) (mapdelete_faststr)
+	MG_KEY_PTR = 4, // a pointer in CX to a key of the map type's key size (mapdelete)
 };
 
 // Where a site finds a value, for site_conf.map_reg and typ_reg: an
@@ -75,6 +89,9 @@ enum mg_reg {
 	MG_REG_NONE = 3,
 	MG_REG_HOME0 = 4,
 	MG_REG_HOME1 = 5,
+	MG_REG_DX = 6,
+	MG_REG_SI = 7,
+	MG_REG_DI = 8,
 };
 
 // site_conf.flags
@@ -87,13 +104,44 @@ enum mg_reg {
 #define MG_SITE_ERR 64     // AX, BX hold an interface whose data points at a Go string: copy it to detail
 #define MG_SITE_CRASH 128  // the process is about to die: also write the event to the crash record
 #define MG_SITE_BLOAT 256  // report when the map's capacity is at least growth_threshold slots
+// Deep sites, on hot paths (opt-in, under the Guard's CPU budget):
+#define MG_SITE_COUNT 512      // count per (site, caller PC) without events: operation statistics
+#define MG_SITE_WRITER 1024    // remember the map's last writers; report a second goroutine within shared_window_ns
+#define MG_SITE_DEL_NIL 2048   // a delete begins: report a nil map
+#define MG_SITE_DEL_ENTRY 4096 // a delete begins: report an empty map, else remember the map and its entries
+#define MG_SITE_DEL_DONE 8192  // a delete ended: report if the entries did not change since DEL_ENTRY
+#define MG_SITE_DEEP 16384     // counted against the budget: past deep_limit hits, wake the reader
+#define MG_SITE_CALIB 32768    // cost calibration: count the hit, nothing else
+
 
 struct site_conf {
 	__u8 kind;
-	__u8 map_reg; // enum mg_reg holding the map pointer
-	__u8 typ_reg; // enum mg_reg holding the map type
-	__u8 _pad;
+	__u8 map_reg;  // enum mg_reg holding the map pointer
+	__u8 typ_reg;  // enum mg_reg holding the map type
+	__u8 key_mode; // enum mg_key
 	__u32 flags;
+};
+
+#define MG_KEY_HASHED 64 // key bytes hashed at most
+#define MG_KEY_PREFIX 16 // key bytes captured at most (Options.CaptureKeys)
+
+// A delete in progress, by goroutine (MG_SITE_DEL_ENTRY -> MG_SITE_DEL_DONE).
+struct pending_delete {
+	__u64 map;
+	__u64 used;
+	__u64 typ;
+	__u64 key_hash;
+	__u32 key_len;
+	__u32 prefix_len;
+	char prefix[MG_KEY_PREFIX];
+};
+
+// The last two goroutines that wrote a map (MG_SITE_WRITER).
+struct writers {
+	__u64 goid[2]; // [0] the latest
+	__u64 pc[2];
+	__u64 time_ns[2];
+	__u64 reported;
 };
 
 // Counters for one site, updated atomically.
@@ -133,6 +181,11 @@ struct event {
 	__u8 _pad;
 	__u64 cap;   // MG_SITE_BLOAT: the map's capacity in slots
 	__u64 aux;   // spare, zero
+	__u64 peer_goid; // SharedWriters, ConcurrentMisuse: the other goroutine, 0 if unknown
+	__u64 peer_pc;   // and the return PC of its map call
+	__u64 key_hash;  // deletes: salted FNV-1a of the key's first MG_KEY_HASHED bytes
+	__u32 key_len;   // deletes: the key's length in bytes
+	__u32 _pad2;
 	__u64 pcs[MG_MAX_FRAMES]; // return PCs, innermost first: pcs[0] is the probed function's caller
 	char detail[MG_DETAIL_LEN]; // the runtime's message, for MG_SITE_STR and MG_SITE_ERR sites
 };

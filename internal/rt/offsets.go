@@ -19,6 +19,9 @@ type Offsets struct {
 	// MapTypeGroupSize and MapTypeSlotSize are the offsets of GroupSize and
 	// SlotSize in the map type (internal/abi.MapType; SwissMapType in 1.25).
 	MapTypeGroupSize, MapTypeSlotSize uint64
+	// MapTypeKey is the offset of the key type (*Type) in the map type, and
+	// TypeSize that of internal/abi.Type.Size_.
+	MapTypeKey, TypeSize uint64
 }
 
 // KindMask and KindMap decode internal/abi.Type.Kind_.

@@ -19,4 +19,6 @@ var known = &Offsets{
 	// MapType{Type (48 bytes); Key, Elem, Group *Type; Hasher func; GroupSize, SlotSize uintptr; ...}
 	MapTypeGroupSize: 80,
 	MapTypeSlotSize:  88,
+	MapTypeKey:       48,
+	TypeSize:         0,
 }

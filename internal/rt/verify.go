@@ -125,6 +125,16 @@ func verify(o *Offsets) error {
 	if gs, ss := *(*uintptr)(unsafe.Add(mt, o.MapTypeGroupSize)), *(*uintptr)(unsafe.Add(mt, o.MapTypeSlotSize)); gs != 8+8*16 || ss != 16 {
 		return mismatch("map type GroupSize %d, SlotSize %d, want 136 and 16", gs, ss)
 	}
+	// Key types and sizes: uint64 is 8 bytes, [3]int64 24.
+	for _, c := range []struct {
+		mt   unsafe.Pointer
+		size uintptr
+	}{{mt, 8}, {TypeOf(map[[3]int64]bool(nil)), 24}} {
+		kt := *(*unsafe.Pointer)(unsafe.Add(c.mt, o.MapTypeKey))
+		if kt == nil || *(*uintptr)(unsafe.Add(kt, o.TypeSize)) != c.size {
+			return mismatch("map key type size is not %d", c.size)
+		}
+	}
 	delete(large, 0)
 	if used := *(*uint64)(unsafe.Add(h, o.MapUsed)); used != n-1 {
 		return mismatch("map used after delete = %d, want %d", used, n-1)

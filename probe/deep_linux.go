@@ -1,0 +1,313 @@
+//go:build linux && amd64
+
+package probe
+
+// Deep watching: probes on every operation of a kind, kept inside a CPU
+// budget by detaching them part of the time.
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/mapguard/mapguard/bpf"
+	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/rt"
+	"github.com/mapguard/mapguard/symbols"
+)
+
+func randomSalt() uint64 {
+	var b [8]byte
+	rand.Read(b[:])
+	return binary.LittleEndian.Uint64(b[:])
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// calibrationSink keeps calibrationTarget's cold branch alive.
+var calibrationSink string
+
+// calibrationTarget is what the cost calibration probes: a function with a
+// stack check and a frame, so that its first instruction after the stack
+// check is PUSHQ BP, which the kernel emulates, as at the deep sites.
+//
+//go:noinline
+func calibrationTarget(n int) int {
+	if n < 0 {
+		calibrationSink = fmt.Sprint(n)
+	}
+	return n + 1
+}
+
+const (
+	calibrationFunc  = "github.com/mapguard/mapguard/probe.calibrationTarget"
+	calibrationCalls = 20000
+	// burstSeconds bounds the budget deep probes may save up: at most this
+	// many seconds' worth is spent at once.
+	burstSeconds = 1
+)
+
+// calibrateLocked measures what one hit of the BPF program costs on this
+// machine at an emulated instruction: the time of calibrationCalls calls
+// of calibrationTarget with a probe, minus without.
+func (u *uprobes) calibrateLocked(bin *symbols.Binary) (time.Duration, error) {
+	fn, ok := bin.Func(calibrationFunc)
+	if !ok {
+		return 0, errors.New("calibration function not in binary")
+	}
+	code, err := bin.Code(fn)
+	if err != nil {
+		return 0, err
+	}
+	at, err := symbols.EntrySite(code)
+	if err != nil {
+		return 0, err
+	}
+	if !at.Emulated {
+		return 0, fmt.Errorf("calibration site %s is not emulated", at.Inst)
+	}
+	s := &site{index: calibIndex, fn: fn, found: found{at: at, flags: siteCalib, mapReg: regNone, typReg: regNone}}
+	if err := u.coll.Maps[bpf.MapguardMapSites].Put(s.index, bpf.MapguardSiteConf{Flags: siteCalib}); err != nil {
+		return 0, err
+	}
+	run := func() time.Duration {
+		t0 := time.Now()
+		n := 0
+		for i := 0; i < calibrationCalls; i++ {
+			n = calibrationTarget(n)
+		}
+		d := time.Since(t0)
+		if n != calibrationCalls {
+			panic("calibration")
+		}
+		return d
+	}
+	base := run()
+	if err := u.armLocked(s); err != nil {
+		return 0, err
+	}
+	with := run()
+	l := s.link
+	s.link = nil
+	l.Close()
+	u.readCounters()
+	if hits := u.counters[calibIndex].Hits; hits != calibrationCalls {
+		return 0, fmt.Errorf("calibration probe hit %d times, want %d", hits, calibrationCalls)
+	}
+	cost := (with - base) / calibrationCalls
+	if cost <= 0 {
+		cost = time.Nanosecond
+	}
+	return cost, nil
+}
+
+// startGovernorLocked starts the goroutine that the BPF program wakes when
+// the deep probes have spent their budget, so that they are detached at
+// once rather than at the next tick.
+func (u *uprobes) startGovernorLocked() error {
+	r, err := ringbuf.NewReader(u.coll.Maps[bpf.MapguardMapWakeups])
+	if err != nil {
+		return err
+	}
+	u.wakeReader = r
+	u.wakeDone = make(chan struct{})
+	ready := make(chan error, 1)
+	go func() {
+		defer close(u.wakeDone)
+		ready <- u.ignore.Put(rt.GoID(), uint8(1))
+		var rec ringbuf.Record
+		for {
+			if err := r.ReadInto(&rec); err != nil {
+				return // closed
+			}
+			u.mu.Lock()
+			if !u.stopping {
+				u.governLocked(time.Now())
+			}
+			u.mu.Unlock()
+		}
+	}()
+	return <-ready
+}
+
+// startDeepLocked arms the deep sites with a full burst of budget.
+func (u *uprobes) startDeepLocked(now time.Time) error {
+	u.deepSince = now
+	u.deepLastGov = now
+	u.deepTokens = u.cfg.budget() * burstSeconds * 1e9
+	return u.armDeepLocked(now)
+}
+
+func (u *uprobes) armDeepLocked(now time.Time) error {
+	var hits uint64
+	if err := u.deepHitsVar.Get(&hits); err != nil {
+		return err
+	}
+	u.deepLast = hits
+	// Wake the reader when the tokens are spent, not at the next tick.
+	limit := hits + uint64(u.deepTokens/float64(u.hitCost)) + 1
+	if err := u.deepLimit.Set(limit); err != nil {
+		return err
+	}
+	var links []link.Link
+	for _, s := range u.sites {
+		if !s.deep {
+			continue
+		}
+		if err := u.armLocked(s); err != nil {
+			for _, l := range links {
+				l.Close()
+			}
+			return fmt.Errorf("attach %s+%#x: %w", s.fn.Name, s.at.Offset, err)
+		}
+		links = append(links, s.link)
+	}
+	u.deepArmed = true
+	return nil
+}
+
+func (u *uprobes) disarmDeepLocked() {
+	done := make(chan struct{})
+	n := 0
+	for _, s := range u.sites {
+		if s.deep && s.link != nil {
+			n++
+			go func(l link.Link) {
+				l.Close()
+				done <- struct{}{}
+			}(s.link)
+			s.link = nil
+		}
+	}
+	for ; n > 0; n-- {
+		<-done
+	}
+	u.deepArmed = false
+}
+
+// governLocked keeps deep watching inside its budget. Tokens (CPU
+// nanoseconds) accrue at Budget per second, up to burstSeconds' worth, and
+// every deep hit spends HitCost. When they run out (the BPF program wakes
+// the reader at that hit count), the deep probes are detached until the
+// debt is paid back; then they are attached again. The budget therefore
+// holds on average, over the time it takes to earn back one burst.
+func (u *uprobes) governLocked(now time.Time) {
+	if !u.deep || u.deepSince.IsZero() {
+		return
+	}
+	elapsed := now.Sub(u.deepLastGov)
+	if elapsed < 0 {
+		return
+	}
+	u.deepLastGov = now
+	var hits uint64
+	if err := u.deepHitsVar.Get(&hits); err != nil {
+		return
+	}
+	budget := u.cfg.budget()
+	u.deepTokens += budget * float64(elapsed)
+	u.deepTokens -= float64(hits-u.deepLast) * float64(u.hitCost)
+	u.deepTokens = min(u.deepTokens, budget*burstSeconds*1e9)
+	u.deepLast = hits
+	if u.deepArmed {
+		u.deepWatched += elapsed
+		if u.deepTokens <= 0 {
+			u.disarmDeepLocked()
+			u.deepDetach.Add(1)
+			u.deepOffTill = now.Add(time.Duration(-u.deepTokens / budget))
+			u.log.V(1).Info("deep probes detached: budget spent", "until", u.deepOffTill)
+			return
+		}
+		limit := hits + uint64(u.deepTokens/float64(u.hitCost)) + 1
+		u.deepLimit.Set(limit)
+		// Hits past the limit before it was set never wake the governor:
+		// look again at the next tick.
+		return
+	}
+	if !now.Before(u.deepOffTill) && u.deepTokens > 0 {
+		if err := u.armDeepLocked(now); err != nil {
+			u.log.Error(err, "re-arm deep probes")
+			u.deepOffTill = now.Add(5 * time.Second)
+		}
+	}
+}
+
+func (u *uprobes) deepStatsLocked(now time.Time) *DeepStats {
+	if !u.deep || u.deepSince.IsZero() {
+		return nil
+	}
+	var hits uint64
+	if u.deepHitsVar != nil {
+		u.deepHitsVar.Get(&hits)
+	}
+	d := &DeepStats{
+		HitCost:  u.hitCost,
+		Budget:   u.cfg.budget(),
+		Watched:  u.deepWatched,
+		Elapsed:  now.Sub(u.deepSince),
+		Hits:     hits,
+		Detaches: int(u.deepDetach.Load()),
+	}
+	if d.Elapsed > 0 {
+		d.DutyCycle = min(1, float64(d.Watched)/float64(d.Elapsed))
+		d.Overhead = float64(hits) * float64(u.hitCost) / float64(d.Elapsed)
+	}
+	return d
+}
+
+// excluded reports whether a SharedWriters event is excluded by the user.
+func (u *uprobes) excluded(ev *decode.Event) bool {
+	for _, x := range u.cfg.SharedExclude {
+		if ev.MapType == x || strings.HasPrefix(ev.Site.Function, x) {
+			return true
+		}
+	}
+	return false
+}
+
+// OpStats returns the operation counts per call site and kind, as counted
+// in the kernel since Start (while the deep probes were attached).
+func (u *uprobes) OpStats() []OpStat {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.aggs == nil || !u.cfg.OpStats {
+		return nil
+	}
+	if u.statsDec == nil {
+		clock, _ := newClock()
+		cfg := decoderConfig(u.offsets, clock)
+		cfg.Scope, cfg.MissScope = nil, nil
+		u.statsDec = decode.NewDecoder(cfg)
+	}
+	var (
+		key bpf.MapguardAggKey
+		val bpf.MapguardAggVal
+		ev  decode.Event
+		raw []byte
+		out []OpStat
+	)
+	it := u.aggs.Iterate()
+	for it.Next(&key, &val) {
+		if int(key.Site) >= len(u.sites) || u.sites[key.Site].flags&siteCount == 0 {
+			continue
+		}
+		s := u.sites[key.Site]
+		raw = decode.Record(raw, decode.NilMapRead, key.Site, 0, 0, val.Count, []uintptr{uintptr(key.Pc)}, "")
+		if err := u.statsDec.Decode(raw, &ev); err != nil && !errors.Is(err, decode.ErrRuntimeOwned) {
+			continue
+		}
+		out = append(out, OpStat{Op: s.op, Site: ev.Site, MapType: ev.MapType, Count: val.Count})
+	}
+	return out
+}
