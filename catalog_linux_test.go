@@ -307,9 +307,6 @@ func TestRealConcurrentMisuseCrash(t *testing.T) {
 		return
 	}
 	testutil.RequirePrivileged(t)
-	if testing.Short() {
-		t.Skip("runs child processes")
-	}
 	var (
 		pid    int
 		stderr string
@@ -384,6 +381,11 @@ func checkCrash(t *testing.T, ev mapguard.Event, pid int, stderr string) {
 	if len(ev.Stack) == 0 || ev.Stack[0] != ev.Site {
 		t.Errorf("stack %v", ev.Stack)
 	}
+	// The other writer, from the writers the child tracked: another
+	// goroutine at the same line.
+	if ev.Peer == nil || ev.Peer.Goroutine == ev.Goroutine || ev.Peer.Site.Line != ev.Site.Line {
+		t.Errorf("peer %+v, want the other writer", ev.Peer)
+	}
 	if ev.Time.IsZero() || time.Since(ev.Time) > time.Minute {
 		t.Errorf("time %v", ev.Time)
 	}
@@ -427,7 +429,12 @@ func tail(s string, lines int) string {
 // raceChild starts a Guard and races two writers until the runtime kills
 // the process.
 func raceChild() {
-	g, err := mapguard.New(mapguard.Options{})
+	// Tracking writers (deep watching, here with the whole CPU as budget)
+	// names the other goroutine of the race.
+	g, err := mapguard.New(mapguard.Options{
+		Detect: append(mapguard.DefaultKinds(), mapguard.SharedWriters),
+		Budget: 1,
+	})
 	if err != nil {
 		os.Exit(3)
 	}

@@ -177,8 +177,10 @@ func Rebase(raw []byte, delta int64) {
 		p := raw[offPCs+8*i:]
 		le.PutUint64(p, uint64(int64(le.Uint64(p))+delta))
 	}
-	if typ := le.Uint64(raw[offTyp:]); typ != 0 {
-		le.PutUint64(raw[offTyp:], uint64(int64(typ)+delta))
+	for _, off := range []int{offTyp, offPeerPC} {
+		if v := le.Uint64(raw[off:]); v != 0 {
+			le.PutUint64(raw[off:], uint64(int64(v)+delta))
+		}
 	}
 	le.PutUint64(raw[offMap:], 0)
 }
@@ -188,6 +190,7 @@ func Rebase(raw []byte, delta int64) {
 func Strip(raw []byte) {
 	raw[offNPCs] = 0
 	binary.NativeEndian.PutUint64(raw[offTyp:], 0)
+	binary.NativeEndian.PutUint64(raw[offPeerPC:], 0)
 	binary.NativeEndian.PutUint64(raw[offMap:], 0)
 }
 

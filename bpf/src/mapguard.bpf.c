@@ -390,14 +390,17 @@ static __always_inline int note_writer(__u64 m, __u64 goid, __u64 pc, __u64 now,
 		bpf_map_update_elem(&map_writers, &m, &fresh, BPF_NOEXIST);
 		return 0;
 	}
-	if (w->goid[0] != goid) {
-		w->goid[1] = w->goid[0];
-		w->pc[1] = w->pc[0];
-		w->time_ns[1] = w->time_ns[0];
-	}
-	w->goid[0] = goid;
+	// Two writers may run this at once on two CPUs: the exchange makes
+	// each see the other's id rather than both seeing the older one.
+	__u64 prev_pc = w->pc[0], prev_time = w->time_ns[0];
+	__u64 prev = __sync_lock_test_and_set(&w->goid[0], goid);
 	w->pc[0] = pc;
 	w->time_ns[0] = now;
+	if (prev != goid) {
+		w->goid[1] = prev;
+		w->pc[1] = prev_pc;
+		w->time_ns[1] = prev_time;
+	}
 	if (w->goid[1] == 0 || w->reported || now - w->time_ns[1] > shared_window_ns)
 		return 0;
 	w->reported = 1;
@@ -418,11 +421,13 @@ static __always_inline void crash_peer(__u64 goid, struct event *e)
 	struct writers *w = bpf_map_lookup_elem(&map_writers, &key);
 	if (!w)
 		return;
-	int i = w->goid[0] == goid ? 1 : 0;
-	if (w->goid[i] == 0 || w->goid[i] == goid)
-		return;
-	e->peer_goid = w->goid[i];
-	e->peer_pc = w->pc[i];
+	for (int i = 0; i < 2; i++) {
+		if (w->goid[i] != 0 && w->goid[i] != goid) {
+			e->peer_goid = w->goid[i];
+			e->peer_pc = w->pc[i];
+			return;
+		}
+	}
 }
 
 // handle is both programs: deep is a constant, so that each program holds
