@@ -49,6 +49,25 @@ func BenchmarkMapHeavy(b *testing.B) {
 		b.StopTimer()
 		reportHits(b, g)
 	})
+	// Every operation of the loop hits a deep probe while it is attached;
+	// the governor keeps their cost at the budget.
+	b.Run("guard=deep-1pct", func(b *testing.B) {
+		g := startReal(b, mapguard.Options{
+			Detect:  append(mapguard.DefaultKinds(), mapguard.MissingKeyDelete, mapguard.NilMapDelete, mapguard.SharedWriters),
+			OpStats: true,
+			Budget:  0.01,
+		})
+		mapHeavy(b)
+		b.StopTimer()
+		reportHits(b, g)
+		if d := g.Stats().Deep; d != nil {
+			b.ReportMetric(d.DutyCycle, "duty-cycle")
+			b.ReportMetric(d.Overhead*100, "est-overhead-%")
+		}
+		if len(g.OpStats()) == 0 {
+			b.Error("no operations counted")
+		}
+	})
 }
 
 // BenchmarkDetection is the cost of one detected misuse: a nil-map write and
@@ -67,6 +86,27 @@ func BenchmarkDetection(b *testing.B) {
 	b.Run("guard=default", func(b *testing.B) {
 		g := startReal(b, mapguard.Options{SiteRateLimit: -1, BufferSize: 1 << 16})
 		write(b)
+		b.StopTimer()
+		reportHits(b, g)
+	})
+}
+
+// BenchmarkMissCost is the cost of one watched missing-key read at a call
+// site that has already been reported: a single-stepped trap and a count in
+// BPF, no event.
+func BenchmarkMissCost(b *testing.B) {
+	m := map[string]int{"here": 1}
+	miss := func(b *testing.B) {
+		n := 0
+		for b.Loop() {
+			n += m["gone"]
+		}
+		sink = n
+	}
+	b.Run("guard=none", miss)
+	b.Run("guard=default", func(b *testing.B) {
+		g := startReal(b, mapguard.Options{SiteRateLimit: -1})
+		miss(b)
 		b.StopTimer()
 		reportHits(b, g)
 	})

@@ -306,8 +306,8 @@ func TestRealBudget(t *testing.T) {
 	if d == nil {
 		t.Fatal("no deep stats")
 	}
-	t.Logf("%d iterations; deep: hit cost %v, duty cycle %.3f, watched %v of %v, %d hits, overhead %.4f, %d detaches; %d events",
-		n, d.HitCost, d.DutyCycle, d.Watched, d.Elapsed, d.Hits, d.Overhead, d.Detaches, st.Events[mapguard.MissingKeyDelete])
+	t.Logf("%d iterations; deep: hit cost %v, duty cycle %.3f, watched %v of %v, %d hits, governor %v, overhead %.4f, %d detaches; %d events",
+		n, d.HitCost, d.DutyCycle, d.Watched, d.Elapsed, d.Hits, d.Governor, d.Overhead, d.Detaches, st.Events[mapguard.MissingKeyDelete])
 	if d.Detaches == 0 || d.DutyCycle >= 0.5 {
 		t.Errorf("the governor never held the deep probes back")
 	}

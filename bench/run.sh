@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 count=${1:-5}
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-go test -run '^$' -bench 'MapHeavy|Detection|StartClose|Delivery' -benchmem -count "$count" . >>"$out"
+go test -run '^$' -bench 'MapHeavy|Detection|MissCost|StartClose|Delivery' -benchmem -count "$count" . >>"$out"
 go test -run '^$' -bench 'HitCost' -benchmem -count "$count" ./probe >>"$out"
 go test -run '^$' -bench 'Decode' -benchmem -count "$count" ./decode >>"$out"
 go run ./bench/table <"$out"

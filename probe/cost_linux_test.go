@@ -105,3 +105,71 @@ func BenchmarkHitCost(b *testing.B) {
 		loop(b)
 	})
 }
+
+var deepMap = map[string]int{"k": 0}
+
+//go:noinline
+func healthyWrite(i int) { deepMap["k"] = i }
+
+// BenchmarkDeepHitCost is the cost of one hit at a deep site: a healthy
+// write to a non-nil map (runtime.mapassign_faststr), with mapguard's deep
+// program (counting the call site and tracking writers, with the whole CPU
+// as budget so that it is never detached) against an empty program at the
+// same emulated instruction (the floor) and at the function entry (what a
+// naive attach or bpftrace pays).
+func BenchmarkDeepHitCost(b *testing.B) {
+	testutil.RequirePrivileged(b)
+	loop := func(b *testing.B) {
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			healthyWrite(i)
+			i++
+		}
+	}
+	afterStackCheck := func(code []byte, f symbols.Func) uint64 {
+		s, err := symbols.EntrySite(code)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return s.Offset
+	}
+	b.Run("probe=none", loop)
+	b.Run("probe=empty@after-stack-check", func(b *testing.B) {
+		attachEmpty(b, "runtime.mapassign_faststr", afterStackCheck)
+		loop(b)
+	})
+	b.Run("probe=mapguard-deep@after-stack-check", func(b *testing.B) {
+		p := NewUprobes(UprobeConfig{Kinds: []decode.Kind{decode.SharedWriters}, OpStats: true, Budget: 1})
+		if err := p.Start(context.Background(), func(*decode.Event) {}); err != nil {
+			b.Fatal(err)
+		}
+		defer p.Close()
+		loop(b)
+		b.StopTimer()
+		if d := p.Stats().Deep; d != nil {
+			b.ReportMetric(float64(d.HitCost.Nanoseconds()), "calibrated-ns/hit")
+			b.ReportMetric(float64(d.Detaches), "detaches")
+		}
+	})
+	for _, c := range []struct {
+		name string
+		cfg  UprobeConfig
+	}{
+		{"mapguard-opstats@after-stack-check", UprobeConfig{Kinds: []decode.Kind{decode.NilMapWrite}, OpStats: true, Budget: 1}},
+		{"mapguard-writers@after-stack-check", UprobeConfig{Kinds: []decode.Kind{decode.SharedWriters}, Budget: 1}},
+	} {
+		b.Run("probe="+c.name, func(b *testing.B) {
+			p := NewUprobes(c.cfg)
+			if err := p.Start(context.Background(), func(*decode.Event) {}); err != nil {
+				b.Fatal(err)
+			}
+			defer p.Close()
+			loop(b)
+		})
+	}
+	b.Run("probe=empty@entry", func(b *testing.B) {
+		attachEmpty(b, "runtime.mapassign_faststr", func([]byte, symbols.Func) uint64 { return 0 })
+		loop(b)
+	})
+}

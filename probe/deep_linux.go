@@ -10,8 +10,11 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
@@ -21,6 +24,15 @@ import (
 	"github.com/mapguard/mapguard/internal/rt"
 	"github.com/mapguard/mapguard/symbols"
 )
+
+// threadCPU is the CPU time of the calling thread.
+func threadCPU() time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_THREAD, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
 
 func randomSalt() uint64 {
 	var b [8]byte
@@ -40,12 +52,15 @@ var calibrationSink string
 
 // calibrationTarget is what the cost calibration probes: a function with a
 // stack check and a frame, so that its first instruction after the stack
-// check is PUSHQ BP, which the kernel emulates, as at the deep sites.
+// check is PUSHQ BP, which the kernel emulates, as at the deep sites. Its
+// first argument (AX) is a map, so that the probe runs the deep program's
+// path for a write with OpStats and SharedWriters: count the call site,
+// note the writer.
 //
 //go:noinline
-func calibrationTarget(n int) int {
+func calibrationTarget(m map[int]int, n int) int {
 	if n < 0 {
-		calibrationSink = fmt.Sprint(n)
+		calibrationSink = fmt.Sprint(m)
 	}
 	return n + 1
 }
@@ -78,14 +93,16 @@ func (u *uprobes) calibrateLocked(bin *symbols.Binary) (time.Duration, error) {
 		return 0, fmt.Errorf("calibration site %s is not emulated", at.Inst)
 	}
 	s := &site{index: calibIndex, fn: fn, found: found{at: at, flags: siteCalib, mapReg: regNone, typReg: regNone}}
-	if err := u.coll.Maps[bpf.MapguardMapSites].Put(s.index, bpf.MapguardSiteConf{Flags: siteCalib}); err != nil {
+	conf := bpf.MapguardSiteConf{Flags: siteCount | siteWriter, MapReg: regAX, TypReg: regNone}
+	if err := u.coll.Maps[bpf.MapguardMapSites].Put(s.index, conf); err != nil {
 		return 0, err
 	}
+	m := map[int]int{}
 	run := func() time.Duration {
 		t0 := time.Now()
 		n := 0
 		for i := 0; i < calibrationCalls; i++ {
-			n = calibrationTarget(n)
+			n = calibrationTarget(m, n)
 		}
 		d := time.Since(t0)
 		if n != calibrationCalls {
@@ -94,13 +111,22 @@ func (u *uprobes) calibrateLocked(bin *symbols.Binary) (time.Duration, error) {
 		return d
 	}
 	base := run()
+	// Attaching and detaching cost CPU time in this thread (the rest of
+	// their wall time is waiting for the kernel's grace periods): measure
+	// it, to charge each duty cycle to the budget.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	c0 := threadCPU()
 	if err := u.armLocked(s); err != nil {
 		return 0, err
 	}
+	c1 := threadCPU()
 	with := run()
 	l := s.link
 	s.link = nil
+	c2 := threadCPU()
 	l.Close()
+	u.linkCost = c1 - c0 + threadCPU() - c2
 	u.readCounters()
 	if hits := u.counters[calibIndex].Hits; hits != calibrationCalls {
 		return 0, fmt.Errorf("calibration probe hit %d times, want %d", hits, calibrationCalls)
@@ -146,10 +172,23 @@ func (u *uprobes) startDeepLocked(now time.Time) error {
 	u.deepSince = now
 	u.deepLastGov = now
 	u.deepTokens = u.cfg.budget() * burstSeconds * 1e9
-	return u.armDeepLocked(now)
+	// The first attach is part of Start, measured as Start's latency; later
+	// ones are the governor's and charged to the budget.
+	err := u.armDeepLocked(now)
+	u.deepTokens += float64(u.deepGovTime)
+	u.deepGovTime = 0
+	return err
+}
+
+// burst is the most CPU time (ns) the deep probes may save up and spend at
+// once: a second's worth of budget, and at least ten times what attaching
+// and detaching them costs, so that each duty cycle pays for itself.
+func (u *uprobes) burst() float64 {
+	return max(u.cfg.budget()*burstSeconds*1e9, 10*float64(u.deepCycleCost))
 }
 
 func (u *uprobes) armDeepLocked(now time.Time) error {
+	defer u.chargeCycle()
 	var hits uint64
 	if err := u.deepHitsVar.Get(&hits); err != nil {
 		return err
@@ -177,7 +216,23 @@ func (u *uprobes) armDeepLocked(now time.Time) error {
 	return nil
 }
 
+// chargeCycle spends the CPU time of attaching (or detaching) every deep
+// probe, as calibrated, from the budget.
+func (u *uprobes) chargeCycle() {
+	n := 0
+	for _, s := range u.sites {
+		if s.deep {
+			n++
+		}
+	}
+	d := time.Duration(n) * u.linkCost
+	u.deepTokens -= float64(d)
+	u.deepGovTime += d
+	u.deepCycleCost = max(u.deepCycleCost, d)
+}
+
 func (u *uprobes) disarmDeepLocked() {
+	defer u.chargeCycle()
 	done := make(chan struct{})
 	n := 0
 	for _, s := range u.sites {
@@ -218,7 +273,7 @@ func (u *uprobes) governLocked(now time.Time) {
 	budget := u.cfg.budget()
 	u.deepTokens += budget * float64(elapsed)
 	u.deepTokens -= float64(hits-u.deepLast) * float64(u.hitCost)
-	u.deepTokens = min(u.deepTokens, budget*burstSeconds*1e9)
+	u.deepTokens = min(u.deepTokens, u.burst())
 	u.deepLast = hits
 	if u.deepArmed {
 		u.deepWatched += elapsed
@@ -258,10 +313,11 @@ func (u *uprobes) deepStatsLocked(now time.Time) *DeepStats {
 		Elapsed:  now.Sub(u.deepSince),
 		Hits:     hits,
 		Detaches: int(u.deepDetach.Load()),
+		Governor: u.deepGovTime,
 	}
 	if d.Elapsed > 0 {
 		d.DutyCycle = min(1, float64(d.Watched)/float64(d.Elapsed))
-		d.Overhead = float64(hits) * float64(u.hitCost) / float64(d.Elapsed)
+		d.Overhead = (float64(hits)*float64(u.hitCost) + float64(u.deepGovTime)) / float64(d.Elapsed)
 	}
 	return d
 }

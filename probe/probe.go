@@ -71,9 +71,12 @@ type DeepStats struct {
 	// Start; DutyCycle is their ratio.
 	Watched, Elapsed time.Duration
 	DutyCycle        float64
-	// Hits counts deep probe hits; Overhead = Hits x HitCost / Elapsed, the
-	// estimated share of one CPU spent.
+	// Hits counts deep probe hits. Governor is the time spent attaching and
+	// detaching the deep probes, also charged to the budget. Overhead =
+	// (Hits x HitCost + Governor) / Elapsed, the estimated share of one CPU
+	// spent.
 	Hits     uint64
+	Governor time.Duration
 	Overhead float64
 	// Detaches counts how often the governor detached the deep probes to
 	// stay within the budget.

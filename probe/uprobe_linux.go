@@ -84,15 +84,20 @@ type uprobes struct {
 	deepWatched time.Duration
 	deepSince   time.Time
 	deepLastGov time.Time
-	wakeReader  *ringbuf.Reader
-	wakeDone    chan struct{}
-	deepDetach  atomic.Int64
-	deepHitsVar *ebpf.Variable
-	deepLimit   *ebpf.Variable
-	statsDec    *decode.Decoder // OpStats' own decoder, under mu
-	lastDropped uint64
-	stopping    bool // teardown has begun
-	running     bool // Start succeeded
+	// deepGovTime is the time spent attaching and detaching deep probes,
+	// charged to the budget; deepCycleCost the longest single one.
+	deepGovTime   time.Duration
+	deepCycleCost time.Duration
+	linkCost      time.Duration // CPU time to attach and detach one link, calibrated
+	wakeReader    *ringbuf.Reader
+	wakeDone      chan struct{}
+	deepDetach    atomic.Int64
+	deepHitsVar   *ebpf.Variable
+	deepLimit     *ebpf.Variable
+	statsDec      *decode.Decoder // OpStats' own decoder, under mu
+	lastDropped   uint64
+	stopping      bool // teardown has begun
+	running       bool // Start succeeded
 }
 
 type site struct {
@@ -206,11 +211,6 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
 	}
 
-	if u.deep {
-		if u.hitCost, err = u.calibrateLocked(bin); err != nil {
-			return fmt.Errorf("start probe: calibrate the cost of a hit: %w", err)
-		}
-	}
 	for _, s := range u.sites {
 		if s.deep {
 			continue // armed after the canary, under the budget
@@ -225,6 +225,12 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 
 	if err := u.checkCanaryLocked(ctx); err != nil {
 		return err
+	}
+	if u.deep {
+		// After the other sites: the first uprobe on a binary costs extra.
+		if u.hitCost, err = u.calibrateLocked(bin); err != nil {
+			return fmt.Errorf("start probe: calibrate the cost of a hit: %w", err)
+		}
 	}
 	if u.deep {
 		if err := u.startGovernorLocked(); err != nil {
@@ -941,6 +947,13 @@ func (u *uprobes) Stats() Stats {
 			c = u.counters[s.index]
 		}
 		ss.Hits, ss.Events, ss.Dropped, ss.Filtered, ss.Ignored, ss.Aggregated = c.Hits, c.Events, c.Dropped, c.Filtered, c.Ignored, c.Agg
+		if s.deep {
+			// Deep hits that end in the kernel are not counted there, to
+			// save an atomic add on a hot path: they are the rest.
+			if done := c.Events + c.Dropped + c.Ignored; c.Hits >= done {
+				ss.Aggregated = c.Hits - done
+			}
+		}
 		st.Dropped += ss.Dropped
 		st.Sites = append(st.Sites, ss)
 	}

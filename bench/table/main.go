@@ -68,7 +68,14 @@ func main() {
 		if v, ok := r.median(heavy+"default", "ns/op"); ok {
 			row("map-heavy loop, default Guard (always-on detectors)", fmt.Sprintf("%.1f ns/op", v), fmt.Sprintf("%.2fx", v/base))
 		}
-		na("map-heavy loop, deep watching (not built yet)")
+		if v, ok := r.median(heavy+"deep-1pct", "ns/op"); ok {
+			est, _ := r.median(heavy+"deep-1pct", "est-overhead-%")
+			duty, _ := r.median(heavy+"deep-1pct", "duty-cycle")
+			row(fmt.Sprintf("map-heavy loop, deep watching at a 1%% budget (duty %.3f, est. %.2f%%)", duty, est),
+				fmt.Sprintf("%.1f ns/op", v), fmt.Sprintf("%.2fx", v/base))
+		} else {
+			na("map-heavy loop, deep watching")
+		}
 	} else {
 		na("map-heavy loop")
 	}
@@ -92,6 +99,34 @@ func main() {
 	perHit("per hit: mapguard's program at the nil branch", "mapguard@nil-branch")
 	perHit("per hit: empty program at function entry (naive, bpftrace)", "empty@entry")
 	perHit("per hit: empty program after the stack check (PUSHQ BP)", "empty@after-stack-check")
+
+	const deep = "BenchmarkDeepHitCost/probe="
+	dnone, okDNone := r.median(deep+"none", "ns/op")
+	dfloor, okDFloor := r.median(deep+"empty@after-stack-check", "ns/op")
+	deepHit := func(what, name string) {
+		v, ok := r.median(deep+name, "ns/op")
+		if !ok || !okDNone {
+			na(what)
+			return
+		}
+		ratio := ""
+		if okDFloor && dfloor > dnone {
+			ratio = fmt.Sprintf("%.2fx", (v-dnone)/(dfloor-dnone))
+		}
+		row(what, fmt.Sprintf("%.2f us/hit", (v-dnone)/1000), ratio)
+	}
+	deepHit("deep site, healthy write: empty program after the stack check (floor)", "empty@after-stack-check")
+	deepHit("deep site, healthy write: mapguard's deep program there", "mapguard-deep@after-stack-check")
+	deepHit("deep site, healthy write: empty program at function entry", "empty@entry")
+	if v, ok := r.median(deep+"mapguard-deep@after-stack-check", "calibrated-ns/hit"); ok {
+		row("deep hit cost as Start calibrates it", fmt.Sprintf("%.2f us/hit", v/1000), "")
+	}
+
+	if base, ok := r.median("BenchmarkMissCost/guard=none", "ns/op"); ok {
+		if v, ok := r.median("BenchmarkMissCost/guard=default", "ns/op"); ok {
+			row("one watched missing-key read at a reported call site", fmt.Sprintf("%.2f us", (v-base)/1000), "")
+		}
+	}
 
 	const det = "BenchmarkDetection/guard="
 	if base, ok := r.median(det+"none", "ns/op"); ok {

@@ -200,7 +200,7 @@ static __always_inline __u64 arg_reg(const struct args *a, __u8 reg)
 	return 0;
 }
 
-#define MG_MAX_TABLES 512
+#define MG_MAX_TABLES 64
 
 // map_capacity returns the slots of the map at m: 8 for a small map (one
 // group), else the sum of the capacities of its distinct tables (a table of
@@ -301,6 +301,16 @@ struct {
 	__type(value, struct keybuf);
 } keys SEC(".maps");
 
+// map_type returns typ if it reads back as a map type, else 0.
+static __always_inline __u64 map_type(__u64 typ)
+{
+	__u8 kind = 0;
+	if (!typ || bpf_probe_read_user(&kind, sizeof(kind), (const void *)(typ + type_kind_offset)) < 0 ||
+	    (kind & MG_ABI_KIND_MASK) != MG_ABI_KIND_MAP)
+		return 0;
+	return typ;
+}
+
 // read_key hashes the key a delete site was given (salted FNV-1a over its
 // first MG_KEY_HASHED bytes) and, only if capture_keys is set, keeps its
 // first MG_KEY_PREFIX bytes in p. Without capture_keys no key byte is
@@ -335,6 +345,7 @@ static __always_inline void read_key(const struct args *a, __u8 mode, __u64 typ,
 			return;
 		break;
 	case MG_KEY_PTR: {
+		typ = map_type(typ);
 		__u64 ktyp = typ ? read_u64(typ + map_type_key_offset) : 0;
 		__u64 size = ktyp ? read_u64(ktyp + type_size_offset) : 0;
 		p->key_len = (__u32)size;
@@ -383,7 +394,11 @@ static __always_inline void count_op(__u32 index, __u64 pc)
 // yet; then *peer_goid and *peer_pc name it.
 static __always_inline int note_writer(__u64 m, __u64 goid, __u64 pc, __u64 now, __u64 *peer_goid, __u64 *peer_pc)
 {
-	bpf_map_update_elem(&goid_map, &goid, &m, 0);
+	// The last map of each goroutine: updated only when it changes, since
+	// an LRU hash update takes a lock.
+	__u64 *last = bpf_map_lookup_elem(&goid_map, &goid);
+	if (!last || *last != m)
+		bpf_map_update_elem(&goid_map, &goid, &m, 0);
 	struct writers *w = bpf_map_lookup_elem(&map_writers, &m);
 	if (!w) {
 		struct writers fresh = {.goid = {goid, 0}, .pc = {pc, 0}, .time_ns = {now, 0}};
@@ -468,12 +483,11 @@ static __always_inline int handle(struct pt_regs *ctx, const int deep)
 		return 0;
 	}
 	// Keep the type only if it reads back as a map type, so user space
-	// never dereferences a pointer that is not one.
+	// never dereferences a pointer that is not one. Deep sites check it
+	// only when they report.
 	__u64 typ = arg_reg(&a, conf->typ_reg);
-	__u8 kind = 0;
-	if (!typ || bpf_probe_read_user(&kind, sizeof(kind), (const void *)(typ + type_kind_offset)) < 0 ||
-	    (kind & MG_ABI_KIND_MASK) != MG_ABI_KIND_MAP)
-		typ = 0;
+	if (!deep)
+		typ = map_type(typ);
 
 	__u64 capacity = 0;
 	if (!deep && (flags & MG_SITE_BLOAT)) {
@@ -535,17 +549,15 @@ static __always_inline int handle(struct pt_regs *ctx, const int deep)
 				if (read_u64(m + map_used_offset) == pd.used) {
 					report = 1;
 					ev_kind = MG_KIND_MISSING_KEY_DELETE;
-					typ = pd.typ;
+					typ = pd.typ; // checked again below: harmless
 				}
 			}
 		}
-		if (!report) {
-			if (flags & MG_SITE_COUNT)
-				__sync_fetch_and_add(&st->agg, 1);
-			else
-				__sync_fetch_and_add(&st->filtered, 1);
+		// Hits that end here are counted by user space as the rest of
+		// hits; one atomic less per hit.
+		if (!report)
 			return 0;
-		}
+		typ = map_type(typ);
 	}
 
 	// One event per call site, then counts: the caller's PC is the key.

@@ -41,7 +41,11 @@ func main() {
 	defer func() {
 		json.NewEncoder(os.Stdout).Encode(res)
 	}()
-	g, err := mapguard.New(mapguard.Options{GrowthThreshold: 4096})
+	g, err := mapguard.New(mapguard.Options{
+		GrowthThreshold: 4096,
+		Detect:          append(mapguard.DefaultKinds(), mapguard.MissingKeyDelete, mapguard.NilMapDelete, mapguard.SharedWriters),
+		Budget:          1,
+	})
 	if err != nil {
 		res.Error = err.Error()
 		return
@@ -96,6 +100,9 @@ var provocations = []struct {
 	{unhashable, []mapguard.Kind{mapguard.UnhashableKey}},
 	{grow, []mapguard.Kind{mapguard.MapGrowth}},
 	{bloat, []mapguard.Kind{mapguard.MapBloat}},
+	{missingDelete, []mapguard.Kind{mapguard.MissingKeyDelete}},
+	{nilDelete, []mapguard.Kind{mapguard.NilMapDelete}},
+	{sharedWrite, []mapguard.Kind{mapguard.SharedWriters}},
 }
 
 // await returns the first event that matches, skipping others.
@@ -152,6 +159,32 @@ func grow() (line int) {
 func bloat() (line int) {
 	line = here() + 1
 	clear(big)
+	return line
+}
+
+func missingDelete() (line int) {
+	m := map[string]int{"a": 1}
+	line = here() + 1
+	delete(m, "b")
+	return line
+}
+
+func nilDelete() (line int) {
+	var m map[int64]bool
+	line = here() + 1
+	delete(m, 1)
+	return line
+}
+
+var shared = map[int32]int{}
+
+// sharedWrite writes shared right after another goroutine did.
+func sharedWrite() (line int) {
+	done := make(chan struct{})
+	go func() { shared[1] = 1; close(done) }()
+	<-done
+	line = here() + 1
+	shared[2] = 2
 	return line
 }
 
