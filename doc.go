@@ -57,6 +57,21 @@
 // back-off (Stats shows it), which bounds the cost and makes the counts of
 // a busy site a lower bound.
 //
+// # Deep watching
+//
+// MissingKeyDelete, NilMapDelete and SharedWriters (list them in
+// Options.Detect) and Options.OpStats (operations per call site, read with
+// Guard.OpStats) probe every operation of a kind, after the stack check of
+// each runtime map entry point, where the kernel emulates the instruction
+// (about 1 us a hit on the project's VMs). They are kept within
+// Options.Budget (default 1% of one CPU): Start measures the cost of one hit,
+// and a governor detaches the deep probes when their share of CPU time is
+// spent and attaches them again when it has been earned back. Stats().Deep
+// reports the measured cost, the duty cycle and the estimated overhead.
+// Delete events carry a salted hash of the key and its length; key bytes
+// leave the kernel only with Options.CaptureKeys, through that redaction
+// function.
+//
 // # Lifecycle
 //
 // New validates options and attaches nothing. Start finds the runtime's map

@@ -127,6 +127,16 @@ func (u *uprobes) calibrateLocked(bin *symbols.Binary) (time.Duration, error) {
 	c2 := threadCPU()
 	l.Close()
 	u.linkCost = c1 - c0 + threadCPU() - c2
+	// The first attach of a program costs more than the later ones the
+	// governor makes: measure once more and keep the lower.
+	c0 = threadCPU()
+	if err := u.armLocked(s); err != nil {
+		return 0, err
+	}
+	l = s.link
+	s.link = nil
+	l.Close()
+	u.linkCost = min(u.linkCost, threadCPU()-c0)
 	u.readCounters()
 	if hits := u.counters[calibIndex].Hits; hits != calibrationCalls {
 		return 0, fmt.Errorf("calibration probe hit %d times, want %d", hits, calibrationCalls)
@@ -286,8 +296,16 @@ func (u *uprobes) governLocked(now time.Time) {
 		}
 		limit := hits + uint64(u.deepTokens/float64(u.hitCost)) + 1
 		u.deepLimit.Set(limit)
-		// Hits past the limit before it was set never wake the governor:
-		// look again at the next tick.
+		// Hits that passed the limit before it was set never wake the
+		// governor: if that happened, the budget is spent now.
+		var now2 uint64
+		if u.deepHitsVar.Get(&now2) == nil && now2 >= limit {
+			u.deepTokens -= float64(now2-hits) * float64(u.hitCost)
+			u.deepLast = now2
+			u.disarmDeepLocked()
+			u.deepDetach.Add(1)
+			u.deepOffTill = now.Add(time.Duration(max(0, -u.deepTokens) / budget))
+		}
 		return
 	}
 	if !now.Before(u.deepOffTill) && u.deepTokens > 0 {
@@ -314,6 +332,10 @@ func (u *uprobes) deepStatsLocked(now time.Time) *DeepStats {
 		Hits:     hits,
 		Detaches: int(u.deepDetach.Load()),
 		Governor: u.deepGovTime,
+		Burst:    time.Duration(u.burst()),
+	}
+	if !u.deepArmed {
+		d.RearmAt = u.deepOffTill
 	}
 	if d.Elapsed > 0 {
 		d.DutyCycle = min(1, float64(d.Watched)/float64(d.Elapsed))

@@ -16,4 +16,11 @@
 // a ring buffer without waking the reader, and a full buffer is counted, not
 // waited on. A probe site that fires faster than its rate limit is detached
 // and re-armed later, so that no site can eat the CPU.
+//
+// Two BPF programs serve the sites: mapguard_site the always-on ones (nil
+// maps, misses aggregated per call site, growth, bloat, the unhashable-key
+// panic, the fatal error and its crash record), mapguard_deep the deep ones
+// (operation counts, writers, deletes), which a budget governor detaches
+// and re-attaches to hold their CPU cost (see UprobeConfig.Budget). Each
+// program holds only its half, which keeps the verifier's work small.
 package probe

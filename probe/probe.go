@@ -79,8 +79,13 @@ type DeepStats struct {
 	Governor time.Duration
 	Overhead float64
 	// Detaches counts how often the governor detached the deep probes to
-	// stay within the budget.
+	// stay within the budget; RearmAt is when they will be attached again
+	// (zero while attached). Burst is the most CPU time they may spend at
+	// once. The governor keeps Hits x HitCost + Governor at most Burst +
+	// Budget x (time since Start), counted up to RearmAt while detached.
 	Detaches int
+	RearmAt  time.Time
+	Burst    time.Duration
 }
 
 // SiteStats describes one probe site.

@@ -872,8 +872,8 @@ func (u *uprobes) flushAggsLocked() {
 	it := u.aggs.Iterate()
 	for it.Next(&key, &val) {
 		seen := u.aggSeen[key]
-		if val.Muted != 0 || val.Count <= seen || int(key.Site) >= len(u.sites) {
-			continue
+		if val.Muted != 0 || val.Count <= seen || int(key.Site) >= len(u.sites) || u.sites[key.Site].flags&siteAgg == 0 {
+			continue // operation counts (deep sites) are read by OpStats
 		}
 		u.aggSeen[key] = val.Count
 		s := u.sites[key.Site]
