@@ -110,7 +110,10 @@ var (
 )
 
 // DefaultKinds are the kinds watched when Options.Detect is empty: those
-// whose probes sit only on paths that run when something is wrong.
+// whose probes sit only on paths that run when something is wrong or rarely
+// (a miss, a nil map, a large map growing or emptied, a panic, a fatal
+// error). Deep kinds (MissingKeyDelete, NilMapDelete, SharedWriters) are
+// not among them.
 func DefaultKinds() []Kind { return probe.DefaultKinds() }
 
 // Options configures a Guard. The zero value is valid.

@@ -62,8 +62,9 @@ type UprobeConfig struct {
 }
 
 // DefaultKinds are the kinds whose probes sit only on paths that run when
-// something is wrong, or rarely (a table of a large map growing), so a
-// healthy map operation pays nothing.
+// something is wrong, or rarely (a read that misses, a table of a large map
+// growing, a map emptied), so a healthy operation that finds its key pays
+// nothing. Misses are rate-limited per site.
 func DefaultKinds() []decode.Kind {
 	return []decode.Kind{
 		decode.NilMapWrite, decode.NilMapRead, decode.MapGrowth, decode.MissingKeyRead,

@@ -80,44 +80,38 @@ func main() {
 		na("map-heavy loop")
 	}
 
-	const hit = "BenchmarkHitCost/probe="
-	none, okNone := r.median(hit+"none", "ns/op")
-	floor, okFloor := r.median(hit+"empty@nil-branch", "ns/op")
-	perHit := func(what, name string) {
-		v, ok := r.median(hit+name, "ns/op")
-		if !ok || !okNone {
-			na(what)
-			return
+	// perHit prints per-hit rows of one benchmark: (probe - none), and the
+	// ratio to the floor (the empty program at the same instruction).
+	perHit := func(bench, floorName string, rows [][2]string) {
+		none, okNone := r.median(bench+"none", "ns/op")
+		floor, okFloor := r.median(bench+floorName, "ns/op")
+		for _, rw := range rows {
+			v, ok := r.median(bench+rw[1], "ns/op")
+			if !ok || !okNone {
+				na(rw[0])
+				continue
+			}
+			ratio := ""
+			if okFloor && floor > none {
+				ratio = fmt.Sprintf("%.2fx", (v-none)/(floor-none))
+			}
+			row(rw[0], fmt.Sprintf("%.2f us/hit", (v-none)/1000), ratio)
 		}
-		ratio := ""
-		if okFloor && floor > none {
-			ratio = fmt.Sprintf("%.2fx", (v-none)/(floor-none))
-		}
-		row(what, fmt.Sprintf("%.2f us/hit", (v-none)/1000), ratio)
 	}
-	perHit("per hit: empty program at the nil branch (the floor)", "empty@nil-branch")
-	perHit("per hit: mapguard's program at the nil branch", "mapguard@nil-branch")
-	perHit("per hit: empty program at function entry (naive, bpftrace)", "empty@entry")
-	perHit("per hit: empty program after the stack check (PUSHQ BP)", "empty@after-stack-check")
-
+	perHit("BenchmarkHitCost/probe=", "empty@nil-branch", [][2]string{
+		{"per hit: empty program at the nil branch (the floor)", "empty@nil-branch"},
+		{"per hit: mapguard's program at the nil branch", "mapguard@nil-branch"},
+		{"per hit: empty program at function entry (naive, bpftrace)", "empty@entry"},
+		{"per hit: empty program after the stack check (PUSHQ BP)", "empty@after-stack-check"},
+	})
 	const deep = "BenchmarkDeepHitCost/probe="
-	dnone, okDNone := r.median(deep+"none", "ns/op")
-	dfloor, okDFloor := r.median(deep+"empty@after-stack-check", "ns/op")
-	deepHit := func(what, name string) {
-		v, ok := r.median(deep+name, "ns/op")
-		if !ok || !okDNone {
-			na(what)
-			return
-		}
-		ratio := ""
-		if okDFloor && dfloor > dnone {
-			ratio = fmt.Sprintf("%.2fx", (v-dnone)/(dfloor-dnone))
-		}
-		row(what, fmt.Sprintf("%.2f us/hit", (v-dnone)/1000), ratio)
-	}
-	deepHit("deep site, healthy write: empty program after the stack check (floor)", "empty@after-stack-check")
-	deepHit("deep site, healthy write: mapguard's deep program there", "mapguard-deep@after-stack-check")
-	deepHit("deep site, healthy write: empty program at function entry", "empty@entry")
+	perHit(deep, "empty@after-stack-check", [][2]string{
+		{"deep site, healthy write: empty program after the stack check (floor)", "empty@after-stack-check"},
+		{"deep site, healthy write: mapguard's deep program there", "mapguard-deep@after-stack-check"},
+		{"deep site, healthy write: mapguard counting the call site only", "mapguard-opstats@after-stack-check"},
+		{"deep site, healthy write: mapguard noting the writer only", "mapguard-writers@after-stack-check"},
+		{"deep site, healthy write: empty program at function entry", "empty@entry"},
+	})
 	if v, ok := r.median(deep+"mapguard-deep@after-stack-check", "calibrated-ns/hit"); ok {
 		row("deep hit cost as Start calibrates it", fmt.Sprintf("%.2f us/hit", v/1000), "")
 	}
