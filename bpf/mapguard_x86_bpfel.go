@@ -143,6 +143,8 @@ const (
 	MapguardVarDeepLimit             = "deep_limit"
 	MapguardVarGoidOffset            = "goid_offset"
 	MapguardVarGrowthThreshold       = "growth_threshold"
+	MapguardVarIgnored               = "ignored"
+	MapguardVarIgnoredMore           = "ignored_more"
 	MapguardVarKeySalt               = "key_salt"
 	MapguardVarMapDirLenOffset       = "map_dir_len_offset"
 	MapguardVarMapDirPtrOffset       = "map_dir_ptr_offset"
@@ -162,6 +164,7 @@ const (
 	MapguardVarUnusedEvent           = "unused_event"
 	MapguardVarUnusedKey             = "unused_key"
 	MapguardVarUnusedKind            = "unused_kind"
+	MapguardVarWakeAt                = "wake_at"
 )
 
 // LoadMapguard returns the embedded CollectionSpec for Mapguard.
@@ -239,6 +242,8 @@ type MapguardVariableSpecs struct {
 	DeepLimit             *ebpf.VariableSpec `ebpf:"deep_limit"`
 	GoidOffset            *ebpf.VariableSpec `ebpf:"goid_offset"`
 	GrowthThreshold       *ebpf.VariableSpec `ebpf:"growth_threshold"`
+	Ignored               *ebpf.VariableSpec `ebpf:"ignored"`
+	IgnoredMore           *ebpf.VariableSpec `ebpf:"ignored_more"`
 	KeySalt               *ebpf.VariableSpec `ebpf:"key_salt"`
 	MapDirLenOffset       *ebpf.VariableSpec `ebpf:"map_dir_len_offset"`
 	MapDirPtrOffset       *ebpf.VariableSpec `ebpf:"map_dir_ptr_offset"`
@@ -258,6 +263,7 @@ type MapguardVariableSpecs struct {
 	UnusedEvent           *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedKey             *ebpf.VariableSpec `ebpf:"unused_key"`
 	UnusedKind            *ebpf.VariableSpec `ebpf:"unused_kind"`
+	WakeAt                *ebpf.VariableSpec `ebpf:"wake_at"`
 }
 
 // MapguardObjects contains all objects after they have been loaded into the kernel.
@@ -321,6 +327,8 @@ type MapguardVariables struct {
 	DeepLimit             *ebpf.Variable `ebpf:"deep_limit"`
 	GoidOffset            *ebpf.Variable `ebpf:"goid_offset"`
 	GrowthThreshold       *ebpf.Variable `ebpf:"growth_threshold"`
+	Ignored               *ebpf.Variable `ebpf:"ignored"`
+	IgnoredMore           *ebpf.Variable `ebpf:"ignored_more"`
 	KeySalt               *ebpf.Variable `ebpf:"key_salt"`
 	MapDirLenOffset       *ebpf.Variable `ebpf:"map_dir_len_offset"`
 	MapDirPtrOffset       *ebpf.Variable `ebpf:"map_dir_ptr_offset"`
@@ -340,6 +348,7 @@ type MapguardVariables struct {
 	UnusedEvent           *ebpf.Variable `ebpf:"unused_event"`
 	UnusedKey             *ebpf.Variable `ebpf:"unused_key"`
 	UnusedKind            *ebpf.Variable `ebpf:"unused_kind"`
+	WakeAt                *ebpf.Variable `ebpf:"wake_at"`
 }
 
 // MapguardPrograms contains all programs after they have been loaded into the kernel.

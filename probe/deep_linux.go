@@ -148,10 +148,10 @@ func (u *uprobes) calibrateLocked(bin *symbols.Binary) (time.Duration, error) {
 	return cost, nil
 }
 
-// startGovernorLocked starts the goroutine that the BPF program wakes when
-// the deep probes have spent their budget, so that they are detached at
-// once rather than at the next tick.
-func (u *uprobes) startGovernorLocked() error {
+// startWakerLocked starts the goroutine that the BPF program wakes when a
+// site goes over its rate limit or the deep probes have spent their budget,
+// so that they are detached at once rather than at the next tick.
+func (u *uprobes) startWakerLocked() error {
 	r, err := ringbuf.NewReader(u.coll.Maps[bpf.MapguardMapWakeups])
 	if err != nil {
 		return err
@@ -161,17 +161,13 @@ func (u *uprobes) startGovernorLocked() error {
 	ready := make(chan error, 1)
 	go func() {
 		defer close(u.wakeDone)
-		ready <- u.ignore.Put(rt.GoID(), uint8(1))
+		ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
 		var rec ringbuf.Record
 		for {
 			if err := r.ReadInto(&rec); err != nil {
 				return // closed
 			}
-			u.mu.Lock()
-			if !u.stopping {
-				u.governLocked(time.Now())
-			}
-			u.mu.Unlock()
+			u.tickFrom(time.Now(), false)
 		}
 	}()
 	return <-ready
@@ -308,7 +304,15 @@ func (u *uprobes) governLocked(now time.Time) {
 		}
 		return
 	}
-	if !now.Before(u.deepOffTill) && u.deepTokens > 0 {
+	// Hits taken while the probes were being detached arrive late: push
+	// the re-arm back until they are paid for too.
+	if u.deepTokens <= 0 {
+		if till := now.Add(time.Duration(-u.deepTokens / budget)); till.After(u.deepOffTill) {
+			u.deepOffTill = till
+		}
+		return
+	}
+	if !now.Before(u.deepOffTill) {
 		if err := u.armDeepLocked(now); err != nil {
 			u.log.Error(err, "re-arm deep probes")
 			u.deepOffTill = now.Add(5 * time.Second)

@@ -49,10 +49,18 @@ type uprobes struct {
 	sink     Sink
 	done     chan struct{} // closed when the reader goroutine exits
 	ignore   *ebpf.Map
-	stats    *ebpf.Variable
-	counters [maxSites]bpf.MapguardSiteStats // scratch for stats reads
-	decoder  *decode.Decoder
-	watched  [256]bool // kinds asked for
+	// The first ignored goroutines, compared in BPF without a map lookup.
+	ignoredVar  *ebpf.Variable
+	ignoredMore *ebpf.Variable
+	ignored     [8]uint64 // MG_IGNORED
+	nIgnored    int
+	// Per-site hit counts at which the BPF program wakes the waker.
+	wakeAtVar *ebpf.Variable
+	wakeAt    [maxSites]uint64
+	stats     *ebpf.Variable
+	counters  [maxSites]bpf.MapguardSiteStats // scratch for stats reads
+	decoder   *decode.Decoder
+	watched   [256]bool // kinds asked for
 	// notOwned counts, per site, events the runtime caused on its own
 	// maps and nil-map reads in the standard library; written by the
 	// reader, read by Stats.
@@ -210,6 +218,9 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	if err := <-ready; err != nil {
 		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
 	}
+	if err := u.startWakerLocked(); err != nil {
+		return fmt.Errorf("start probe: waker: %w", err)
+	}
 
 	for _, s := range u.sites {
 		if s.deep {
@@ -232,10 +243,9 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 			return fmt.Errorf("start probe: calibrate the cost of a hit: %w", err)
 		}
 	}
+	u.lastTick = time.Now()
+	u.setWakeLocked()
 	if u.deep {
-		if err := u.startGovernorLocked(); err != nil {
-			return fmt.Errorf("start probe: budget governor: %w", err)
-		}
 		if err := u.startDeepLocked(time.Now()); err != nil {
 			return fmt.Errorf("start probe: deep watching: %w", err)
 		}
@@ -576,6 +586,9 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	u.deepHitsVar = coll.Variables[bpf.MapguardVarDeepHits]
 	u.deepLimit = coll.Variables[bpf.MapguardVarDeepLimit]
 	u.ignore = coll.Maps[bpf.MapguardMapIgnoredGoids]
+	u.ignoredVar = coll.Variables[bpf.MapguardVarIgnored]
+	u.ignoredMore = coll.Variables[bpf.MapguardVarIgnoredMore]
+	u.wakeAtVar = coll.Variables[bpf.MapguardVarWakeAt]
 	u.aggs = coll.Maps[bpf.MapguardMapAggs]
 
 	sitesMap := coll.Maps[bpf.MapguardMapSites]
@@ -698,7 +711,7 @@ func (u *uprobes) hasSite(kind decode.Kind, fn string) bool {
 func (u *uprobes) run(ready chan<- error) {
 	defer close(u.done)
 	// Start holds u.mu and set u.ignore before starting this goroutine.
-	if err := u.ignore.Put(rt.GoID(), uint8(1)); err != nil {
+	if err := u.ignoreLocked(rt.GoID()); err != nil {
 		ready <- err
 		return
 	}
@@ -782,7 +795,11 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 
 // tick disarms sites over their rate limit and re-arms those whose back-off
 // has passed.
-func (u *uprobes) tick(now time.Time) {
+func (u *uprobes) tick(now time.Time) { u.tickFrom(now, true) }
+
+// tickFrom is tick; only the reader (reader true) calls the sink, which
+// must be called from one goroutine at a time. The waker runs the rest.
+func (u *uprobes) tickFrom(now time.Time, reader bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.stopping || u.coll == nil {
@@ -790,10 +807,12 @@ func (u *uprobes) tick(now time.Time) {
 	}
 	elapsed := now.Sub(u.lastTick)
 	u.lastTick = now
-	if len(u.pending) > 0 && u.running {
+	if reader && len(u.pending) > 0 && u.running {
 		u.deliverCrashesLocked()
 	}
-	if now.Sub(u.lastAgg) >= aggInterval {
+	// Counts go out only once the ring buffer is drained, so that the
+	// first occurrence at a call site, an event of its own, comes first.
+	if reader && now.Sub(u.lastAgg) >= aggInterval && u.reader.AvailableBytes() == 0 {
 		u.lastAgg = now
 		u.flushAggsLocked()
 	}
@@ -840,6 +859,32 @@ func (u *uprobes) tick(now time.Time) {
 			s.rearmAt = now.Add(backoff(s.disarms))
 			u.log.V(1).Info("probe disarmed: over its rate limit", "function", s.fn.Name,
 				"hits", delta, "interval", elapsed, "limit", limit, "rearmAt", s.rearmAt)
+		}
+	}
+	u.setWakeLocked()
+}
+
+// setWakeLocked sets, for each attached always-on site, the hit count at
+// which the BPF program wakes the waker: one poll interval's worth of its
+// rate limit past its hits now. The site is then detached within
+// microseconds of going over its limit, not at the next tick.
+func (u *uprobes) setWakeLocked() {
+	limit := u.cfg.siteRateLimit()
+	u.readCounters()
+	for _, s := range u.sites {
+		w := uint64(0)
+		if limit > 0 && s.link != nil && !s.deep {
+			n := float64(limit) * pollInterval.Seconds()
+			if s.at.Emulated {
+				n *= emulatedRateFactor
+			}
+			w = u.counters[s.index].Hits + uint64(max(2, n)) + 1
+		}
+		u.wakeAt[s.index] = w
+	}
+	if u.wakeAtVar != nil {
+		if err := u.wakeAtVar.Set(u.wakeAt); err != nil {
+			u.log.V(1).Info("set wake-up counts", "error", err.Error())
 		}
 	}
 }
@@ -908,12 +953,25 @@ func (u *uprobes) readCounters() {
 
 func (u *uprobes) Ignore(goid uint64) error {
 	u.mu.Lock()
-	m := u.ignore
-	u.mu.Unlock()
-	if m == nil {
+	defer u.mu.Unlock()
+	if u.ignore == nil {
 		return ErrClosed
 	}
-	return m.Put(goid, uint8(1))
+	return u.ignoreLocked(goid)
+}
+
+// ignoreLocked adds goid to the ignored goroutines: into the array the BPF
+// program compares without a lookup while it has room, else the hash map.
+func (u *uprobes) ignoreLocked(goid uint64) error {
+	if u.nIgnored < len(u.ignored) {
+		u.ignored[u.nIgnored] = goid
+		u.nIgnored++
+		return u.ignoredVar.Set(u.ignored)
+	}
+	if err := u.ignore.Put(goid, uint8(1)); err != nil {
+		return err
+	}
+	return u.ignoredMore.Set(uint32(1))
 }
 
 func (u *uprobes) Stats() Stats {

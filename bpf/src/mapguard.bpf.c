@@ -57,6 +57,17 @@ struct site_stats stats[MG_MAX_SITES];
 __u64 deep_hits;
 __u64 deep_limit;
 
+// Per-site hit counts at which user space wants to be woken (0: never), so
+// that a site over its rate limit is detached at once, not at the next tick.
+__u64 wake_at[MG_MAX_SITES];
+
+// The goroutines whose hits are ignored (the Guard's own): the first
+// MG_IGNORED are compared here without a map lookup, any more are in
+// ignored_goids (ignored_more set).
+#define MG_IGNORED 8
+__u64 ignored[MG_IGNORED];
+__u32 ignored_more;
+
 // Goroutines whose hits are ignored: the Guard's own reader and dispatcher.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -301,6 +312,17 @@ struct {
 	__type(value, struct keybuf);
 } keys SEC(".maps");
 
+// is_ignored reports whether goid is one of the Guard's own goroutines.
+static __always_inline int is_ignored(__u64 goid)
+{
+	if (goid == 0)
+		return 0;
+	for (int i = 0; i < MG_IGNORED; i++)
+		if (ignored[i] == goid)
+			return 1;
+	return ignored_more && bpf_map_lookup_elem(&ignored_goids, &goid);
+}
+
 // map_type returns typ if it reads back as a map type, else 0.
 static __always_inline __u64 map_type(__u64 typ)
 {
@@ -457,7 +479,15 @@ static __always_inline int handle(struct pt_regs *ctx, const int deep)
 		return 0;
 	// The mask restates the bound for the verifier, which loses it otherwise.
 	struct site_stats *st = &stats[index & (MG_MAX_SITES - 1)];
-	__sync_fetch_and_add(&st->hits, 1);
+	__u64 hits = __sync_fetch_and_add(&st->hits, 1) + 1;
+	if (!deep) {
+		__u64 w = wake_at[index & (MG_MAX_SITES - 1)];
+		if (w && hits == w) {
+			// Over its rate limit: wake user space to detach the site.
+			__u64 site = index;
+			bpf_ringbuf_output(&wakeups, &site, sizeof(site), BPF_RB_FORCE_WAKEUP);
+		}
+	}
 
 	__u32 flags = conf->flags;
 	if (deep && (flags & MG_SITE_CALIB))
@@ -501,7 +531,7 @@ static __always_inline int handle(struct pt_regs *ctx, const int deep)
 	}
 
 	__u64 goid = read_u64(ctx->r14 + goid_offset);
-	if (bpf_map_lookup_elem(&ignored_goids, &goid)) {
+	if (is_ignored(goid)) {
 		__sync_fetch_and_add(&st->ignored, 1);
 		return 0;
 	}
