@@ -135,7 +135,8 @@ type Options struct {
 	// reported as MapGrowth, and again at each doubling. Default 1<<20.
 	GrowthThreshold int
 	// SiteRateLimit is how many hits per second one probe site may take
-	// before it is detached for a back-off (5 s, doubling up to 5 min).
+	// before it is detached for a back-off (5 s, doubling up to 5 min); the
+	// BPF program wakes the Guard as soon as a site passes it.
 	// Default 200; sites on instructions the kernel emulates, which cost
 	// several times less, may take 20 times as many. Either way one site
 	// stays under about 0.5% of a CPU on the project's VMs (200 hits of at
