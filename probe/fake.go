@@ -18,6 +18,7 @@ type Fake struct {
 	ignored map[uint64]bool
 	dropped uint64
 	scratch decode.Event // the event handed to the sink; reused, so Emit does not allocate
+	ops     []OpStat
 }
 
 // NewFake returns a Fake.
@@ -78,6 +79,21 @@ func (f *Fake) Stats() Stats {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return Stats{Dropped: f.dropped}
+}
+
+// SetOpStats sets what OpStats returns, for tests of code that reads
+// operation statistics.
+func (f *Fake) SetOpStats(ops []OpStat) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.ops = append([]OpStat(nil), ops...)
+}
+
+// OpStats implements OpStatser: what SetOpStats set.
+func (f *Fake) OpStats() []OpStat {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]OpStat(nil), f.ops...)
 }
 
 // Close implements Probe.
