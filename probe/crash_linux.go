@@ -10,6 +10,7 @@ package probe
 // PreviousCrash event.
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -69,12 +70,12 @@ func exeIdentity(path string) (uint64, error) {
 	if err := unix.Stat(path, &st); err != nil {
 		return 0, err
 	}
-	h := fnv.New64a()
+	var b []byte
 	for _, v := range []uint64{st.Dev, st.Ino, uint64(st.Size), uint64(st.Mtim.Sec), uint64(st.Mtim.Nsec)} {
-		var b [8]byte
-		*(*uint64)(unsafe.Pointer(&b)) = v
-		h.Write(b[:])
+		b = binary.NativeEndian.AppendUint64(b, v)
 	}
+	h := fnv.New64a()
+	h.Write(b)
 	return h.Sum64(), nil
 }
 

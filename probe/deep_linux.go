@@ -92,7 +92,7 @@ func (u *uprobes) calibrateLocked(bin *symbols.Binary) (time.Duration, error) {
 	if !at.Emulated {
 		return 0, fmt.Errorf("calibration site %s is not emulated", at.Inst)
 	}
-	s := &site{index: calibIndex, fn: fn, found: found{at: at, flags: siteCalib, mapReg: regNone, typReg: regNone}}
+	s := &site{index: calibIndex, fn: fn, deep: true, found: found{at: at, mapReg: regAX, typReg: regNone}}
 	conf := bpf.MapguardSiteConf{Flags: siteCount | siteWriter, MapReg: regAX, TypReg: regNone}
 	if err := u.coll.Maps[bpf.MapguardMapSites].Put(s.index, conf); err != nil {
 		return 0, err
@@ -180,7 +180,7 @@ func (u *uprobes) startDeepLocked(now time.Time) error {
 	u.deepTokens = u.cfg.budget() * burstSeconds * 1e9
 	// The first attach is part of Start, measured as Start's latency; later
 	// ones are the governor's and charged to the budget.
-	err := u.armDeepLocked(now)
+	err := u.armDeepLocked()
 	u.deepTokens += float64(u.deepGovTime)
 	u.deepGovTime = 0
 	return err
@@ -190,51 +190,56 @@ func (u *uprobes) startDeepLocked(now time.Time) error {
 // once: a second's worth of budget, and at least ten times what attaching
 // and detaching them costs, so that each duty cycle pays for itself.
 func (u *uprobes) burst() float64 {
-	return max(u.cfg.budget()*burstSeconds*1e9, 10*float64(u.deepCycleCost))
+	return max(u.cfg.budget()*burstSeconds*1e9, 10*float64(u.cycleCost()))
 }
 
-func (u *uprobes) armDeepLocked(now time.Time) error {
-	defer u.chargeCycle()
-	var hits uint64
-	if err := u.deepHitsVar.Get(&hits); err != nil {
-		return err
-	}
-	u.deepLast = hits
-	// Wake the reader when the tokens are spent, not at the next tick.
-	limit := hits + uint64(u.deepTokens/float64(u.hitCost)) + 1
-	if err := u.deepLimit.Set(limit); err != nil {
-		return err
-	}
-	var links []link.Link
-	for _, s := range u.sites {
-		if !s.deep {
-			continue
-		}
-		if err := u.armLocked(s); err != nil {
-			for _, l := range links {
-				l.Close()
-			}
-			return fmt.Errorf("attach %s+%#x: %w", s.fn.Name, s.at.Offset, err)
-		}
-		links = append(links, s.link)
-	}
-	u.deepArmed = true
-	return nil
-}
-
-// chargeCycle spends the CPU time of attaching (or detaching) every deep
-// probe, as calibrated, from the budget.
-func (u *uprobes) chargeCycle() {
+// cycleCost is the CPU time of attaching (or detaching) every deep probe,
+// as calibrated.
+func (u *uprobes) cycleCost() time.Duration {
 	n := 0
 	for _, s := range u.sites {
 		if s.deep {
 			n++
 		}
 	}
-	d := time.Duration(n) * u.linkCost
+	return time.Duration(n) * u.linkCost
+}
+
+// setDeepLimitLocked makes the BPF program wake the governor at the hit
+// count where the tokens left are spent, not at the next tick.
+func (u *uprobes) setDeepLimitLocked(hits uint64) error {
+	return u.deepLimit.Set(hits + uint64(u.deepTokens/float64(u.hitCost)) + 1)
+}
+
+func (u *uprobes) armDeepLocked() error {
+	defer u.chargeCycle()
+	var hits uint64
+	if err := u.deepHitsVar.Get(&hits); err != nil {
+		return err
+	}
+	u.deepLast = hits
+	if err := u.setDeepLimitLocked(hits); err != nil {
+		return err
+	}
+	for _, s := range u.sites {
+		if !s.deep {
+			continue
+		}
+		if err := u.armLocked(s); err != nil {
+			u.disarmDeepLocked() // those already attached
+			return fmt.Errorf("attach %s+%#x: %w", s.fn.Name, s.at.Offset, err)
+		}
+	}
+	u.deepArmed = true
+	return nil
+}
+
+// chargeCycle spends one attach or detach of the deep probes from the
+// budget.
+func (u *uprobes) chargeCycle() {
+	d := u.cycleCost()
 	u.deepTokens -= float64(d)
 	u.deepGovTime += d
-	u.deepCycleCost = max(u.deepCycleCost, d)
 }
 
 func (u *uprobes) disarmDeepLocked() {
@@ -258,8 +263,8 @@ func (u *uprobes) disarmDeepLocked() {
 }
 
 // governLocked keeps deep watching inside its budget. Tokens (CPU
-// nanoseconds) accrue at Budget per second, up to burstSeconds' worth, and
-// every deep hit spends HitCost. When they run out (the BPF program wakes
+// nanoseconds) accrue at Budget per second, up to burst, and every deep
+// hit spends HitCost (and every attach or detach its CPU time). When they run out (the BPF program wakes
 // the reader at that hit count), the deep probes are detached until the
 // debt is paid back; then they are attached again. The budget therefore
 // holds on average, over the time it takes to earn back one burst.
@@ -283,25 +288,21 @@ func (u *uprobes) governLocked(now time.Time) {
 	u.deepLast = hits
 	if u.deepArmed {
 		u.deepWatched += elapsed
-		if u.deepTokens <= 0 {
-			u.disarmDeepLocked()
-			u.deepDetach.Add(1)
-			u.deepOffTill = now.Add(time.Duration(-u.deepTokens / budget))
-			u.log.V(1).Info("deep probes detached: budget spent", "until", u.deepOffTill)
-			return
+		if u.deepTokens > 0 {
+			u.setDeepLimitLocked(hits)
+			// Hits that passed the limit before it was set never wake the
+			// governor: if that happened, the budget is spent now.
+			var later uint64
+			if u.deepHitsVar.Get(&later) != nil || later <= hits+uint64(u.deepTokens/float64(u.hitCost)) {
+				return
+			}
+			u.deepTokens -= float64(later-hits) * float64(u.hitCost)
+			u.deepLast = later
 		}
-		limit := hits + uint64(u.deepTokens/float64(u.hitCost)) + 1
-		u.deepLimit.Set(limit)
-		// Hits that passed the limit before it was set never wake the
-		// governor: if that happened, the budget is spent now.
-		var now2 uint64
-		if u.deepHitsVar.Get(&now2) == nil && now2 >= limit {
-			u.deepTokens -= float64(now2-hits) * float64(u.hitCost)
-			u.deepLast = now2
-			u.disarmDeepLocked()
-			u.deepDetach.Add(1)
-			u.deepOffTill = now.Add(time.Duration(max(0, -u.deepTokens) / budget))
-		}
+		u.disarmDeepLocked()
+		u.deepDetach.Add(1)
+		u.deepOffTill = now.Add(time.Duration(max(0, -u.deepTokens) / budget))
+		u.log.V(1).Info("deep probes detached: budget spent", "until", u.deepOffTill)
 		return
 	}
 	// Hits taken while the probes were being detached arrive late: push
@@ -313,7 +314,7 @@ func (u *uprobes) governLocked(now time.Time) {
 		return
 	}
 	if !now.Before(u.deepOffTill) {
-		if err := u.armDeepLocked(now); err != nil {
+		if err := u.armDeepLocked(); err != nil {
 			u.log.Error(err, "re-arm deep probes")
 			u.deepOffTill = now.Add(5 * time.Second)
 		}

@@ -148,7 +148,6 @@ const (
 	siteDelIn   = 4096
 	siteDelDone = 8192
 	siteDeep    = 16384
-	siteCalib   = 32768
 
 	// enum mg_key
 	keyNone = 0

@@ -94,18 +94,17 @@ type uprobes struct {
 	deepLastGov time.Time
 	// deepGovTime is the time spent attaching and detaching deep probes,
 	// charged to the budget; deepCycleCost the longest single one.
-	deepGovTime   time.Duration
-	deepCycleCost time.Duration
-	linkCost      time.Duration // CPU time to attach and detach one link, calibrated
-	wakeReader    *ringbuf.Reader
-	wakeDone      chan struct{}
-	deepDetach    atomic.Int64
-	deepHitsVar   *ebpf.Variable
-	deepLimit     *ebpf.Variable
-	statsDec      *decode.Decoder // OpStats' own decoder, under mu
-	lastDropped   uint64
-	stopping      bool // teardown has begun
-	running       bool // Start succeeded
+	deepGovTime time.Duration
+	linkCost    time.Duration // CPU time to attach and detach one link, calibrated
+	wakeReader  *ringbuf.Reader
+	wakeDone    chan struct{}
+	deepDetach  atomic.Int64
+	deepHitsVar *ebpf.Variable
+	deepLimit   *ebpf.Variable
+	statsDec    *decode.Decoder // OpStats' own decoder, under mu
+	lastDropped uint64
+	stopping    bool // teardown has begun
+	running     bool // Start succeeded
 }
 
 type site struct {
@@ -244,6 +243,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		}
 	}
 	u.lastTick = time.Now()
+	u.readCounters()
 	u.setWakeLocked()
 	if u.deep {
 		if err := u.startDeepLocked(time.Now()); err != nil {
@@ -486,12 +486,10 @@ func openOwnBinary() (*ownBinary, error) {
 // be nil (no binary to symbolise with).
 func (o *ownBinary) decodeCrash(r crashRecord, ev *decode.Event) {
 	raw := r.raw
-	dec := (*decode.Decoder)(nil)
-	if o != nil {
-		dec = o.dec
-	}
+	var dec *decode.Decoder
 	if o != nil && r.exeID == o.exeID {
 		decode.Rebase(raw, int64(o.bias-r.bias))
+		dec = o.dec
 	} else {
 		decode.Strip(raw)
 		dec = decode.NewDecoder(decode.Config{})
@@ -616,7 +614,7 @@ func (u *uprobes) armLocked(s *site) error {
 		return nil
 	}
 	prog := u.coll.Programs[bpf.MapguardProgMapguardSite]
-	if s.deep || s.flags&siteCalib != 0 {
+	if s.deep {
 		prog = u.coll.Programs[bpf.MapguardProgMapguardDeep]
 	}
 	off := s.fn.FileOffset + s.at.Offset
@@ -866,11 +864,10 @@ func (u *uprobes) tickFrom(now time.Time, reader bool) {
 
 // setWakeLocked sets, for each attached always-on site, the hit count at
 // which the BPF program wakes the waker: one poll interval's worth of its
-// rate limit past its hits now. The site is then detached within
+// rate limit past its hits in u.counters. The site is then detached within
 // microseconds of going over its limit, not at the next tick.
 func (u *uprobes) setWakeLocked() {
 	limit := u.cfg.siteRateLimit()
-	u.readCounters()
 	for _, s := range u.sites {
 		w := uint64(0)
 		if limit > 0 && s.link != nil && !s.deep {

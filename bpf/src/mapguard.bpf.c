@@ -490,8 +490,6 @@ static __always_inline int handle(struct pt_regs *ctx, const int deep)
 	}
 
 	__u32 flags = conf->flags;
-	if (deep && (flags & MG_SITE_CALIB))
-		return 0;
 	if (deep && (flags & MG_SITE_DEEP)) {
 		__u64 n = __sync_fetch_and_add(&deep_hits, 1) + 1;
 		if (n == deep_limit) {
@@ -667,8 +665,8 @@ int mapguard_site(struct pt_regs *ctx)
 	return handle(ctx, 0);
 }
 
-// mapguard_deep serves the deep sites (counts, writers, deletes) and the
-// cost calibration.
+// mapguard_deep serves the deep sites (counts, writers, deletes); the cost
+// calibration probes a function of the Guard's own with it.
 SEC("uprobe")
 int mapguard_deep(struct pt_regs *ctx)
 {

@@ -111,7 +111,6 @@ enum mg_reg {
 #define MG_SITE_DEL_ENTRY 4096 // a delete begins: report an empty map, else remember the map and its entries
 #define MG_SITE_DEL_DONE 8192  // a delete ended: report if the entries did not change since DEL_ENTRY
 #define MG_SITE_DEEP 16384     // counted against the budget: past deep_limit hits, wake the reader
-#define MG_SITE_CALIB 32768    // cost calibration: count the hit, nothing else
 
 
 struct site_conf {
