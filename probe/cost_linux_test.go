@@ -139,23 +139,12 @@ func BenchmarkDeepHitCost(b *testing.B) {
 		attachEmpty(b, "runtime.mapassign_faststr", afterStackCheck)
 		loop(b)
 	})
-	b.Run("probe=mapguard-deep@after-stack-check", func(b *testing.B) {
-		p := NewUprobes(UprobeConfig{Kinds: []decode.Kind{decode.SharedWriters}, OpStats: true, Budget: 1})
-		if err := p.Start(context.Background(), func(*decode.Event) {}); err != nil {
-			b.Fatal(err)
-		}
-		defer p.Close()
-		loop(b)
-		b.StopTimer()
-		if d := p.Stats().Deep; d != nil {
-			b.ReportMetric(float64(d.HitCost.Nanoseconds()), "calibrated-ns/hit")
-			b.ReportMetric(float64(d.Detaches), "detaches")
-		}
-	})
+	// Both deep features, then each alone.
 	for _, c := range []struct {
 		name string
 		cfg  UprobeConfig
 	}{
+		{"mapguard-deep@after-stack-check", UprobeConfig{Kinds: []decode.Kind{decode.SharedWriters}, OpStats: true, Budget: 1}},
 		{"mapguard-opstats@after-stack-check", UprobeConfig{Kinds: []decode.Kind{decode.NilMapWrite}, OpStats: true, Budget: 1}},
 		{"mapguard-writers@after-stack-check", UprobeConfig{Kinds: []decode.Kind{decode.SharedWriters}, Budget: 1}},
 	} {
@@ -166,6 +155,11 @@ func BenchmarkDeepHitCost(b *testing.B) {
 			}
 			defer p.Close()
 			loop(b)
+			b.StopTimer()
+			if d := p.Stats().Deep; d != nil {
+				b.ReportMetric(float64(d.HitCost.Nanoseconds()), "calibrated-ns/hit")
+				b.ReportMetric(float64(d.Detaches), "detaches")
+			}
 		})
 	}
 	b.Run("probe=empty@entry", func(b *testing.B) {
