@@ -3,19 +3,15 @@ package symbols
 import (
 	"bufio"
 	"bytes"
-	"debug/buildinfo"
 	"debug/elf"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"slices"
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"unsafe"
 
@@ -617,100 +613,37 @@ func (b sxtCallsBinary) name() string { return b.goVersion + "/" + b.mode }
 // default, stripped and -race (skipped without cgo).
 func sxtCallsBuild(t *testing.T, dir string) []sxtCallsBinary {
 	t.Helper()
-	if err := os.WriteFile(filepath.Join(dir, "go.mod"), []byte("module callstarget\n\ngo 1.25\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(sxtCallsSrc), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	modes := []struct {
-		mode  string
-		flags []string
-	}{{"default", nil}, {"stripped", []string{"-ldflags=-s -w"}}, {"race", []string{"-race"}}}
-	var todo []sxtCallsBinary
-	for _, tc := range []string{"local", "go1.25.14"} {
-		cmd := exec.Command("go", "version")
-		cmd.Dir, cmd.Env = dir, sxtGoEnv(tc)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Logf("toolchain %s unavailable, skipping its variants: %v\n%s", tc, err, out)
+	modes := []sxtMode{{"default", nil}, {"stripped", []string{"-ldflags=-s -w"}}, {"race", []string{"-race"}}}
+	var built []sxtCallsBinary
+	for _, v := range sxtBuildVariants(t, dir, "callstarget", sxtCallsSrc, modes) {
+		b := sxtCallsBinary{toolchain: v.toolchain, mode: v.mode, path: v.path, goVersion: v.goVersion,
+			funcs: map[string]uint64{}, types: map[string]uint64{}}
+		out, err := exec.Command(b.path).Output()
+		if err != nil && b.mode == "race" {
+			t.Logf("skipping %s/%s: run: %v", b.toolchain, b.mode, err)
 			continue
 		}
-		for _, m := range modes {
-			if testing.Short() && m.mode == "race" {
-				continue
-			}
-			todo = append(todo, sxtCallsBinary{toolchain: tc, mode: m.mode, path: filepath.Join(dir, tc+"-"+m.mode)})
-		}
-	}
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 2)
-	errs := make([]error, len(todo))
-	for i := range todo {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			b := &todo[i]
-			args := []string{"build", "-o", b.path}
-			cgo := "CGO_ENABLED=0"
-			for _, m := range modes {
-				if m.mode == b.mode {
-					args = append(args, m.flags...)
-				}
-			}
-			if b.mode == "race" {
-				cgo = "CGO_ENABLED=1"
-			}
-			cmd := exec.Command("go", append(args, ".")...)
-			cmd.Dir, cmd.Env = dir, sxtGoEnv(b.toolchain, cgo)
-			if out, err := cmd.CombinedOutput(); err != nil {
-				errs[i] = fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
-				return
-			}
-			bi, err := buildinfo.ReadFile(b.path)
-			if err != nil {
-				errs[i] = err
-				return
-			}
-			b.goVersion = bi.GoVersion
-			out, err := exec.Command(b.path).Output()
-			if err != nil {
-				errs[i] = fmt.Errorf("run %s: %v", b.path, err)
-				return
-			}
-			b.funcs, b.types = map[string]uint64{}, map[string]uint64{}
-			sc := bufio.NewScanner(bytes.NewReader(out))
-			for sc.Scan() {
-				f := strings.Fields(sc.Text())
-				if len(f) < 3 {
-					continue
-				}
-				v, err := strconv.ParseUint(strings.TrimPrefix(f[len(f)-1], "0x"), 16, 64)
-				if err != nil {
-					errs[i] = fmt.Errorf("%s: output %q", b.path, sc.Text())
-					return
-				}
-				name := strings.Join(f[1:len(f)-1], " ")
-				if f[0] == "func" {
-					b.funcs[name] = v
-				} else {
-					b.types[name] = v
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	var built []sxtCallsBinary
-	for i, err := range errs {
 		if err != nil {
-			if todo[i].mode == "race" {
-				t.Logf("skipping %s/%s: %v", todo[i].toolchain, todo[i].mode, err)
+			t.Fatalf("run %s: %v", b.path, err)
+		}
+		sc := bufio.NewScanner(bytes.NewReader(out))
+		for sc.Scan() {
+			f := strings.Fields(sc.Text())
+			if len(f) < 3 {
 				continue
 			}
-			t.Fatal(err)
+			v, err := strconv.ParseUint(strings.TrimPrefix(f[len(f)-1], "0x"), 16, 64)
+			if err != nil {
+				t.Fatalf("%s: output %q", b.path, sc.Text())
+			}
+			name := strings.Join(f[1:len(f)-1], " ")
+			if f[0] == "func" {
+				b.funcs[name] = v
+			} else {
+				b.types[name] = v
+			}
 		}
-		built = append(built, todo[i])
+		built = append(built, b)
 	}
 	return built
 }

@@ -617,10 +617,13 @@ type sxtBinary struct {
 
 func (b sxtBinary) name() string { return b.goVersion + "/" + b.mode }
 
-var sxtModes = []struct {
+// sxtMode is a build mode: its name and go build flags.
+type sxtMode struct {
 	mode  string
 	flags []string
-}{
+}
+
+var sxtModes = []sxtMode{
 	{"default", nil},
 	{"pie", []string{"-buildmode=pie"}},
 	{"stripped", []string{"-ldflags=-s -w"}},
@@ -640,30 +643,42 @@ func sxtGoEnv(toolchain string, extra ...string) []string {
 	return append(env, append([]string{"GOTOOLCHAIN=" + toolchain, "GOWORK=off", "GOFLAGS="}, extra...)...)
 }
 
-// sxtBuildAll builds every variant in dir, two at a time (the machine has
-// two cores). Toolchains that are not available are skipped with a log.
-func sxtBuildAll(t *testing.T, dir string) []sxtBinary {
+// sxtVariant is one build of a test program.
+type sxtVariant struct {
+	toolchain, mode, path string
+	goVersion             string // from the binary's build info
+}
+
+// sxtBuildVariants writes src as module mod into dir and builds it with
+// each available toolchain in each mode, two at a time (the machine has two
+// cores). Toolchains that are not available are skipped with a log, as are
+// -race builds in -short mode or where they fail (they need cgo and a C
+// toolchain).
+func sxtBuildVariants(t *testing.T, dir, mod, src string, modes []sxtMode) []sxtVariant {
 	t.Helper()
-	if err := os.WriteFile(filepath.Join(dir, "go.mod"), []byte("module sitestarget\n\ngo 1.25\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "go.mod"), []byte("module "+mod+"\n\ngo 1.25\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(sxtTargetSrc), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	toolchains := []string{"local", "go1.25.14"}
-	var todo []sxtBinary
-	for _, tc := range toolchains {
+	type job struct {
+		sxtVariant
+		flags []string
+	}
+	var todo []job
+	for _, tc := range []string{"local", "go1.25.14"} {
 		cmd := exec.Command("go", "version")
 		cmd.Dir, cmd.Env = dir, sxtGoEnv(tc)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Logf("toolchain %s unavailable, skipping its variants: %v\n%s", tc, err, out)
 			continue
 		}
-		for _, m := range sxtModes {
+		for _, m := range modes {
 			if testing.Short() && m.mode == "race" {
 				continue
 			}
-			todo = append(todo, sxtBinary{toolchain: tc, mode: m.mode, path: filepath.Join(dir, tc+"-"+m.mode), pclntab: m.mode == "stripped"})
+			todo = append(todo, job{sxtVariant{toolchain: tc, mode: m.mode, path: filepath.Join(dir, tc+"-"+m.mode)}, m.flags})
 		}
 	}
 	var wg sync.WaitGroup
@@ -676,13 +691,8 @@ func sxtBuildAll(t *testing.T, dir string) []sxtBinary {
 			sem <- struct{}{}
 			defer func() { <-sem }()
 			b := &todo[i]
-			args := []string{"build", "-o", b.path}
+			args := append([]string{"build", "-o", b.path}, b.flags...)
 			cgo := "CGO_ENABLED=0"
-			for _, m := range sxtModes {
-				if m.mode == b.mode {
-					args = append(args, m.flags...)
-				}
-			}
 			if b.mode == "race" {
 				cgo = "CGO_ENABLED=1"
 			}
@@ -701,19 +711,28 @@ func sxtBuildAll(t *testing.T, dir string) []sxtBinary {
 		}()
 	}
 	wg.Wait()
-	var built []sxtBinary
+	var built []sxtVariant
 	for i, err := range errs {
 		if err != nil {
 			if todo[i].mode == "race" {
-				// -race needs cgo and a C toolchain.
 				t.Logf("skipping %s/%s: %v", todo[i].toolchain, todo[i].mode, err)
 				continue
 			}
 			t.Fatal(err)
 		}
-		built = append(built, todo[i])
+		built = append(built, todo[i].sxtVariant)
 	}
 	return built
+}
+
+// sxtBuildAll builds every variant of sxtTargetSrc in dir.
+func sxtBuildAll(t *testing.T, dir string) []sxtBinary {
+	t.Helper()
+	var bins []sxtBinary
+	for _, v := range sxtBuildVariants(t, dir, "sitestarget", sxtTargetSrc, sxtModes) {
+		bins = append(bins, sxtBinary{toolchain: v.toolchain, mode: v.mode, path: v.path, goVersion: v.goVersion, pclntab: v.mode == "stripped"})
+	}
+	return bins
 }
 
 // sxtImage gives function bodies of one binary.
