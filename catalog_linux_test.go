@@ -17,7 +17,7 @@ import (
 	"github.com/mapguard/mapguard/internal/testutil"
 )
 
-// checkSite fails unless ev happened at guard's test file line in the
+// checkEvent fails unless ev happened at the test file's line in the
 // given goroutine (0: any), with the given map type.
 func checkEvent(t *testing.T, ev mapguard.Event, kind mapguard.Kind, file string, line int, goid uint64, mapType string) {
 	t.Helper()
