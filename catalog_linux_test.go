@@ -82,7 +82,7 @@ var misses = []struct {
 }
 
 func TestRealMissingKeyRead(t *testing.T) {
-	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.MissingKeyRead}, SiteRateLimit: -1})
+	g := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.MissingKeyRead}, SiteRateLimit: -1})
 	events := g.Events()
 	for _, m := range misses {
 		t.Run(m.name, func(t *testing.T) {
@@ -101,7 +101,7 @@ func TestRealMissingKeyRead(t *testing.T) {
 // reported; repeated misses at one call site are counted exactly.
 func TestRealMissingKeyCounts(t *testing.T) {
 	testutil.RequirePrivileged(t)
-	g, err := mapguard.New(mapguard.Options{Detect: []mapguard.Kind{mapguard.MissingKeyRead}, SiteRateLimit: -1})
+	g, err := mapguard.New(mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.MissingKeyRead}, SiteRateLimit: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -161,6 +161,7 @@ func TestRealMissingKeyCounts(t *testing.T) {
 
 func TestRealMissingKeyScope(t *testing.T) {
 	g := startReal(t, mapguard.Options{
+		DetectOnly:      true,
 		Detect:          []mapguard.Kind{mapguard.MissingKeyRead},
 		MissingKeyScope: []string{"example.com/elsewhere"},
 		SiteRateLimit:   -1,
@@ -192,7 +193,7 @@ func TestRealMissingKeyScope(t *testing.T) {
 }
 
 func TestRealUnhashableKey(t *testing.T) {
-	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.UnhashableKey}})
+	g := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.UnhashableKey}})
 	events := g.Events()
 	for _, c := range []struct {
 		name, mapType, detail string
@@ -240,7 +241,7 @@ type anyKey struct{ v any }
 
 func TestRealMapBloat(t *testing.T) {
 	const threshold = 4096
-	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.MapBloat}, GrowthThreshold: threshold})
+	g := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.MapBloat}, GrowthThreshold: threshold})
 	events := g.Events()
 	fill := func(m map[int64][64]byte, n int) {
 		for i := 0; i < n; i++ {

@@ -21,7 +21,7 @@ import (
 // deletes on nil maps.
 func TestRealDeleteKinds(t *testing.T) {
 	g := startReal(t, mapguard.Options{
-		Detect: []mapguard.Kind{mapguard.MissingKeyDelete, mapguard.NilMapDelete},
+		DetectOnly: true, Detect: []mapguard.Kind{mapguard.MissingKeyDelete, mapguard.NilMapDelete},
 		Budget: 1,
 	})
 	events := g.Events()
@@ -95,7 +95,7 @@ func TestRealDeleteKinds(t *testing.T) {
 
 // Deletes of present keys are never reported; every missing one is, once.
 func TestRealDeleteCounts(t *testing.T) {
-	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.MissingKeyDelete}, Budget: 1})
+	g := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.MissingKeyDelete}, Budget: 1})
 	events := g.Events()
 	const n = 200
 	goid, _ := provoke(func() int {
@@ -136,7 +136,7 @@ func TestRealDeleteCounts(t *testing.T) {
 }
 
 func TestRealSharedWriters(t *testing.T) {
-	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.SharedWriters}, Budget: 1})
+	g := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.SharedWriters}, Budget: 1})
 	events := g.Events()
 	var mu sync.Mutex
 	m := map[string]int{}
@@ -163,7 +163,7 @@ func TestRealSharedWriters(t *testing.T) {
 	t.Log(ev)
 
 	// Excluded by map type: no event.
-	g2 := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.SharedWriters}, Budget: 1,
+	g2 := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.SharedWriters}, Budget: 1,
 		SharedExclude: []string{"map[int]bool"}})
 	ex := map[int]bool{}
 	provoke(func() int { mu.Lock(); ex[1] = true; mu.Unlock(); return 0 })
@@ -237,7 +237,7 @@ func TestRealKeyCapture(t *testing.T) {
 			defer logMu.Unlock()
 			fmt.Fprintln(&logs, prefix, args)
 		}, funcr.Options{Verbosity: 10})
-		g, err := mapguard.New(mapguard.Options{Logger: log, Detect: []mapguard.Kind{mapguard.MissingKeyDelete},
+		g, err := mapguard.New(mapguard.Options{Logger: log, DetectOnly: true, Detect: []mapguard.Kind{mapguard.MissingKeyDelete},
 			Budget: 1, CaptureKeys: capture})
 		if err != nil {
 			t.Fatal(err)
@@ -291,7 +291,7 @@ func TestRealKeyCapture(t *testing.T) {
 func TestRealBudget(t *testing.T) {
 	const budget = 0.005
 	start := time.Now()
-	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.MissingKeyDelete}, OpStats: true, Budget: budget})
+	g := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.MissingKeyDelete}, OpStats: true, Budget: budget})
 	deadline := time.Now().Add(3 * time.Second)
 	m := map[int]int{}
 	n := 0

@@ -60,7 +60,7 @@
 // # Deep watching
 //
 // MissingKeyDelete, NilMapDelete and SharedWriters (list them in
-// Options.Detect) and Options.OpStats (operations per call site, read with
+// Options.Detect, which adds them to the defaults) and Options.OpStats (operations per call site, read with
 // Guard.OpStats) probe every operation of a kind, after the stack check of
 // each runtime map entry point, where the kernel emulates the instruction
 // (about 1 us a hit on the project's VMs). They are kept within
@@ -86,12 +86,19 @@
 //
 // # Errors
 //
-// Start returns errors that wrap ErrNotSupported (platform, kernel or Go
-// version), ErrPermission (capabilities), ErrLayoutMismatch (the runtime did
-// not look as expected, so nothing was attached) or ErrClosed. In every
-// case nothing is left running and the process behaves as if mapguard were
-// not there. Events are never waited for: what does not fit in a buffer is
-// counted in Stats.
+// Every error Start returns wraps one of ErrNotSupported (platform, kernel
+// or Go version), ErrPermission (capabilities), ErrResourceLimit (a limit
+// such as RLIMIT_NOFILE, named in the message), ErrLayoutMismatch (the
+// runtime did not look as expected, so nothing was attached), ErrStarted,
+// ErrClosed, or the error of Start's context. In every case nothing is
+// left running and the process behaves as if mapguard were not there;
+// Close and Events are safe, and after a refusal Start may be called
+// again. Events are never waited for: what does not fit in a buffer is
+// counted in Stats. Close waits at most a second for a callback that does
+// not return.
+//
+// A started Guard runs goroutines of its own; GoroutineFunctions names
+// them for leak checkers such as goleak.
 //
 // # Testing
 //

@@ -21,6 +21,7 @@ import (
 	"github.com/mapguard/mapguard"
 	"github.com/mapguard/mapguard/internal/rt"
 	"github.com/mapguard/mapguard/internal/testutil"
+	"golang.org/x/sys/unix"
 )
 
 // startReal starts a Guard with real uprobes on this test binary; it is
@@ -445,7 +446,7 @@ func TestRealOverflow(t *testing.T) {
 // A map that crosses the growth threshold is reported with the insert that
 // grew it, and again at each doubling, not at every growth.
 func TestRealMapGrowth(t *testing.T) {
-	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.MapGrowth}, GrowthThreshold: 5000})
+	g := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.MapGrowth}, GrowthThreshold: 5000})
 	events := g.Events()
 	var line int
 	goid, _ := provoke(func() int {
@@ -522,4 +523,91 @@ func TestRealStdlibNilReadNotReported(t *testing.T) {
 func misuseNilRead() int {
 	var m map[string]int
 	return m["k"]
+}
+
+// The goroutines a started Guard runs are the ones GoroutineFunctions
+// names, so that leak checkers can be told to ignore them.
+func TestRealGoroutineFunctions(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	g, _ := mapguard.New(mapguard.Options{})
+	if err := g.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	buf := make([]byte, 1<<20)
+	stacks := strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n")
+	names := mapguard.GoroutineFunctions()
+	found := map[string]bool{}
+	for _, s := range stacks {
+		if !strings.Contains(s, "github.com/mapguard/mapguard") || strings.Contains(s, "testing.tRunner") {
+			continue // not the Guard's
+		}
+		ok := false
+		for _, n := range names {
+			if strings.Contains(s, n+"(") {
+				found[n], ok = true, true
+			}
+		}
+		if !ok {
+			t.Errorf("a goroutine of the Guard is not named by GoroutineFunctions:\n%s", s)
+		}
+	}
+	for _, n := range names {
+		if !found[n] {
+			t.Errorf("GoroutineFunctions names %s, which no goroutine runs", n)
+		}
+	}
+}
+
+// A low RLIMIT_NOFILE is refused as ErrResourceLimit, naming the limit,
+// and nothing is left open; with the limit raised again Start works.
+func TestRealResourceLimit(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	var old unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	fds := testutil.OpenFDs(t)
+	low := old
+	low.Cur = uint64(fds + 12)
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &low); err != nil {
+		t.Fatal(err)
+	}
+	g, _ := mapguard.New(mapguard.Options{})
+	err := g.Start(context.Background())
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	if !errors.Is(err, mapguard.ErrResourceLimit) || !strings.Contains(err.Error(), "RLIMIT_NOFILE") {
+		t.Fatalf("Start with RLIMIT_NOFILE %d: %v, want ErrResourceLimit naming the limit", low.Cur, err)
+	}
+	if n := testutil.OpenFDs(t); n > fds {
+		t.Fatalf("%d open fds after a refused Start, %d before", n, fds)
+	}
+	if err := g.Start(context.Background()); err != nil {
+		t.Fatalf("Start after raising the limit: %v", err)
+	}
+	g.Close()
+}
+
+// A context cancelled while Start attaches stops it promptly with the
+// context's error, and the Guard can be started again.
+func TestRealStartCancelled(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	g, _ := mapguard.New(mapguard.Options{})
+	defer g.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Millisecond)
+	defer cancel()
+	begin := time.Now()
+	err := g.Start(ctx)
+	if err == nil {
+		t.Skip("Start finished within its 5 ms deadline: nothing was cancelled")
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Start with a short deadline: %v", err)
+	}
+	t.Logf("cancelled Start returned after %v", time.Since(begin))
+	if err := g.Start(context.Background()); err != nil {
+		t.Fatalf("second Start: %v", err)
+	}
 }

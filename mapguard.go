@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -105,6 +107,13 @@ var (
 	// ErrLayoutMismatch: the runtime layouts mapguard reads did not verify
 	// in this process, so it refused to attach.
 	ErrLayoutMismatch = probe.ErrLayoutMismatch
+	// ErrResourceLimit: a resource limit of the process stopped the probes
+	// from loading, most often RLIMIT_NOFILE (each probe site, BPF map and
+	// program holds a file descriptor) or RLIMIT_MEMLOCK on kernels before
+	// 5.11. The message names the limit; raise it and call Start again.
+	ErrResourceLimit = probe.ErrResourceLimit
+	// ErrStarted: Start was called while the Guard was starting or running.
+	ErrStarted = probe.ErrStarted
 	// ErrClosed: the Guard was closed.
 	ErrClosed = probe.ErrClosed
 )
@@ -121,8 +130,12 @@ type Options struct {
 	// Logger receives errors, V(1) warnings, V(4) lifecycle messages and
 	// V(8) one line per event. The zero Logger discards.
 	Logger logr.Logger
-	// Detect is the set of kinds to watch; empty means DefaultKinds.
+	// Detect lists kinds to watch in addition to DefaultKinds, e.g. the
+	// deep kinds. With DetectOnly, it is the exact set watched.
 	Detect []Kind
+	// DetectOnly makes Detect the exact set of kinds watched, without the
+	// defaults.
+	DetectOnly bool
 	// BufferSize is how many events may wait between the kernel and
 	// delivery, at each of its stages (kernel ring buffer, dispatch queue,
 	// Events channel). Default 1024. What does not fit is counted in
@@ -132,7 +145,9 @@ type Options struct {
 	// site; 0 (the default) reports the call site only. At most 16.
 	StackDepth int
 	// GrowthThreshold is the entry count at which a growing map is first
-	// reported as MapGrowth, and again at each doubling. Default 1<<20.
+	// reported as MapGrowth, and again at each doubling; it is also the
+	// capacity (in slots) from which an emptied map is reported as
+	// MapBloat. Default 1<<20.
 	GrowthThreshold int
 	// SiteRateLimit is how many hits per second one probe site may take
 	// before it is detached for a back-off (5 s, doubling up to 5 min); the
@@ -177,7 +192,9 @@ type Options struct {
 	// events carry a salted hash of the key and its length only.
 	CaptureKeys func(prefix []byte) string
 	// Probe replaces the eBPF probe, e.g. with a probe.Fake in tests. Nil
-	// means real uprobes on this process.
+	// means real uprobes on this process. The options above that configure
+	// the eBPF probe (all but Logger, BufferSize and OpStats) cannot be
+	// honoured by another probe, so New rejects them together with Probe.
 	Probe probe.Probe
 }
 
@@ -214,21 +231,34 @@ type Stats struct {
 
 // A Guard watches this process's map operations. Create it with New, then
 // Start it. Its methods are safe for concurrent use.
+//
+// The Guard runs two kinds of goroutine of its own while started: its
+// dispatcher ((*Guard).dispatch) and the probe's reader and governor
+// (functions of package github.com/mapguard/mapguard/probe). Test suites
+// that check for leaked goroutines (go.uber.org/goleak) around a Guard that
+// lives for the whole test binary can ignore them with
+// goleak.IgnoreAnyFunction on the names listed by GoroutineFunctions, or
+// Close the Guard before the check: none is left after Close returns.
 type Guard struct {
-	opts  Options
-	log   logr.Logger
-	probe probe.Probe
+	opts Options
+	log  logr.Logger
 
-	mu         sync.Mutex
-	started    bool
-	closed     bool
-	delivering bool       // the dispatcher runs; it closes events when it exits
-	events     chan Event // created by the first call to Events
-	stopCtx    func() bool
+	mu          sync.Mutex
+	probe       probe.Probe // the probe of the last Start attempt; nil before
+	starting    bool        // a Start is in flight; Close cancels it
+	cancelStart context.CancelFunc
+	startDone   chan struct{} // closed when the Start in flight returns
+	started     bool
+	closed      bool
+	delivering  bool       // the dispatcher runs
+	events      chan Event // created by the first call to Events
+	eventsDone  bool       // events is closed
+	stopCtx     func() bool
 
 	queue     chan Event // reader -> dispatcher
 	done      chan struct{}
 	dispGoid  uint64
+	abandoned atomic.Bool // Close stopped waiting for a blocked callback
 	callbacks atomic.Pointer[[]func(Event)]
 
 	perKind        [256]atomic.Uint64
@@ -237,8 +267,32 @@ type Guard struct {
 	callbackPanics atomic.Uint64
 }
 
+// probeOptions are the options that configure the eBPF probe; a custom
+// Options.Probe cannot honour them, so New rejects them with one.
+func (o *Options) probeOptions() []string {
+	var set []string
+	add := func(name string, isSet bool) {
+		if isSet {
+			set = append(set, name)
+		}
+	}
+	add("Detect", len(o.Detect) > 0)
+	add("DetectOnly", o.DetectOnly)
+	add("StackDepth", o.StackDepth != 0)
+	add("GrowthThreshold", o.GrowthThreshold != 0)
+	add("SiteRateLimit", o.SiteRateLimit != 0)
+	add("MissingKeyScope", len(o.MissingKeyScope) > 0)
+	add("NoCrashRecord", o.NoCrashRecord)
+	add("Budget", o.Budget != 0)
+	add("SharedWindow", o.SharedWindow != 0)
+	add("SharedExclude", len(o.SharedExclude) > 0)
+	add("CaptureKeys", o.CaptureKeys != nil)
+	return set
+}
+
 // New returns a Guard configured by opts. It attaches nothing until Start.
-// It returns an error if opts is invalid.
+// It returns an error if opts is invalid, or if it sets options of the
+// eBPF probe together with a custom Probe (which cannot honour them).
 func New(opts Options) (*Guard, error) {
 	if opts.StackDepth < 0 || opts.StackDepth > decode.MaxFrames {
 		return nil, fmt.Errorf("new guard: StackDepth %d out of range [0, %d]", opts.StackDepth, decode.MaxFrames)
@@ -252,11 +306,6 @@ func New(opts Options) (*Guard, error) {
 	if opts.SharedWindow < 0 {
 		return nil, fmt.Errorf("new guard: negative SharedWindow %v", opts.SharedWindow)
 	}
-	for _, k := range opts.Detect {
-		if k == PreviousCrash {
-			return nil, fmt.Errorf("new guard: %s is not watched itself: it comes with %s", k, ConcurrentMisuse)
-		}
-	}
 	if opts.BufferSize < 0 {
 		return nil, fmt.Errorf("new guard: negative BufferSize %d", opts.BufferSize)
 	}
@@ -268,71 +317,133 @@ func New(opts Options) (*Guard, error) {
 		if !k.Valid() {
 			return nil, fmt.Errorf("new guard: unknown kind %s", k)
 		}
+		if k == PreviousCrash {
+			return nil, fmt.Errorf("new guard: %s is not watched itself: it comes with %s", k, ConcurrentMisuse)
+		}
 		if seen[k] {
 			return nil, fmt.Errorf("new guard: kind %s listed twice", k)
 		}
 		seen[k] = true
 	}
-	log := opts.Logger.WithName("mapguard")
-	p := opts.Probe
-	if p == nil {
-		p = probe.NewUprobes(probe.UprobeConfig{
-			Kinds:           opts.Detect,
-			StackDepth:      opts.StackDepth,
-			BufferSize:      opts.BufferSize,
-			SiteRateLimit:   opts.SiteRateLimit,
-			GrowthThreshold: opts.GrowthThreshold,
-			MissingKeyScope: opts.MissingKeyScope,
-			NoCrashRecord:   opts.NoCrashRecord,
-			OpStats:         opts.OpStats,
-			Budget:          opts.Budget,
-			SharedWindow:    opts.SharedWindow,
-			SharedExclude:   opts.SharedExclude,
-			CaptureKeys:     opts.CaptureKeys,
-			Logger:          log,
-		})
+	if opts.DetectOnly && len(opts.Detect) == 0 {
+		return nil, errors.New("new guard: DetectOnly with an empty Detect watches nothing")
 	}
-	return &Guard{opts: opts, log: log, probe: p}, nil
+	if opts.Probe != nil {
+		if set := opts.probeOptions(); len(set) > 0 {
+			return nil, fmt.Errorf("new guard: %s configure the eBPF probe and have no effect with a custom Probe: configure that probe instead", strings.Join(set, ", "))
+		}
+	}
+	return &Guard{opts: opts, log: opts.Logger.WithName("mapguard")}, nil
+}
+
+// kinds is the set of kinds the built-in probe watches: DefaultKinds plus
+// Detect, or Detect alone with DetectOnly.
+func (o *Options) kinds() []Kind {
+	if o.DetectOnly {
+		return o.Detect
+	}
+	kinds := DefaultKinds()
+	for _, k := range o.Detect {
+		if !slices.Contains(kinds, k) {
+			kinds = append(kinds, k)
+		}
+	}
+	return kinds
+}
+
+// newProbe returns the probe for one Start attempt: Options.Probe, or a new
+// eBPF probe (a refused attempt leaves nothing behind, so a later attempt
+// starts afresh).
+func (g *Guard) newProbe() probe.Probe {
+	if g.opts.Probe != nil {
+		return g.opts.Probe
+	}
+	o := &g.opts
+	return probe.NewUprobes(probe.UprobeConfig{
+		Kinds:           o.kinds(),
+		StackDepth:      o.StackDepth,
+		BufferSize:      o.BufferSize,
+		SiteRateLimit:   o.SiteRateLimit,
+		GrowthThreshold: o.GrowthThreshold,
+		MissingKeyScope: o.MissingKeyScope,
+		NoCrashRecord:   o.NoCrashRecord,
+		OpStats:         o.OpStats,
+		Budget:          o.Budget,
+		SharedWindow:    o.SharedWindow,
+		SharedExclude:   o.SharedExclude,
+		CaptureKeys:     o.CaptureKeys,
+		Logger:          g.log,
+	})
 }
 
 // Start attaches the probes and begins delivering events. It returns once
-// the probes are live and verified by a canary event, or an error wrapping
-// ErrNotSupported, ErrPermission, ErrLayoutMismatch or ErrClosed with
-// nothing left running. Watching stops when ctx is done or Close is called.
-// A Guard is started at most once.
+// the probes are live and verified by a canary event, or an error with
+// nothing left running. Every error wraps one of ErrNotSupported,
+// ErrPermission, ErrResourceLimit, ErrLayoutMismatch, ErrStarted,
+// ErrClosed, or ctx's error (context.Canceled or
+// context.DeadlineExceeded; Start checks ctx between its steps and returns
+// promptly once it is done).
+//
+// After a refusal (any error but ErrStarted and ErrClosed) the Guard is as
+// New left it: Start may be called again, and begins afresh; the Events
+// channel stays open and callbacks stay registered. Once Start has
+// succeeded, watching stops when ctx is done or Close is called, and the
+// Guard cannot be started again. Close during Start cancels it.
 func (g *Guard) Start(ctx context.Context) error {
 	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.closed {
+	switch {
+	case g.closed:
+		g.mu.Unlock()
 		return fmt.Errorf("start guard: %w", ErrClosed)
-	}
-	if g.started {
-		return errors.New("start guard: already started")
+	case g.started || g.starting:
+		g.mu.Unlock()
+		return fmt.Errorf("start guard: %w", ErrStarted)
 	}
 	if err := ctx.Err(); err != nil {
+		g.mu.Unlock()
 		return fmt.Errorf("start guard: %w", err)
 	}
-
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	g.starting, g.cancelStart, g.startDone = true, cancel, make(chan struct{})
 	g.queue = make(chan Event, g.opts.BufferSize)
 	g.done = make(chan struct{})
 	g.delivering = true
+	g.abandoned.Store(false)
 	goid := make(chan uint64)
-	go g.dispatch(goid)
+	go g.dispatch(g.queue, g.done, goid)
 	g.dispGoid = <-goid
+	p := g.newProbe()
+	g.mu.Unlock()
 
-	fail := func(err error) error {
-		g.probe.Close()
-		close(g.queue)
-		g.mu.Unlock() // the dispatcher takes g.mu on its way out
+	err := p.Start(sctx, g.sink)
+	if err == nil {
+		if err = p.Ignore(g.dispGoid); err != nil {
+			p.Close()
+			err = fmt.Errorf("ignore dispatcher: %w: %w", ErrNotSupported, err)
+		}
+	}
+
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.starting = false
+	g.probe = p
+	defer close(g.startDone)
+	if err == nil && g.closed {
+		// Close came while the probes were being attached.
+		p.Close()
+		err = ErrClosed
+	}
+	if err != nil {
+		if g.closed && errors.Is(err, context.Canceled) && ctx.Err() == nil {
+			err = ErrClosed // cancelled by Close, not by the caller
+		}
+		close(g.queue) // no more sink calls: the probe is torn down
+		g.mu.Unlock()  // the dispatcher takes g.mu on its way out
 		<-g.done
 		g.mu.Lock()
+		g.log.V(4).Info("guard start refused", "error", err.Error())
 		return fmt.Errorf("start guard: %w", err)
-	}
-	if err := g.probe.Start(ctx, g.sink); err != nil {
-		return fail(err)
-	}
-	if err := g.probe.Ignore(g.dispGoid); err != nil {
-		return fail(fmt.Errorf("ignore dispatcher: %w", err))
 	}
 	g.started = true
 	g.stopCtx = context.AfterFunc(ctx, func() { g.Close() })
@@ -351,34 +462,48 @@ func (g *Guard) sink(ev *Event) {
 }
 
 // dispatch delivers queued events to the Events channel and the callbacks,
-// on a goroutine of its own that the probe ignores.
-func (g *Guard) dispatch(goid chan<- uint64) {
-	defer close(g.done)
+// on a goroutine of its own that the probe ignores. It returns when queue
+// is closed and drained.
+func (g *Guard) dispatch(queue <-chan Event, done chan<- struct{}, goid chan<- uint64) {
+	defer close(done)
 	defer func() {
 		g.mu.Lock()
 		g.delivering = false
-		if g.events != nil {
-			close(g.events)
+		if g.closed {
+			g.closeEventsLocked()
 		}
 		g.mu.Unlock()
 	}()
 	goid <- rt.GoID()
-	for ev := range g.queue {
+	for ev := range queue {
+		if g.abandoned.Load() {
+			continue // Close has returned: drain without delivering
+		}
 		g.mu.Lock()
-		ch := g.events
-		g.mu.Unlock()
-		if ch != nil {
+		if g.events != nil && !g.eventsDone {
 			select {
-			case ch <- ev:
+			case g.events <- ev:
 			default:
 				g.droppedChannel.Add(1)
 			}
 		}
+		g.mu.Unlock()
 		if fns := g.callbacks.Load(); fns != nil {
 			for _, fn := range *fns {
+				if g.abandoned.Load() {
+					break
+				}
 				g.call(fn, ev)
 			}
 		}
+	}
+}
+
+// closeEventsLocked closes the Events channel once.
+func (g *Guard) closeEventsLocked() {
+	if g.events != nil && !g.eventsDone {
+		close(g.events)
+		g.eventsDone = true
 	}
 }
 
@@ -403,7 +528,7 @@ func (g *Guard) Events() <-chan Event {
 	if g.events == nil {
 		g.events = make(chan Event, g.opts.BufferSize)
 		if g.closed && !g.delivering {
-			close(g.events)
+			g.closeEventsLocked()
 		}
 	}
 	return g.events
@@ -431,9 +556,16 @@ func (g *Guard) OnEvent(fn func(Event)) {
 }
 
 // Stats returns a snapshot of the Guard's counters. It is safe to call at
-// any time, also before Start and after Close.
+// any time, also before Start and after Close; after a refused Start it
+// describes that attempt (Inactive says which kinds had no site, and why).
 func (g *Guard) Stats() Stats {
-	ps := g.probe.Stats()
+	g.mu.Lock()
+	p := g.probe
+	g.mu.Unlock()
+	var ps probe.Stats
+	if p != nil {
+		ps = p.Stats()
+	}
 	st := Stats{
 		Events:         make(map[Kind]uint64),
 		DroppedKernel:  ps.Dropped,
@@ -457,19 +589,31 @@ func (g *Guard) Stats() Stats {
 }
 
 // OpStats returns the map operations counted per call site and kind since
-// Start (while the deep probes were attached), with Options.OpStats; nil
-// otherwise.
+// Start (while the deep probes were attached), with Options.OpStats, or
+// what a custom Probe that implements probe.OpStatser returns (the Fake
+// does); nil otherwise.
 func (g *Guard) OpStats() []OpStat {
-	if s, ok := g.probe.(probe.OpStatser); ok {
+	g.mu.Lock()
+	p := g.probe
+	g.mu.Unlock()
+	if s, ok := p.(probe.OpStatser); ok {
 		return s.OpStats()
 	}
 	return nil
 }
 
+// closeWait bounds how long Close waits for a callback that does not
+// return.
+const closeWait = time.Second
+
 // Close detaches every probe and stops delivery. When it returns, no more
-// events are sent and no callback runs (unless Close was called from a
-// callback). The Events channel is closed. Close is idempotent and returns
-// nil on every call after the first.
+// events are sent, the Events channel is closed, and no callback runs,
+// with two exceptions: Close called from a callback returns at once (the
+// dispatcher finishes delivering what was queued before Close once that
+// callback returns), and a callback still running one second after Close
+// was called is left to finish on its own (it is logged; no callback is
+// called after it). Close during Start cancels Start. Close is idempotent
+// and returns nil on every call after the first.
 func (g *Guard) Close() error {
 	g.mu.Lock()
 	if g.closed {
@@ -477,29 +621,58 @@ func (g *Guard) Close() error {
 		return nil
 	}
 	g.closed = true
+	if g.starting {
+		g.cancelStart()
+		wait := g.startDone
+		g.mu.Unlock()
+		<-wait // Start sees closed and tears itself down
+		g.mu.Lock()
+	}
 	started := g.started
 	if g.stopCtx != nil {
 		g.stopCtx()
 	}
+	p, queue, done := g.probe, g.queue, g.done
 	g.mu.Unlock()
 
-	err := g.probe.Close() // no more sink calls after this
+	var err error
 	if started {
-		close(g.queue)
+		err = p.Close() // no more sink calls after this
+		close(queue)
 		if rt.GoID() != g.dispGoid {
-			<-g.done
+			select {
+			case <-done:
+			case <-time.After(closeWait):
+				g.abandoned.Store(true)
+				g.log.Error(nil, "an OnEvent callback has not returned; Close returns without it", "waited", closeWait)
+			}
 		}
 	}
-	if !started {
-		g.mu.Lock()
-		if g.events != nil {
-			close(g.events)
-		}
-		g.mu.Unlock()
+	g.mu.Lock()
+	if !g.delivering || g.abandoned.Load() {
+		g.closeEventsLocked()
 	}
+	g.mu.Unlock()
 	g.log.V(4).Info("guard closed")
 	if err != nil {
 		return fmt.Errorf("close guard: %w", err)
 	}
 	return nil
+}
+
+// GoroutineFunctions names the functions at the top of the goroutines a
+// started Guard runs, for leak checkers such as go.uber.org/goleak:
+//
+//	opts := []goleak.Option{}
+//	for _, fn := range mapguard.GoroutineFunctions() {
+//		opts = append(opts, goleak.IgnoreAnyFunction(fn))
+//	}
+//
+// None of them is left once Close has returned.
+func GoroutineFunctions() []string {
+	return []string{
+		"github.com/mapguard/mapguard.(*Guard).dispatch",
+		"github.com/mapguard/mapguard/probe.(*uprobes).run",
+		"github.com/mapguard/mapguard/probe.(*uprobes).runWaker",
+	}
 }

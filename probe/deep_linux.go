@@ -159,18 +159,22 @@ func (u *uprobes) startWakerLocked() error {
 	u.wakeReader = r
 	u.wakeDone = make(chan struct{})
 	ready := make(chan error, 1)
-	go func() {
-		defer close(u.wakeDone)
-		ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
-		var rec ringbuf.Record
-		for {
-			if err := r.ReadInto(&rec); err != nil {
-				return // closed
-			}
-			u.tickFrom(time.Now(), false)
-		}
-	}()
+	go u.runWaker(r, ready)
 	return <-ready
+}
+
+// runWaker runs the governor whenever the BPF program asks, until r is
+// closed. Its name is in mapguard.GoroutineFunctions.
+func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
+	defer close(u.wakeDone)
+	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
+	var rec ringbuf.Record
+	for {
+		if err := r.ReadInto(&rec); err != nil {
+			return // closed
+		}
+		u.tickFrom(time.Now(), false)
+	}
 }
 
 // startDeepLocked arms the deep sites with a full burst of budget.

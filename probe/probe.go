@@ -20,8 +20,13 @@ var (
 	// ErrLayoutMismatch: the runtime structures did not verify in this
 	// process, or the canary event did not come back as expected.
 	ErrLayoutMismatch = errors.New("runtime layout mismatch")
+	// ErrResourceLimit: a resource limit (RLIMIT_NOFILE, RLIMIT_MEMLOCK)
+	// stopped the probe from loading.
+	ErrResourceLimit = errors.New("resource limit")
+	// ErrStarted: Start was called on a probe that is starting or running.
+	ErrStarted = errors.New("already started")
 	// ErrClosed: the probe was closed.
-	ErrClosed = errors.New("probe closed")
+	ErrClosed = errors.New("closed")
 )
 
 // Sink receives events. It is called from one goroutine at a time and must

@@ -31,7 +31,7 @@ type UprobeConfig struct {
 	// map, then at each doubling. Default 1<<20.
 	GrowthThreshold int
 	// MissingKeyScope lists the packages (import path prefixes) whose
-	// missing-key reads are reported; nil means the main module's packages.
+	// missing-key reads are reported; empty means the main module's packages.
 	// Libraries, and the standard library always, read missing keys on
 	// purpose.
 	MissingKeyScope []string

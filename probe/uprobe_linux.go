@@ -134,7 +134,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		return ErrClosed
 	}
 	if u.started {
-		return errors.New("start probe: already started")
+		return fmt.Errorf("start probe: %w", ErrStarted)
 	}
 	u.started = true
 	u.sink = sink
@@ -142,6 +142,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 
 	defer func() {
 		if err != nil {
+			err = classify(err)
 			u.teardownLocked()
 			u.log.V(4).Info("probe start failed", "error", err.Error())
 		}
@@ -158,6 +159,11 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	if err := checkCapabilities(); err != nil {
 		return err
 	}
+	// The BPF objects and readers hold about 32 descriptors; the sites
+	// are counted once chosen.
+	if err := checkFiles(32); err != nil {
+		return err
+	}
 	if err := checkKernel(); err != nil {
 		return err
 	}
@@ -171,7 +177,20 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	if err := u.chooseSites(bin); err != nil {
 		return err
 	}
+	perSite := 1 // a uprobe_multi link
+	if !u.multi {
+		perSite = 2 // a perf event and its link
+	}
+	if err := checkFiles(32 + perSite*len(u.sites)); err != nil {
+		return err
+	}
+	if err := ctxErr(ctx); err != nil {
+		return err
+	}
 	if err := u.load(offsets); err != nil {
+		return err
+	}
+	if err := ctxErr(ctx); err != nil {
 		return err
 	}
 
@@ -190,7 +209,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	dcfg.StackDepth = u.cfg.StackDepth
 	dcfg.Probes = probes
 	dcfg.Redact = u.cfg.CaptureKeys
-	if u.cfg.MissingKeyScope != nil {
+	if len(u.cfg.MissingKeyScope) > 0 {
 		miss := decode.NewScope(u.cfg.MissingKeyScope...)
 		dcfg.MissScope = &miss
 	}
@@ -221,6 +240,9 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		return fmt.Errorf("start probe: waker: %w", err)
 	}
 
+	if err := ctxErr(ctx); err != nil {
+		return err
+	}
 	for _, s := range u.sites {
 		if s.deep {
 			continue // armed after the canary, under the budget
@@ -234,6 +256,9 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	}
 
 	if err := u.checkCanaryLocked(ctx); err != nil {
+		return err
+	}
+	if err := ctxErr(ctx); err != nil {
 		return err
 	}
 	if u.deep {
@@ -1151,6 +1176,14 @@ func haveUprobeMulti() bool {
 	var major, minor, patch int
 	fmt.Sscanf(unix.ByteSliceToString(uts.Release[:]), "%d.%d.%d", &major, &minor, &patch)
 	return major > 6 || (major == 6 && minor >= 10) || (major == 6 && minor == 6 && patch >= 35)
+}
+
+// ctxErr is ctx's error as Start returns it, checked between its steps.
+func ctxErr(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("start probe: %w", err)
+	}
+	return nil
 }
 
 func newClock() (decode.Clock, error) {

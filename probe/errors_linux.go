@@ -1,0 +1,53 @@
+package probe
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// classify makes every error Start returns wrap one sentinel. Errors that
+// already do pass through; the rest are told apart by their errno, and what
+// is left means this environment cannot be watched (ErrNotSupported), with
+// the cause kept.
+func classify(err error) error {
+	switch {
+	case err == nil,
+		errors.Is(err, ErrNotSupported), errors.Is(err, ErrPermission),
+		errors.Is(err, ErrResourceLimit), errors.Is(err, ErrLayoutMismatch),
+		errors.Is(err, ErrStarted), errors.Is(err, ErrClosed),
+		errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return err
+	case errors.Is(err, unix.EMFILE), errors.Is(err, unix.ENFILE):
+		return fmt.Errorf("%w: out of file descriptors (raise RLIMIT_NOFILE): %w", ErrResourceLimit, err)
+	case errors.Is(err, unix.ENOMEM):
+		return fmt.Errorf("%w: out of memory for BPF objects (raise RLIMIT_MEMLOCK on kernels before 5.11): %w", ErrResourceLimit, err)
+	case errors.Is(err, unix.EPERM), errors.Is(err, unix.EACCES):
+		return fmt.Errorf("%w: %w", ErrPermission, err)
+	default:
+		return fmt.Errorf("%w: %w", ErrNotSupported, err)
+	}
+}
+
+// checkFiles fails with ErrResourceLimit when fewer than need file
+// descriptors are left under RLIMIT_NOFILE. Without the check a low limit
+// surfaces as a misleading error from the kernel feature probes (a BPF map
+// that cannot be created reads as a kernel that lacks the map type).
+func checkFiles(need int) error {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		return nil // nothing to say; the loads will tell
+	}
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return fmt.Errorf("start probe: count open files: %w (is /proc mounted?): %w", ErrNotSupported, err)
+	}
+	if free := int64(lim.Cur) - int64(len(entries)); free < int64(need) {
+		return fmt.Errorf("start probe: %w: %d file descriptors open of RLIMIT_NOFILE %d, and the probes need about %d more: raise the limit",
+			ErrResourceLimit, len(entries), lim.Cur, need)
+	}
+	return nil
+}
