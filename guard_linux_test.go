@@ -611,3 +611,30 @@ func TestRealStartCancelled(t *testing.T) {
 		t.Fatalf("second Start: %v", err)
 	}
 }
+
+// Delivering events makes the Guard's own goroutines hit no probe: no
+// missing-key or nil-map reads on its paths (each would cost a trap).
+func TestRealNoSelfHits(t *testing.T) {
+	g := startReal(t, mapguard.Options{})
+	events := g.Events()
+	ignored := func() (n uint64) {
+		for _, s := range g.Stats().Sites {
+			n += s.Ignored
+		}
+		return n
+	}
+	// Warm up: the first event of a site fills the decoder's caches.
+	goid, _ := provoke(misuses[0].run)
+	await(t, events, func(ev mapguard.Event) bool { return ev.Goroutine == goid })
+	time.Sleep(1100 * time.Millisecond) // one aggregate flush, too
+	before := ignored()
+	const n = 50
+	for i := 0; i < n; i++ {
+		goid, _ := provoke(misuses[0].run)
+		await(t, events, func(ev mapguard.Event) bool { return ev.Goroutine == goid })
+	}
+	time.Sleep(1100 * time.Millisecond)
+	if d := ignored() - before; d != 0 {
+		t.Fatalf("delivering %d events made the Guard's goroutines hit its probes %d times", n, d)
+	}
+}

@@ -41,9 +41,10 @@ const (
 var ErrRecord = errors.New("malformed record")
 
 // ErrRuntimeOwned is returned for a record whose map belongs to the Go
-// runtime itself: the first caller outside the map code is runtime code
-// (for example runtime.resolveTypeOff reads a nil module type map on every
-// call, by design). It is not user misuse and is not reported.
+// runtime or to reflect: the first caller outside the map code is runtime
+// or reflect code (for example runtime.resolveTypeOff reads a nil module
+// type map on every call, by design, and reflect.DeepEqual keeps a visited
+// map of its own). It is not user misuse and is not reported.
 var ErrRuntimeOwned = errors.New("map operation by the Go runtime")
 
 // ErrStdlib is returned for a nil-map read whose site is in the Go standard
@@ -420,17 +421,42 @@ func (d *Decoder) pcFrames(pc uintptr) []Frame {
 
 // isMapCode reports whether a frame belongs to the code between a map's
 // user and the probed runtime function: the runtime's map functions and
-// their wrappers (mapaccess1_fat, ...), reflect's map operations and the
-// standard maps package.
+// their wrappers (mapaccess1_fat, ...), reflect's map operations (the
+// operation is its caller's: v.MapIndex(k) is the user's read) and the
+// standard maps package (maps.Copy(dst, src) writes its caller's map).
 func isMapCode(fn string) bool {
 	return strings.HasPrefix(fn, "runtime.map") ||
 		fn == "runtime.interhash" || fn == "runtime.nilinterhash" || fn == "runtime.typehash" ||
 		strings.HasPrefix(fn, "internal/runtime/maps.") ||
-		strings.HasPrefix(fn, "reflect.") ||
+		isReflectMapAPI(fn) ||
 		strings.HasPrefix(fn, "maps.")
 }
 
-// isRuntime reports whether fn is Go runtime code other than map code.
+// isReflectMapAPI reports whether fn is one of reflect's map operations on
+// a map its caller passes: the runtime's helpers linked into reflect
+// (reflect.mapaccess, reflect.mapassign0, reflect.mapiterinit, ...) and the
+// Value and MapIter methods that call them. Every other reflect function
+// that reaches a map function works on a map of reflect's own (DeepEqual's
+// visited set, the runtime's reflectOffs table behind reflect.addReflectOff).
+func isReflectMapAPI(fn string) bool {
+	if !strings.HasPrefix(fn, "reflect.") {
+		return false
+	}
+	fn = fn[len("reflect."):]
+	if strings.HasPrefix(fn, "map") { // the runtime's linknamed helpers
+		return true
+	}
+	switch fn {
+	case "Value.MapIndex", "Value.SetMapIndex", "Value.MapKeys", "Value.MapRange", "Value.Clear",
+		"Value.SetIterKey", "Value.SetIterValue", "copyVal":
+		return true
+	}
+	return strings.HasPrefix(fn, "(*MapIter).")
+}
+
+// isRuntime reports whether fn is Go runtime code other than map code, or
+// reflect code working on a map of its own: the map is not the program's.
 func isRuntime(fn string) bool {
-	return strings.HasPrefix(fn, "runtime.") || strings.HasPrefix(fn, "internal/")
+	return strings.HasPrefix(fn, "runtime.") || strings.HasPrefix(fn, "internal/") ||
+		strings.HasPrefix(fn, "reflect.")
 }

@@ -183,3 +183,58 @@ func TestDecodeStdlib(t *testing.T) {
 		t.Fatalf("nil-map writes are reported wherever they are: %v", err)
 	}
 }
+
+// Blame goes to the code that did the map operation: reflect's map API is
+// its caller's operation, reflect's own maps are not the program's.
+func TestBlameReflect(t *testing.T) {
+	for _, c := range []struct {
+		fn               string
+		mapCode, rtOwned bool
+	}{
+		{"reflect.mapaccess_faststr", true, false},
+		{"reflect.mapassign0", true, false},
+		{"reflect.Value.MapIndex", true, false},
+		{"reflect.Value.SetMapIndex", true, false},
+		{"reflect.(*MapIter).Next", true, false},
+		{"reflect.deepValueEqual", false, true},
+		{"reflect.addReflectOff", false, true},
+		{"reflect.DeepEqual", false, true},
+		{"maps.Copy[...]", true, false},
+		{"runtime.mapaccess1_faststr", true, false},
+		{"internal/runtime/maps.(*Map).getWithKey", true, false},
+		{"runtime.resolveTypeOff", false, true},
+		{"encoding/json.(*decodeState).object", false, false},
+		{"main.handler", false, false},
+	} {
+		if got := isMapCode(c.fn); got != c.mapCode {
+			t.Errorf("isMapCode(%s) = %v", c.fn, got)
+		}
+		if got := !isMapCode(c.fn) && isRuntime(c.fn); got != c.rtOwned {
+			t.Errorf("%s owned by the runtime or reflect = %v", c.fn, got)
+		}
+	}
+}
+
+// reflect.DeepEqual's visited map is reflect's own: never the caller's.
+func TestBlameDeepEqualIsNotTheCallers(t *testing.T) {
+	// The frames a probe in a map function called by reflect.DeepEqual
+	// sees: reflect's internal function first, then the user's.
+	d := NewDecoder(Config{})
+	if site, _, _, owned := d.symbolizeNames("reflect.deepValueEqual", "reflect.DeepEqual", "main.check"); !owned {
+		t.Fatalf("DeepEqual's map blamed on %v", site)
+	}
+	if site, _, _, owned := d.symbolizeNames("reflect.mapaccess", "reflect.Value.MapIndex", "main.lookup"); owned || site.Function != "main.lookup" {
+		t.Fatalf("MapIndex blamed on %v (owned %v), want main.lookup", site, owned)
+	}
+}
+
+// symbolizeNames runs symbolize on frames with the given function names,
+// one per return PC.
+func (d *Decoder) symbolizeNames(fns ...string) (Frame, []Frame, uintptr, bool) {
+	for i, fn := range fns {
+		pc := uintptr(0x1000 + i)
+		d.frames[pc] = []Frame{{Function: fn, PC: pc}}
+		d.pcs[i] = pc
+	}
+	return d.symbolize(len(fns))
+}

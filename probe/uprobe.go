@@ -260,11 +260,15 @@ func missBlocks(code []byte, entry uint64, callee func(uint64) string) ([]found,
 	return fs, nil
 }
 
-// Deep kinds probe every operation of a kind: opt-in, under the budget.
-var deepKinds = map[decode.Kind]bool{
-	decode.MissingKeyDelete: true,
-	decode.NilMapDelete:     true,
-	decode.SharedWriters:    true,
+// isDeep reports whether kind probes every operation of a kind: opt-in,
+// under the budget. A switch, not a map: the reader calls it per event, and
+// a map read that misses would hit mapguard's own probes.
+func isDeep(kind decode.Kind) bool {
+	switch kind {
+	case decode.MissingKeyDelete, decode.NilMapDelete, decode.SharedWriters:
+		return true
+	}
+	return false
 }
 
 // Op is a kind of map operation, for operation statistics.

@@ -297,7 +297,7 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 	}
 	var wants []want
 	for _, kind := range u.cfg.kinds() {
-		if deepKinds[kind] {
+		if isDeep(kind) {
 			u.watched[kind] = true
 			u.deep = true
 			continue
@@ -803,7 +803,7 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 	if !u.watched[ev.Kind] {
 		return // the canary's site, its kind not watched
 	}
-	if deepKinds[ev.Kind] {
+	if isDeep(ev.Kind) {
 		ev.Sampled = u.deepDetach.Load() > 0
 		if ev.Kind == decode.SharedWriters && u.excluded(ev) {
 			u.outOfScope[h.Site].Add(1)
@@ -938,7 +938,7 @@ func (u *uprobes) flushAggsLocked() {
 	}
 	it := u.aggs.Iterate()
 	for it.Next(&key, &val) {
-		seen := u.aggSeen[key]
+		seen, _ := u.aggSeen[key] // comma-ok: a plain read that misses would hit our own probe
 		if val.Muted != 0 || val.Count <= seen || int(key.Site) >= len(u.sites) || u.sites[key.Site].flags&siteAgg == 0 {
 			continue // operation counts (deep sites) are read by OpStats
 		}
