@@ -60,8 +60,8 @@ func BenchmarkMapHeavy(b *testing.B) {
 		mapHeavy(b)
 		b.StopTimer()
 		reportHits(b, g)
-		if d := g.Stats().Deep; d != nil {
-			b.ReportMetric(d.DutyCycle, "duty-cycle")
+		if d := g.Stats().Budget; d != nil {
+			b.ReportMetric(float64(d.Sampled), "sampled-sites")
 			b.ReportMetric(d.Overhead*100, "est-overhead-%")
 		}
 		if len(g.OpStats()) == 0 {
@@ -84,7 +84,7 @@ func BenchmarkDetection(b *testing.B) {
 	}
 	b.Run("guard=none", write)
 	b.Run("guard=default", func(b *testing.B) {
-		g := startReal(b, mapguard.Options{SiteRateLimit: -1, BufferSize: 1 << 16})
+		g := startReal(b, mapguard.Options{Budget: 1, BufferSize: 1 << 16})
 		write(b)
 		b.StopTimer()
 		reportHits(b, g)
@@ -105,7 +105,7 @@ func BenchmarkMissCost(b *testing.B) {
 	}
 	b.Run("guard=none", miss)
 	b.Run("guard=default", func(b *testing.B) {
-		g := startReal(b, mapguard.Options{SiteRateLimit: -1})
+		g := startReal(b, mapguard.Options{Budget: 1})
 		miss(b)
 		b.StopTimer()
 		reportHits(b, g)

@@ -82,7 +82,7 @@ var misses = []struct {
 }
 
 func TestRealMissingKeyRead(t *testing.T) {
-	g := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.MissingKeyRead}, SiteRateLimit: -1})
+	g := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.MissingKeyRead}, Budget: 1})
 	events := g.Events()
 	for _, m := range misses {
 		t.Run(m.name, func(t *testing.T) {
@@ -101,7 +101,7 @@ func TestRealMissingKeyRead(t *testing.T) {
 // reported; repeated misses at one call site are counted exactly.
 func TestRealMissingKeyCounts(t *testing.T) {
 	testutil.RequirePrivileged(t)
-	g, err := mapguard.New(mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.MissingKeyRead}, SiteRateLimit: -1})
+	g, err := mapguard.New(mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.MissingKeyRead}, Budget: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +164,7 @@ func TestRealMissingKeyScope(t *testing.T) {
 		DetectOnly:      true,
 		Detect:          []mapguard.Kind{mapguard.MissingKeyRead},
 		MissingKeyScope: []string{"example.com/elsewhere"},
-		SiteRateLimit:   -1,
+		Budget:          1,
 	})
 	events := g.Events()
 	m := map[string]int{}

@@ -52,22 +52,28 @@
 // single-steps, measured on the project's VMs (bare metal is several times
 // cheaper). The miss blocks start with single-stepped instructions, and
 // misses are common on healthy paths (a set lookup, if seen[k]), so a watched
-// miss costs one single-stepped trap; a probe site that fires more often
-// than Options.SiteRateLimit per second is detached and re-armed after a
-// back-off (Stats shows it), which bounds the cost and makes the counts of
-// a busy site a lower bound.
+// miss costs one single-stepped trap.
+//
+// # The budget
+//
+// Every probe, default or deep, lives under one CPU budget (Options.Budget,
+// default 1% of one CPU). Start measures what a trap costs on this machine
+// at both kinds of instruction, the kernel measures what the BPF program
+// adds at each site, and a governor books every hit at its site's cost.
+// Under budget every occurrence is counted exactly. When the budget is
+// spent, the costliest sites are sampled: attached for a short window every
+// second (less often only if even that would break the budget), their
+// counts scaled by the time attached and their events marked Sampled.
+// Stats().Budget and Stats().Sites show the measured costs, the rates and
+// what is sampled.
 //
 // # Deep watching
 //
 // MissingKeyDelete, NilMapDelete and SharedWriters (list them in
-// Options.Detect, which adds them to the defaults) and Options.OpStats (operations per call site, read with
-// Guard.OpStats) probe every operation of a kind, after the stack check of
+// Options.Detect, which adds them to the defaults) and Options.OpStats
+// (operations per call site, read with Guard.OpStats) probe every operation of a kind, after the stack check of
 // each runtime map entry point, where the kernel emulates the instruction
-// (about 1 us a hit on the project's VMs). They are kept within
-// Options.Budget (default 1% of one CPU): Start measures the cost of one hit,
-// and a governor detaches the deep probes when their share of CPU time is
-// spent and attaches them again when it has been earned back. Stats().Deep
-// reports the measured cost, the duty cycle and the estimated overhead.
+// (about 1 us a hit on the project's VMs), under the same budget.
 // Delete events carry a salted hash of the key and its length; key bytes
 // leave the kernel only with Options.CaptureKeys, through that redaction
 // function.

@@ -232,7 +232,7 @@ func TestRealRecoveredByNetHTTP(t *testing.T) {
 // A probed site hit N times, from fresh goroutines that grow their stacks,
 // counts exactly N hits and N events.
 func TestRealExactCount(t *testing.T) {
-	g := startReal(t, mapguard.Options{SiteRateLimit: -1, BufferSize: 4096})
+	g := startReal(t, mapguard.Options{Budget: 1, BufferSize: 4096})
 	site := func() mapguard.SiteStats {
 		for _, s := range g.Stats().Sites {
 			if s.Function == "runtime.mapassign_fast64" {
@@ -310,42 +310,85 @@ func TestRealSelfExclusion(t *testing.T) {
 	}
 }
 
-// A site over its rate limit is detached, then re-armed after the back-off.
-func TestRealRateLimit(t *testing.T) {
-	g := startReal(t, mapguard.Options{SiteRateLimit: 50})
-	site := func() mapguard.SiteStats {
+// A storm of misses at one call site (2,000 a second, paced, as a busy
+// service's header lookups are) costs more than the default budget: the
+// site is then sampled in short windows, and its counts keep arriving,
+// scaled and marked Sampled, while the storm goes on.
+func TestRealSampling(t *testing.T) {
+	g := startReal(t, mapguard.Options{})
+	events := g.Events()
+	m := map[string]int{"here": 1}
+	var misses atomic.Int64
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			for i := 0; i < 20; i++ {
+				sink = m["gone"]
+			}
+			misses.Add(20)
+		}
+	}()
+	defer func() { close(stop); <-done }()
+	var site mapguard.SiteStats
+	waitFor(t, func() bool {
 		for _, s := range g.Stats().Sites {
-			if s.Function == "runtime.mapaccess1_faststr" {
-				return s
+			if s.Sampled {
+				site = s
+				return true
 			}
 		}
-		t.Fatal("runtime.mapaccess1_faststr not probed")
-		return mapguard.SiteStats{}
+		return false
+	}, "the storm's site to be sampled")
+	t.Logf("sampled: %s+%#x cost %v rate %.0f/s window %v period %v", site.Function, site.Offset, site.Cost, site.Rate, site.Window, site.Period)
+	if site.Window <= 0 || site.Period < site.Window || site.Cost <= 0 {
+		t.Fatalf("sampled site %+v", site)
 	}
-	empty := map[string]int{} // empty, not nil: the nil-or-empty branch, filtered in BPF
-	deadline := time.Now().Add(5 * time.Second)
-	for site().Armed {
-		if time.Now().After(deadline) {
-			t.Fatalf("site still armed after 5s of hammering: %+v", site())
+	// Aggregates keep coming while the storm goes on, as estimates.
+	for len(events) > 0 {
+		<-events
+	}
+	var estimated uint64
+	var last time.Time
+	var maxGap time.Duration
+	begin := time.Now()
+	m0 := misses.Load()
+	for time.Since(begin) < 5*time.Second {
+		select {
+		case ev := <-events:
+			if ev.Kind != mapguard.MissingKeyRead || !strings.HasSuffix(ev.Site.File, "guard_linux_test.go") {
+				continue
+			}
+			if !ev.Sampled {
+				t.Errorf("an event of a sampled site is not marked Sampled: %v", ev)
+			}
+			now := time.Now()
+			if !last.IsZero() && now.Sub(last) > maxGap {
+				maxGap = now.Sub(last)
+			}
+			last = now
+			estimated += ev.Count
+		case <-time.After(100 * time.Millisecond):
 		}
-		for i := 0; i < 100; i++ {
-			sink = empty["k"]
-		}
 	}
-	s := site()
-	if s.Disarms != 1 || s.RearmAt.IsZero() || s.Filtered == 0 {
-		t.Fatalf("after disarm: %+v", s)
+	actual := misses.Load() - m0
+	t.Logf("estimated %d misses, %d happened; longest silence %v; budget %+v", estimated, actual, maxGap, g.Stats().Budget)
+	if estimated == 0 || last.IsZero() {
+		t.Fatal("no counts while sampled")
 	}
-	hits := s.Hits
-	for i := 0; i < 100; i++ {
-		sink = empty["k"]
+	if maxGap > 2500*time.Millisecond || time.Since(last) > 2500*time.Millisecond {
+		t.Errorf("a steady storm went unreported for %v", max(maxGap, time.Since(last)))
 	}
-	if s := site(); s.Hits != hits {
-		t.Fatalf("disarmed site took %d hits", s.Hits-hits)
-	}
-	time.Sleep(time.Until(s.RearmAt) + 500*time.Millisecond)
-	if s := site(); !s.Armed {
-		t.Fatalf("site not re-armed after its back-off: %+v", s)
+	if r := float64(estimated) / float64(actual); r < 0.3 || r > 3 {
+		t.Errorf("estimated %d misses of %d (%.2fx)", estimated, actual, r)
 	}
 }
 
@@ -411,7 +454,7 @@ func waitFor(t *testing.T, cond func() bool, format string, args ...any) {
 // is either delivered or counted as dropped at exactly one stage, and the
 // goroutines that hit the probes never wait.
 func TestRealOverflow(t *testing.T) {
-	g := startReal(t, mapguard.Options{BufferSize: 1, SiteRateLimit: -1})
+	g := startReal(t, mapguard.Options{BufferSize: 1, Budget: 1})
 	events := g.Events()
 	block := make(chan struct{})
 	g.OnEvent(func(mapguard.Event) { <-block }) // a stalled consumer

@@ -78,8 +78,9 @@ type Peer = decode.Peer
 // iterate) at one call site, from Options.OpStats.
 type OpStat = probe.OpStat
 
-// DeepStats describes deep watching and its measured cost.
-type DeepStats = probe.DeepStats
+// BudgetStats describes the cost governor that keeps every probe within
+// Options.Budget, with the costs it measured on this machine.
+type BudgetStats = probe.BudgetStats
 
 // Event is one detected misuse: what, when, where (Site is the user's
 // file:line), on which goroutine and on which map.
@@ -149,15 +150,6 @@ type Options struct {
 	// capacity (in slots) from which an emptied map is reported as
 	// MapBloat. Default 1<<20.
 	GrowthThreshold int
-	// SiteRateLimit is how many hits per second one probe site may take
-	// before it is detached for a back-off (5 s, doubling up to 5 min); the
-	// BPF program wakes the Guard as soon as a site passes it.
-	// Default 200; sites on instructions the kernel emulates, which cost
-	// several times less, may take 20 times as many. Either way one site
-	// stays under about 0.5% of a CPU on the project's VMs (200 hits of at
-	// most 23 us, or 4000 of about 1 us). Negative disables the limit. See
-	// Stats.Sites.
-	SiteRateLimit int
 	// MissingKeyScope lists the packages (import path prefixes, e.g.
 	// "example.com/svc/internal") whose missing-key reads are reported.
 	// Empty means the main module's packages: libraries read missing keys
@@ -171,13 +163,17 @@ type Options struct {
 	// code hammers which map" question; read them with Guard.OpStats. Deep
 	// watching, like the deep kinds.
 	OpStats bool
-	// Budget is the share of one CPU that deep watching may cost, on
-	// average (default 0.01, 1%). Start measures what one probe hit costs on
-	// this machine; the Guard then detaches the deep probes whenever they
-	// have spent their budget and attaches them again once it has been
-	// earned back (a duty cycle). Stats().Deep shows the measured cost, the
-	// duty cycle and the estimated overhead; events from deep probes say
-	// Sampled once the duty cycle has started.
+	// Budget is the share of one CPU that all of mapguard's probes may
+	// cost, on average (default 0.01, 1%). Start measures what a trap costs
+	// on this machine, at the two kinds of instruction a probe sits on,
+	// and the kernel measures what the BPF program adds at each site; a
+	// governor books every hit at its site's cost. Under budget every
+	// occurrence is counted. When the budget is spent (a storm of misses,
+	// a hot path under deep watching), the costliest sites are sampled:
+	// attached for a short window each second (less often only if even
+	// that would break the budget), with counts scaled by the time
+	// attached and events marked Sampled. Stats().Budget and
+	// Stats().Sites show the costs, the rates and what is sampled.
 	Budget float64
 	// SharedWindow is how close two writes of one map by different
 	// goroutines must be to report SharedWriters (default 100 ms).
@@ -225,8 +221,9 @@ type Stats struct {
 	// none); CrashRecordError says why there is none when one was wanted.
 	CrashRecord      string
 	CrashRecordError string
-	// Deep describes deep watching and its cost; nil when it is off.
-	Deep *DeepStats
+	// Budget describes the cost governor and what it measured; nil before
+	// Start.
+	Budget *BudgetStats
 }
 
 // A Guard watches this process's map operations. Create it with New, then
@@ -280,7 +277,6 @@ func (o *Options) probeOptions() []string {
 	add("DetectOnly", o.DetectOnly)
 	add("StackDepth", o.StackDepth != 0)
 	add("GrowthThreshold", o.GrowthThreshold != 0)
-	add("SiteRateLimit", o.SiteRateLimit != 0)
 	add("MissingKeyScope", len(o.MissingKeyScope) > 0)
 	add("NoCrashRecord", o.NoCrashRecord)
 	add("Budget", o.Budget != 0)
@@ -363,7 +359,6 @@ func (g *Guard) newProbe() probe.Probe {
 		Kinds:           o.kinds(),
 		StackDepth:      o.StackDepth,
 		BufferSize:      o.BufferSize,
-		SiteRateLimit:   o.SiteRateLimit,
 		GrowthThreshold: o.GrowthThreshold,
 		MissingKeyScope: o.MissingKeyScope,
 		NoCrashRecord:   o.NoCrashRecord,
@@ -577,7 +572,7 @@ func (g *Guard) Stats() Stats {
 
 		CrashRecord:      ps.CrashRecord,
 		CrashRecordError: ps.CrashRecordError,
-		Deep:             ps.Deep,
+		Budget:           ps.Budget,
 	}
 	for _, k := range decode.Kinds() {
 		if n := g.perKind[k].Load(); n > 0 {

@@ -108,7 +108,7 @@ func TestRealTorture(t *testing.T) {
 		heap            uint64
 	)
 	for c := 0; c < cycles; c++ {
-		g, err := mapguard.New(mapguard.Options{BufferSize: 4096, SiteRateLimit: -1})
+		g, err := mapguard.New(mapguard.Options{BufferSize: 4096, Budget: 1})
 		if err != nil {
 			t.Fatal(err)
 		}

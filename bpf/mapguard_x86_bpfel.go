@@ -108,6 +108,8 @@ type MapguardSiteStats struct {
 	Filtered uint64
 	Ignored  uint64
 	Agg      uint64
+	Timed    uint64
+	ProgNs   uint64
 }
 
 type MapguardWriters struct {
@@ -139,8 +141,6 @@ const (
 	MapguardProgMapguardSite         = "mapguard_site"
 	MapguardVarCaptureKeys           = "capture_keys"
 	MapguardVarCrashKey              = "crash_key"
-	MapguardVarDeepHits              = "deep_hits"
-	MapguardVarDeepLimit             = "deep_limit"
 	MapguardVarGoidOffset            = "goid_offset"
 	MapguardVarGrowthThreshold       = "growth_threshold"
 	MapguardVarIgnored               = "ignored"
@@ -153,6 +153,9 @@ const (
 	MapguardVarMapUsedOffset         = "map_used_offset"
 	MapguardVarMaxFrames             = "max_frames"
 	MapguardVarSharedWindowNs        = "shared_window_ns"
+	MapguardVarSiteCost              = "site_cost"
+	MapguardVarSpendLimit            = "spend_limit"
+	MapguardVarSpentNs               = "spent_ns"
 	MapguardVarStats                 = "stats"
 	MapguardVarTableCapacityOffset   = "table_capacity_offset"
 	MapguardVarTableLocalDepthOffset = "table_local_depth_offset"
@@ -164,7 +167,6 @@ const (
 	MapguardVarUnusedEvent           = "unused_event"
 	MapguardVarUnusedKey             = "unused_key"
 	MapguardVarUnusedKind            = "unused_kind"
-	MapguardVarWakeAt                = "wake_at"
 )
 
 // LoadMapguard returns the embedded CollectionSpec for Mapguard.
@@ -238,8 +240,6 @@ type MapguardMapSpecs struct {
 type MapguardVariableSpecs struct {
 	CaptureKeys           *ebpf.VariableSpec `ebpf:"capture_keys"`
 	CrashKey              *ebpf.VariableSpec `ebpf:"crash_key"`
-	DeepHits              *ebpf.VariableSpec `ebpf:"deep_hits"`
-	DeepLimit             *ebpf.VariableSpec `ebpf:"deep_limit"`
 	GoidOffset            *ebpf.VariableSpec `ebpf:"goid_offset"`
 	GrowthThreshold       *ebpf.VariableSpec `ebpf:"growth_threshold"`
 	Ignored               *ebpf.VariableSpec `ebpf:"ignored"`
@@ -252,6 +252,9 @@ type MapguardVariableSpecs struct {
 	MapUsedOffset         *ebpf.VariableSpec `ebpf:"map_used_offset"`
 	MaxFrames             *ebpf.VariableSpec `ebpf:"max_frames"`
 	SharedWindowNs        *ebpf.VariableSpec `ebpf:"shared_window_ns"`
+	SiteCost              *ebpf.VariableSpec `ebpf:"site_cost"`
+	SpendLimit            *ebpf.VariableSpec `ebpf:"spend_limit"`
+	SpentNs               *ebpf.VariableSpec `ebpf:"spent_ns"`
 	Stats                 *ebpf.VariableSpec `ebpf:"stats"`
 	TableCapacityOffset   *ebpf.VariableSpec `ebpf:"table_capacity_offset"`
 	TableLocalDepthOffset *ebpf.VariableSpec `ebpf:"table_local_depth_offset"`
@@ -263,7 +266,6 @@ type MapguardVariableSpecs struct {
 	UnusedEvent           *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedKey             *ebpf.VariableSpec `ebpf:"unused_key"`
 	UnusedKind            *ebpf.VariableSpec `ebpf:"unused_kind"`
-	WakeAt                *ebpf.VariableSpec `ebpf:"wake_at"`
 }
 
 // MapguardObjects contains all objects after they have been loaded into the kernel.
@@ -323,8 +325,6 @@ func (m *MapguardMaps) Close() error {
 type MapguardVariables struct {
 	CaptureKeys           *ebpf.Variable `ebpf:"capture_keys"`
 	CrashKey              *ebpf.Variable `ebpf:"crash_key"`
-	DeepHits              *ebpf.Variable `ebpf:"deep_hits"`
-	DeepLimit             *ebpf.Variable `ebpf:"deep_limit"`
 	GoidOffset            *ebpf.Variable `ebpf:"goid_offset"`
 	GrowthThreshold       *ebpf.Variable `ebpf:"growth_threshold"`
 	Ignored               *ebpf.Variable `ebpf:"ignored"`
@@ -337,6 +337,9 @@ type MapguardVariables struct {
 	MapUsedOffset         *ebpf.Variable `ebpf:"map_used_offset"`
 	MaxFrames             *ebpf.Variable `ebpf:"max_frames"`
 	SharedWindowNs        *ebpf.Variable `ebpf:"shared_window_ns"`
+	SiteCost              *ebpf.Variable `ebpf:"site_cost"`
+	SpendLimit            *ebpf.Variable `ebpf:"spend_limit"`
+	SpentNs               *ebpf.Variable `ebpf:"spent_ns"`
 	Stats                 *ebpf.Variable `ebpf:"stats"`
 	TableCapacityOffset   *ebpf.Variable `ebpf:"table_capacity_offset"`
 	TableLocalDepthOffset *ebpf.Variable `ebpf:"table_local_depth_offset"`
@@ -348,7 +351,6 @@ type MapguardVariables struct {
 	UnusedEvent           *ebpf.Variable `ebpf:"unused_event"`
 	UnusedKey             *ebpf.Variable `ebpf:"unused_key"`
 	UnusedKind            *ebpf.Variable `ebpf:"unused_kind"`
-	WakeAt                *ebpf.Variable `ebpf:"wake_at"`
 }
 
 // MapguardPrograms contains all programs after they have been loaded into the kernel.

@@ -83,7 +83,7 @@ func BenchmarkHitCost(b *testing.B) {
 		loop(b)
 	})
 	b.Run("probe=mapguard@nil-branch", func(b *testing.B) {
-		p := NewUprobes(UprobeConfig{Kinds: []decode.Kind{decode.NilMapWrite}, SiteRateLimit: -1, BufferSize: 1 << 16})
+		p := NewUprobes(UprobeConfig{Kinds: []decode.Kind{decode.NilMapWrite}, Budget: 1, BufferSize: 1 << 16})
 		if err := p.Start(context.Background(), func(*decode.Event) {}); err != nil {
 			b.Fatal(err)
 		}
@@ -156,9 +156,14 @@ func BenchmarkDeepHitCost(b *testing.B) {
 			defer p.Close()
 			loop(b)
 			b.StopTimer()
-			if d := p.Stats().Deep; d != nil {
-				b.ReportMetric(float64(d.HitCost.Nanoseconds()), "calibrated-ns/hit")
-				b.ReportMetric(float64(d.Detaches), "detaches")
+			st := p.Stats()
+			if bs := st.Budget; bs != nil {
+				b.ReportMetric(float64(bs.EmulatedCost.Nanoseconds()), "calibrated-emulated-ns/hit")
+			}
+			for _, s := range st.Sites {
+				if s.Deep && s.Function == "runtime.mapassign_faststr" {
+					b.ReportMetric(float64(s.Cost.Nanoseconds()), "accounted-ns/hit")
+				}
 			}
 		})
 	}

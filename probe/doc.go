@@ -14,13 +14,16 @@
 //
 // Probes never block the goroutine that hit them: the BPF program writes to
 // a ring buffer without waking the reader, and a full buffer is counted, not
-// waited on. A probe site that fires faster than its rate limit is detached
-// and re-armed later, so that no site can eat the CPU.
+// waited on. One cost governor (governor.go) keeps every site within one
+// CPU budget, from what a hit costs on this machine (the trap, calibrated
+// at Start and every minute, plus the program's run time, measured in the
+// kernel): under budget every occurrence is counted; over it, the costliest
+// sites are sampled in short windows, so that no site can eat the CPU and
+// none goes silent.
 //
 // Two BPF programs serve the sites: mapguard_site the always-on ones (nil
 // maps, misses aggregated per call site, growth, bloat, the unhashable-key
 // panic, the fatal error and its crash record), mapguard_deep the deep ones
-// (operation counts, writers, deletes), which a budget governor detaches
-// and re-attaches to hold their CPU cost (see UprobeConfig.Budget). Each
-// program holds only its half, which keeps the verifier's work small.
+// (operation counts, writers, deletes). Each program holds only its half,
+// which keeps the verifier's work small.
 package probe

@@ -61,36 +61,29 @@ type Stats struct {
 	// there is none; CrashRecordError says why not, if it was wanted.
 	CrashRecord      string
 	CrashRecordError string
-	// Deep describes deep watching; nil when it is off.
-	Deep *DeepStats
+	// Budget describes the cost governor; nil before Start.
+	Budget *BudgetStats
 }
 
-// DeepStats describes deep watching and its cost.
-type DeepStats struct {
-	// HitCost is one hit of a deep probe, measured at Start on this machine
-	// (a probe at an emulated instruction of a calibration function).
-	HitCost time.Duration
-	// Budget is the share of one CPU deep watching may cost.
+// BudgetStats describes the cost governor, which keeps every probe site
+// within one CPU budget.
+type BudgetStats struct {
+	// Budget is the share of one CPU the probes may cost, on average.
 	Budget float64
-	// Watched is how long the deep probes were attached, of Elapsed since
-	// Start; DutyCycle is their ratio.
-	Watched, Elapsed time.Duration
-	DutyCycle        float64
-	// Hits counts deep probe hits. Governor is the time spent attaching and
-	// detaching the deep probes, also charged to the budget. Overhead =
-	// (Hits x HitCost + Governor) / Elapsed, the estimated share of one CPU
-	// spent.
-	Hits     uint64
-	Governor time.Duration
-	Overhead float64
-	// Detaches counts how often the governor detached the deep probes to
-	// stay within the budget; RearmAt is when they will be attached again
-	// (zero while attached). Burst is the most CPU time they may spend at
-	// once. The governor keeps Hits x HitCost + Governor at most Burst +
-	// Budget x (time since Start), counted up to RearmAt while detached.
-	Detaches int
-	RearmAt  time.Time
-	Burst    time.Duration
+	// StepCost and EmulatedCost are what one trap costs with an empty BPF
+	// program, at an instruction the kernel single-steps and at one it
+	// emulates, as last measured on this machine (at Start, then every
+	// minute); Calibrations counts the measurements. LinkCost is the CPU
+	// time of attaching and detaching one probe.
+	StepCost, EmulatedCost, LinkCost time.Duration
+	Calibrations                     int
+	// Spent is the CPU time the probes cost since Start, as accounted:
+	// each hit at its site's cost (SiteStats.Cost), plus attaching,
+	// detaching and calibrating. Overhead is Spent / Elapsed.
+	Spent, Elapsed time.Duration
+	Overhead       float64
+	// Sampled counts the sites being sampled now.
+	Sampled int
 }
 
 // SiteStats describes one probe site.
@@ -121,10 +114,18 @@ type SiteStats struct {
 	// nil-map reads in the standard library, which reads nil maps as empty
 	// on purpose (net/http on every request).
 	NotOwned uint64
-	// Disarms counts how often the site was detached for exceeding its rate
-	// limit; RearmAt is when a disarmed site will be attached again.
-	Disarms int
-	RearmAt time.Time
+	// Cost is what one hit of the site costs, as measured: the trap at its
+	// instruction (BudgetStats.StepCost or EmulatedCost) plus the BPF
+	// program's run time there. Rate is its hits per second while attached.
+	Cost time.Duration
+	Rate float64
+	// Sampled: the site costs more than the budget allows, so it is
+	// attached for Window once every Period, and its counts are estimates
+	// (scaled by the time attached). Watched is how long it was attached
+	// since Start.
+	Sampled        bool
+	Window, Period time.Duration
+	Watched        time.Duration
 }
 
 // OpStatser is implemented by probes that count operations per call site.

@@ -20,13 +20,6 @@ type UprobeConfig struct {
 	// BufferSize is how many events the kernel ring buffer holds between two
 	// drains (every 100 ms). Default 1024.
 	BufferSize int
-	// SiteRateLimit is how many hits per second one probe site may take
-	// before it is detached for a back-off (5 s, doubling to 5 min). Default
-	// 200; a site on an instruction the kernel emulates, which costs several
-	// times less, may take 20 times as many. Either way one site stays under
-	// about 0.5% of one CPU here (200 hits of at most 23 us, or 4000 of about
-	// 1 us). Negative disables the limit.
-	SiteRateLimit int
 	// GrowthThreshold is the entry count at which MapGrowth first reports a
 	// map, then at each doubling. Default 1<<20.
 	GrowthThreshold int
@@ -42,9 +35,8 @@ type UprobeConfig struct {
 	// OpStats counts map operations per call site and kind (deep watching,
 	// see Budget); read them with OpStats.
 	OpStats bool
-	// Budget is the share of one CPU that deep watching (MissingKeyDelete,
-	// NilMapDelete, SharedWriters, OpStats) may cost, averaged over time.
-	// Default 0.01 (1%).
+	// Budget is the share of one CPU that every probe site together may
+	// cost, averaged over time (see governor.go). Default 0.01 (1%).
 	Budget float64
 	// SharedWindow is how close two writes by different goroutines must be
 	// to report SharedWriters. Default 100 ms.
@@ -112,13 +104,6 @@ func (c UprobeConfig) sharedWindow() time.Duration {
 	return c.SharedWindow
 }
 
-func (c UprobeConfig) siteRateLimit() int {
-	if c.SiteRateLimit == 0 {
-		return 200
-	}
-	return c.SiteRateLimit
-}
-
 // ringSize is the ring buffer size in bytes for n events: a power of two of
 // at least one page.
 func ringSize(n int) uint32 {
@@ -147,7 +132,6 @@ const (
 	siteDelNil  = 2048
 	siteDelIn   = 4096
 	siteDelDone = 8192
-	siteDeep    = 16384
 
 	// enum mg_key
 	keyNone = 0
@@ -172,13 +156,8 @@ const (
 
 	pollInterval = 100 * time.Millisecond
 	// aggInterval is how often aggregated counts are reported.
-	aggInterval = time.Second
-
-	// emulatedRateFactor scales the rate limit of sites on emulated
-	// instructions: ~1 us a hit against 6-23 us single-stepped, measured on
-	// the project's VMs.
-	emulatedRateFactor = 20
-	canaryTimeout      = 3 * time.Second
+	aggInterval   = time.Second
+	canaryTimeout = 3 * time.Second
 )
 
 // found is one probe site in a function and how the BPF program reads it.

@@ -55,12 +55,29 @@ type uprobes struct {
 	ignored     [8]uint64 // MG_IGNORED
 	nIgnored    int
 	// Per-site hit counts at which the BPF program wakes the waker.
-	wakeAtVar *ebpf.Variable
-	wakeAt    [maxSites]uint64
-	stats     *ebpf.Variable
-	counters  [maxSites]bpf.MapguardSiteStats // scratch for stats reads
-	decoder   *decode.Decoder
-	watched   [256]bool // kinds asked for
+	// The cost governor (govern_linux.go): per-site costs and the spend
+	// limit in the kernel, the trap costs as calibrated, what attaching
+	// and detaching cost, and the detaches in flight.
+	gov          *governor
+	govStart     time.Time
+	costVar      *ebpf.Variable
+	spentVar     *ebpf.Variable
+	limitVar     *ebpf.Variable
+	costs        [maxSites]uint64
+	calib        calibration
+	stepCost     time.Duration
+	emuCost      time.Duration
+	linkCost     time.Duration // CPU time to attach and detach one link
+	lastCalib    time.Time
+	calibrations int
+	extra        time.Duration // CPU time spent attaching and detaching since the last tick
+	detaching    int
+	detaches     sync.WaitGroup
+	sampled      []atomic.Bool // per site, as of the last tick; read by the reader
+	stats        *ebpf.Variable
+	counters     [maxSites]bpf.MapguardSiteStats // scratch for stats reads
+	decoder      *decode.Decoder
+	watched      [256]bool // kinds asked for
 	// notOwned counts, per site, events the runtime caused on its own
 	// maps and nil-map reads in the standard library; written by the
 	// reader, read by Stats.
@@ -81,26 +98,11 @@ type uprobes struct {
 	pending   []crashRecord
 	own       *ownBinary
 
-	offsets *rt.Offsets
-	// Deep watching and its budget governor (see govern).
-	deep        bool
-	hitCost     time.Duration // calibrated at Start
-	deepArmed   bool
-	deepTokens  float64 // CPU nanoseconds deep probes may still spend
-	deepLast    uint64  // deep_hits at the last tick
-	deepOffTill time.Time
-	deepWatched time.Duration
-	deepSince   time.Time
-	deepLastGov time.Time
-	// deepGovTime is the time spent attaching and detaching deep probes,
-	// charged to the budget; deepCycleCost the longest single one.
-	deepGovTime time.Duration
-	linkCost    time.Duration // CPU time to attach and detach one link, calibrated
+	offsets     *rt.Offsets
+	deep        bool // deep sites were chosen
 	wakeReader  *ringbuf.Reader
 	wakeDone    chan struct{}
-	deepDetach  atomic.Int64
-	deepHitsVar *ebpf.Variable
-	deepLimit   *ebpf.Variable
+	wakeAt      time.Time       // the waker's deadline
 	statsDec    *decode.Decoder // OpStats' own decoder, under mu
 	lastDropped uint64
 	stopping    bool // teardown has begun
@@ -115,11 +117,9 @@ type site struct {
 	op      Op
 	keyMode uint8
 	found
-	link     link.Link // nil while disarmed
-	disarms  int
-	rearmAt  time.Time
-	lastHits uint64
-	final    bpf.MapguardSiteStats // counters at Close
+	link      link.Link             // nil while detached
+	detaching bool                  // a detach is in flight
+	final     bpf.MapguardSiteStats // counters at Close
 }
 
 // newUprobes is NewUprobes on linux/amd64.
@@ -245,7 +245,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	}
 	for _, s := range u.sites {
 		if s.deep {
-			continue // armed after the canary, under the budget
+			continue // armed after the canary and the calibration
 		}
 		if err := u.armLocked(s); err != nil {
 			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
@@ -261,19 +261,14 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
-	if u.deep {
-		// After the other sites: the first uprobe on a binary costs extra.
-		if u.hitCost, err = u.calibrateLocked(bin); err != nil {
-			return fmt.Errorf("start probe: calibrate the cost of a hit: %w", err)
-		}
-	}
 	u.lastTick = time.Now()
 	u.readCounters()
-	u.setWakeLocked()
-	if u.deep {
-		if err := u.startDeepLocked(time.Now()); err != nil {
-			return fmt.Errorf("start probe: deep watching: %w", err)
-		}
+	if err := u.setupCalibrationLocked(bin); err != nil {
+		return fmt.Errorf("start probe: cost calibration: %w: %w", ErrNotSupported, err)
+	}
+	// After the canary: the first uprobe on a binary costs extra.
+	if err := u.startGovernorLocked(time.Now()); err != nil {
+		return fmt.Errorf("start probe: cost governor: %w", err)
 	}
 	u.running = true
 	u.log.V(4).Info("probe started", "sites", len(u.sites), "inactive", len(u.inactive),
@@ -364,7 +359,6 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 		if f.at.Framed {
 			f.flags |= siteFramed
 		}
-		f.flags |= siteDeep
 		u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: kind, fn: fn, found: f, deep: true, op: op, keyMode: key})
 		return nil
 	}
@@ -571,8 +565,6 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		}
 	}
 	spec.Maps[bpf.MapguardMapEvents].MaxEntries = ringSize(u.cfg.bufferSize())
-	// The empty program is for benchmarks; do not load it at every Start.
-	delete(spec.Programs, bpf.MapguardProgMapguardEmpty)
 	if !u.deep {
 		delete(spec.Programs, bpf.MapguardProgMapguardDeep)
 	}
@@ -606,12 +598,12 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	}
 	u.coll = coll
 	u.stats = coll.Variables[bpf.MapguardVarStats]
-	u.deepHitsVar = coll.Variables[bpf.MapguardVarDeepHits]
-	u.deepLimit = coll.Variables[bpf.MapguardVarDeepLimit]
+	u.costVar = coll.Variables[bpf.MapguardVarSiteCost]
+	u.spentVar = coll.Variables[bpf.MapguardVarSpentNs]
+	u.limitVar = coll.Variables[bpf.MapguardVarSpendLimit]
 	u.ignore = coll.Maps[bpf.MapguardMapIgnoredGoids]
 	u.ignoredVar = coll.Variables[bpf.MapguardVarIgnored]
 	u.ignoredMore = coll.Variables[bpf.MapguardVarIgnoredMore]
-	u.wakeAtVar = coll.Variables[bpf.MapguardVarWakeAt]
 	u.aggs = coll.Maps[bpf.MapguardMapAggs]
 
 	sitesMap := coll.Maps[bpf.MapguardMapSites]
@@ -642,6 +634,17 @@ func (u *uprobes) armLocked(s *site) error {
 	if s.deep {
 		prog = u.coll.Programs[bpf.MapguardProgMapguardDeep]
 	}
+	l, err := u.attach(s, prog)
+	if err != nil {
+		return err
+	}
+	s.link = l
+	return nil
+}
+
+// attach attaches prog at s, filtered to this process, with s's index as
+// the cookie.
+func (u *uprobes) attach(s *site, prog *ebpf.Program) (link.Link, error) {
 	off := s.fn.FileOffset + s.at.Offset
 	var (
 		l   link.Link
@@ -660,24 +663,7 @@ func (u *uprobes) armLocked(s *site) error {
 			PID:     os.Getpid(),
 		})
 	}
-	if err != nil {
-		return err
-	}
-	s.link = l
-	// u.counters is current: zero at Start, read at the top of tick when
-	// re-arming.
-	s.lastHits = u.counters[s.index].Hits
-	return nil
-}
-
-func (u *uprobes) disarmLocked(s *site) {
-	if s.link == nil {
-		return
-	}
-	if err := s.link.Close(); err != nil {
-		u.log.Error(err, "detach probe", "function", s.fn.Name)
-	}
-	s.link = nil
+	return l, err
 }
 
 // checkCanaryLocked provokes one nil-map write on a goroutine of its own and
@@ -730,7 +716,7 @@ func (u *uprobes) hasSite(kind decode.Kind, fn string) bool {
 
 // run is the reader goroutine: it drains the ring buffer every poll
 // interval (records are submitted without a wake-up), decodes and delivers,
-// and enforces the per-site rate limit.
+// and runs the cost governor on each poll.
 func (u *uprobes) run(ready chan<- error) {
 	defer close(u.done)
 	// Start holds u.mu and set u.ignore before starting this goroutine.
@@ -803,8 +789,10 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 	if !u.watched[ev.Kind] {
 		return // the canary's site, its kind not watched
 	}
+	if int(h.Site) < len(u.sampled) {
+		ev.Sampled = u.sampled[h.Site].Load()
+	}
 	if isDeep(ev.Kind) {
-		ev.Sampled = u.deepDetach.Load() > 0
 		if ev.Kind == decode.SharedWriters && u.excluded(ev) {
 			u.outOfScope[h.Site].Add(1)
 			return
@@ -816,8 +804,7 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 	u.sink(ev)
 }
 
-// tick disarms sites over their rate limit and re-arms those whose back-off
-// has passed.
+// tick runs the cost governor and the periodic work of the reader.
 func (u *uprobes) tick(now time.Time) { u.tickFrom(now, true) }
 
 // tickFrom is tick; only the reader (reader true) calls the sink, which
@@ -828,11 +815,11 @@ func (u *uprobes) tickFrom(now time.Time, reader bool) {
 	if u.stopping || u.coll == nil {
 		return
 	}
-	elapsed := now.Sub(u.lastTick)
 	u.lastTick = now
 	if reader && len(u.pending) > 0 && u.running {
 		u.deliverCrashesLocked()
 	}
+	u.readCounters()
 	// Counts go out only once the ring buffer is drained, so that the
 	// first occurrence at a call site, an event of its own, comes first.
 	if reader && now.Sub(u.lastAgg) >= aggInterval && u.reader.AvailableBytes() == 0 {
@@ -840,8 +827,6 @@ func (u *uprobes) tickFrom(now time.Time, reader bool) {
 		u.flushAggsLocked()
 	}
 	u.governLocked(now)
-	limit := u.cfg.siteRateLimit()
-	u.readCounters()
 	var dropped uint64
 	for _, s := range u.sites {
 		dropped += u.counters[s.index].Dropped
@@ -850,64 +835,6 @@ func (u *uprobes) tickFrom(now time.Time, reader bool) {
 		u.log.V(1).Info("events dropped: the ring buffer was full; raise Options.BufferSize",
 			"dropped", dropped-u.lastDropped, "total", dropped)
 		u.lastDropped = dropped
-	}
-	for _, s := range u.sites {
-		if s.deep {
-			continue // the budget governor's
-		}
-		if s.link == nil {
-			if !s.rearmAt.IsZero() && !now.Before(s.rearmAt) {
-				if err := u.armLocked(s); err != nil {
-					u.log.Error(err, "re-arm probe", "function", s.fn.Name)
-					s.rearmAt = now.Add(backoff(s.disarms))
-					continue
-				}
-				u.log.V(1).Info("probe re-armed", "function", s.fn.Name)
-			}
-			continue
-		}
-		hits := u.counters[s.index].Hits
-		delta := hits - s.lastHits
-		s.lastHits = hits
-		if limit <= 0 || elapsed <= 0 || elapsed > 10*pollInterval {
-			continue
-		}
-		siteLimit := float64(limit)
-		if s.at.Emulated {
-			siteLimit *= emulatedRateFactor
-		}
-		if float64(delta) > siteLimit*elapsed.Seconds() && delta > 1 {
-			u.disarmLocked(s)
-			s.disarms++
-			s.rearmAt = now.Add(backoff(s.disarms))
-			u.log.V(1).Info("probe disarmed: over its rate limit", "function", s.fn.Name,
-				"hits", delta, "interval", elapsed, "limit", limit, "rearmAt", s.rearmAt)
-		}
-	}
-	u.setWakeLocked()
-}
-
-// setWakeLocked sets, for each attached always-on site, the hit count at
-// which the BPF program wakes the waker: one poll interval's worth of its
-// rate limit past its hits in u.counters. The site is then detached within
-// microseconds of going over its limit, not at the next tick.
-func (u *uprobes) setWakeLocked() {
-	limit := u.cfg.siteRateLimit()
-	for _, s := range u.sites {
-		w := uint64(0)
-		if limit > 0 && s.link != nil && !s.deep {
-			n := float64(limit) * pollInterval.Seconds()
-			if s.at.Emulated {
-				n *= emulatedRateFactor
-			}
-			w = u.counters[s.index].Hits + uint64(max(2, n)) + 1
-		}
-		u.wakeAt[s.index] = w
-	}
-	if u.wakeAtVar != nil {
-		if err := u.wakeAtVar.Set(u.wakeAt); err != nil {
-			u.log.V(1).Info("set wake-up counts", "error", err.Error())
-		}
 	}
 }
 
@@ -936,6 +863,7 @@ func (u *uprobes) flushAggsLocked() {
 	if err != nil {
 		return
 	}
+	now := time.Now()
 	it := u.aggs.Iterate()
 	for it.Next(&key, &val) {
 		seen, _ := u.aggSeen[key] // comma-ok: a plain read that misses would hit our own probe
@@ -944,25 +872,28 @@ func (u *uprobes) flushAggsLocked() {
 		}
 		u.aggSeen[key] = val.Count
 		s := u.sites[key.Site]
-		u.aggRaw = decode.Record(u.aggRaw, s.kind, key.Site, 0, uint64(clock.Mono), val.Count-seen, []uintptr{uintptr(key.Pc)}, "")
+		count, sampled := val.Count-seen, false
+		if u.gov != nil {
+			// A sampled site's counts are scaled by the time it was
+			// attached: an estimate, and the event says so.
+			var f float64
+			f, sampled = u.gov.scale(now, int(key.Site))
+			count = uint64(float64(count)*f + 0.5)
+		}
+		u.aggRaw = decode.Record(u.aggRaw, s.kind, key.Site, 0, uint64(clock.Mono), count, []uintptr{uintptr(key.Pc)}, "")
 		if err := u.decoder.Decode(u.aggRaw, &ev); err != nil {
 			continue
 		}
 		ev.Time = clock.Wall
+		ev.Sampled = sampled
 		u.sink(&ev)
 	}
 	if err := it.Err(); err != nil {
 		u.log.V(1).Info("read aggregates", "error", err.Error())
 	}
-}
-
-// backoff doubles from 5 s up to 5 min with each disarm.
-func backoff(disarms int) time.Duration {
-	d := 5 * time.Second
-	for i := 1; i < disarms && d < 5*time.Minute; i++ {
-		d *= 2
+	if u.gov != nil {
+		u.gov.flush(now)
 	}
-	return min(d, 5*time.Minute)
 }
 
 // readCounters refreshes u.counters from the memory-mapped .bss: a copy,
@@ -999,8 +930,9 @@ func (u *uprobes) ignoreLocked(goid uint64) error {
 func (u *uprobes) Stats() Stats {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	now := time.Now()
 	st := Stats{Inactive: append([]Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
-		Deep: u.deepStatsLocked(time.Now())}
+		Budget: u.budgetStatsLocked(now)}
 	if u.coll != nil {
 		u.readCounters()
 	}
@@ -1013,14 +945,22 @@ func (u *uprobes) Stats() Stats {
 			Inst:     s.at.Inst,
 			Emulated: s.at.Emulated,
 			Armed:    s.link != nil,
-			Disarms:  s.disarms,
+		}
+		if u.gov != nil {
+			g := &u.gov.sites[s.index]
+			ss.Cost = time.Duration(g.cost)
+			ss.Rate = g.rate
+			ss.Watched = g.watched
+			if g.armed && !g.armedAt.After(now) {
+				ss.Watched += now.Sub(later(g.armedAt, u.gov.last))
+			}
+			if g.sampled {
+				ss.Sampled, ss.Window, ss.Period = true, g.window, g.period
+			}
 		}
 		if int(s.index) < len(u.notOwned) {
 			ss.NotOwned = u.notOwned[s.index].Load()
 			ss.OutOfScope = u.outOfScope[s.index].Load()
-		}
-		if s.link == nil {
-			ss.RearmAt = s.rearmAt
 		}
 		c := s.final
 		if u.coll != nil {
@@ -1057,6 +997,10 @@ func (u *uprobes) Close() error {
 // Close is lost.
 func (u *uprobes) teardownLocked() {
 	u.stopping = true // tick must not re-arm anything from here on
+	// Detaches the governor started finish first.
+	u.mu.Unlock()
+	u.detaches.Wait()
+	u.mu.Lock()
 	var wg sync.WaitGroup
 	for _, s := range u.sites {
 		if s.link == nil {

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: (MIT OR GPL-2.0-only)
 //
-// mapguard's uprobe program. One program serves every probe site: the
-// attach cookie is the site index, and sites[index] says what the site
-// means. Everything the program reads from the Go runtime (goroutine id,
+// mapguard's uprobe programs. Two programs serve every probe site (the
+// always-on sites and the deep ones); the attach cookie is the site index,
+// and sites[index] says what the site means. Everything the program reads from the Go runtime (goroutine id,
 // map header, type kind) is at an offset passed in as a constant by the
 // loader, after the loader has verified those offsets in the live process.
 //
@@ -52,14 +52,14 @@ struct {
 // runtime's nil type map and hit our own probes).
 struct site_stats stats[MG_MAX_SITES];
 
-// Hits of MG_SITE_DEEP sites, and the count at which the reader is woken to
-// detach them (set by user space from the budget left).
-__u64 deep_hits;
-__u64 deep_limit;
-
-// Per-site hit counts at which user space wants to be woken (0: never), so
-// that a site over its rate limit is detached at once, not at the next tick.
-__u64 wake_at[MG_MAX_SITES];
+// The cost governor: what one hit of each site costs (CPU ns: the trap as
+// calibrated plus the program's measured run time, set by user space),
+// their sum over every hit so far, and the sum at which the governor is
+// woken because the budget is spent (0: never), so that it acts at once,
+// not at its next tick.
+__u64 site_cost[MG_MAX_SITES];
+__u64 spent_ns;
+__u64 spend_limit;
 
 // The goroutines whose hits are ignored (the Guard's own): the first
 // MG_IGNORED are compared here without a map lookup, any more are in
@@ -468,36 +468,14 @@ static __always_inline void crash_peer(__u64 goid, struct event *e)
 }
 
 // handle is both programs: deep is a constant, so that each program holds
-// only its own half and the verifier explores fewer paths.
-static __always_inline int handle(struct pt_regs *ctx, const int deep)
+// only its own half and the verifier explores fewer paths. run has counted
+// the hit.
+static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_stats *st, const int deep)
 {
-	__u32 index = (__u32)bpf_get_attach_cookie(ctx);
-	if (index >= MG_MAX_SITES)
-		return 0;
 	struct site_conf *conf = bpf_map_lookup_elem(&sites, &index);
 	if (!conf)
 		return 0;
-	// The mask restates the bound for the verifier, which loses it otherwise.
-	struct site_stats *st = &stats[index & (MG_MAX_SITES - 1)];
-	__u64 hits = __sync_fetch_and_add(&st->hits, 1) + 1;
-	if (!deep) {
-		__u64 w = wake_at[index & (MG_MAX_SITES - 1)];
-		if (w && hits == w) {
-			// Over its rate limit: wake user space to detach the site.
-			__u64 site = index;
-			bpf_ringbuf_output(&wakeups, &site, sizeof(site), BPF_RB_FORCE_WAKEUP);
-		}
-	}
-
 	__u32 flags = conf->flags;
-	if (deep && (flags & MG_SITE_DEEP)) {
-		__u64 n = __sync_fetch_and_add(&deep_hits, 1) + 1;
-		if (n == deep_limit) {
-			// The budget is used up: wake the governor to detach deep sites.
-			__u64 site = index;
-			bpf_ringbuf_output(&wakeups, &site, sizeof(site), BPF_RB_FORCE_WAKEUP);
-		}
-	}
 	struct args a = {ctx->rax, ctx->rbx, ctx->rcx, ctx->rdx, ctx->rsi, ctx->rdi, ctx->rbp};
 	__u64 m = arg_reg(&a, conf->map_reg);
 	// A nil-or-empty block: only a nil map is an anomaly (or, for a
@@ -657,25 +635,52 @@ static __always_inline int handle(struct pt_regs *ctx, const int deep)
 	return 0;
 }
 
+// run counts a hit and its cost, wakes the governor when the budget is
+// spent, and times one hit in MG_TIME_EVERY, around handle.
+static __always_inline int run(struct pt_regs *ctx, const int deep)
+{
+	__u32 index = (__u32)bpf_get_attach_cookie(ctx);
+	if (index >= MG_MAX_SITES)
+		return 0;
+	// The mask restates the bound for the verifier, which loses it otherwise.
+	struct site_stats *st = &stats[index & (MG_MAX_SITES - 1)];
+	__u64 hits = __sync_fetch_and_add(&st->hits, 1) + 1;
+	__u64 cost = site_cost[index & (MG_MAX_SITES - 1)];
+	__u64 spent = __sync_fetch_and_add(&spent_ns, cost) + cost;
+	__u64 limit = spend_limit;
+	if (limit && spent >= limit && spent - cost < limit) {
+		// The budget is spent: wake the governor to act now.
+		__u64 site = index;
+		bpf_ringbuf_output(&wakeups, &site, sizeof(site), BPF_RB_FORCE_WAKEUP);
+	}
+	__u64 t0 = (hits % MG_TIME_EVERY) == 1 ? bpf_ktime_get_ns() : 0;
+	handle(ctx, index, st, deep);
+	if (t0) {
+		__sync_fetch_and_add(&st->prog_ns, bpf_ktime_get_ns() - t0);
+		__sync_fetch_and_add(&st->timed, 1);
+	}
+	return 0;
+}
+
 // mapguard_site serves the always-on sites: nil maps, misses, growth,
 // bloat, the unhashable-key panic and the fatal error.
 SEC("uprobe")
 int mapguard_site(struct pt_regs *ctx)
 {
-	return handle(ctx, 0);
+	return run(ctx, 0);
 }
 
-// mapguard_deep serves the deep sites (counts, writers, deletes); the cost
-// calibration probes a function of the Guard's own with it.
+// mapguard_deep serves the deep sites (counts, writers, deletes).
 SEC("uprobe")
 int mapguard_deep(struct pt_regs *ctx)
 {
-	return handle(ctx, 1);
+	return run(ctx, 1);
 }
 
-// An empty program: the floor a uprobe costs whatever the program does. It is
-// attached only by benchmarks and by the cost calibration, to compare with
-// mapguard_site at the same instruction.
+// An empty program: the floor a uprobe costs whatever the program does, at
+// a single-stepped or an emulated instruction. The cost calibration
+// measures it at Start and again from time to time; benchmarks compare it
+// with mapguard_site at the same instruction.
 SEC("uprobe")
 int mapguard_empty(struct pt_regs *ctx)
 {

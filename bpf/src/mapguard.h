@@ -110,7 +110,6 @@ enum mg_reg {
 #define MG_SITE_DEL_NIL 2048   // a delete begins: report a nil map
 #define MG_SITE_DEL_ENTRY 4096 // a delete begins: report an empty map, else remember the map and its entries
 #define MG_SITE_DEL_DONE 8192  // a delete ended: report if the entries did not change since DEL_ENTRY
-#define MG_SITE_DEEP 16384     // counted against the budget: past deep_limit hits, wake the reader
 
 
 struct site_conf {
@@ -151,7 +150,13 @@ struct site_stats {
 	__u64 filtered; // hits that were not an anomaly (an empty, non-nil map; a map below the growth threshold)
 	__u64 ignored;  // hits from the Guard's own goroutines
 	__u64 agg;      // hits counted into an aggregate instead of an event of their own
+	__u64 timed;    // hits whose program run time was measured (one in MG_TIME_EVERY)
+	__u64 prog_ns;  // the program run time of those hits, in ns
 };
+
+// One hit in MG_TIME_EVERY has its program run time measured, for the cost
+// governor: what a hit costs is the trap (calibrated) plus that time.
+#define MG_TIME_EVERY 16
 
 // Key of the per-call-site aggregates (MG_SITE_AGG).
 struct agg_key {

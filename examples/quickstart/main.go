@@ -146,8 +146,8 @@ drain:
 		if s.Emulated {
 			cost = "emulated"
 		}
-		fmt.Printf("  %-17s %-37s +%#-5x %-28s %-14s armed=%-5v hits=%d filtered=%d agg=%d not-own=%d\n",
-			s.Kind, s.Function, s.Offset, s.Inst, cost, s.Armed, s.Hits, s.Filtered, s.Aggregated, s.NotOwned)
+		fmt.Printf("  %-17s %-37s +%#-5x %-28s %-14s armed=%-5v sampled=%-5v cost=%v hits=%d filtered=%d agg=%d not-own=%d\n",
+			s.Kind, s.Function, s.Offset, s.Inst, cost, s.Armed, s.Sampled, s.Cost.Round(10*time.Nanosecond), s.Hits, s.Filtered, s.Aggregated, s.NotOwned)
 	}
 	for _, in := range st.Inactive {
 		fmt.Printf("  %-17s %-37s not probed: %s\n", in.Kind, in.Function, in.Reason)

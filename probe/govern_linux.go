@@ -1,0 +1,372 @@
+//go:build linux && amd64
+
+package probe
+
+// The cost governor at work: calibrating what a trap costs here, keeping
+// the kernel's per-site costs current, and attaching and detaching sites
+// as the governor (governor.go) decides, with detaches off the lock.
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sync/atomic"
+	"time"
+
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/mapguard/mapguard/bpf"
+	"github.com/mapguard/mapguard/internal/rt"
+	"github.com/mapguard/mapguard/symbols"
+)
+
+// calibrationSink keeps calibrationTarget's cold branch alive.
+var calibrationSink string
+
+// calibrationTarget is what the cost calibration probes: a function with a
+// stack check and a frame, so that its first instruction (the stack check's
+// compare) is single-stepped by the kernel and the one after the check
+// (PUSHQ BP) is emulated, as at the two kinds of probe site.
+//
+//go:noinline
+func calibrationTarget(m map[int]int, n int) int {
+	if n < 0 {
+		calibrationSink = fmt.Sprint(m)
+	}
+	return n + 1
+}
+
+const (
+	calibrationFunc = "github.com/mapguard/mapguard/probe.calibrationTarget"
+	// Calls per calibration run: a single-stepped trap costs 6-23 us on
+	// the project's VMs, an emulated one 0.5-1 us.
+	calibrationStepCalls = 100
+	calibrationEmuCalls  = 1000
+	calibrationRuns      = 3
+	// recalibrateEvery: trap costs move from day to day (and with load);
+	// the floors are measured again this often.
+	recalibrateEvery = time.Minute
+	// initialLatency is what one detach is assumed to take until one was
+	// measured (uprobe_multi: 28-36 ms on the project's VMs).
+	initialLatency = 30 * time.Millisecond
+)
+
+// calibration holds the two probe sites of calibrationTarget.
+type calibration struct {
+	step, emu *site
+}
+
+// setupCalibrationLocked finds calibrationTarget's two sites.
+func (u *uprobes) setupCalibrationLocked(bin *symbols.Binary) error {
+	fn, ok := bin.Func(calibrationFunc)
+	if !ok {
+		return errors.New("calibration function not in binary")
+	}
+	code, err := bin.Code(fn)
+	if err != nil {
+		return err
+	}
+	emu, err := symbols.EntrySite(code)
+	if err != nil {
+		return err
+	}
+	if !emu.Emulated {
+		return fmt.Errorf("calibration site %s is not emulated", emu.Inst)
+	}
+	step := symbols.Site{Offset: 0, Inst: "entry"}
+	u.calib = calibration{
+		step: &site{index: calibIndex, fn: fn, found: found{at: step}},
+		emu:  &site{index: calibIndex, fn: fn, found: found{at: emu}},
+	}
+	return nil
+}
+
+// calibrateLocked measures, with the empty program, what one trap costs at
+// a single-stepped and at an emulated instruction (the least of a few
+// runs: noise only adds), and the CPU time of attaching and detaching one
+// link. It returns the CPU time it spent.
+func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
+	m := map[int]int{}
+	// CPU time of this thread, not wall time: a trap is handled on the
+	// thread that took it, and a busy machine's preemptions do not count.
+	run := func(calls int) time.Duration {
+		t0 := threadCPU()
+		n := 0
+		for i := 0; i < calls; i++ {
+			n = calibrationTarget(m, n)
+		}
+		if n != calls {
+			panic("calibration")
+		}
+		return threadCPU() - t0
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	c0 := threadCPU()
+	defer func() { spent = threadCPU() - c0 }()
+	measure := func(s *site, calls int) (time.Duration, error) {
+		best := time.Duration(1<<63 - 1)
+		for r := 0; r < calibrationRuns; r++ {
+			base := run(calls)
+			a0 := threadCPU()
+			l, err := u.attach(s, u.coll.Programs[bpf.MapguardProgMapguardEmpty])
+			if err != nil {
+				return 0, err
+			}
+			a1 := threadCPU()
+			with := run(calls)
+			a2 := threadCPU()
+			l.Close()
+			if c := a1 - a0 + threadCPU() - a2; u.linkCost == 0 || c < u.linkCost {
+				u.linkCost = c
+			}
+			best = min(best, (with-base)/time.Duration(calls))
+		}
+		return max(best, time.Nanosecond), nil
+	}
+	step, err := measure(u.calib.step, calibrationStepCalls)
+	if err != nil {
+		return 0, fmt.Errorf("calibrate a single-stepped trap: %w", err)
+	}
+	emu, err := measure(u.calib.emu, calibrationEmuCalls)
+	if err != nil {
+		return 0, fmt.Errorf("calibrate an emulated trap: %w", err)
+	}
+	u.stepCost, u.emuCost = step, emu
+	u.lastCalib = time.Now()
+	u.calibrations++
+	return 0, nil
+}
+
+// floor is what a trap costs at s's instruction, as last calibrated.
+func (u *uprobes) floor(s *site) time.Duration {
+	if s.at.Emulated {
+		return u.emuCost
+	}
+	return u.stepCost
+}
+
+// siteCost is what one hit of s costs: its trap plus the program's run
+// time as the kernel measured it (one hit in 16), in ns.
+func (u *uprobes) siteCost(s *site) float64 {
+	c := u.counters[s.index]
+	prog := 0.0
+	if c.Timed > 0 {
+		prog = float64(c.ProgNs) / float64(c.Timed)
+	}
+	return float64(u.floor(s)) + prog
+}
+
+// startGovernorLocked calibrates, attaches every site and starts the
+// governor with a full burst.
+func (u *uprobes) startGovernorLocked(now time.Time) error {
+	if _, err := u.calibrateLocked(); err != nil {
+		return err
+	}
+	costs := make([]float64, len(u.sites))
+	for i, s := range u.sites {
+		costs[i] = u.siteCost(s)
+	}
+	u.gov = newGovernor(u.cfg.budget(), costs, float64(u.linkCost), initialLatency, now)
+	u.sampled = make([]atomic.Bool, len(u.sites))
+	for _, s := range u.sites {
+		if s.link == nil {
+			if err := u.armLocked(s); err != nil {
+				return fmt.Errorf("attach %s+%#x: %w", s.fn.Name, s.at.Offset, err)
+			}
+		}
+	}
+	u.govStart = now
+	return u.pushCostsLocked(true)
+}
+
+// pushCostsLocked writes the per-site costs and the spend limit the BPF
+// program wakes the governor at.
+func (u *uprobes) pushCostsLocked(all bool) error {
+	changed := all
+	for i, s := range u.sites {
+		c := u.siteCost(s)
+		u.gov.setCost(i, c)
+		if old := float64(u.costs[s.index]); c > old*1.05 || c < old*0.95 {
+			u.costs[s.index] = uint64(c)
+			changed = true
+		}
+	}
+	if changed {
+		if err := u.costVar.Set(u.costs); err != nil {
+			return err
+		}
+	}
+	return u.limitVar.Set(uint64(u.gov.limit()))
+}
+
+// governLocked runs the governor once: books the hits since the last
+// tick, then attaches and detaches what it decides. Detaches run in
+// goroutines of their own, off u.mu (each waits tens of ms for the kernel
+// while the site's traps go on); the governor books their hits as they
+// come. u.counters must be current.
+func (u *uprobes) governLocked(now time.Time) {
+	if u.gov == nil {
+		return
+	}
+	var spent uint64
+	if err := u.spentVar.Get(&spent); err != nil {
+		return
+	}
+	hits := make([]uint64, len(u.sites))
+	for i, s := range u.sites {
+		hits[i] = u.counters[s.index].Hits
+	}
+	extra := u.extra
+	u.extra = 0
+	if now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0 {
+		if d, err := u.calibrateLocked(); err != nil {
+			u.log.V(1).Info("recalibrate", "error", err.Error())
+		} else {
+			extra += d
+		}
+	}
+	u.gov.account(now, float64(spent), hits, float64(extra))
+	attach, detach := u.gov.plan(now)
+	for _, i := range attach {
+		s := u.sites[i]
+		if s.link != nil || s.detaching {
+			continue // a detach still in flight: its next window
+		}
+		err := u.armLocked(s)
+		u.extra += u.linkCost / 2 // as calibrated, on a thread of its own
+		if err != nil {
+			u.log.Error(err, "attach probe", "function", s.fn.Name)
+			u.gov.failed(i)
+			continue
+		}
+		u.gov.armed(i, time.Now())
+	}
+	for _, i := range detach {
+		u.detachAsyncLocked(u.sites[i])
+	}
+	for i := range u.sites {
+		sampled := u.gov.sites[i].sampled
+		if sampled && !u.sampled[i].Load() {
+			u.log.V(1).Info("probe site sampled: over the budget", "function", u.sites[i].fn.Name,
+				"rate", u.gov.sites[i].rate, "cost", time.Duration(u.gov.sites[i].cost),
+				"window", u.gov.sites[i].window, "period", u.gov.sites[i].period)
+		}
+		u.sampled[i].Store(sampled)
+	}
+	if err := u.pushCostsLocked(false); err != nil {
+		u.log.V(1).Info("set probe costs", "error", err.Error())
+	}
+	u.rescheduleLocked()
+}
+
+// detachAsyncLocked detaches s in a goroutine of its own. The site counts
+// as attached (its traps go on) until the kernel is done.
+func (u *uprobes) detachAsyncLocked(s *site) {
+	l := s.link
+	if l == nil {
+		return
+	}
+	s.link, s.detaching = nil, true
+	u.detaching++
+	u.detaches.Add(1)
+	go u.detach(s, l)
+}
+
+// detach closes l and tells the governor when it is done.
+func (u *uprobes) detach(s *site, l link.Link) {
+	defer u.detaches.Done()
+	t0 := time.Now()
+	if err := l.Close(); err != nil {
+		u.log.Error(err, "detach probe", "function", s.fn.Name)
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	s.detaching = false
+	u.detaching--
+	u.extra += u.linkCost / 2
+	if u.gov != nil {
+		now := time.Now()
+		u.gov.disarmed(int(s.index), now)
+		u.gov.latency = (u.gov.latency + now.Sub(t0)) / 2
+	}
+}
+
+// startWakerLocked starts the goroutine that the BPF program wakes when
+// the budget is spent, so that the governor acts at once rather than at
+// the next tick.
+func (u *uprobes) startWakerLocked() error {
+	r, err := ringbuf.NewReader(u.coll.Maps[bpf.MapguardMapWakeups])
+	if err != nil {
+		return err
+	}
+	u.wakeReader = r
+	u.wakeDone = make(chan struct{})
+	ready := make(chan error, 1)
+	go u.runWaker(r, ready)
+	return <-ready
+}
+
+// runWaker runs the governor whenever the BPF program asks (the budget is
+// spent) and whenever a sampled site's window opens or closes, until r is
+// closed. Its name is in mapguard.GoroutineFunctions.
+func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
+	defer close(u.wakeDone)
+	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
+	var rec ringbuf.Record
+	for {
+		u.mu.Lock()
+		var next time.Time
+		if u.gov != nil {
+			next = u.gov.next()
+		}
+		u.wakeAt = next
+		u.mu.Unlock()
+		r.SetDeadline(next) // zero: no deadline
+		err := r.ReadInto(&rec)
+		switch {
+		case err == nil, errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, ringbuf.ErrFlushed):
+			u.tickFrom(time.Now(), false)
+		default:
+			return // closed
+		}
+	}
+}
+
+// rescheduleLocked wakes the waker when the governor needs to run before
+// the waker's deadline (a window was scheduled).
+func (u *uprobes) rescheduleLocked() {
+	next := u.gov.next()
+	if u.wakeReader == nil || next.IsZero() || (!u.wakeAt.IsZero() && !next.Before(u.wakeAt)) {
+		return
+	}
+	u.wakeAt = next
+	u.wakeReader.Flush() // ReadInto returns ErrFlushed; the waker loops
+}
+
+// budgetStatsLocked describes the governor.
+func (u *uprobes) budgetStatsLocked(now time.Time) *BudgetStats {
+	if u.gov == nil {
+		return nil
+	}
+	b := &BudgetStats{
+		Budget:       u.cfg.budget(),
+		StepCost:     u.stepCost,
+		EmulatedCost: u.emuCost,
+		LinkCost:     u.linkCost,
+		Spent:        time.Duration(u.gov.spentTotal()),
+		Elapsed:      now.Sub(u.govStart),
+		Calibrations: u.calibrations,
+	}
+	for i := range u.gov.sites {
+		if u.gov.sites[i].sampled {
+			b.Sampled++
+		}
+	}
+	if b.Elapsed > 0 {
+		b.Overhead = float64(b.Spent) / float64(b.Elapsed)
+	}
+	return b
+}
