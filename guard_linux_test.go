@@ -681,3 +681,32 @@ func TestRealNoSelfHits(t *testing.T) {
 		t.Fatalf("delivering %d events made the Guard's goroutines hit its probes %d times", n, d)
 	}
 }
+
+// With default options, a map grown to 1<<21 entries is reported: the
+// growth sites take about 2,000 hits meanwhile, which the budget pays for.
+func TestRealMapGrowthDefault(t *testing.T) {
+	if testing.Short() {
+		t.Skip("grows a map to 2M entries")
+	}
+	g := startReal(t, mapguard.Options{})
+	events := g.Events()
+	var line int
+	goid, _ := provoke(func() int {
+		m := make(map[int]int)
+		for i := 0; i < 1<<21; i++ {
+			line = here() + 1
+			m[i] = i
+		}
+		sink = len(m)
+		return 0
+	})
+	ev := await(t, events, func(ev mapguard.Event) bool { return ev.Goroutine == goid && ev.Kind == mapguard.MapGrowth })
+	if ev.Site.Line != line || ev.MapType != "map[int]int" || ev.Len < 1<<20 {
+		t.Fatalf("event %v, want map-growth of map[int]int past 1<<20 at line %d", ev, line)
+	}
+	for _, s := range g.Stats().Sites {
+		if s.Kind == mapguard.MapGrowth && s.Hits > 0 {
+			t.Logf("%s+%#x: %d hits, cost %v, sampled %v", s.Function, s.Offset, s.Hits, s.Cost, s.Sampled)
+		}
+	}
+}
