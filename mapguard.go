@@ -27,17 +27,24 @@ const (
 	// the event arrives either way.
 	NilMapWrite = decode.NilMapWrite
 	// NilMapRead: a read from a nil map, which silently returns the zero
-	// value. This is how m[a][b] looks when m[a] is missing.
+	// value. Often an idiom (a nil map reads as empty), so by default it is
+	// a statistic (Stats.CallSites), not an event; listed in
+	// Options.Detect, the first plain read at a call site is an event and
+	// later ones arrive about once a second as one event whose Count is
+	// the number since. A comma-ok read (v, ok := m[k]) of a nil map is
+	// never an event.
 	NilMapRead = decode.NilMapRead
 	// MapGrowth: a map crossed Options.GrowthThreshold entries, or doubled
 	// again after that; Site is the insert that grew it and Len its entries.
 	// Maps never shrink, so this is how an unbounded cache shows.
 	MapGrowth = decode.MapGrowth
 	// MissingKeyRead: a single-value read (v := m[k]) of a key that is not
-	// in a non-nil map, which silently returns the zero value. Comma-ok
-	// reads are not reported, nor reads outside Options.MissingKeyScope.
-	// The first read at a call site is an event; later ones there arrive
-	// about once a second as one event whose Count is the number since.
+	// in a non-nil map, which silently returns the zero value. Usually an
+	// idiom (zero means absent), so by default it is a statistic
+	// (Stats.CallSites), not an event; listed in Options.Detect, the first
+	// read at a call site is an event and later ones there arrive about
+	// once a second as one event whose Count is the number since. Comma-ok
+	// reads are not counted, nor reads outside Options.MissingKeyScope.
 	MissingKeyRead = decode.MissingKeyRead
 	// UnhashableKey: the "hash of unhashable type" panic, an interface key
 	// holding a slice, map or func. Detail is the runtime's message.
@@ -69,6 +76,18 @@ const (
 	// map writes" — or a map correctly guarded by a mutex, which is a false
 	// positive: list its type or site in Options.SharedExclude.
 	SharedWriters = decode.SharedWriters
+
+	// NestedMapMiss: m[a][b] where m[a] was missing (or m nil), so the
+	// inner read is of a nil map: the silent zero value of a two-level
+	// lookup, a classic bug (the code meant to create m[a] first, or to
+	// check it). Site is the expression, MapType the inner map's type, Peer
+	// the outer read. A default kind, with no probe of its own: the
+	// kernel pairs a goroutine's miss with its nil-map read a few
+	// instructions later, and the Guard checks that the outer map's
+	// elements are maps of the inner type. The first occurrence at a call
+	// site is an event; later ones arrive about once a second as one event
+	// whose Count is the number since.
+	NestedMapMiss = decode.NestedMapMiss
 )
 
 // Peer is the other goroutine of a SharedWriters or ConcurrentMisuse event.
@@ -92,6 +111,10 @@ type Frame = decode.Frame
 // SiteStats describes one probe site: where it is, whether it is attached,
 // and its counters.
 type SiteStats = probe.SiteStats
+
+// CallSiteStats counts one idiom kind (a missing-key read, a nil-map read)
+// at one call site: these are statistics by default, not events.
+type CallSiteStats = probe.CallSiteStats
 
 // Inactive is a runtime function that has no probe, with the reason.
 type Inactive = probe.Inactive
@@ -119,11 +142,12 @@ var (
 	ErrClosed = probe.ErrClosed
 )
 
-// DefaultKinds are the kinds watched when Options.Detect is empty: those
-// whose probes sit only on paths that run when something is wrong or rarely
-// (a miss, a nil map, a large map growing or emptied, a panic, a fatal
-// error). Deep kinds (MissingKeyDelete, NilMapDelete, SharedWriters) are
-// not among them.
+// DefaultKinds are the kinds always watched (unless Options.DetectOnly):
+// those whose probes sit only on paths that run when something is wrong or
+// rarely (a miss, a nil map, a large map growing or emptied, a panic, a
+// fatal error). Among them MissingKeyRead and NilMapRead are statistics
+// (Stats.CallSites) unless Options.Detect lists them. Deep kinds
+// (MissingKeyDelete, NilMapDelete, SharedWriters) are not among them.
 func DefaultKinds() []Kind { return probe.DefaultKinds() }
 
 // Options configures a Guard. The zero value is valid.
@@ -224,6 +248,12 @@ type Stats struct {
 	// Budget describes the cost governor and what it measured; nil before
 	// Start.
 	Budget *BudgetStats
+	// CallSites counts missing-key and nil-map reads per call site, most
+	// counted first: by default these idioms are statistics, not events
+	// (list the kind in Options.Detect for events). CallSitesOverflow
+	// counts occurrences beyond the table's 4096 call sites.
+	CallSites         []CallSiteStats
+	CallSitesOverflow uint64
 }
 
 // A Guard watches this process's map operations. Create it with New, then
@@ -347,6 +377,18 @@ func (o *Options) kinds() []Kind {
 	return kinds
 }
 
+// statistics are the watched kinds counted per call site without events:
+// the idioms among the defaults, unless Detect lists them.
+func (o *Options) statistics() []Kind {
+	var stats []Kind
+	for _, k := range o.kinds() {
+		if decode.IsStatistic(k) && !slices.Contains(o.Detect, k) {
+			stats = append(stats, k)
+		}
+	}
+	return stats
+}
+
 // newProbe returns the probe for one Start attempt: Options.Probe, or a new
 // eBPF probe (a refused attempt leaves nothing behind, so a later attempt
 // starts afresh).
@@ -357,6 +399,7 @@ func (g *Guard) newProbe() probe.Probe {
 	o := &g.opts
 	return probe.NewUprobes(probe.UprobeConfig{
 		Kinds:           o.kinds(),
+		Statistics:      o.statistics(),
 		StackDepth:      o.StackDepth,
 		BufferSize:      o.BufferSize,
 		GrowthThreshold: o.GrowthThreshold,
@@ -573,6 +616,9 @@ func (g *Guard) Stats() Stats {
 		CrashRecord:      ps.CrashRecord,
 		CrashRecordError: ps.CrashRecordError,
 		Budget:           ps.Budget,
+		CallSites:        ps.CallSites,
+
+		CallSitesOverflow: ps.CallSitesOverflow,
 	}
 	for _, k := range decode.Kinds() {
 		if n := g.perKind[k].Load(); n > 0 {

@@ -64,6 +64,11 @@ type MapguardKeybuf struct {
 	B [64]int8
 }
 
+type MapguardLastMiss struct {
+	_  structs.HostLayout
+	Pc uint64
+}
+
 type MapguardMgKind uint32
 
 const (
@@ -78,6 +83,7 @@ const (
 	MapguardMgKindMG_KIND_MISSING_KEY_DELETE MapguardMgKind = 9
 	MapguardMgKindMG_KIND_NIL_MAP_DELETE     MapguardMgKind = 10
 	MapguardMgKindMG_KIND_SHARED_WRITERS     MapguardMgKind = 11
+	MapguardMgKindMG_KIND_NESTED_MAP_MISS    MapguardMgKind = 12
 )
 
 type MapguardPendingDelete struct {
@@ -132,6 +138,7 @@ const (
 	MapguardMapGrowthNext            = "growth_next"
 	MapguardMapIgnoredGoids          = "ignored_goids"
 	MapguardMapKeys                  = "keys"
+	MapguardMapLastMisses            = "last_misses"
 	MapguardMapMapWriters            = "map_writers"
 	MapguardMapScratch               = "scratch"
 	MapguardMapSites                 = "sites"
@@ -228,6 +235,7 @@ type MapguardMapSpecs struct {
 	GrowthNext   *ebpf.MapSpec `ebpf:"growth_next"`
 	IgnoredGoids *ebpf.MapSpec `ebpf:"ignored_goids"`
 	Keys         *ebpf.MapSpec `ebpf:"keys"`
+	LastMisses   *ebpf.MapSpec `ebpf:"last_misses"`
 	MapWriters   *ebpf.MapSpec `ebpf:"map_writers"`
 	Scratch      *ebpf.MapSpec `ebpf:"scratch"`
 	Sites        *ebpf.MapSpec `ebpf:"sites"`
@@ -296,6 +304,7 @@ type MapguardMaps struct {
 	GrowthNext   *ebpf.Map `ebpf:"growth_next"`
 	IgnoredGoids *ebpf.Map `ebpf:"ignored_goids"`
 	Keys         *ebpf.Map `ebpf:"keys"`
+	LastMisses   *ebpf.Map `ebpf:"last_misses"`
 	MapWriters   *ebpf.Map `ebpf:"map_writers"`
 	Scratch      *ebpf.Map `ebpf:"scratch"`
 	Sites        *ebpf.Map `ebpf:"sites"`
@@ -312,6 +321,7 @@ func (m *MapguardMaps) Close() error {
 		m.GrowthNext,
 		m.IgnoredGoids,
 		m.Keys,
+		m.LastMisses,
 		m.MapWriters,
 		m.Scratch,
 		m.Sites,

@@ -282,7 +282,7 @@ func (d *Decoder) Decode(raw []byte, ev *Event) error {
 	if ev.Capacity > 0 && typ != 0 && d.cfg.MapBytes != nil {
 		ev.Bytes = d.cfg.MapBytes(typ, ev.Capacity)
 	}
-	if (kind == NilMapRead || kind == MissingKeyRead) && d.cfg.Scope != nil && !d.cfg.Scope.Own(ev.Site.Function) {
+	if (kind == NilMapRead || kind == MissingKeyRead || kind == NestedMapMiss) && d.cfg.Scope != nil && !d.cfg.Scope.Own(ev.Site.Function) {
 		return ErrStdlib
 	}
 	if kind == MissingKeyRead && d.cfg.MissScope != nil && !d.cfg.MissScope.Own(ev.Site.Function) {

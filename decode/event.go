@@ -56,8 +56,15 @@ const (
 	// is the precursor of "concurrent map writes", or a map guarded by a
 	// mutex (a false positive: exclude it). Deep watching.
 	SharedWriters Kind = 11
+	// NestedMapMiss is m[a][b] (or m[a][b] = v's read side) where m[a] was
+	// missing: the outer read missed (or read a nil map) and returned a nil
+	// inner map, which the same expression then read. Site is the
+	// expression; MapType the inner map's type. The first occurrence at a
+	// call site is an event, later ones arrive about once a second as one
+	// event whose Count is the number since.
+	NestedMapMiss Kind = 12
 
-	maxKind = SharedWriters
+	maxKind = NestedMapMiss
 )
 
 var kindNames = [...]string{
@@ -72,6 +79,7 @@ var kindNames = [...]string{
 	MissingKeyDelete: "missing-key-delete",
 	NilMapDelete:     "nil-map-delete",
 	SharedWriters:    "shared-writers",
+	NestedMapMiss:    "nested-map-miss",
 }
 
 // Kinds returns every kind this version knows, in order.
@@ -197,4 +205,11 @@ func (e Event) String() string {
 		s += ": " + strconv.Quote(e.Detail)
 	}
 	return s
+}
+
+// IsStatistic reports whether kind is an idiom as often as a bug, and is
+// therefore counted per call site by default rather than delivered as
+// events: a read of a missing key, a read of a nil map.
+func IsStatistic(kind Kind) bool {
+	return kind == MissingKeyRead || kind == NilMapRead
 }

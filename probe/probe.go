@@ -63,6 +63,11 @@ type Stats struct {
 	CrashRecordError string
 	// Budget describes the cost governor; nil before Start.
 	Budget *BudgetStats
+	// CallSites counts, per call site, the kinds that are idioms as often
+	// as bugs (missing-key and nil-map reads), most counted first;
+	// CallSitesOverflow the occurrences beyond the table's 4096 call sites.
+	CallSites         []CallSiteStats
+	CallSitesOverflow uint64
 }
 
 // BudgetStats describes the cost governor, which keeps every probe site

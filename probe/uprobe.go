@@ -14,6 +14,9 @@ import (
 type UprobeConfig struct {
 	// Kinds to watch; nil means DefaultKinds.
 	Kinds []decode.Kind
+	// Statistics lists kinds of Kinds (decode.IsStatistic) that are only
+	// counted per call site (Stats.CallSites), without events.
+	Statistics []decode.Kind
 	// StackDepth is how many frames each event's Stack holds (0: the call
 	// site only). At most decode.MaxFrames.
 	StackDepth int
@@ -60,7 +63,7 @@ type UprobeConfig struct {
 func DefaultKinds() []decode.Kind {
 	return []decode.Kind{
 		decode.NilMapWrite, decode.NilMapRead, decode.MapGrowth, decode.MissingKeyRead,
-		decode.UnhashableKey, decode.MapBloat, decode.ConcurrentMisuse,
+		decode.UnhashableKey, decode.MapBloat, decode.ConcurrentMisuse, decode.NestedMapMiss,
 	}
 }
 
@@ -150,6 +153,9 @@ const (
 	regDX    = 6
 	regSI    = 7
 	regDI    = 8
+
+	// aggNested marks the aggregates of nested-map misses (MG_AGG_NESTED).
+	aggNested = 0x80000000
 
 	// calibIndex is the site index of the cost calibration's probe.
 	calibIndex = maxSites - 1
@@ -340,7 +346,7 @@ var targets = map[decode.Kind][]target{
 		},
 	}},
 	decode.NilMapRead: {{
-		find: one(nilBranch(symbols.MapAccess), siteNilOnly, regBX, regAX),
+		find: one(nilBranch(symbols.MapAccess), siteNilOnly|siteAgg, regBX, regAX),
 		funcs: []string{
 			"runtime.mapaccess1",
 			"runtime.mapaccess2",

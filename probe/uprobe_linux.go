@@ -54,7 +54,6 @@ type uprobes struct {
 	ignoredMore *ebpf.Variable
 	ignored     [8]uint64 // MG_IGNORED
 	nIgnored    int
-	// Per-site hit counts at which the BPF program wakes the waker.
 	// The cost governor (govern_linux.go): per-site costs and the spend
 	// limit in the kernel, the trap costs as calibrated, what attaching
 	// and detaching cost, and the detaches in flight.
@@ -78,6 +77,8 @@ type uprobes struct {
 	counters     [maxSites]bpf.MapguardSiteStats // scratch for stats reads
 	decoder      *decode.Decoder
 	watched      [256]bool // kinds asked for
+	statsOnly    [256]bool // kinds counted per call site, without events
+	calls        callSites
 	// notOwned counts, per site, events the runtime caused on its own
 	// maps and nil-map reads in the standard library; written by the
 	// reader, read by Stats.
@@ -117,6 +118,7 @@ type site struct {
 	op      Op
 	keyMode uint8
 	found
+	commaOK   bool                  // in a comma-ok read function (runtime.mapaccess2*)
 	link      link.Link             // nil while detached
 	detaching bool                  // a detach is in flight
 	final     bpf.MapguardSiteStats // counters at Close
@@ -291,7 +293,15 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 		t    target
 	}
 	var wants []want
+	for _, kind := range u.cfg.Statistics {
+		u.statsOnly[kind] = true
+	}
 	for _, kind := range u.cfg.kinds() {
+		if kind == decode.NestedMapMiss {
+			// No site of its own: the miss and nil-read sites see it.
+			u.watched[kind] = true
+			continue
+		}
 		if isDeep(kind) {
 			u.watched[kind] = true
 			u.deep = true
@@ -304,6 +314,15 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 		u.watched[kind] = true
 		for _, t := range ts {
 			wants = append(wants, want{kind, t})
+		}
+	}
+	if u.watched[decode.NestedMapMiss] {
+		for _, kind := range []decode.Kind{decode.MissingKeyRead, decode.NilMapRead} {
+			if !u.watched[kind] { // probed for the nested misses only
+				for _, t := range targets[kind] {
+					wants = append(wants, want{kind, t})
+				}
+			}
 		}
 	}
 	if !u.watched[canaryKind] {
@@ -335,7 +354,8 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 				if f.at.Framed {
 					f.flags |= siteFramed
 				}
-				u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: w.kind, fn: fn, found: f})
+				u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: w.kind, fn: fn, found: f,
+					commaOK: strings.HasPrefix(fn.Name, "runtime.mapaccess2")})
 			}
 		}
 	}
@@ -769,10 +789,10 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 			if u.sites[h.Site].flags&siteAgg != 0 {
 				// Count this call site from now on, but never report it.
 				key := bpf.MapguardAggKey{Site: h.Site, Pc: uint64(h.PC)}
-				if err := u.aggs.Update(key, bpf.MapguardAggVal{Muted: 1}, ebpf.UpdateExist); err != nil {
-					u.log.V(1).Info("mute call site", "error", err.Error())
+				if h.Kind == decode.NestedMapMiss {
+					key.Site |= aggNested
 				}
-				u.aggSeen[key] = 0
+				u.muteAgg(key)
 			}
 			return
 		}
@@ -786,11 +806,25 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) {
 		}
 		return
 	}
+	if ev.Kind == decode.NestedMapMiss && !u.nestedLocked(h, ev) {
+		// Two reads close together, but the first did not return the
+		// map the second read: a plain nil-map read. Its later
+		// occurrences, counted as nested in BPF, are not reported.
+		ev.Kind, ev.Peer = decode.NilMapRead, nil
+		u.muteAgg(bpf.MapguardAggKey{Site: h.Site | aggNested, Pc: uint64(h.PC)})
+	}
 	if !u.watched[ev.Kind] {
 		return // the canary's site, its kind not watched
 	}
 	if int(h.Site) < len(u.sampled) {
 		ev.Sampled = u.sampled[h.Site].Load()
+	}
+	if decode.IsStatistic(ev.Kind) && int(h.Site) < len(u.sites) {
+		commaOK := u.sites[h.Site].commaOK
+		u.calls.add(h.PC, commaOK, ev, ev.Count, ev.Sampled)
+		if u.statsOnly[ev.Kind] || commaOK {
+			return // an idiom as often as a bug: counted, not an event
+		}
 	}
 	if isDeep(ev.Kind) {
 		if ev.Kind == decode.SharedWriters && u.excluded(ev) {
@@ -867,25 +901,38 @@ func (u *uprobes) flushAggsLocked() {
 	it := u.aggs.Iterate()
 	for it.Next(&key, &val) {
 		seen, _ := u.aggSeen[key] // comma-ok: a plain read that misses would hit our own probe
-		if val.Muted != 0 || val.Count <= seen || int(key.Site) >= len(u.sites) || u.sites[key.Site].flags&siteAgg == 0 {
+		index, kind := key.Site&^aggNested, decode.NestedMapMiss
+		if val.Muted != 0 || val.Count <= seen || int(index) >= len(u.sites) || u.sites[index].flags&siteAgg == 0 {
 			continue // operation counts (deep sites) are read by OpStats
 		}
 		u.aggSeen[key] = val.Count
-		s := u.sites[key.Site]
+		s := u.sites[index]
+		if key.Site&aggNested == 0 {
+			kind = s.kind
+		}
+		if !u.watched[kind] {
+			continue // a site probed for another kind (nested misses)
+		}
 		count, sampled := val.Count-seen, false
 		if u.gov != nil {
 			// A sampled site's counts are scaled by the time it was
 			// attached: an estimate, and the event says so.
 			var f float64
-			f, sampled = u.gov.scale(now, int(key.Site))
+			f, sampled = u.gov.scale(now, int(index))
 			count = uint64(float64(count)*f + 0.5)
 		}
-		u.aggRaw = decode.Record(u.aggRaw, s.kind, key.Site, 0, uint64(clock.Mono), count, []uintptr{uintptr(key.Pc)}, "")
+		u.aggRaw = decode.Record(u.aggRaw, kind, index, 0, uint64(clock.Mono), count, []uintptr{uintptr(key.Pc)}, "")
 		if err := u.decoder.Decode(u.aggRaw, &ev); err != nil {
 			continue
 		}
 		ev.Time = clock.Wall
 		ev.Sampled = sampled
+		if decode.IsStatistic(ev.Kind) {
+			u.calls.add(uintptr(key.Pc), s.commaOK, &ev, count, sampled)
+			if u.statsOnly[ev.Kind] || s.commaOK {
+				continue
+			}
+		}
 		u.sink(&ev)
 	}
 	if err := it.Err(); err != nil {
@@ -933,6 +980,7 @@ func (u *uprobes) Stats() Stats {
 	now := time.Now()
 	st := Stats{Inactive: append([]Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
 		Budget: u.budgetStatsLocked(now)}
+	st.CallSites, st.CallSitesOverflow = u.calls.snapshot()
 	if u.coll != nil {
 		u.readCounters()
 	}
@@ -1136,4 +1184,29 @@ func newClock() (decode.Clock, error) {
 		return decode.Clock{}, fmt.Errorf("read monotonic clock: %w", err)
 	}
 	return decode.Clock{Wall: time.Now(), Mono: ts.Nano()}, nil
+}
+
+// muteAgg makes the kernel count a call site's aggregate from now on
+// without it ever being reported.
+func (u *uprobes) muteAgg(key bpf.MapguardAggKey) {
+	if err := u.aggs.Update(key, bpf.MapguardAggVal{Muted: 1}, ebpf.UpdateExist); err != nil {
+		u.log.V(1).Info("mute call site", "error", err.Error())
+	}
+	u.aggSeen[key] = 0
+}
+
+// nestedLocked reports whether a nested-map miss is one: the outer read
+// (ev.Peer's site, whose map type the call site passes as a constant) is of
+// a map whose elements are maps of the inner read's type. Without the
+// outer type it trusts the kernel's pairing (a miss, then a nil-map read
+// of the same goroutine a few instructions later).
+func (u *uprobes) nestedLocked(h decode.Header, ev *decode.Event) bool {
+	if ev.Peer == nil || h.Typ == 0 {
+		return false
+	}
+	outer := callSiteType(u.offsets, ev.Peer.Site.PC)
+	if outer == 0 {
+		return true
+	}
+	return rt.MapElem(outer) == h.Typ
 }

@@ -59,6 +59,7 @@ func TestWireMatchesBPF(t *testing.T) {
 		bpf.MapguardMgKindMG_KIND_MISSING_KEY_DELETE: decode.MissingKeyDelete,
 		bpf.MapguardMgKindMG_KIND_NIL_MAP_DELETE:     decode.NilMapDelete,
 		bpf.MapguardMgKindMG_KIND_SHARED_WRITERS:     decode.SharedWriters,
+		bpf.MapguardMgKindMG_KIND_NESTED_MAP_MISS:    decode.NestedMapMiss,
 	} {
 		if uint32(c) != uint32(k) {
 			t.Errorf("BPF kind %d is decode kind %v (%d)", c, k, k)

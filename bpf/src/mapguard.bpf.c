@@ -128,6 +128,16 @@ struct {
 	__type(value, __u64);
 } goid_map SEC(".maps");
 
+// The last miss of each goroutine (MG_KIND_MISSING_KEY_READ and
+// MG_KIND_NIL_MAP_READ sites), for nested-map misses: m[a][b] with a
+// missing is a miss, then a nil-map read a few instructions later.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct last_miss);
+} last_misses SEC(".maps");
+
 // Room to build one record: it is too large for the BPF stack.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -514,7 +524,26 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 
 	__u64 pc0 = (flags & MG_SITE_FRAMED) ? read_u64(ctx->rbp + 8) : read_u64(ctx->rsp);
 	__u8 ev_kind = conf->kind;
+	__u32 agg_site = index;
 	__u64 peer_goid = 0, peer_pc = 0;
+
+	// A nil-map read just after the same goroutine's miss, in the same
+	// expression, is the inner read of m[a][b]: a nested-map miss.
+	if (!deep && (conf->kind == MG_KIND_MISSING_KEY_READ || conf->kind == MG_KIND_NIL_MAP_READ)) {
+		if (conf->kind == MG_KIND_NIL_MAP_READ) {
+			struct last_miss *lm = bpf_map_lookup_elem(&last_misses, &goid);
+			if (lm && pc0 > lm->pc && pc0 - lm->pc <= MG_NESTED_SPAN) {
+				// User space checks that the outer map's elements are
+				// maps of this type (peer_pc is the outer read).
+				ev_kind = MG_KIND_NESTED_MAP_MISS;
+				agg_site = index | MG_AGG_NESTED;
+				peer_goid = goid;
+				peer_pc = lm->pc;
+			}
+		}
+		struct last_miss now_miss = {.pc = pc0};
+		bpf_map_update_elem(&last_misses, &goid, &now_miss, 0);
+	}
 	struct pending_delete pd = {};
 
 	// Deep sites: counts, writers and deletes; most hits end here.
@@ -568,7 +597,7 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 
 	// One event per call site, then counts: the caller's PC is the key.
 	if (!deep && (flags & MG_SITE_AGG)) {
-		struct agg_key key = {.site = index};
+		struct agg_key key = {.site = agg_site};
 		key.pc = pc0;
 		struct agg_val *v = bpf_map_lookup_elem(&aggs, &key);
 		if (v) {

@@ -68,6 +68,20 @@ enum mg_kind {
 	MG_KIND_MISSING_KEY_DELETE = 9,
 	MG_KIND_NIL_MAP_DELETE = 10,
 	MG_KIND_SHARED_WRITERS = 11,
+	MG_KIND_NESTED_MAP_MISS = 12,
+};
+
+// Aggregates of nested-map misses are keyed by their nil-read site's index
+// with this bit set, apart from that site's nil-map reads.
+#define MG_AGG_NESTED 0x80000000
+
+// How far after a miss (in code bytes, in the same function) a nil-map read
+// by the same goroutine is the inner read of m[a][b].
+#define MG_NESTED_SPAN 96
+
+// The last miss (or nil-map read) of a goroutine, for nested-map misses.
+struct last_miss {
+	__u64 pc;
 };
 
 // Where a delete site finds the key (site_conf.key_mode).

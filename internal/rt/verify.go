@@ -197,3 +197,15 @@ func TypeString(typ uintptr) string {
 	(*eface)(unsafe.Pointer(&v)).typ = *(*unsafe.Pointer)(unsafe.Pointer(&typ))
 	return reflect.TypeOf(v).String()
 }
+
+// MapElem returns the element type of the map type at typ, 0 if its
+// elements are not maps. typ must be a live map type.
+func MapElem(typ uintptr) uintptr {
+	var v any
+	(*eface)(unsafe.Pointer(&v)).typ = *(*unsafe.Pointer)(unsafe.Pointer(&typ))
+	e := reflect.TypeOf(v).Elem()
+	if e.Kind() != reflect.Map {
+		return 0
+	}
+	return uintptr(TypeOf(reflect.Zero(e).Interface()))
+}

@@ -96,7 +96,8 @@ var provocations = []struct {
 	kinds []mapguard.Kind
 }{
 	{nilWrite, []mapguard.Kind{mapguard.NilMapWrite}},
-	{nestedRead, []mapguard.Kind{mapguard.MissingKeyRead, mapguard.NilMapRead}},
+	{nestedRead, []mapguard.Kind{mapguard.MissingKeyRead, mapguard.NestedMapMiss}},
+	{nilRead, []mapguard.Kind{mapguard.NilMapRead}},
 	{unhashable, []mapguard.Kind{mapguard.UnhashableKey}},
 	{grow, []mapguard.Kind{mapguard.MapGrowth}},
 	{bloat, []mapguard.Kind{mapguard.MapBloat}},
@@ -132,6 +133,13 @@ func nestedRead() (line int) {
 	users := map[string]map[int64]bool{"alice": {1: true}}
 	line = here() + 1
 	sink = users["bob"][1]
+	return line
+}
+
+func nilRead() (line int) {
+	var counts map[string]int
+	line = here() + 1
+	sink = counts["x"]
 	return line
 }
 
