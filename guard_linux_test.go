@@ -309,7 +309,7 @@ func TestRealSelfExclusion(t *testing.T) {
 // site is then sampled in short windows, and its counts keep arriving,
 // scaled and marked Sampled, while the storm goes on.
 func TestRealSampling(t *testing.T) {
-	g := startReal(t, mapguard.Options{})
+	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.MissingKeyRead}})
 	events := g.Events()
 	m := map[string]int{"here": 1}
 	var misses atomic.Int64
