@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -331,5 +332,73 @@ func TestRealBudget(t *testing.T) {
 	}
 	if len(g.OpStats()) == 0 {
 		t.Error("no operations counted")
+	}
+}
+
+// A flood of deep events (missing-key deletes) never drops a default
+// kind's event: deep kinds have their own kernel ring buffer and dispatch
+// queue, and every drop is counted per kind.
+func TestRealDeepCannotCrowdOut(t *testing.T) {
+	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.MissingKeyDelete}, Budget: 1, BufferSize: 128})
+	var writes atomic.Int64
+	g.OnEvent(func(ev mapguard.Event) {
+		if ev.Kind == mapguard.NilMapWrite && strings.HasSuffix(ev.Site.File, "deep_linux_test.go") {
+			writes.Add(1)
+		}
+		time.Sleep(100 * time.Microsecond) // a slow consumer
+	})
+	stop := make(chan struct{})
+	flooded := make(chan struct{})
+	go func() {
+		defer close(flooded)
+		m := map[int]int{1: 1}
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			for i := 0; i < 1000; i++ {
+				delete(m, -1) // a missing-key delete: a deep event each
+			}
+		}
+	}()
+	const n = 50
+	for i := 0; i < n; i++ {
+		func() {
+			defer func() { recover() }()
+			var m map[string]int
+			m["k"] = i // a nil-map write
+		}()
+		time.Sleep(2 * time.Millisecond)
+	}
+	close(stop)
+	<-flooded
+	deadline := time.Now().Add(10 * time.Second)
+	for writes.Load() < n && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	st := g.Stats()
+	if writes.Load() != n {
+		for _, s := range st.Sites {
+			if s.Kind == mapguard.NilMapWrite && s.Hits > 0 {
+				t.Logf("%+v", s)
+			}
+		}
+		t.Errorf("%d of %d nil-map writes delivered", writes.Load(), n)
+	}
+	t.Logf("drops by kind: %v; events: %v", st.DroppedByKind, st.Events)
+	if st.DroppedByKind[mapguard.NilMapWrite] != 0 {
+		t.Errorf("%d nil-map writes dropped under a deep flood", st.DroppedByKind[mapguard.NilMapWrite])
+	}
+	if st.DroppedByKind[mapguard.MissingKeyDelete] == 0 {
+		t.Errorf("the flood dropped nothing: the test did not flood")
+	}
+	var sum uint64
+	for _, n := range st.DroppedByKind {
+		sum += n
+	}
+	if sum != st.Dropped {
+		t.Errorf("drops by kind sum to %d, Dropped is %d", sum, st.Dropped)
 	}
 }

@@ -566,7 +566,7 @@ func misuseNilRead() int {
 // names, so that leak checkers can be told to ignore them.
 func TestRealGoroutineFunctions(t *testing.T) {
 	testutil.RequirePrivileged(t)
-	g, _ := mapguard.New(mapguard.Options{})
+	g, _ := mapguard.New(mapguard.Options{Detect: []mapguard.Kind{mapguard.SharedWriters}}) // every goroutine: deep too
 	if err := g.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -223,8 +223,12 @@ type Stats struct {
 	// Events counts delivered-or-dropped events per kind, as they left the
 	// kernel.
 	Events map[Kind]uint64
-	// Dropped is the sum of the three drop counters below.
-	Dropped uint64
+	// Dropped is the sum of the three drop counters below, and
+	// DroppedByKind the same drops per kind (a kernel drop counts for the
+	// kind of its probe site). Deep kinds have a kernel ring buffer of
+	// their own, so a flood of them never drops a default kind's event.
+	Dropped       uint64
+	DroppedByKind map[Kind]uint64
 	// DroppedKernel counts events lost because the kernel ring buffer was
 	// full.
 	DroppedKernel uint64
@@ -283,12 +287,14 @@ type Guard struct {
 	stopCtx     func() bool
 
 	queue     chan Event // reader -> dispatcher
+	deepQueue chan Event // the same for deep kinds, so that they cannot crowd out the others
 	done      chan struct{}
 	dispGoid  uint64
 	abandoned atomic.Bool // Close stopped waiting for a blocked callback
 	callbacks atomic.Pointer[[]func(Event)]
 
 	perKind        [256]atomic.Uint64
+	droppedKind    [256]atomic.Uint64 // queue and channel drops, per kind
 	droppedQueue   atomic.Uint64
 	droppedChannel atomic.Uint64
 	callbackPanics atomic.Uint64
@@ -445,11 +451,12 @@ func (g *Guard) Start(ctx context.Context) error {
 	defer cancel()
 	g.starting, g.cancelStart, g.startDone = true, cancel, make(chan struct{})
 	g.queue = make(chan Event, g.opts.BufferSize)
+	g.deepQueue = make(chan Event, g.opts.BufferSize)
 	g.done = make(chan struct{})
 	g.delivering = true
 	g.abandoned.Store(false)
 	goid := make(chan uint64)
-	go g.dispatch(g.queue, g.done, goid)
+	go g.dispatch(g.queue, g.deepQueue, g.done, goid)
 	g.dispGoid = <-goid
 	p := g.newProbe()
 	g.mu.Unlock()
@@ -477,7 +484,8 @@ func (g *Guard) Start(ctx context.Context) error {
 			err = ErrClosed // cancelled by Close, not by the caller
 		}
 		close(g.queue) // no more sink calls: the probe is torn down
-		g.mu.Unlock()  // the dispatcher takes g.mu on its way out
+		close(g.deepQueue)
+		g.mu.Unlock() // the dispatcher takes g.mu on its way out
 		<-g.done
 		g.mu.Lock()
 		g.log.V(4).Info("guard start refused", "error", err.Error())
@@ -492,17 +500,22 @@ func (g *Guard) Start(ctx context.Context) error {
 // sink runs on the probe's reader goroutine and must not block.
 func (g *Guard) sink(ev *Event) {
 	g.perKind[ev.Kind].Add(1)
+	q := g.queue
+	if decode.IsDeep(ev.Kind) {
+		q = g.deepQueue
+	}
 	select {
-	case g.queue <- *ev:
+	case q <- *ev:
 	default:
 		g.droppedQueue.Add(1)
+		g.droppedKind[ev.Kind].Add(1)
 	}
 }
 
 // dispatch delivers queued events to the Events channel and the callbacks,
-// on a goroutine of its own that the probe ignores. It returns when queue
-// is closed and drained.
-func (g *Guard) dispatch(queue <-chan Event, done chan<- struct{}, goid chan<- uint64) {
+// on a goroutine of its own that the probe ignores, the default kinds'
+// queue first. It returns when both queues are closed and drained.
+func (g *Guard) dispatch(queue, deep <-chan Event, done chan<- struct{}, goid chan<- uint64) {
 	defer close(done)
 	defer func() {
 		g.mu.Lock()
@@ -513,7 +526,31 @@ func (g *Guard) dispatch(queue <-chan Event, done chan<- struct{}, goid chan<- u
 		g.mu.Unlock()
 	}()
 	goid <- rt.GoID()
-	for ev := range queue {
+	for queue != nil || deep != nil {
+		var (
+			ev Event
+			ok bool
+		)
+		select {
+		case ev, ok = <-queue:
+			if !ok {
+				queue = nil
+				continue
+			}
+		default:
+			select {
+			case ev, ok = <-queue:
+				if !ok {
+					queue = nil
+					continue
+				}
+			case ev, ok = <-deep:
+				if !ok {
+					deep = nil
+					continue
+				}
+			}
+		}
 		if g.abandoned.Load() {
 			continue // Close has returned: drain without delivering
 		}
@@ -523,6 +560,7 @@ func (g *Guard) dispatch(queue <-chan Event, done chan<- struct{}, goid chan<- u
 			case g.events <- ev:
 			default:
 				g.droppedChannel.Add(1)
+				g.droppedKind[ev.Kind].Add(1)
 			}
 		}
 		g.mu.Unlock()
@@ -620,9 +658,18 @@ func (g *Guard) Stats() Stats {
 
 		CallSitesOverflow: ps.CallSitesOverflow,
 	}
+	st.DroppedByKind = make(map[Kind]uint64)
 	for _, k := range decode.Kinds() {
 		if n := g.perKind[k].Load(); n > 0 {
 			st.Events[k] = n
+		}
+		if n := g.droppedKind[k].Load(); n > 0 {
+			st.DroppedByKind[k] = n
+		}
+	}
+	for _, s := range st.Sites {
+		if s.Dropped > 0 {
+			st.DroppedByKind[s.Kind] += s.Dropped
 		}
 	}
 	st.Dropped = st.DroppedKernel + st.DroppedQueue + st.DroppedChannel
@@ -673,13 +720,14 @@ func (g *Guard) Close() error {
 	if g.stopCtx != nil {
 		g.stopCtx()
 	}
-	p, queue, done := g.probe, g.queue, g.done
+	p, queue, deepQueue, done := g.probe, g.queue, g.deepQueue, g.done
 	g.mu.Unlock()
 
 	var err error
 	if started {
 		err = p.Close() // no more sink calls after this
 		close(queue)
+		close(deepQueue)
 		if rt.GoID() != g.dispGoid {
 			select {
 			case <-done:
@@ -715,5 +763,6 @@ func GoroutineFunctions() []string {
 		"github.com/mapguard/mapguard.(*Guard).dispatch",
 		"github.com/mapguard/mapguard/probe.(*uprobes).run",
 		"github.com/mapguard/mapguard/probe.(*uprobes).runWaker",
+		"github.com/mapguard/mapguard/probe.(*uprobes).runDeep",
 	}
 }

@@ -132,6 +132,7 @@ type MapguardWriters struct {
 const (
 	MapguardMapAggs                  = "aggs"
 	MapguardMapCrashes               = "crashes"
+	MapguardMapDeepEvents            = "deep_events"
 	MapguardMapDeletes               = "deletes"
 	MapguardMapEvents                = "events"
 	MapguardMapGoidMap               = "goid_map"
@@ -229,6 +230,7 @@ type MapguardProgramSpecs struct {
 type MapguardMapSpecs struct {
 	Aggs         *ebpf.MapSpec `ebpf:"aggs"`
 	Crashes      *ebpf.MapSpec `ebpf:"crashes"`
+	DeepEvents   *ebpf.MapSpec `ebpf:"deep_events"`
 	Deletes      *ebpf.MapSpec `ebpf:"deletes"`
 	Events       *ebpf.MapSpec `ebpf:"events"`
 	GoidMap      *ebpf.MapSpec `ebpf:"goid_map"`
@@ -298,6 +300,7 @@ func (o *MapguardObjects) Close() error {
 type MapguardMaps struct {
 	Aggs         *ebpf.Map `ebpf:"aggs"`
 	Crashes      *ebpf.Map `ebpf:"crashes"`
+	DeepEvents   *ebpf.Map `ebpf:"deep_events"`
 	Deletes      *ebpf.Map `ebpf:"deletes"`
 	Events       *ebpf.Map `ebpf:"events"`
 	GoidMap      *ebpf.Map `ebpf:"goid_map"`
@@ -315,6 +318,7 @@ func (m *MapguardMaps) Close() error {
 	return _MapguardClose(
 		m.Aggs,
 		m.Crashes,
+		m.DeepEvents,
 		m.Deletes,
 		m.Events,
 		m.GoidMap,

@@ -213,3 +213,14 @@ func (e Event) String() string {
 func IsStatistic(kind Kind) bool {
 	return kind == MissingKeyRead || kind == NilMapRead
 }
+
+// IsDeep reports whether kind is watched by probing every operation of a
+// kind (opt-in, under the budget): missing-key and nil-map deletes, shared
+// writers.
+func IsDeep(kind Kind) bool {
+	switch kind {
+	case MissingKeyDelete, NilMapDelete, SharedWriters:
+		return true
+	}
+	return false
+}

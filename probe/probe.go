@@ -29,8 +29,9 @@ var (
 	ErrClosed = errors.New("closed")
 )
 
-// Sink receives events. It is called from one goroutine at a time and must
-// not block; ev is only valid during the call.
+// Sink receives events. It must not block, and must be safe to call from
+// several goroutines at once (the eBPF probe delivers deep events from a
+// reader of their own); ev is only valid during the call.
 type Sink func(ev *decode.Event)
 
 // Probe watches map operations and reports them to a Sink.

@@ -245,16 +245,9 @@ func missBlocks(code []byte, entry uint64, callee func(uint64) string) ([]found,
 	return fs, nil
 }
 
-// isDeep reports whether kind probes every operation of a kind: opt-in,
-// under the budget. A switch, not a map: the reader calls it per event, and
-// a map read that misses would hit mapguard's own probes.
-func isDeep(kind decode.Kind) bool {
-	switch kind {
-	case decode.MissingKeyDelete, decode.NilMapDelete, decode.SharedWriters:
-		return true
-	}
-	return false
-}
+// isDeep is decode.IsDeep: a switch, not a map, since the reader calls it
+// per event and a map read that misses would hit mapguard's own probes.
+func isDeep(kind decode.Kind) bool { return decode.IsDeep(kind) }
 
 // Op is a kind of map operation, for operation statistics.
 type Op uint8

@@ -103,7 +103,10 @@ type uprobes struct {
 	deep        bool // deep sites were chosen
 	wakeReader  *ringbuf.Reader
 	wakeDone    chan struct{}
-	wakeAt      time.Time       // the waker's deadline
+	wakeAt      time.Time // the waker's deadline
+	deepReader  *ringbuf.Reader
+	deepDone    chan struct{}
+	deepDecoder *decode.Decoder // the deep reader's own
 	statsDec    *decode.Decoder // OpStats' own decoder, under mu
 	lastDropped uint64
 	stopping    bool // teardown has begun
@@ -216,6 +219,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		dcfg.MissScope = &miss
 	}
 	u.decoder = decode.NewDecoder(dcfg)
+	u.deepDecoder = decode.NewDecoder(dcfg)
 	if u.crashes != nil {
 		u.own, err = newOwnBinary(bin, offsets, clock)
 		if err == nil {
@@ -237,6 +241,14 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	go u.run(ready)
 	if err := <-ready; err != nil {
 		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
+	}
+	if u.deepReader != nil {
+		u.deepDone = make(chan struct{})
+		ready := make(chan error, 1)
+		go u.runDeep(ready)
+		if err := <-ready; err != nil {
+			return fmt.Errorf("start probe: ignore deep reader goroutine: %w", err)
+		}
 	}
 	if err := u.startWakerLocked(); err != nil {
 		return fmt.Errorf("start probe: waker: %w", err)
@@ -585,6 +597,9 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		}
 	}
 	spec.Maps[bpf.MapguardMapEvents].MaxEntries = ringSize(u.cfg.bufferSize())
+	if u.deep {
+		spec.Maps[bpf.MapguardMapDeepEvents].MaxEntries = ringSize(u.cfg.bufferSize())
+	}
 	if !u.deep {
 		delete(spec.Programs, bpf.MapguardProgMapguardDeep)
 	}
@@ -641,6 +656,11 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	u.reader, err = ringbuf.NewReader(coll.Maps[bpf.MapguardMapEvents])
 	if err != nil {
 		return fmt.Errorf("start probe: %w", err)
+	}
+	if u.deep {
+		if u.deepReader, err = ringbuf.NewReader(coll.Maps[bpf.MapguardMapDeepEvents]); err != nil {
+			return fmt.Errorf("start probe: %w", err)
+		}
 	}
 	return nil
 }
@@ -768,14 +788,43 @@ func (u *uprobes) run(ready chan<- error) {
 	}
 }
 
-func (u *uprobes) handle(raw []byte, ev *decode.Event) {
+// runDeep drains the deep sites' ring buffer, on a goroutine of its own
+// (ignored like the reader), so that deep events never crowd out the
+// default ones. Its name is in mapguard.GoroutineFunctions.
+func (u *uprobes) runDeep(ready chan<- error) {
+	defer close(u.deepDone)
+	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
+	var (
+		rec ringbuf.Record
+		ev  decode.Event
+	)
+	for {
+		u.deepReader.SetDeadline(time.Now().Add(pollInterval))
+		err := u.deepReader.ReadInto(&rec)
+		switch {
+		case err == nil:
+			u.handleWith(u.deepDecoder, rec.RawSample, &ev)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+		default:
+			return // flushed at Close, or closed
+		}
+	}
+}
+
+// handle decodes and delivers one record of the always-on sites, on the
+// reader goroutine.
+func (u *uprobes) handle(raw []byte, ev *decode.Event) { u.handleWith(u.decoder, raw, ev) }
+
+// handleWith decodes with dec, which only the calling goroutine uses (the
+// reader's, or the deep reader's own), and delivers.
+func (u *uprobes) handleWith(dec *decode.Decoder, raw []byte, ev *decode.Event) {
 	h, err := decode.Peek(raw)
 	if err != nil {
 		u.log.Error(err, "bad record")
 		return
 	}
 
-	if err := u.decoder.Decode(raw, ev); err != nil {
+	if err := dec.Decode(raw, ev); err != nil {
 		owned := errors.Is(err, decode.ErrRuntimeOwned) || errors.Is(err, decode.ErrStdlib)
 		if owned || errors.Is(err, decode.ErrOutOfScope) {
 			if int(h.Site) >= len(u.sites) {
@@ -1070,6 +1119,16 @@ func (u *uprobes) teardownLocked() {
 			u.mu.Lock()
 		}
 		u.wakeReader, u.wakeDone = nil, nil
+	}
+	if u.deepReader != nil {
+		if u.deepDone != nil {
+			u.deepReader.Flush()
+			u.mu.Unlock()
+			<-u.deepDone
+			u.mu.Lock()
+		}
+		u.deepReader.Close()
+		u.deepReader, u.deepDone = nil, nil
 	}
 	if u.reader != nil {
 		if u.done != nil {

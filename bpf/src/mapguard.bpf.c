@@ -159,6 +159,12 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
+// The deep sites' events, apart (the loader sizes it like events).
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} deep_events SEC(".maps");
+
 // Keep the record types in BTF so bpf2go generates Go declarations for them.
 const struct event *unused_event __attribute__((unused));
 const enum mg_kind *unused_kind __attribute__((unused));
@@ -656,7 +662,11 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 		}
 	}
 
-	if (bpf_ringbuf_output(&events, e, sizeof(*e), BPF_RB_NO_WAKEUP) < 0) {
+	// Deep events have a ring of their own: a flood of them never takes
+	// the room of a nil-map write.
+	long err = deep ? bpf_ringbuf_output(&deep_events, e, sizeof(*e), BPF_RB_NO_WAKEUP)
+			: bpf_ringbuf_output(&events, e, sizeof(*e), BPF_RB_NO_WAKEUP);
+	if (err < 0) {
 		__sync_fetch_and_add(&st->dropped, 1);
 		return 0;
 	}
