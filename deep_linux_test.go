@@ -402,3 +402,36 @@ func TestRealDeepCannotCrowdOut(t *testing.T) {
 		t.Errorf("drops by kind sum to %d, Dropped is %d", sum, st.Dropped)
 	}
 }
+
+//go:noinline
+func privateMapWrites(n int) int {
+	m := map[int]int{} // small and not escaping: on this goroutine's stack
+	for i := 0; i < n; i++ {
+		m[i] = i
+	}
+	return len(m)
+}
+
+// Goroutines that run one after another, each with a private map, are
+// not shared writers even when their maps share an address (small maps
+// that do not escape live on the stack): a map's identity includes its
+// random hash seed.
+func TestRealSharedWritersAddressReuse(t *testing.T) {
+	g := startReal(t, mapguard.Options{DetectOnly: true, Detect: []mapguard.Kind{mapguard.SharedWriters}, Budget: 1})
+	events := g.Events()
+	for i := 0; i < 50; i++ {
+		provoke(func() int { return privateMapWrites(4) })
+	}
+	deadline := time.After(time.Second)
+	for {
+		select {
+		case ev := <-events:
+			if strings.Contains(ev.Site.Function, "privateMapWrites") {
+				t.Fatalf("private maps reported as shared: %v", ev)
+			}
+			continue
+		case <-deadline:
+		}
+		break
+	}
+}

@@ -124,6 +124,7 @@ type MapguardWriters struct {
 	Pc       [2]uint64
 	TimeNs   [2]uint64
 	Reported uint64
+	Seed     uint64
 }
 
 // Names of all BPF objects in the ELF.
@@ -157,6 +158,7 @@ const (
 	MapguardVarMapDirLenOffset       = "map_dir_len_offset"
 	MapguardVarMapDirPtrOffset       = "map_dir_ptr_offset"
 	MapguardVarMapGlobalDepthOffset  = "map_global_depth_offset"
+	MapguardVarMapSeedOffset         = "map_seed_offset"
 	MapguardVarMapTypeKeyOffset      = "map_type_key_offset"
 	MapguardVarMapUsedOffset         = "map_used_offset"
 	MapguardVarMaxFrames             = "max_frames"
@@ -258,6 +260,7 @@ type MapguardVariableSpecs struct {
 	MapDirLenOffset       *ebpf.VariableSpec `ebpf:"map_dir_len_offset"`
 	MapDirPtrOffset       *ebpf.VariableSpec `ebpf:"map_dir_ptr_offset"`
 	MapGlobalDepthOffset  *ebpf.VariableSpec `ebpf:"map_global_depth_offset"`
+	MapSeedOffset         *ebpf.VariableSpec `ebpf:"map_seed_offset"`
 	MapTypeKeyOffset      *ebpf.VariableSpec `ebpf:"map_type_key_offset"`
 	MapUsedOffset         *ebpf.VariableSpec `ebpf:"map_used_offset"`
 	MaxFrames             *ebpf.VariableSpec `ebpf:"max_frames"`
@@ -347,6 +350,7 @@ type MapguardVariables struct {
 	MapDirLenOffset       *ebpf.Variable `ebpf:"map_dir_len_offset"`
 	MapDirPtrOffset       *ebpf.Variable `ebpf:"map_dir_ptr_offset"`
 	MapGlobalDepthOffset  *ebpf.Variable `ebpf:"map_global_depth_offset"`
+	MapSeedOffset         *ebpf.Variable `ebpf:"map_seed_offset"`
 	MapTypeKeyOffset      *ebpf.Variable `ebpf:"map_type_key_offset"`
 	MapUsedOffset         *ebpf.Variable `ebpf:"map_used_offset"`
 	MaxFrames             *ebpf.Variable `ebpf:"max_frames"`

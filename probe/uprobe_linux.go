@@ -577,6 +577,7 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	for name, v := range map[string]any{
 		bpf.MapguardVarGoidOffset:            o.GoID,
 		bpf.MapguardVarMapUsedOffset:         o.MapUsed,
+		bpf.MapguardVarMapSeedOffset:         o.MapSeed,
 		bpf.MapguardVarTypeKindOffset:        o.TypeKind,
 		bpf.MapguardVarMaxFrames:             frames,
 		bpf.MapguardVarGrowthThreshold:       u.cfg.growthThreshold(),

@@ -17,6 +17,7 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 // Offsets into runtime structures, verified by the loader before attach.
 volatile const __u64 goid_offset = 0;      // runtime.g.goid
 volatile const __u64 map_used_offset = 0;  // internal/runtime/maps.Map.used
+volatile const __u64 map_seed_offset = 0;  // internal/runtime/maps.Map.seed
 volatile const __u64 type_kind_offset = 0; // internal/abi.Type.Kind_
 // How many return PCs to collect per event, at most MG_MAX_FRAMES.
 volatile const __u32 max_frames = 4;
@@ -437,10 +438,15 @@ static __always_inline int note_writer(__u64 m, __u64 goid, __u64 pc, __u64 now,
 	__u64 *last = bpf_map_lookup_elem(&goid_map, &goid);
 	if (!last || *last != m)
 		bpf_map_update_elem(&goid_map, &goid, &m, 0);
+	// A map's identity is its address and its hash seed: small maps live
+	// on goroutine stacks, so maps of different goroutines share addresses
+	// one after another; each map has its own random seed (clear(m) draws
+	// a new one, which is a new map as far as writers go, too).
+	__u64 seed = read_u64(m + map_seed_offset);
 	struct writers *w = bpf_map_lookup_elem(&map_writers, &m);
-	if (!w) {
-		struct writers fresh = {.goid = {goid, 0}, .pc = {pc, 0}, .time_ns = {now, 0}};
-		bpf_map_update_elem(&map_writers, &m, &fresh, BPF_NOEXIST);
+	if (!w || w->seed != seed) {
+		struct writers fresh = {.goid = {goid, 0}, .pc = {pc, 0}, .time_ns = {now, 0}, .seed = seed};
+		bpf_map_update_elem(&map_writers, &m, &fresh, 0);
 		return 0;
 	}
 	// Two writers may run this at once on two CPUs: the exchange makes

@@ -154,6 +154,7 @@ struct writers {
 	__u64 pc[2];
 	__u64 time_ns[2];
 	__u64 reported;
+	__u64 seed; // the map's hash seed: another map at a reused address has another
 };
 
 // Counters for one site, updated atomically.

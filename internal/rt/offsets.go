@@ -7,6 +7,9 @@ type Offsets struct {
 	GoID uint64
 	// MapUsed is the offset of internal/runtime/maps.Map.used (the entry count).
 	MapUsed uint64
+	// MapSeed is the offset of internal/runtime/maps.Map.seed, random per
+	// map: with the address, a map's identity.
+	MapSeed uint64
 	// MapDirLen, MapGlobalDepth and MapGlobalShift are read only by Verify, to
 	// tell a swiss map header from anything else.
 	MapDirPtr, MapDirLen, MapGlobalDepth, MapGlobalShift uint64

@@ -8,6 +8,7 @@ package rt
 var known = &Offsets{
 	GoID:           152,
 	MapUsed:        0,
+	MapSeed:        8,
 	MapDirPtr:      16,
 	MapDirLen:      24,
 	MapGlobalDepth: 32,

@@ -135,6 +135,18 @@ func verify(o *Offsets) error {
 			return mismatch("map key type size is not %d", c.size)
 		}
 	}
+	// Seeds are random per map: two maps of one type (almost surely)
+	// differ, and a map's seed does not change while it is written.
+	seedSmall := *(*uint64)(unsafe.Add(mapHeader(small), o.MapSeed))
+	seedLarge := *(*uint64)(unsafe.Add(h, o.MapSeed))
+	if seedSmall == seedLarge || seedSmall == 0 {
+		return mismatch("map seeds at +%d read %#x and %#x", o.MapSeed, seedSmall, seedLarge)
+	}
+	large[n] = n
+	if *(*uint64)(unsafe.Add(h, o.MapSeed)) != seedLarge {
+		return mismatch("map seed at +%d changed on a write", o.MapSeed)
+	}
+	delete(large, n)
 	delete(large, 0)
 	if used := *(*uint64)(unsafe.Add(h, o.MapUsed)); used != n-1 {
 		return mismatch("map used after delete = %d, want %d", used, n-1)
