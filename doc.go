@@ -95,7 +95,8 @@
 // Every error Start returns wraps one of ErrNotSupported (platform, kernel
 // or Go version), ErrPermission (capabilities), ErrResourceLimit (a limit
 // such as RLIMIT_NOFILE, named in the message), ErrLayoutMismatch (the
-// runtime did not look as expected, so nothing was attached), ErrStarted,
+// runtime did not look as expected, so nothing was attached), ErrBusy (the
+// process was too busy for the Guard's goroutines to run), ErrStarted,
 // ErrClosed, or the error of Start's context. In every case nothing is
 // left running and the process behaves as if mapguard were not there;
 // Close and Events are safe, and after a refusal Start may be called

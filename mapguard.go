@@ -136,6 +136,10 @@ var (
 	// program holds a file descriptor) or RLIMIT_MEMLOCK on kernels before
 	// 5.11. The message names the limit; raise it and call Start again.
 	ErrResourceLimit = probe.ErrResourceLimit
+	// ErrBusy: the process was too busy (many runnable goroutines) for the
+	// Guard's own goroutines to run within seconds, so its canary event
+	// was recorded but not read; the layout is fine. Start may be retried.
+	ErrBusy = probe.ErrBusy
 	// ErrStarted: Start was called while the Guard was starting or running.
 	ErrStarted = probe.ErrStarted
 	// ErrClosed: the Guard was closed.
@@ -423,7 +427,7 @@ func (g *Guard) newProbe() probe.Probe {
 // Start attaches the probes and begins delivering events. It returns once
 // the probes are live and verified by a canary event, or an error with
 // nothing left running. Every error wraps one of ErrNotSupported,
-// ErrPermission, ErrResourceLimit, ErrLayoutMismatch, ErrStarted,
+// ErrPermission, ErrResourceLimit, ErrLayoutMismatch, ErrBusy, ErrStarted,
 // ErrClosed, or ctx's error (context.Canceled or
 // context.DeadlineExceeded; Start checks ctx between its steps and returns
 // promptly once it is done).

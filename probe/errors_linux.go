@@ -18,7 +18,7 @@ func classify(err error) error {
 	case err == nil,
 		errors.Is(err, ErrNotSupported), errors.Is(err, ErrPermission),
 		errors.Is(err, ErrResourceLimit), errors.Is(err, ErrLayoutMismatch),
-		errors.Is(err, ErrStarted), errors.Is(err, ErrClosed),
+		errors.Is(err, ErrStarted), errors.Is(err, ErrClosed), errors.Is(err, ErrBusy),
 		errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return err
 	case errors.Is(err, unix.EMFILE), errors.Is(err, unix.ENFILE):

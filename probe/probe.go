@@ -23,6 +23,9 @@ var (
 	// ErrResourceLimit: a resource limit (RLIMIT_NOFILE, RLIMIT_MEMLOCK)
 	// stopped the probe from loading.
 	ErrResourceLimit = errors.New("resource limit")
+	// ErrBusy: the process was too busy for the probe's own goroutines to
+	// run in time (the canary event was recorded but not read).
+	ErrBusy = errors.New("process too busy")
 	// ErrStarted: Start was called on a probe that is starting or running.
 	ErrStarted = errors.New("already started")
 	// ErrClosed: the probe was closed.

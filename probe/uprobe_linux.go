@@ -740,6 +740,18 @@ func (u *uprobes) checkCanaryLocked(ctx context.Context) error {
 		}
 		return nil
 	case <-timer.C:
+		// Submitted by the kernel but not read: the Guard's reader did
+		// not get to run (a process busy with many runnable goroutines),
+		// which says nothing about the layout.
+		var c [maxSites]bpf.MapguardSiteStats
+		if u.stats.Get(&c) == nil {
+			for _, s := range u.sites {
+				if s.kind == canaryKind && s.fn.Name == canaryFunc && c[s.index].Events > 0 {
+					return fmt.Errorf("start probe: the canary event was recorded but not read within %v: the process is too busy for the Guard's reader to run: %w",
+						canaryTimeout, ErrBusy)
+				}
+			}
+		}
 		return fmt.Errorf("start probe: canary event did not arrive within %v: %w", canaryTimeout, ErrLayoutMismatch)
 	case <-ctx.Done():
 		return fmt.Errorf("start probe: %w", ctx.Err())
