@@ -104,9 +104,9 @@ func TestBuildMatrix(t *testing.T) {
 				t.Logf("%s refused with a typed error: %s", res.GoVersion, res.Error)
 				return
 			}
-			wantKinds := []string{"nil-map-write", "missing-key-read", "nil-map-read", "unhashable-key", "map-growth", "map-bloat",
+			wantKinds := []string{"nil-map-write", "missing-key-read", "nil-map-read", "missing-key-read", "unhashable-key", "map-growth", "map-bloat",
 				"missing-key-delete", "nil-map-delete", "shared-writers"}
-			wantTypes := []string{"map[string]int", "map[string]map[int64]bool", "map[int64]bool", "map[interface {}]int", "map[int64]int64", "map[int64]int64",
+			wantTypes := []string{"map[string]int", "map[string]map[int64]bool", "map[int64]bool", "map[int64]string", "map[interface {}]int", "map[int64]int64", "map[int64]int64",
 				"map[string]int", "map[int64]bool", "map[int32]int"}
 			if len(res.Events) != len(wantKinds) {
 				t.Fatalf("%d events, want %d: %+v", len(res.Events), len(wantKinds), res)
