@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -169,6 +171,10 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	}
 	defer bin.Close()
 	if err := u.chooseSites(bin); err != nil {
+		return err
+	}
+	if err := u.checkKinds(); err != nil {
+		u.log.Error(err, "kind not watchable")
 		return err
 	}
 	if err := u.load(offsets); err != nil {
@@ -341,6 +347,53 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 		return u.chooseDeepSites(bin, callee, wraps)
 	}
 	return nil
+}
+
+// checkKinds refuses a kind asked for whose runtime functions are in the
+// binary but none of them has a usable probe site: it would be silently off.
+// A kind none of whose functions are in the binary cannot happen, and one
+// with some sites is watched there (Stats.Inactive lists the rest).
+func (u *uprobes) checkKinds() error {
+	var covered [256]bool
+	for _, s := range u.sites {
+		covered[s.kind] = true
+		covered[decode.NilMapDelete] = covered[decode.NilMapDelete] || s.flags&siteDelNil != 0
+		covered[decode.MissingKeyDelete] = covered[decode.MissingKeyDelete] || s.flags&siteDelIn != 0
+		covered[decode.SharedWriters] = covered[decode.SharedWriters] || s.flags&siteWriter != 0
+	}
+	var msgs []string
+	seen := map[decode.Kind]bool{}
+	for _, in := range u.inactive {
+		if !u.watched[in.Kind] || covered[in.Kind] || seen[in.Kind] || in.Reason == "not in binary" {
+			continue
+		}
+		seen[in.Kind] = true
+		msgs = append(msgs, fmt.Sprintf("%s (%s: %s)", in.Kind, in.Function, in.Reason))
+	}
+	if len(msgs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("start probe: no usable probe site in this build (%s) for %s; leave these kinds out of the kinds to watch: %w",
+		buildDesc(), strings.Join(msgs, ", "), ErrNotSupported)
+}
+
+// buildDesc names the Go release and the build settings that change the
+// runtime's code.
+func buildDesc() string {
+	desc := runtime.Version()
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return desc
+	}
+	for _, st := range info.Settings {
+		switch st.Key {
+		case "-gcflags", "-buildmode", "-race", "-asan", "-msan", "GOAMD64", "GOEXPERIMENT":
+			if st.Value != "" && !(st.Key == "-buildmode" && st.Value == "exe") && !(st.Key == "GOAMD64" && st.Value == "v1") {
+				desc += " " + st.Key + "=" + st.Value
+			}
+		}
+	}
+	return desc
 }
 
 // wrappers are the map read functions that only call another (Go 1.27's
