@@ -104,6 +104,7 @@ type MapguardSiteConf struct {
 	TypReg  uint8
 	KeyMode uint8
 	Flags   uint32
+	WrapRet [2]uint64
 }
 
 type MapguardSiteStats struct {

@@ -135,6 +135,8 @@ const (
 	siteDelNil  = 2048
 	siteDelIn   = 4096
 	siteDelDone = 8192
+	siteUnwrap  = 32768
+	siteWrapped = 65536
 
 	// enum mg_key
 	keyNone = 0
@@ -171,6 +173,9 @@ type found struct {
 	at             symbols.Site
 	flags          uint32
 	mapReg, typReg uint8
+	// wrapRet are the return addresses of the calls by wrappers, for
+	// siteUnwrap (see findWrappers).
+	wrapRet [2]uint64
 }
 
 // target lists runtime functions probed for one kind and how the probe
@@ -190,7 +195,7 @@ func one(f siteFinder, flags uint32, mapReg, typReg uint8) func([]byte, uint64, 
 		if err != nil {
 			return nil, err
 		}
-		return []found{{at, flags, mapReg, typReg}}, nil
+		return []found{{at: at, flags: flags, mapReg: mapReg, typReg: typReg}}, nil
 	}
 }
 
@@ -216,14 +221,14 @@ func calls(fn string, flags uint32, mapReg, typReg uint8) func([]byte, uint64, f
 		}
 		fs := make([]found, len(sites))
 		for i, at := range sites {
-			fs[i] = found{at, flags, mapReg, typReg}
+			fs[i] = found{at: at, flags: flags, mapReg: mapReg, typReg: typReg}
 		}
 		return fs, nil
 	}
 }
 
-// missBlocks finds every block of a mapaccess1 function that returns the
-// zero value. The nil-or-empty block is reported only for an empty map (a
+// missBlocks finds every block of a mapaccess1 function (or of the
+// mapaccess2 it wraps) that returns the zero value. The nil-or-empty block is reported only for an empty map (a
 // nil one is NilMapRead); the map and its type are only known there.
 func missBlocks(code []byte, entry uint64, callee func(uint64) string) ([]found, error) {
 	nilAt, err := symbols.NilMapSite(code, entry, symbols.MapAccess, callee)
@@ -237,9 +242,9 @@ func missBlocks(code []byte, entry uint64, callee func(uint64) string) ([]found,
 	fs := make([]found, len(sites))
 	for i, at := range sites {
 		if at.Offset == nilAt.Offset {
-			fs[i] = found{at, siteAgg | siteNonNil, regBX, regAX}
+			fs[i] = found{at: at, flags: siteAgg | siteNonNil, mapReg: regBX, typReg: regAX}
 		} else {
-			fs[i] = found{at, siteAgg, regNone, regNone}
+			fs[i] = found{at: at, flags: siteAgg, mapReg: regNone, typReg: regNone}
 		}
 	}
 	return fs, nil
@@ -361,7 +366,9 @@ var targets = map[decode.Kind][]target{
 			"internal/runtime/maps.(*table).split",
 		},
 	}},
-	// Only the single-value reads: mapaccess2 is the comma-ok form.
+	// Only the single-value reads: mapaccess2 is the comma-ok form. Where
+	// mapaccess1 only wraps mapaccess2 (Go 1.27), the sites are in
+	// mapaccess2 and report only its calls by the wrapper (findWrappers).
 	decode.MissingKeyRead: {{
 		find: missBlocks,
 		funcs: []string{

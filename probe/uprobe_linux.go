@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -182,6 +184,10 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	if err := u.chooseSites(bin); err != nil {
 		return err
 	}
+	if err := u.checkKinds(); err != nil {
+		u.log.Error(err, "kind not watchable")
+		return err
+	}
 	perSite := 1 // a uprobe_multi link
 	if !u.multi {
 		perSite = 2 // a perf event and its link
@@ -342,8 +348,21 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 		t.funcs = []string{canaryFunc}
 		wants = append(wants, want{canaryKind, t})
 	}
+	wraps := findWrappers(bin, callee)
 	for _, w := range wants {
 		for _, name := range w.t.funcs {
+			var flags uint32
+			var wrapRet [2]uint64
+			if wr, ok := wraps.wrapper[name]; ok {
+				// Go 1.27: a plain read's misses and nil maps are seen in
+				// the function it wraps, through its return address.
+				if w.kind != decode.MissingKeyRead {
+					continue // a nil map is seen in the target (NilMapRead probes it)
+				}
+				name, flags, wrapRet = wr, siteUnwrap|siteWrapped, wraps.rets[wr]
+			} else if rets, ok := wraps.rets[name]; ok {
+				flags, wrapRet = siteUnwrap, rets
+			}
 			fn, ok := bin.Func(name)
 			if !ok {
 				u.inactive = append(u.inactive, Inactive{w.kind, name, "not in binary"})
@@ -366,8 +385,9 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 				if f.at.Framed {
 					f.flags |= siteFramed
 				}
-				u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: w.kind, fn: fn, found: f,
-					commaOK: strings.HasPrefix(fn.Name, "runtime.mapaccess2")})
+				f.flags |= flags
+				f.wrapRet = wrapRet
+				u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: w.kind, fn: fn, found: f})
 			}
 		}
 	}
@@ -375,15 +395,122 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 		u.deep = true
 	}
 	if u.deep {
-		return u.chooseDeepSites(bin, callee)
+		return u.chooseDeepSites(bin, callee, wraps)
 	}
 	return nil
 }
 
+// checkKinds refuses a kind asked for whose runtime functions are in the
+// binary but none of them has a usable probe site: it would be silently off.
+// A kind none of whose functions are in the binary cannot happen, and one
+// with some sites is watched there (Stats.Inactive lists the rest).
+func (u *uprobes) checkKinds() error {
+	var covered [256]bool
+	for _, s := range u.sites {
+		covered[s.kind] = true
+		covered[decode.NilMapDelete] = covered[decode.NilMapDelete] || s.flags&siteDelNil != 0
+		covered[decode.MissingKeyDelete] = covered[decode.MissingKeyDelete] || s.flags&siteDelIn != 0
+		covered[decode.SharedWriters] = covered[decode.SharedWriters] || s.flags&siteWriter != 0
+	}
+	var msgs []string
+	seen := map[decode.Kind]bool{}
+	for _, in := range u.inactive {
+		if !u.watched[in.Kind] || covered[in.Kind] || seen[in.Kind] || in.Reason == "not in binary" {
+			continue
+		}
+		seen[in.Kind] = true
+		msgs = append(msgs, fmt.Sprintf("%s (%s: %s)", in.Kind, in.Function, in.Reason))
+	}
+	if len(msgs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("start probe: no usable probe site in this build (%s) for %s; leave these kinds out of the kinds to watch: %w",
+		buildDesc(), strings.Join(msgs, ", "), ErrNotSupported)
+}
+
+// buildDesc names the Go release and the build settings that change the
+// runtime's code.
+func buildDesc() string {
+	desc := runtime.Version()
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return desc
+	}
+	for _, st := range info.Settings {
+		switch st.Key {
+		case "-gcflags", "-buildmode", "-race", "-asan", "-msan", "GOAMD64", "GOEXPERIMENT":
+			if st.Value != "" && !(st.Key == "-buildmode" && st.Value == "exe") && !(st.Key == "GOAMD64" && st.Value == "v1") {
+				desc += " " + st.Key + "=" + st.Value
+			}
+		}
+	}
+	return desc
+}
+
+// wrappers are the map read functions that only call another (Go 1.27's
+// runtime.mapaccess1* call mapaccess2*), found by decoding them.
+type wrappers struct {
+	wrapper map[string]string    // wrapper -> the function it calls
+	rets    map[string][2]uint64 // that function -> the runtime return addresses of its calls by wrappers
+}
+
+// readPairs are the plain and comma-ok forms of each map read.
+var readPairs = [][2]string{
+	{"runtime.mapaccess1", "runtime.mapaccess2"},
+	{"runtime.mapaccess1_fast32", "runtime.mapaccess2_fast32"},
+	{"runtime.mapaccess1_fast64", "runtime.mapaccess2_fast64"},
+	{"runtime.mapaccess1_faststr", "runtime.mapaccess2_faststr"},
+}
+
+// fatRead is the plain read of large elements; where mapaccess1 wraps
+// mapaccess2, it calls mapaccess2 too, and is a plain read as well.
+const fatRead = "runtime.mapaccess1_fat"
+
+// findWrappers finds which plain reads wrap their comma-ok form. A plain
+// read that is no wrapper (Go 1.25, 1.26) has its own sites; one that wraps
+// something else is left to its own site finder, which refuses it.
+func findWrappers(bin *symbols.Binary, callee func(uint64) string) wrappers {
+	ws := wrappers{wrapper: map[string]string{}, rets: map[string][2]uint64{}}
+	for _, p := range readPairs {
+		fn, ok := bin.Func(p[0])
+		if !ok {
+			continue
+		}
+		code, err := bin.Code(fn)
+		if err != nil {
+			continue
+		}
+		target, ret, err := symbols.WrapperCall(code, fn.Entry, callee)
+		if err != nil || target != p[1] {
+			continue
+		}
+		ws.wrapper[p[0]] = p[1]
+		ws.rets[p[1]] = [2]uint64{fn.Entry + ret + bin.LoadBias()}
+	}
+	if _, ok := ws.wrapper[readPairs[0][0]]; ok {
+		if fn, ok := bin.Func(fatRead); ok {
+			code, err := bin.Code(fn)
+			if err == nil {
+				calls, err := symbols.CallSites(code, fn.Entry, callee, readPairs[0][1])
+				if err == nil && len(calls) == 1 {
+					r := ws.rets[readPairs[0][1]]
+					r[1] = fn.Entry + calls[0].Offset + callLen + bin.LoadBias()
+					ws.rets[readPairs[0][1]] = r
+				}
+			}
+		}
+	}
+	return ws
+}
+
+// callLen is the length of CALL rel32, the only direct call CallSites
+// returns.
+const callLen = 5
+
 // chooseDeepSites adds one site per map entry point after its stack check,
 // flagged for what deep watching was asked for, and the site where a
 // delete's outcome is known.
-func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) string) error {
+func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) string, wraps wrappers) error {
 	add := func(kind decode.Kind, fn symbols.Func, f found, op Op, key uint8) error {
 		if len(u.sites) == calibIndex {
 			return fmt.Errorf("start probe: more than %d sites", calibIndex)
@@ -419,6 +546,16 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 		if flags == 0 {
 			continue
 		}
+		// A wrapper's reads are counted in the function it calls, at its
+		// caller's PC.
+		if _, ok := wraps.wrapper[d.name]; ok {
+			continue
+		}
+		var wrapRet [2]uint64
+		if rets, ok := wraps.rets[d.name]; ok {
+			flags |= siteUnwrap
+			wrapRet = rets
+		}
 		fn, ok := bin.Func(d.name)
 		if !ok {
 			u.inactive = append(u.inactive, Inactive{kind, d.name, "not in binary"})
@@ -433,7 +570,7 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 			u.inactive = append(u.inactive, Inactive{kind, d.name, err.Error()})
 			continue
 		}
-		if err := add(kind, fn, found{at, flags, regBX, regAX}, d.op, d.key); err != nil {
+		if err := add(kind, fn, found{at: at, flags: flags, mapReg: regBX, typReg: regAX, wrapRet: wrapRet}, d.op, d.key); err != nil {
 			return err
 		}
 	}
@@ -454,7 +591,7 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 		u.inactive = append(u.inactive, Inactive{decode.MissingKeyDelete, deleteDoneFunc, err.Error()})
 		return nil
 	}
-	return add(decode.MissingKeyDelete, fn, found{at, siteDelDone, reg, regNone}, OpDelete, keyNone)
+	return add(decode.MissingKeyDelete, fn, found{at: at, flags: siteDelDone, mapReg: reg, typReg: regNone}, OpDelete, keyNone)
 }
 
 // deleteDoneSite finds the branch in (*Map).Delete after the entry was
@@ -644,7 +781,7 @@ func (u *uprobes) load(o *rt.Offsets) error {
 
 	sitesMap := coll.Maps[bpf.MapguardMapSites]
 	for _, s := range u.sites {
-		conf := bpf.MapguardSiteConf{Kind: uint8(s.kind), Flags: s.flags, MapReg: s.mapReg, TypReg: s.typReg, KeyMode: s.keyMode}
+		conf := bpf.MapguardSiteConf{Kind: uint8(s.kind), Flags: s.flags, MapReg: s.mapReg, TypReg: s.typReg, KeyMode: s.keyMode, WrapRet: s.wrapRet}
 		if err := sitesMap.Put(s.index, conf); err != nil {
 			return fmt.Errorf("start probe: configure site: %w", err)
 		}

@@ -64,7 +64,9 @@ type toolchain struct {
 }
 
 // The toolchain running the tests, and Go 1.25, whose linker still wrote
-// runtime.text into the pclntab header.
+// runtime.text into the pclntab header. (CI runs the suite under Go 1.27
+// too, where "local" is 1.27; the root package's build matrix opens every
+// release's builds.)
 var toolchains = []toolchain{
 	{"local", "GOTOOLCHAIN=local"},
 	{"go1.25", "GOTOOLCHAIN=go1.25.14"},
@@ -159,11 +161,15 @@ func memo(t testing.TB, key string, fn func() (string, string, error)) string {
 // be obtained.
 func goVersion(t testing.TB, tc toolchain) string {
 	return memo(t, "version "+tc.name, func() (string, string, error) {
+		// Only stdout: the first use of a toolchain prints "go: downloading
+		// go1.N (linux/amd64)" on stderr.
 		cmd := exec.Command("go", "env", "GOVERSION")
 		cmd.Env = append(os.Environ(), tc.env)
-		out, err := cmd.CombinedOutput()
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
 		if err != nil {
-			msg := fmt.Sprintf("toolchain %s unavailable: %v: %s", tc.env, err, out)
+			msg := fmt.Sprintf("toolchain %s unavailable: %v: %s", tc.env, err, stderr.String())
 			if tc.name == "local" {
 				return "", "", errors.New(msg)
 			}

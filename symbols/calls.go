@@ -44,15 +44,19 @@ func sxRIPLeaAX(in *Inst) (int64, bool) {
 }
 
 // sxReturnsAfter reports whether insts[i] is followed, in straight line, by
-// a Go function epilogue: [NOPs] [ADDQ $n, SP] [NOPs] POPQ BP [NOPs] RET.
-// The frame pointer is therefore still set at insts[i], and RAX at the
-// RET is what insts[i] left there.
+// a Go function epilogue: [XORL BX, BX] [NOPs] [ADDQ $n, SP] [NOPs] POPQ BP
+// [NOPs] RET. The frame pointer is therefore still set at insts[i], and RAX
+// at the RET is what insts[i] left there. The XORL is the false of a
+// comma-ok read (mapaccess2*), which leaves RAX alone.
 func sxReturnsAfter(insts []Inst, i int) bool {
 	j := i + 1
 	nops := func() {
 		for j < len(insts) && insts[j].Op == x86asm.NOP && !insts[j].endbr {
 			j++
 		}
+	}
+	if j < len(insts) && sxIsZeroBX(&insts[j]) {
+		j++
 	}
 	nops()
 	if j < len(insts) && insts[j].Op == x86asm.ADD && !insts[j].legacy && insts[j].x.Args[0] == x86asm.RSP && insts[j].x.Args[2] == nil {
@@ -71,10 +75,11 @@ func sxReturnsAfter(insts []Inst, i int) bool {
 
 // MissSites finds the zero-value returns of runtime.mapaccess1,
 // mapaccess1_fast32, mapaccess1_fast64 and mapaccess1_faststr (swiss maps,
-// as in Go 1.25 and 1.26), which return &runtime.zeroVal when the key is
-// missing or the map nil or empty. Each such return starts with
-// LEAQ runtime.zeroVal(SB), AX followed by the epilogue (ADDQ $n, SP;
-// POPQ BP; RET).
+// as in Go 1.25 and 1.26), or of their mapaccess2 forms (where Go 1.27 has
+// them; its mapaccess1 functions are wrappers, see WrapperCall), which
+// return &runtime.zeroVal when the key is missing or the map nil or empty.
+// Each such return starts with LEAQ runtime.zeroVal(SB), AX followed by the
+// epilogue ([XORL BX, BX;] ADDQ $n, SP; POPQ BP; RET).
 //
 // The address of runtime.zeroVal is not taken from a symbol table (the
 // binary may be stripped): it is the target of the RIP-relative LEAQ into
@@ -132,6 +137,62 @@ func MissSites(code []byte, entry uint64, callee func(uint64) string) (zeroVal u
 		return 0, nil, sxReject("nil-block zeroVal LEAQ at +%#x not among the sites", insts[nilRet].Offset)
 	}
 	return entry + uint64(target), sites, nil
+}
+
+// sxIsZeroBX matches XORL BX, BX (31 db or 33 db), unprefixed.
+func sxIsZeroBX(in *Inst) bool {
+	return in.Op == x86asm.XOR && in.plain && in.x.Args[0] == x86asm.EBX && in.x.Args[1] == x86asm.EBX
+}
+
+// WrapperCall recognises a function that only calls another and returns
+// what it returned, as Go 1.27's runtime.mapaccess1* do
+// (p, _ := mapaccess2*(...); return p): after the stack-check prologue and
+// the frame set-up, straight-line code without branches that moves
+// arguments (MOV, LEA, SUB/ADD of SP, NOP), exactly one direct CALL, and the
+// epilogue right after it (ADDQ $n, SP; POPQ BP; RET). It returns the
+// callee's name and ret, the offset of the instruction after the CALL: the
+// return address a frame of the callee holds when this function called it.
+// Every error wraps ErrUnrecognized.
+func WrapperCall(code []byte, entry uint64, callee func(uint64) string) (target string, ret uint64, err error) {
+	if callee == nil {
+		return "", 0, sxReject("no callee resolver")
+	}
+	insts, p, err := sxDecodeFunc(code)
+	if err != nil {
+		return "", 0, err
+	}
+	if p.FrameSet == 0 {
+		return "", 0, sxReject("wrapper: no frame set-up")
+	}
+	call := -1
+	for i := p.after + 2; i < len(insts); i++ {
+		in := &insts[i]
+		switch {
+		case in.Op == x86asm.CALL:
+			t, ok := sxPlainBranch(in, x86asm.CALL)
+			if !ok {
+				return "", 0, sxReject("wrapper: %s at +%#x", in.sxText(), in.Offset)
+			}
+			if target = callee(entry + uint64(t)); target == "" {
+				return "", 0, sxReject("wrapper: call at +%#x of no known function", in.Offset)
+			}
+			if !sxReturnsAfter(insts, i) {
+				return "", 0, sxReject("wrapper: call at +%#x not followed by the epilogue", in.Offset)
+			}
+			call = i
+		case in.Op == x86asm.MOV || in.Op == x86asm.LEA || in.Op == x86asm.NOP ||
+			(in.Op == x86asm.SUB || in.Op == x86asm.ADD) && in.x.Args[0] == x86asm.RSP:
+		default:
+			return "", 0, sxReject("wrapper: %s at +%#x", in.sxText(), in.Offset)
+		}
+		if call >= 0 {
+			break
+		}
+	}
+	if call < 0 {
+		return "", 0, sxReject("wrapper: no call")
+	}
+	return target, insts[call].Offset + uint64(insts[call].Len), nil
 }
 
 // sxZeroValReturn returns the index of the zeroVal return of the nil-map

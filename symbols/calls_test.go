@@ -653,7 +653,7 @@ func sxtCallsBuild(t *testing.T, dir string) []sxtCallsBinary {
 func sxtCallsObjdump(t *testing.T, bin string) map[string][]sxtObjInst {
 	t.Helper()
 	cmd := exec.Command("go", "tool", "objdump", "-s",
-		`^(runtime\.(mapaccess1(_fast32|_fast64|_faststr)?|interhash|nilinterhash|typehash)|internal/runtime/maps\.\(\*Map\)\.Delete|main\.\w+)$`, bin)
+		`^(runtime\.(mapaccess[12](_fast32|_fast64|_faststr)?|interhash|nilinterhash|typehash)|internal/runtime/maps\.\(\*Map\)\.Delete|main\.\w+)$`, bin)
 	cmd.Env = sxtGoEnv("local")
 	out, err := cmd.Output()
 	if err != nil {
@@ -707,6 +707,12 @@ var (
 		{"internal/runtime/maps.(*Map).Delete", "internal/runtime/maps.rand"},
 	}
 )
+
+// sxtWrapsReads reports whether a Go release's mapaccess1* only call
+// mapaccess2* (Go 1.27).
+func sxtWrapsReads(goVersion string) bool {
+	return strings.HasPrefix(goVersion, "go1.27")
+}
 
 // sxtCallsResult is what one binary gave, for comparing stripped builds
 // with unstripped ones.
@@ -820,6 +826,20 @@ func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResu
 
 	// MissSites.
 	for _, fn := range sxtMissFuncs {
+		// Go 1.27's mapaccess1* only call mapaccess2*, which hold the
+		// zeroVal returns; earlier releases' are no wrappers.
+		f1, c1 := code(fn)
+		w, _, err := WrapperCall(c1, f1.Entry, callee)
+		ok2 := strings.Replace(fn, "mapaccess1", "mapaccess2", 1)
+		switch {
+		case err == nil && w == ok2:
+			fmt.Fprintf(table, "%-18s %-36s wraps %s\n", bin.name(), fn, w)
+			fn = w
+		case sxtWrapsReads(bin.goVersion):
+			t.Errorf("%s: WrapperCall = %q, %v; want %s", fn, w, err, ok2)
+		case err == nil:
+			t.Errorf("%s: WrapperCall = %q on %s, want none", fn, w, bin.goVersion)
+		}
 		f, c := code(fn)
 		insts, err := Decode(c)
 		if err != nil {
@@ -840,7 +860,7 @@ func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResu
 		}
 		if ns, err := NilMapSite(c, f.Entry, MapAccess, callee); err != nil {
 			t.Errorf("%s: NilMapSite: %v", fn, err)
-		} else if fn != "runtime.mapaccess1" && !slices.Contains(siteOffsets(sites), ns.Offset) {
+		} else if fn != "runtime.mapaccess1" && fn != "runtime.mapaccess2" && !slices.Contains(siteOffsets(sites), ns.Offset) {
 			t.Errorf("%s: nil site %+v not among the miss sites", fn, ns)
 		}
 		if len(sites) < 2 {

@@ -45,6 +45,7 @@ type Inst struct {
 	legacy bool        // has a legacy (non-REX) prefix
 	endbr  bool        // ENDBR64 or ENDBR32
 	direct bool        // produced by Decode (not assembled by hand by a caller)
+	vex    *sxVEX      // a VEX or EVEX instruction, which x86asm does not decode (Op 0; see vex.go)
 }
 
 // Decode decodes code, the whole body of one function from its first byte,
@@ -95,6 +96,9 @@ func sxDecodeOne(b []byte, text bool) (in Inst, err error) {
 			}
 			return Inst{Len: 4, Op: x86asm.NOP, Text: text, x: x86asm.Inst{Op: x86asm.NOP, Len: 4, Mode: 64}, endbr: true, direct: true}, nil
 		}
+	}
+	if sxIsVEX(b) {
+		return sxDecodeVEX(b)
 	}
 	// x86asm is not hardened against arbitrary input (a truncated EVEX
 	// prefix makes v0.30.0 index out of range): a panic is a decode error.
@@ -981,6 +985,9 @@ var sxNoWrite = map[x86asm.Op]bool{
 // step applies one straight-line instruction. prev are the instructions
 // before it (to recognise MOVQ SP, BP right after PUSHQ BP).
 func (s *sxState) step(in *Inst, prev []Inst) error {
+	if in.vex != nil && in.direct {
+		return s.stepVEX(in)
+	}
 	x := &in.x
 	if !in.direct || x.Op != in.Op {
 		return errors.New("instruction not from Decode")

@@ -535,6 +535,19 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 	}
 
 	__u64 pc0 = (flags & MG_SITE_FRAMED) ? read_u64(ctx->rbp + 8) : read_u64(ctx->rsp);
+	// Go 1.27's mapaccess1* only call mapaccess2*: a call from one of them
+	// is a plain read whose user is the wrapper's caller (the wrapper's
+	// frame is framed: its return address is at [its BP+8]); any other call
+	// is a comma-ok read.
+	if (flags & MG_SITE_UNWRAP) {
+		if (pc0 && (pc0 == conf->wrap_ret[0] || pc0 == conf->wrap_ret[1])) {
+			__u64 fp = (flags & MG_SITE_FRAMED) ? read_u64(ctx->rbp) : ctx->rbp;
+			pc0 = read_u64(fp + 8);
+		} else if (flags & MG_SITE_WRAPPED) {
+			__sync_fetch_and_add(&st->filtered, 1);
+			return 0;
+		}
+	}
 	__u8 ev_kind = conf->kind;
 	__u32 agg_site = index;
 	__u64 peer_goid = 0, peer_pc = 0;

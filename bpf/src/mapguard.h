@@ -124,6 +124,8 @@ enum mg_reg {
 #define MG_SITE_DEL_NIL 2048   // a delete begins: report a nil map
 #define MG_SITE_DEL_ENTRY 4096 // a delete begins: report an empty map, else remember the map and its entries
 #define MG_SITE_DEL_DONE 8192  // a delete ended: report if the entries did not change since DEL_ENTRY
+#define MG_SITE_UNWRAP 32768     // called through a wrapper (return address in wrap_ret): the call site is the wrapper's caller
+#define MG_SITE_WRAPPED 65536    // report only calls through a wrapper (Go 1.27: plain reads, not comma-ok ones)
 
 
 struct site_conf {
@@ -132,6 +134,9 @@ struct site_conf {
 	__u8 typ_reg;  // enum mg_reg holding the map type
 	__u8 key_mode; // enum mg_key
 	__u32 flags;
+	// MG_SITE_UNWRAP: the return addresses of the calls of this function
+	// by the wrappers it serves (0: none).
+	__u64 wrap_ret[2];
 };
 
 #define MG_KEY_HASHED 64 // key bytes hashed at most

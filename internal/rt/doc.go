@@ -1,9 +1,11 @@
-// Package rt knows the few Go runtime layouts mapguard reads from BPF, for
-// the Go versions it supports, and checks them in the live process.
+// Package rt knows the few Go runtime layouts mapguard reads from BPF and
+// checks them in the live process.
 //
-// The offsets are chosen at compile time by build tag: mapguard is compiled
-// into the host with the host's own toolchain, so the tag names exactly the
-// runtime the process runs. Verify then checks them against a map this
-// package builds itself and against the goroutine id the runtime reports,
-// and the loader refuses to attach if anything does not match.
+// What the process can show is derived at Load: the goroutine id's offset
+// in runtime.g from the current goroutine, and the map type's GroupSize from
+// map types this package names. The rest (the swiss map header, its tables,
+// internal/abi.Type) is a table that has held from Go 1.24 to 1.27. Verify
+// then checks every offset against maps this package builds itself and
+// against the goroutine id the runtime reports, and the loader refuses to
+// attach if anything does not match.
 package rt

@@ -1,9 +1,10 @@
 package rt
 
 // Offsets are the byte offsets into runtime structures that the BPF program
-// reads. They are constants of one Go release line.
+// reads. Load derives some from the running process and tables the rest
+// (layout.go), then verifies them all.
 type Offsets struct {
-	// GoID is the offset of runtime.g.goid.
+	// GoID is the offset of runtime.g.goid (derived).
 	GoID uint64
 	// MapUsed is the offset of internal/runtime/maps.Map.used (the entry count).
 	MapUsed uint64
@@ -19,9 +20,9 @@ type Offsets struct {
 	// internal/runtime/maps.table.capacity (uint16) and .localDepth (uint8),
 	// for a map's capacity: the sum over its directory's distinct tables.
 	TableCapacity, TableLocalDepth uint64
-	// MapTypeGroupSize and MapTypeSlotSize are the offsets of GroupSize and
-	// SlotSize in the map type (internal/abi.MapType; SwissMapType in 1.25).
-	MapTypeGroupSize, MapTypeSlotSize uint64
+	// MapTypeGroupSize is the offset of GroupSize in the map type
+	// (internal/abi.MapType; SwissMapType in 1.25), derived: 80 in 1.25-1.27.
+	MapTypeGroupSize uint64
 	// MapTypeKey is the offset of the key type (*Type) in the map type, and
 	// TypeSize that of internal/abi.Type.Size_.
 	MapTypeKey, TypeSize uint64

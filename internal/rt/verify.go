@@ -20,10 +20,14 @@ var ErrUnknownRuntime = errors.New("unknown Go runtime layout")
 // ErrMismatch means a known layout did not verify in this process.
 var ErrMismatch = errors.New("runtime layout does not match")
 
-// Load returns the offsets for the running Go release, verified against
-// maps and types this function builds itself.
+// Load returns the offsets for the running Go release: the goroutine id's
+// and the map type's group size derived from this process, the rest tabled,
+// all verified against maps and types this function builds itself. It
+// returns ErrUnknownRuntime for a Go release older than 1.Oldest or without
+// swiss maps, and ErrMismatch, naming the field and the Go version, for a
+// layout that cannot be derived or does not verify.
 func Load() (*Offsets, error) {
-	if known == nil {
+	if minor, ok := goMinor(runtime.Version()); ok && minor < Oldest {
 		return nil, fmt.Errorf("%s: %w", runtime.Version(), ErrUnknownRuntime)
 	}
 	if info, ok := debug.ReadBuildInfo(); ok {
@@ -33,10 +37,13 @@ func Load() (*Offsets, error) {
 			}
 		}
 	}
-	if err := verify(known); err != nil {
+	o := tabled
+	if err := derive(&o); err != nil {
 		return nil, err
 	}
-	o := *known
+	if err := verify(&o); err != nil {
+		return nil, err
+	}
 	return &o, nil
 }
 
@@ -119,11 +126,15 @@ func verify(o *Offsets) error {
 	if cap := MapCapacity(uintptr(h), o); cap != capacity {
 		return mismatch("MapCapacity = %d, want %d", cap, capacity)
 	}
-	// Group and slot sizes of map[uint64]uint64: 8 control bytes and 8
-	// slots of 16 bytes.
+	// Group size of map[uint64]uint64: 8 control bytes and 8 keys and
+	// elems of 8 bytes.
 	mt := TypeOf(large)
-	if gs, ss := *(*uintptr)(unsafe.Add(mt, o.MapTypeGroupSize)), *(*uintptr)(unsafe.Add(mt, o.MapTypeSlotSize)); gs != 8+8*16 || ss != 16 {
-		return mismatch("map type GroupSize %d, SlotSize %d, want 136 and 16", gs, ss)
+	if gs := *(*uintptr)(unsafe.Add(mt, o.MapTypeGroupSize)); gs != 8+8*16 {
+		return mismatch("map type GroupSize at +%d reads %d, want 136", o.MapTypeGroupSize, gs)
+	}
+	// The goroutine id: this goroutine's g holds what runtime.Stack prints.
+	if g := getg(); g == nil || *(*uint64)(unsafe.Add(g, o.GoID)) != GoID() {
+		return mismatch("runtime.g.goid at +%d does not hold the goroutine id", o.GoID)
 	}
 	// Key types and sizes: uint64 is 8 bytes, [3]int64 24.
 	for _, c := range []struct {

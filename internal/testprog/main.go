@@ -58,6 +58,11 @@ func main() {
 		return
 	}
 	defer g.Close()
+	st := g.Stats()
+	res.Sites = len(st.Sites)
+	for _, in := range st.Inactive {
+		res.Inactive = append(res.Inactive, in.Kind.String()+" "+in.Function+": "+in.Reason)
+	}
 	events := g.Events()
 
 	for _, p := range provocations {
@@ -82,11 +87,6 @@ func main() {
 			})
 		}
 	}
-	st := g.Stats()
-	res.Sites = len(st.Sites)
-	for _, in := range st.Inactive {
-		res.Inactive = append(res.Inactive, in.Function+": "+in.Reason)
-	}
 }
 
 // provocations are run in order, each on a fresh goroutine, and must give
@@ -98,6 +98,7 @@ var provocations = []struct {
 	{nilWrite, []mapguard.Kind{mapguard.NilMapWrite}},
 	{nestedRead, []mapguard.Kind{mapguard.MissingKeyRead, mapguard.NestedMapMiss}},
 	{nilRead, []mapguard.Kind{mapguard.NilMapRead}},
+	{commaOKThenPlain, []mapguard.Kind{mapguard.MissingKeyRead}},
 	{unhashable, []mapguard.Kind{mapguard.UnhashableKey}},
 	{grow, []mapguard.Kind{mapguard.MapGrowth}},
 	{bloat, []mapguard.Kind{mapguard.MapBloat}},
@@ -140,6 +141,17 @@ func nilRead() (line int) {
 	var counts map[string]int
 	line = here() + 1
 	sink = counts["x"]
+	return line
+}
+
+// commaOKThenPlain misses with a comma-ok read, which is no missing-key
+// read, then with a plain one: the event must be the plain one's.
+func commaOKThenPlain() (line int) {
+	ids := map[int64]string{1: "a"}
+	_, ok := ids[2]
+	line = here() + 1
+	sink = ids[3]
+	sink = ok
 	return line
 }
 
