@@ -48,3 +48,25 @@ func callSiteType(o *rt.Offsets, pc uintptr) uintptr {
 	}
 	return uintptr(addr)
 }
+
+// callTarget names the function that the direct call returning to pc
+// (CALL rel32, 5 bytes) calls, "" if the instruction before pc is not one.
+// pc must be a return address in this binary's code, which the runtime
+// knows (checked first, so nothing unmapped is read).
+func callTarget(pc uintptr) string {
+	f := runtime.FuncForPC(pc - 1)
+	if f == nil || pc < f.Entry()+5 {
+		return ""
+	}
+	p := *(*unsafe.Pointer)(unsafe.Pointer(&pc))
+	call := unsafe.Slice((*byte)(unsafe.Add(p, -5)), 5)
+	if call[0] != 0xe8 {
+		return ""
+	}
+	rel := int32(uint32(call[1]) | uint32(call[2])<<8 | uint32(call[3])<<16 | uint32(call[4])<<24)
+	target := runtime.FuncForPC(uintptr(int64(pc) + int64(rel)))
+	if target == nil {
+		return ""
+	}
+	return target.Name()
+}

@@ -81,6 +81,7 @@ type uprobes struct {
 	watched      [256]bool // kinds asked for
 	statsOnly    [256]bool // kinds counted per call site, without events
 	calls        callSites
+	commaOKs     map[uintptr]bool // call site -> a comma-ok read; the reader's
 	// notOwned counts, per site, events the runtime caused on its own
 	// maps and nil-map reads in the standard library; written by the
 	// reader, read by Stats.
@@ -123,7 +124,6 @@ type site struct {
 	op      Op
 	keyMode uint8
 	found
-	commaOK   bool                  // in a comma-ok read function (runtime.mapaccess2*)
 	link      link.Link             // nil while detached
 	detaching bool                  // a detach is in flight
 	final     bpf.MapguardSiteStats // counters at Close
@@ -1019,7 +1019,7 @@ func (u *uprobes) handleWith(dec *decode.Decoder, raw []byte, ev *decode.Event) 
 		ev.Sampled = u.sampled[h.Site].Load()
 	}
 	if decode.IsStatistic(ev.Kind) && int(h.Site) < len(u.sites) {
-		commaOK := u.sites[h.Site].commaOK
+		commaOK := u.commaOK(h.PC)
 		u.calls.add(h.PC, commaOK, ev, ev.Count, ev.Sampled)
 		if u.statsOnly[ev.Kind] || commaOK {
 			return // an idiom as often as a bug: counted, not an event
@@ -1127,8 +1127,9 @@ func (u *uprobes) flushAggsLocked() {
 		ev.Time = clock.Wall
 		ev.Sampled = sampled
 		if decode.IsStatistic(ev.Kind) {
-			u.calls.add(uintptr(key.Pc), s.commaOK, &ev, count, sampled)
-			if u.statsOnly[ev.Kind] || s.commaOK {
+			commaOK := u.commaOK(uintptr(key.Pc))
+			u.calls.add(uintptr(key.Pc), commaOK, &ev, count, sampled)
+			if u.statsOnly[ev.Kind] || commaOK {
 				continue
 			}
 		}
@@ -1418,4 +1419,20 @@ func (u *uprobes) nestedLocked(h decode.Header, ev *decode.Event) bool {
 		return true
 	}
 	return rt.MapElem(outer) == h.Typ
+}
+
+// commaOK reports whether the map call returning to pc is a comma-ok read
+// (v, ok := m[k]): the CALL before pc targets runtime.mapaccess2*. (On Go
+// 1.27 the probe sits in mapaccess2* for both forms, and a plain read's
+// pc is already its user's, past the mapaccess1* wrapper.)
+func (u *uprobes) commaOK(pc uintptr) bool {
+	if ok, seen := u.commaOKs[pc]; seen {
+		return ok
+	}
+	ok := strings.HasPrefix(callTarget(pc), "runtime.mapaccess2")
+	if u.commaOKs == nil || len(u.commaOKs) >= 4096 {
+		u.commaOKs = make(map[uintptr]bool)
+	}
+	u.commaOKs[pc] = ok
+	return ok
 }
