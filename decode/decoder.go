@@ -139,7 +139,7 @@ type Header struct {
 	Kind Kind
 	Goid uint64
 	Typ  uintptr
-	PC   uintptr // the probed function's caller (the first return PC), 0 if none
+	PC   uintptr // the call site: the kernel's, else the first return PC; 0 if none
 }
 
 // Record builds a wire record: what the BPF program writes, for records
@@ -178,7 +178,7 @@ func Rebase(raw []byte, delta int64) {
 		p := raw[offPCs+8*i:]
 		le.PutUint64(p, uint64(int64(le.Uint64(p))+delta))
 	}
-	for _, off := range []int{offTyp, offPeerPC} {
+	for _, off := range []int{offTyp, offPeerPC, offAux} {
 		if v := le.Uint64(raw[off:]); v != 0 {
 			le.PutUint64(raw[off:], uint64(int64(v)+delta))
 		}
@@ -192,6 +192,7 @@ func Strip(raw []byte) {
 	raw[offNPCs] = 0
 	binary.NativeEndian.PutUint64(raw[offTyp:], 0)
 	binary.NativeEndian.PutUint64(raw[offPeerPC:], 0)
+	binary.NativeEndian.PutUint64(raw[offAux:], 0)
 	binary.NativeEndian.PutUint64(raw[offMap:], 0)
 }
 
@@ -209,6 +210,9 @@ func Peek(raw []byte) (Header, error) {
 	}
 	if raw[offNPCs] > 0 {
 		h.PC = uintptr(le.Uint64(raw[offPCs:]))
+	}
+	if site := le.Uint64(raw[offAux:]); site != 0 {
+		h.PC = uintptr(site) // the call site, as the kernel's aggregates key it
 	}
 	return h, nil
 }

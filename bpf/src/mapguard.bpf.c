@@ -653,7 +653,7 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 	e->map = m;
 	e->len = m ? read_u64(m + map_used_offset) : 0;
 	e->cap = capacity;
-	e->aux = 0;
+	e->aux = pc0; // the call site as aggregates key it (past a Go 1.27 wrapper)
 	e->_pad = 0;
 
 	e->typ = typ;

@@ -204,7 +204,7 @@ struct event {
 	__u8 detail_len; // valid bytes in detail
 	__u8 _pad;
 	__u64 cap;   // MG_SITE_BLOAT: the map's capacity in slots
-	__u64 aux;   // spare, zero
+	__u64 aux;   // the call site: the user's return PC (pcs[0], or past a Go 1.27 mapaccess1* wrapper)
 	__u64 peer_goid; // SharedWriters, ConcurrentMisuse: the other goroutine, 0 if unknown
 	__u64 peer_pc;   // and the return PC of its map call
 	__u64 key_hash;  // deletes: salted FNV-1a of the key's first MG_KEY_HASHED bytes
