@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"time"
 
 	"github.com/mapguard/mapguard/bench/corpus/record"
@@ -19,12 +20,15 @@ import (
 
 // run is one run of a suite's test binaries in one mode.
 type run struct {
-	Mode    string
-	Rep     int
-	CPU     time.Duration // user+system time of the test processes (rusage)
-	Wall    time.Duration
-	Results map[string]string // "pkg TestName/sub" -> PASS, FAIL, SKIP; "pkg" -> exit status
-	Records []record.Record
+	Mode string
+	Rep  int
+	CPU  time.Duration // user+system time of the test processes (rusage)
+	// AfterStart is CPU less what the processes had spent when the Guard
+	// had started (or, off, when TestMain began): the tests' own share.
+	AfterStart time.Duration
+	Wall       time.Duration
+	Results    map[string]string // "pkg TestName/sub" -> PASS, FAIL, SKIP; "pkg" -> exit status
+	Records    []record.Record
 }
 
 var resultRE = regexp.MustCompile(`(?m)^\s*--- (PASS|FAIL|SKIP): (\S+)`)
@@ -64,6 +68,13 @@ func runSuite(ctx context.Context, p *prepared, mode string, rep int, out string
 			return nil, err
 		}
 		r.Records = append(r.Records, recs...)
+		cpu := cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+		for _, rec := range recs {
+			if rec.Type == "started" {
+				cpu -= rec.CPU
+			}
+		}
+		r.AfterStart += cpu
 	}
 	return r, nil
 }
@@ -112,4 +123,35 @@ func orNone(s string) string {
 		return "none"
 	}
 	return s
+}
+
+// flakyOff reports whether test of pkg, run alone without a Guard up to
+// three times, ever gives result: then a difference in that test is the
+// test's own (timing) flakiness, not the Guard's doing.
+func flakyOff(ctx context.Context, p *prepared, pkg, test, result string, timeout time.Duration) bool {
+	var bin, dir string
+	for _, pk := range p.Pkgs {
+		if pk.ImportPath == pkg {
+			bin, dir = pk.Binary, pk.Dir
+		}
+	}
+	if bin == "" {
+		return false
+	}
+	var pattern []string
+	for _, part := range strings.Split(test, "/") {
+		pattern = append(pattern, "^"+regexp.QuoteMeta(part)+"$")
+	}
+	for i := 0; i < 3; i++ {
+		cmd := exec.CommandContext(ctx, bin, "-test.v", "-test.count=1", "-test.timeout="+timeout.String(), "-test.run="+strings.Join(pattern, "/"))
+		cmd.Dir = dir
+		cmd.Env = append(os.Environ(), "MAPGUARD_CORPUS_MODE="+record.Off)
+		out, _ := cmd.CombinedOutput()
+		for _, m := range resultRE.FindAllSubmatch(out, -1) {
+			if string(m[2]) == test && string(m[1]) == result {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/mapguard/mapguard"
 )
@@ -33,6 +34,10 @@ type Record struct {
 	Event   *mapguard.Event `json:"event,omitempty"`
 	Stats   *mapguard.Stats `json:"stats,omitempty"`
 	OpStats int             `json:"opstats,omitempty"` // number of OpStat rows, deep mode
+	// CPU is the process's CPU time (user+system, nanoseconds) when the
+	// record was written: on "started", what start-up and Guard.Start
+	// cost, so that the harness can compare the CPU spent after it.
+	CPU time.Duration `json:"cpu,omitempty"`
 }
 
 // Options returns the Guard options of a mode, and false for Off or an
@@ -51,12 +56,13 @@ func Options(mode string) (mapguard.Options, bool) {
 // Start starts a Guard in mode and appends its records to path. It returns a
 // function that closes the Guard and writes its final Stats; call it before
 // the process exits (events delivered after an os.Exit that skips it are
-// lost, and so are the final Stats). With mode Off or an empty path it does
-// nothing. A Guard that fails to start is recorded as "start-error" and the
-// program runs on unwatched, as a service would.
+// lost, and so are the final Stats). With an empty path it does nothing;
+// with mode Off it only records "started" with the CPU time spent so far, so
+// that runs without a Guard have the same baseline. A Guard that fails to
+// start is recorded as "start-error" and the program runs on unwatched, as a
+// service would.
 func Start(mode, path string) (stop func()) {
-	opts, ok := Options(mode)
-	if !ok || path == "" {
+	if path == "" {
 		return func() {}
 	}
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
@@ -74,6 +80,12 @@ func Start(mode, path string) (stop func()) {
 		f.Write(append(b, '\n'))
 		mu.Unlock()
 	}
+	opts, ok := Options(mode)
+	if !ok {
+		write(Record{Type: "started", CPU: processCPU()})
+		f.Close()
+		return func() {}
+	}
 	g, err := mapguard.New(opts)
 	if err != nil {
 		write(Record{Type: "start-error", Error: err.Error()})
@@ -89,7 +101,7 @@ func Start(mode, path string) (stop func()) {
 		f.Close()
 		return func() {}
 	}
-	write(Record{Type: "started"})
+	write(Record{Type: "started", CPU: processCPU()})
 	var once sync.Once
 	return func() {
 		once.Do(func() {
