@@ -37,6 +37,7 @@ type config struct {
 	bugs            float64
 	failUnlabelled  bool
 	failUnlabDeep   bool
+	failIntended    bool
 	keepGoingOnFail bool
 }
 
@@ -58,6 +59,7 @@ func main() {
 	flag.Float64Var(&c.bugs, "bugs", 0.01, "share of load requests hitting each seeded request bug (nil-map write, nested miss)")
 	flag.BoolVar(&c.failUnlabelled, "fail-unlabelled", true, "fail on an unlabelled (kind, site) seen in default mode")
 	flag.BoolVar(&c.failUnlabDeep, "fail-unlabelled-deep", false, "fail on an unlabelled (kind, site) seen only in deep mode")
+	flag.BoolVar(&c.failIntended, "fail-intended", false, "fail on a default-mode event at a site labelled intended (issue 11's target: none)")
 	list := flag.Bool("list", false, "list the suites and exit")
 	flag.Parse()
 	if *list {
@@ -165,12 +167,14 @@ func corpus(c config) (failures []string, err error) {
 		}
 	}
 	j.reportSites()
+	j.summary()
 	return j.failures, nil
 }
 
 // seen is what the runs showed at one (kind, site).
 type seen struct {
 	function, probe string
+	peer            string // a SharedWriters event's other writer, as first seen
 	perMode         map[string]uint64 // occurrences (Event.Count summed) per mode
 	where           map[string]bool   // suites
 }
@@ -182,6 +186,14 @@ type judge struct {
 	cfg      config
 	seen     map[key]*seen
 	failures []string
+	rows     []row // one per suite, for the summary
+}
+
+// row is a suite's line in the summary table.
+type row struct {
+	suite, tests    string
+	cpu, cpuAfter   map[string]string // mode -> "1.23x"
+	events, verdict map[string]string // mode -> text
 }
 
 func (j *judge) fail(format string, args ...any) {
@@ -214,6 +226,9 @@ func (j *judge) collect(where, mode string, recs []record.Record) (kinds map[str
 			s := j.seen[k]
 			if s == nil {
 				s = &seen{function: ev.Site.Function, probe: ev.Probe, perMode: map[string]uint64{}, where: map[string]bool{}}
+				if ev.Peer != nil {
+					s.peer = ev.Peer.Site.Function + " " + j.norm.site(ev.Peer.Site)
+				}
 				j.seen[k] = s
 			}
 			s.perMode[mode] += n
@@ -244,6 +259,8 @@ func median(d []time.Duration) time.Duration {
 
 func (j *judge) reportSuite(p *prepared, runs []*run) {
 	fmt.Printf("\n== %s (%s@%s)\n", p.Name, p.Module, p.Version)
+	rw := row{suite: p.Name, tests: "equal", cpu: map[string]string{}, cpuAfter: map[string]string{}, events: map[string]string{}, verdict: map[string]string{}}
+	defer func() { j.rows = append(j.rows, rw) }()
 	built := 0
 	for _, pk := range p.Pkgs {
 		if pk.Binary != "" {
@@ -316,15 +333,24 @@ func (j *judge) reportSuite(p *prepared, runs []*run) {
 			fmt.Printf("      flaky without a Guard too (re-run off): %s\n", strings.Join(flaky, "; "))
 		}
 		if r.Mode != record.Off && len(real) > 0 {
+			rw.tests = "DIFFER"
+		} else if r.Mode != record.Off && rw.tests == "equal" {
+			rw.tests = "equal (flaky)"
+		}
+		if r.Mode != record.Off && len(real) > 0 {
 			j.fail("%s: test results differ in %s mode (rep %d): %s", p.Name, r.Mode, r.Rep, strings.Join(first(real, 3), "; "))
 		}
+	}
+	if built == 0 {
+		rw.tests = "not built"
 	}
 	for _, what := range []struct {
 		name string
 		cpu  func(*run) time.Duration
+		out  map[string]string
 	}{
-		{"CPU (median, whole test processes):", func(r *run) time.Duration { return r.CPU }},
-		{"CPU (median, after Guard.Start):    ", func(r *run) time.Duration { return r.AfterStart }},
+		{"CPU (median, whole test processes):", func(r *run) time.Duration { return r.CPU }, rw.cpu},
+		{"CPU (median, after Guard.Start):    ", func(r *run) time.Duration { return r.AfterStart }, rw.cpuAfter},
 	} {
 		cpu := map[string][]time.Duration{}
 		for _, r := range runs {
@@ -337,6 +363,7 @@ func (j *judge) reportSuite(p *prepared, runs []*run) {
 			line += fmt.Sprintf(" %s %.2fs", m, v.Seconds())
 			if m != record.Off && off > 0 {
 				line += fmt.Sprintf(" (%.2fx)", float64(v)/float64(off))
+				what.out[m] = fmt.Sprintf("%.2fx", float64(v)/float64(off))
 			}
 		}
 		fmt.Println(line)
@@ -368,6 +395,38 @@ func (j *judge) reportSuite(p *prepared, runs []*run) {
 		}
 		fmt.Printf("   %s: Guard started %d, failed %d, dropped %d; events per run: %s\n", m, starts, errs, dropped, kindList(kinds, reps))
 		fmt.Printf("   %s: distinct (kind, site) %d: %s\n", m, len(keys), j.verdictCounts(keys))
+		rw.events[m] = kindList(kinds, reps)
+		rw.verdict[m] = j.shortVerdicts(keys)
+	}
+}
+
+// shortVerdicts is verdictCounts for the summary: "t/i/f/u".
+func (j *judge) shortVerdicts(keys map[key]uint64) string {
+	c := map[string]int{}
+	for k := range keys {
+		c[j.verdict(k)]++
+	}
+	return fmt.Sprintf("%d/%d/%d/%d", c[True], c[Intended], c[False], c[Unlabelled])
+}
+
+// summary prints one markdown row per suite.
+func (j *judge) summary() {
+	if len(j.rows) == 0 {
+		return
+	}
+	fmt.Printf("\n== summary (CPU: median ratio to off, whole process / after Guard.Start; events per run; verdicts of distinct (kind, site): true/intended/false/unlabelled)\n\n")
+	fmt.Println("| suite | tests | CPU default | CPU deep | default events | default verdicts | deep events | deep verdicts |")
+	fmt.Println("|---|---|---|---|---|---|---|---|")
+	or := func(s string) string {
+		if s == "" {
+			return "-"
+		}
+		return s
+	}
+	for _, r := range j.rows {
+		fmt.Printf("| %s | %s | %s / %s | %s / %s | %s | %s | %s | %s |\n", r.suite, r.tests,
+			or(r.cpu[record.Default]), or(r.cpuAfter[record.Default]), or(r.cpu[record.Deep]), or(r.cpuAfter[record.Deep]),
+			or(r.events[record.Default]), or(r.verdict[record.Default]), or(r.events[record.Deep]), or(r.verdict[record.Deep]))
 	}
 }
 
@@ -432,12 +491,18 @@ func (j *judge) reportSites() {
 				modes = append(modes, fmt.Sprintf("%s %d", m, n))
 			}
 		}
-		fmt.Printf("%-10s %-18s %s %s [%s; %s; probe %s]\n", v, k.Kind, k.Site, s.function, strings.Join(modes, ", "), strings.Join(keysOf(s.where), ","), s.probe)
+		peer := ""
+		if s.peer != "" {
+			peer = "; peer " + s.peer
+		}
+		fmt.Printf("%-10s %-18s %s %s [%s; %s; probe %s%s]\n", v, k.Kind, k.Site, s.function, strings.Join(modes, ", "), strings.Join(keysOf(s.where), ","), s.probe, peer)
 		switch {
 		case v == False:
 			j.fail("false attribution: %s at %s (%s)", k.Kind, k.Site, s.function)
 		case v == Unlabelled && s.perMode[record.Default] > 0 && j.cfg.failUnlabelled:
 			j.fail("unlabelled default-mode event: %s at %s (%s)", k.Kind, k.Site, s.function)
+		case v == Intended && s.perMode[record.Default] > 0 && j.cfg.failIntended:
+			j.fail("default-mode event on an intended idiom: %s at %s (%s)", k.Kind, k.Site, s.function)
 		case v == Unlabelled && s.perMode[record.Default] == 0 && j.cfg.failUnlabDeep:
 			j.fail("unlabelled deep-mode event: %s at %s (%s)", k.Kind, k.Site, s.function)
 		}
