@@ -174,7 +174,7 @@ func corpus(c config) (failures []string, err error) {
 // seen is what the runs showed at one (kind, site).
 type seen struct {
 	function, probe string
-	peer            string // a SharedWriters event's other writer, as first seen
+	peer            string            // a SharedWriters event's other writer, as first seen
 	perMode         map[string]uint64 // occurrences (Event.Count summed) per mode
 	where           map[string]bool   // suites
 }
