@@ -297,6 +297,19 @@ func (j *judge) reportSuite(p *prepared, runs []*run) {
 		}
 	}
 	fmt.Printf("   packages %d built of %d; baseline (%s rep %d): %d pass, %d fail, %d skip\n", built, len(p.Pkgs), base.Mode, base.Rep, pass, fail, skip)
+	// Results each test gave in any run without a Guard.
+	offSeen := map[string]map[string]bool{}
+	for _, r := range runs {
+		if r.Mode != record.Off {
+			continue
+		}
+		for k, v := range r.Results {
+			if offSeen[k] == nil {
+				offSeen[k] = map[string]bool{}
+			}
+			offSeen[k][v] = true
+		}
+	}
 	for _, r := range runs {
 		if r == base {
 			continue
@@ -307,14 +320,15 @@ func (j *judge) reportSuite(p *prepared, runs []*run) {
 			continue
 		}
 		sort.Strings(d)
-		// A test that gives this run's result without a Guard too is flaky
-		// on its own; the package's exit status follows its tests.
+		// A test that gives this run's result without a Guard too (in
+		// another off run, or re-run alone) is flaky on its own; the
+		// package's exit status follows its tests.
 		var real, flaky []string
 		testDiff := map[string]bool{}
 		for k, v := range r.Results {
 			if pkg, test, ok := strings.Cut(k, " "); ok && base.Results[k] != v {
 				testDiff[pkg] = true
-				if flakyOff(context.Background(), p, pkg, test, v, j.cfg.timeout) {
+				if offSeen[k][v] || flakyOff(context.Background(), p, pkg, test, v, j.cfg.timeout) {
 					flaky = append(flaky, k)
 					continue
 				}
