@@ -127,6 +127,15 @@ func printLoad(runs []loadResult) {
 	tput := func(r loadResult) float64 { return float64(r.Requests) / r.Duration.Seconds() }
 	p := func(r loadResult) float64 { return r.P99.Seconds() }
 	cpu := func(r loadResult) float64 { return r.CPU.Seconds() / float64(max(r.Requests, 1)) }
+	spread := func(rs []loadResult, f func(loadResult) float64, unit float64) string {
+		lo, hi := f(rs[0]), f(rs[0])
+		for _, r := range rs {
+			lo, hi = min(lo, f(r)), max(hi, f(r))
+		}
+		return fmt.Sprintf("%.4g (%.4g-%.4g)", med(rs, f)*unit, lo*unit, hi*unit)
+	}
+	fmt.Printf("   medians (min-max): req/s off %s default %s; p99 ms off %s default %s; server CPU us/req off %s default %s\n",
+		spread(off, tput, 1), spread(def, tput, 1), spread(off, p, 1e3), spread(def, p, 1e3), spread(off, cpu, 1e6), spread(def, cpu, 1e6))
 	fmt.Printf("   default/off (medians): throughput %.2fx, p99 %.2fx, server CPU per request %.2fx\n",
 		med(def, tput)/med(off, tput), med(def, p)/med(off, p), med(def, cpu)/med(off, cpu))
 	fmt.Printf("\n   per one-second window (median over runs): req/s, p99, server CPU\n")
