@@ -465,7 +465,11 @@ func kindList(kinds map[string]uint64, reps int) string {
 	sort.Strings(ks)
 	var parts []string
 	for _, k := range ks {
-		parts = append(parts, fmt.Sprintf("%s %d", k, (kinds[k]+uint64(reps)/2)/uint64(reps)))
+		n := fmt.Sprint((kinds[k] + uint64(reps)/2) / uint64(reps))
+		if n == "0" {
+			n = "<1"
+		}
+		parts = append(parts, k+" "+n)
 	}
 	return strings.Join(parts, ", ")
 }
