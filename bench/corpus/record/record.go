@@ -1,0 +1,115 @@
+// Package record starts a mapguard Guard in one of the precision corpus's
+// modes and writes every event, and the Guard's Stats when it stops, as JSON
+// lines to a file. The corpus harness injects a TestMain that calls Start into
+// each test package it runs, and its HTTP service calls it too, so that both
+// write the same records. It is part of bench/corpus, not of mapguard's API.
+package record
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/mapguard/mapguard"
+)
+
+// Modes the corpus runs each program in.
+const (
+	Off     = "off"     // no Guard
+	Default = "default" // mapguard.Options{}
+	Deep    = "deep"    // every default and deep kind, and OpStats
+)
+
+// Record is one line of the output file.
+type Record struct {
+	// Type is "started", "start-error", "event" or "stats".
+	Type  string `json:"type"`
+	Mode  string `json:"mode,omitempty"`
+	PID   int    `json:"pid,omitempty"`
+	Error string `json:"error,omitempty"`
+	// Kind is Event.Kind's name, for events.
+	Kind    string          `json:"kind,omitempty"`
+	Event   *mapguard.Event `json:"event,omitempty"`
+	Stats   *mapguard.Stats `json:"stats,omitempty"`
+	OpStats int             `json:"opstats,omitempty"` // number of OpStat rows, deep mode
+	// CPU is the process's CPU time (user+system, nanoseconds) when the
+	// record was written: on "started", what start-up and Guard.Start
+	// cost, so that the harness can compare the CPU spent after it.
+	CPU time.Duration `json:"cpu,omitempty"`
+}
+
+// Options returns the Guard options of a mode, and false for Off or an
+// unknown mode.
+func Options(mode string) (mapguard.Options, bool) {
+	switch mode {
+	case Default:
+		return mapguard.Options{}, true
+	case Deep:
+		kinds := append(mapguard.DefaultKinds(), mapguard.MissingKeyDelete, mapguard.NilMapDelete, mapguard.SharedWriters)
+		return mapguard.Options{Detect: kinds, OpStats: true}, true
+	}
+	return mapguard.Options{}, false
+}
+
+// Start starts a Guard in mode and appends its records to path. It returns a
+// function that closes the Guard and writes its final Stats; call it before
+// the process exits (events delivered after an os.Exit that skips it are
+// lost, and so are the final Stats). With an empty path it does nothing;
+// with mode Off it only records "started" with the CPU time spent so far, so
+// that runs without a Guard have the same baseline. A Guard that fails to
+// start is recorded as "start-error" and the program runs on unwatched, as a
+// service would.
+func Start(mode, path string) (stop func()) {
+	if path == "" {
+		return func() {}
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return func() {}
+	}
+	var mu sync.Mutex
+	write := func(r Record) {
+		r.Mode, r.PID = mode, os.Getpid()
+		b, err := json.Marshal(r)
+		if err != nil {
+			b, _ = json.Marshal(Record{Type: "marshal-error", Error: err.Error()})
+		}
+		mu.Lock()
+		f.Write(append(b, '\n'))
+		mu.Unlock()
+	}
+	opts, ok := Options(mode)
+	if !ok {
+		write(Record{Type: "started", CPU: processCPU()})
+		f.Close()
+		return func() {}
+	}
+	g, err := mapguard.New(opts)
+	if err != nil {
+		write(Record{Type: "start-error", Error: err.Error()})
+		f.Close()
+		return func() {}
+	}
+	g.OnEvent(func(ev mapguard.Event) {
+		write(Record{Type: "event", Kind: ev.Kind.String(), Event: &ev})
+	})
+	if err := g.Start(context.Background()); err != nil {
+		write(Record{Type: "start-error", Error: err.Error()})
+		g.Close()
+		f.Close()
+		return func() {}
+	}
+	write(Record{Type: "started", CPU: processCPU()})
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			ops := len(g.OpStats())
+			g.Close()
+			st := g.Stats()
+			write(Record{Type: "stats", Stats: &st, OpStats: ops})
+			f.Close()
+		})
+	}
+}

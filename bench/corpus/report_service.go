@@ -1,0 +1,171 @@
+//go:build linux
+
+package main
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/mapguard/mapguard/bench/corpus/record"
+)
+
+// runService runs the service: the crash child, a seed run that triggers
+// every seeded bug, and interleaved load runs off and default. It checks
+// that each seed was reported at its line and prints the load table.
+func (j *judge) runService(repo, out string) error {
+	src := filepath.Join(repo, "bench", "corpus", "service", "main.go")
+	seeds, err := findSeeds(src, j.norm.file(src))
+	if err != nil {
+		return err
+	}
+	fmt.Printf("\n== service: building\n")
+	bin, err := buildService(repo, j.cfg.work)
+	if err != nil {
+		return err
+	}
+	var recs []record.Record
+	crashEvents := filepath.Join(out, "service-crash.jsonl")
+	if err := crashChild(bin, crashEvents); err != nil {
+		j.fail("service: %v", err)
+	}
+	r, err := readRecords(crashEvents)
+	if err != nil {
+		return err
+	}
+	recs = append(recs, r...)
+	seedEvents := filepath.Join(out, "service-seeds.jsonl")
+	r, err = seedRun(bin, record.Default, seedEvents)
+	if err != nil {
+		return err
+	}
+	recs = append(recs, r...)
+	kinds, keys, starts, startErrs, dropped := j.collect("service", record.Default, recs)
+	fmt.Printf("\n== service seed run (crash child, then one default run with every seed)\n")
+	fmt.Printf("   Guard started %d, failed %d, dropped %d; events: %s\n", starts, startErrs, dropped, kindList(kinds, 1))
+	fmt.Printf("   distinct (kind, site) %d: %s\n", len(keys), j.verdictCounts(keys))
+
+	var runs []loadResult
+	for rep := 0; rep < j.cfg.loadReps; rep++ {
+		for i, mode := range []string{record.Off, record.Default} {
+			if rep%2 == 1 {
+				mode = []string{record.Default, record.Off}[i]
+			}
+			events := filepath.Join(out, fmt.Sprintf("service-load-%s-%d.jsonl", mode, rep))
+			s, err := startServer(bin, mode, events)
+			if err != nil {
+				return err
+			}
+			lr := load(s, j.cfg.loadRequests, j.cfg.loadConc, j.cfg.bugs, j.cfg.loadLimit)
+			s.stop()
+			lr.Mode = mode
+			if lr.Records, err = readRecords(events); err != nil {
+				return err
+			}
+			if mode != record.Off {
+				k, _, _, e, d := j.collect("service", mode, lr.Records)
+				if e > 0 {
+					j.fail("service: the Guard failed to start in a load run")
+				}
+				fmt.Printf("   load %s rep %d: events %s, dropped %d\n", mode, rep, kindList(k, 1), d)
+				recs = append(recs, lr.Records...)
+			}
+			runs = append(runs, lr)
+		}
+	}
+	j.checkSeeds(seeds, recs)
+	printLoad(runs)
+	return nil
+}
+
+// checkSeeds fails for every seed no event reported at its line.
+func (j *judge) checkSeeds(seeds []seed, recs []record.Record) {
+	fmt.Printf("\n== seeded bugs\n")
+	for _, s := range seeds {
+		var found []string
+		for _, r := range recs {
+			if r.Type != "event" || j.norm.site(r.Event.Site) != s.Site {
+				continue
+			}
+			for _, k := range s.Kinds {
+				if r.Kind == k {
+					found = append(found, k)
+				}
+			}
+		}
+		if len(found) == 0 {
+			fmt.Printf("   MISSED   %s (%s)\n", s.Site, strings.Join(s.Kinds, " or "))
+			j.fail("seeded bug missed: %s at %s", strings.Join(s.Kinds, " or "), s.Site)
+			continue
+		}
+		fmt.Printf("   reported %s as %s (%d events)\n", s.Site, found[0], len(found))
+	}
+}
+
+func printLoad(runs []loadResult) {
+	fmt.Printf("\n== service under load (server CPU from /proc, 10 ms ticks)\n")
+	fmt.Printf("   %-8s %8s %7s %9s %9s %9s %12s\n", "mode", "requests", "errors", "req/s", "p99", "CPU s", "CPU us/req")
+	by := map[string][]loadResult{}
+	for _, r := range runs {
+		by[r.Mode] = append(by[r.Mode], r)
+		fmt.Printf("   %-8s %8d %7d %9.0f %9s %9.2f %12.1f\n", r.Mode, r.Requests, r.Errors,
+			float64(r.Requests)/r.Duration.Seconds(), r.P99.Round(time.Microsecond), r.CPU.Seconds(),
+			float64(r.CPU.Microseconds())/float64(max(r.Requests, 1)))
+	}
+	off, def := by[record.Off], by[record.Default]
+	if len(off) == 0 || len(def) == 0 {
+		return
+	}
+	med := func(rs []loadResult, f func(loadResult) float64) float64 {
+		var d []time.Duration
+		for _, r := range rs {
+			d = append(d, time.Duration(f(r)*1e6))
+		}
+		return float64(median(d)) / 1e6
+	}
+	tput := func(r loadResult) float64 { return float64(r.Requests) / r.Duration.Seconds() }
+	p := func(r loadResult) float64 { return r.P99.Seconds() }
+	cpu := func(r loadResult) float64 { return r.CPU.Seconds() / float64(max(r.Requests, 1)) }
+	spread := func(rs []loadResult, f func(loadResult) float64, unit float64) string {
+		lo, hi := f(rs[0]), f(rs[0])
+		for _, r := range rs {
+			lo, hi = min(lo, f(r)), max(hi, f(r))
+		}
+		return fmt.Sprintf("%.4g (%.4g-%.4g)", med(rs, f)*unit, lo*unit, hi*unit)
+	}
+	fmt.Printf("   medians (min-max): req/s off %s default %s; p99 ms off %s default %s; server CPU us/req off %s default %s\n",
+		spread(off, tput, 1), spread(def, tput, 1), spread(off, p, 1e3), spread(def, p, 1e3), spread(off, cpu, 1e6), spread(def, cpu, 1e6))
+	fmt.Printf("   default/off (medians): throughput %.2fx, p99 %.2fx, server CPU per request %.2fx\n",
+		med(def, tput)/med(off, tput), med(def, p)/med(off, p), med(def, cpu)/med(off, cpu))
+	fmt.Printf("\n   per one-second window (median over runs): req/s, p99, server CPU\n")
+	fmt.Printf("   %3s %8s %8s %6s %9s %9s %6s %7s %7s %6s\n", "sec", "off", "default", "ratio", "p99 off", "p99 def", "ratio", "CPU off", "CPU def", "ratio")
+	n := 0
+	for _, r := range runs {
+		n = max(n, len(r.Windows))
+	}
+	for sec := 0; sec < n; sec++ {
+		w := func(rs []loadResult, f func(window) float64) (float64, bool) {
+			var d []time.Duration
+			for _, r := range rs {
+				if sec < len(r.Windows) {
+					d = append(d, time.Duration(f(r.Windows[sec])*1e6))
+				}
+			}
+			return float64(median(d)) / 1e6, len(d) > 0
+		}
+		req := func(x window) float64 { return float64(x.Requests) }
+		pp := func(x window) float64 { return x.P99.Seconds() * 1e3 }
+		cc := func(x window) float64 { return x.CPU.Seconds() }
+		ro, ok1 := w(off, req)
+		rd, ok2 := w(def, req)
+		if !ok1 || !ok2 {
+			break
+		}
+		po, _ := w(off, pp)
+		pd, _ := w(def, pp)
+		co, _ := w(off, cc)
+		cd, _ := w(def, cc)
+		fmt.Printf("   %3d %8.0f %8.0f %5.2fx %7.2fms %7.2fms %5.2fx %6.2fs %6.2fs %5.2fx\n", sec, ro, rd, rd/ro, po, pd, pd/po, co, cd, cd/co)
+	}
+}
