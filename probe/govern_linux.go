@@ -170,6 +170,14 @@ func (u *uprobes) startGovernorLocked(now time.Time) error {
 		costs[i] = u.siteCost(s)
 	}
 	u.gov = newGovernor(u.cfg.budget(), costs, float64(u.linkCost), initialLatency, now)
+	for i, s := range u.sites {
+		if s.flags&siteGrowth != 0 {
+			// A table split rehashes about a thousand entries: the trap is a
+			// few percent of the work that makes it fire, and sampling it
+			// would miss the crossing of the growth threshold.
+			u.gov.pin(i)
+		}
+	}
 	u.sampled = make([]atomic.Bool, len(u.sites))
 	for _, s := range u.sites {
 		if s.link == nil {

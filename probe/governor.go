@@ -64,6 +64,10 @@ type govSite struct {
 	watched, span, flushWatched time.Duration
 	spanHits                    uint64
 	disabled                    bool // never attached (e.g. failed to attach)
+	// pinned: never sampled, since its cost is bounded by the work that
+	// makes it fire (a large map's table splitting: thousands of entries
+	// rehashed per hit); its hits are still spent from the budget.
+	pinned bool
 }
 
 // load is the share of one CPU the site costs while attached.
@@ -103,6 +107,9 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 	}
 	return g
 }
+
+// pin keeps site i attached whatever the budget (see govSite.pinned).
+func (g *governor) pin(i int) { g.sites[i].pinned = true }
 
 // setCost updates site i's cost per hit (ns).
 func (g *governor) setCost(i int, cost float64) { g.sites[i].cost = cost }
@@ -214,7 +221,7 @@ func (g *governor) demote(now time.Time) {
 	load := 0.0
 	for i := range g.sites {
 		s := &g.sites[i]
-		if !s.sampled && !s.disabled {
+		if !s.sampled && !s.disabled && !s.pinned {
 			exact = append(exact, i)
 			load += s.load()
 		}

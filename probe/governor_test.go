@@ -214,3 +214,15 @@ func TestGovernorManySites(t *testing.T) {
 		}
 	}
 }
+
+// A pinned site is never sampled; the others pay for it.
+func TestGovernorPinned(t *testing.T) {
+	s := newSim(0.01, []float64{10_000, 10_000}, []float64{15_000, 500}, 30*time.Millisecond)
+	s.g.pin(1)
+	for i := 0; i < 100; i++ {
+		s.step(100 * time.Millisecond)
+	}
+	if !s.g.sites[0].sampled || s.g.sites[1].sampled || !s.g.sites[1].armed {
+		t.Fatalf("sampled: %v, %v (the second pinned)", s.g.sites[0].sampled, s.g.sites[1].sampled)
+	}
+}
