@@ -4,9 +4,13 @@ package mapguard_test
 
 import (
 	"context"
+	"os"
+	"sort"
 	"strconv"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/mapguard/mapguard"
 	"github.com/mapguard/mapguard/internal/testutil"
@@ -138,4 +142,72 @@ func reportHits(b *testing.B, g *mapguard.Guard) {
 		hits += s.Hits
 	}
 	b.ReportMetric(float64(hits)/float64(b.N), "hits/op")
+}
+
+// processCPU is the CPU time of this whole process so far.
+func processCPU() time.Duration {
+	var ru unix.Rusage
+	unix.Getrusage(unix.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkBudget measures what deep watching really costs against its
+// budget: the same amount of map-heavy work (a quarter of its time in map
+// operations, every one of them a deep probe hit while attached) is done
+// without a Guard and with every deep kind and OpStats at a 1% budget,
+// interleaved, over MAPGUARD_BENCH_BUDGET_SECONDS (default 30) seconds per
+// run. extra-cpu-x-budget is (process CPU with - without) / wall time with,
+// divided by the budget: 1 means the governor spent exactly the budget.
+// Each b.N iteration is one pair of runs.
+func BenchmarkBudget(b *testing.B) {
+	testutil.RequirePrivileged(b)
+	const budget = 0.01
+	seconds := 30
+	if s, err := strconv.Atoi(os.Getenv("MAPGUARD_BENCH_BUDGET_SECONDS")); err == nil && s > 0 {
+		seconds = s
+	}
+	m := map[int]int{}
+	work := func(n int) {
+		x := 0
+		for i := 0; i < n; i++ {
+			m[i&255] = i // a deep hit: write (OpStats, shared writers)
+			for j := 0; j < 40; j++ {
+				x += j * i // work that is not a map operation
+			}
+		}
+		sink = x
+	}
+	// Calibrate n so that a run without a Guard takes about `seconds`.
+	t0 := time.Now()
+	work(1_000_000)
+	n := int(float64(1_000_000) * float64(seconds) / time.Since(t0).Seconds())
+	var ratios []float64
+	for b.Loop() {
+		c0 := processCPU()
+		work(n)
+		off := processCPU() - c0
+
+		g, err := mapguard.New(mapguard.Options{
+			Detect:  []mapguard.Kind{mapguard.MissingKeyDelete, mapguard.NilMapDelete, mapguard.SharedWriters},
+			OpStats: true,
+			Budget:  budget,
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := g.Start(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		c0, w0 := processCPU(), time.Now()
+		work(n)
+		on, wall := processCPU()-c0, time.Since(w0)
+		st := g.Stats()
+		g.Close()
+		r := (on - off).Seconds() / wall.Seconds() / budget
+		ratios = append(ratios, r)
+		b.Logf("off %v, on %v over %v: extra %.4f of a CPU (%.2fx the budget); governor's own estimate %.4f, sampled sites %d",
+			off, on, wall, (on-off).Seconds()/wall.Seconds(), r, st.Budget.Overhead, st.Budget.Sampled)
+	}
+	sort.Float64s(ratios)
+	b.ReportMetric(ratios[len(ratios)/2], "extra-cpu-x-budget")
 }

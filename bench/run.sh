@@ -10,4 +10,9 @@ trap 'rm -f "$out"' EXIT
 go test -run '^$' -bench 'MapHeavy|Detection|MissCost|StartClose|Delivery' -benchmem -count "$count" . >>"$out"
 go test -run '^$' -bench 'HitCost' -benchmem -count "$count" ./probe >>"$out"
 go test -run '^$' -bench 'Decode' -benchmem -count "$count" ./decode >>"$out"
+# The budget's real cost needs long runs (30 s each, off and on): only with
+# MAPGUARD_BENCH_BUDGET=1.
+if [ "${MAPGUARD_BENCH_BUDGET:-0}" = 1 ]; then
+	go test -run '^$' -bench 'Budget' -benchtime 3x -timeout 30m . >>"$out"
+fi
 go run ./bench/table <"$out"
