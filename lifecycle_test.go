@@ -215,8 +215,6 @@ func TestCloseWithBlockedCallback(t *testing.T) {
 	for range events {
 	}
 	close(release)
-	g.mu.Lock()
-	g.mu.Unlock()
 	<-g.done // the dispatcher drains and returns
 	if calls != 1 {
 		t.Fatalf("%d callback calls, want 1 (none after Close)", calls)

@@ -50,6 +50,7 @@ func torture(stop <-chan struct{}, workers int, misuses *atomic.Uint64) *sync.Wa
 				_ = str[s+"x"] // a miss
 				ptr[keys[k%64]]++
 				pts[point{k, w}] = bigValue{byte(i)}
+				//lint:ignore S1033 the lookup and the delete are both map operations under test
 				if _, ok := pts[point{k + 1, w}]; ok {
 					delete(pts, point{k + 1, w})
 				}

@@ -22,23 +22,22 @@ import (
 )
 
 type config struct {
-	suites          []string
-	modes           []string
-	reps            int
-	short           bool
-	timeout         time.Duration
-	work            string
-	labels          string
-	service         bool
-	loadRequests    int
-	loadConc        int
-	loadReps        int
-	loadLimit       time.Duration
-	bugs            float64
-	failUnlabelled  bool
-	failUnlabDeep   bool
-	failIntended    bool
-	keepGoingOnFail bool
+	suites         []string
+	modes          []string
+	reps           int
+	short          bool
+	timeout        time.Duration
+	work           string
+	labels         string
+	service        bool
+	loadRequests   int
+	loadConc       int
+	loadReps       int
+	loadLimit      time.Duration
+	bugs           float64
+	failUnlabelled bool
+	failUnlabDeep  bool
+	failIntended   bool
 }
 
 func main() {
