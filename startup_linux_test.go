@@ -20,6 +20,8 @@ import (
 type startupResult struct {
 	StartNs     int64 `json:"start_ns"`
 	CloseNs     int64 `json:"close_ns"`
+	StartCPUNs  int64 `json:"start_cpu_ns"`
+	CloseCPUNs  int64 `json:"close_cpu_ns"`
 	RSSBefore   int64 `json:"rss_before"`
 	RSSPeak     int64 `json:"rss_peak"`
 	RSSStarted  int64 `json:"rss_started"`
@@ -36,6 +38,8 @@ type startupResult struct {
 // first time). Each iteration runs the program once; it measures itself.
 //
 // Metrics, per Start or Close: start-ms and close-ms of wall time;
+// start-cpu-ms and close-cpu-ms of CPU time (user and system, all threads:
+// on a busy machine wall time mostly measures the wait for a core);
 // peak-MB, the most resident memory Start added (VmHWM, reset before
 // Start, minus VmRSS before); started-MB, what it holds once started;
 // closed-MB, what is left right after Close; closed-gc-MB, what is left
@@ -59,6 +63,8 @@ func BenchmarkStartup(b *testing.B) {
 					r := runStartupProgram(b, exe)
 					sum.StartNs += r.StartNs
 					sum.CloseNs += r.CloseNs
+					sum.StartCPUNs += r.StartCPUNs
+					sum.CloseCPUNs += r.CloseCPUNs
 					sum.RSSPeak += r.RSSPeak - r.RSSBefore
 					sum.RSSStarted += r.RSSStarted - r.RSSBefore
 					sum.RSSClosed += r.RSSClosed - r.RSSBefore
@@ -69,6 +75,8 @@ func BenchmarkStartup(b *testing.B) {
 				const ms, mb = 1e6, 1 << 20
 				b.ReportMetric(float64(sum.StartNs)/n/ms, "start-ms")
 				b.ReportMetric(float64(sum.CloseNs)/n/ms, "close-ms")
+				b.ReportMetric(float64(sum.StartCPUNs)/n/ms, "start-cpu-ms")
+				b.ReportMetric(float64(sum.CloseCPUNs)/n/ms, "close-cpu-ms")
 				b.ReportMetric(float64(sum.RSSPeak)/n/mb, "peak-MB")
 				b.ReportMetric(float64(sum.RSSStarted)/n/mb, "started-MB")
 				b.ReportMetric(float64(sum.RSSClosed)/n/mb, "closed-MB")

@@ -20,6 +20,7 @@ import (
 	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/mapguard/mapguard"
@@ -29,6 +30,10 @@ import (
 type Result struct {
 	StartNs int64 `json:"start_ns"`
 	CloseNs int64 `json:"close_ns"`
+	// CPU time (user and system, all threads) Start and Close took: on a
+	// busy machine, wall time mostly measures the wait for a core.
+	StartCPUNs int64 `json:"start_cpu_ns"`
+	CloseCPUNs int64 `json:"close_cpu_ns"`
 	// RSS before Start, its peak during Start, right after Start, right
 	// after Close, and after Close, a GC and debug.FreeOSMemory.
 	RSSBefore   int64 `json:"rss_before"`
@@ -82,11 +87,12 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	t0 := time.Now()
+	c0, t0 := cpuTime(), time.Now()
 	if err := g.Start(context.Background()); err != nil {
 		return err
 	}
 	r.StartNs = int64(time.Since(t0))
+	r.StartCPUNs = cpuTime() - c0
 	if profDir != "" {
 		pprof.StopCPUProfile()
 	}
@@ -107,11 +113,12 @@ func run() error {
 		}
 	}
 
-	t1 := time.Now()
+	c1, t1 := cpuTime(), time.Now()
 	if err := g.Close(); err != nil {
 		return err
 	}
 	r.CloseNs = int64(time.Since(t1))
+	r.CloseCPUNs = cpuTime() - c1
 	if r.RSSClosed, err = status("VmRSS"); err != nil {
 		return err
 	}
@@ -121,6 +128,15 @@ func run() error {
 		return err
 	}
 	return json.NewEncoder(os.Stdout).Encode(r)
+}
+
+// cpuTime returns the process's user and system CPU time in nanoseconds.
+func cpuTime() int64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return ru.Utime.Nano() + ru.Stime.Nano()
 }
 
 // status returns a "kB" field of /proc/self/status, in bytes.
