@@ -33,7 +33,7 @@ type startupResult struct {
 // BenchmarkStartup measures Start and Close with the default options in a
 // fresh process, as a service meets them: bin=small is the smallest
 // program using mapguard (about 7 MB), bin=large a service-sized one (about
-// 80 MB) importing client-go, the AWS S3 SDK and gRPC, built from the
+// 95 MB) importing client-go, the AWS S3 SDK and gRPC, built from the
 // nested module bench/startup (its modules come from the module proxy the
 // first time). Each iteration runs the program once; it measures itself.
 //
