@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"slices"
 	"sort"
 	"sync"
@@ -60,6 +61,10 @@ type Binary struct {
 
 	mu    sync.Mutex
 	known map[uint32]funcRecord // functions already read, by index
+
+	// self is set once OpenSelf has checked the table against the running
+	// code: Func then checks each function with the runtime too.
+	self bool
 }
 
 // funcRecord is what a lookup reads of one function; it does not depend on
@@ -119,7 +124,9 @@ func (b *Binary) LoadBias() uint64 { return b.bias }
 // "runtime.mapassign_faststr" or "internal/runtime/maps.(*Map).growToTable".
 // ok is false if the binary does not contain it; the linker drops functions a
 // program never calls. If an ABI wrapper shares the name, Func returns the
-// wrapped function. ok is also false if the file cannot be read.
+// wrapped function. ok is also false if the file cannot be read and, for a
+// Binary from OpenSelf, if the running program's own function table has no
+// function starting at the same address.
 func (b *Binary) Func(name string) (f Func, ok bool) {
 	h := uint64(nameHash([]byte(name)))
 	i, _ := slices.BinarySearch(b.byHash, h<<32)
@@ -141,7 +148,18 @@ func (b *Binary) Func(name string) (f Func, ok bool) {
 			f, bestID, ok = g, r.funcID, true
 		}
 	}
+	if ok && b.self && !runtimeHasEntry(f.Entry+b.bias) {
+		return Func{}, false
+	}
 	return f, ok
+}
+
+// runtimeHasEntry reports whether the running program's own function
+// table has a function starting at pc. (Its name for pc is that of inlined
+// code if the function starts with some, so names are not compared.)
+func runtimeHasEntry(pc uint64) bool {
+	rf := runtime.FuncForPC(uintptr(pc))
+	return rf != nil && uint64(rf.Entry()) == pc
 }
 
 // FuncAt returns the function whose code contains the link-time address

@@ -3,7 +3,9 @@
 // /proc/self/status (VmRSS, and VmHWM for the peak, reset before Start).
 //
 // Main prints one line of JSON (see Result) and exits 0, or prints the
-// error and exits 1. With MAPGUARD_BENCH_PROFILE=dir it also writes a CPU
+// error and exits 1. With MAPGUARD_BENCH_SMAPS=1 it also prints to stderr
+// the mappings whose resident size grew by 64 kB or more from before Start
+// to its peak and to after Close. With MAPGUARD_BENCH_PROFILE=dir it also writes a CPU
 // profile of Start (dir/cpu.pprof) and a heap profile taken right after
 // Start (dir/heap.pprof).
 package child
@@ -68,6 +70,11 @@ func run() error {
 	if r.RSSBefore, err = status("VmRSS"); err != nil {
 		return err
 	}
+	smaps := os.Getenv("MAPGUARD_BENCH_SMAPS") != ""
+	var before map[string]int64
+	if smaps {
+		before = mappingRSS()
+	}
 	// Writing 5 to clear_refs resets VmHWM to the current RSS.
 	if err := os.WriteFile("/proc/self/clear_refs", []byte("5"), 0); err != nil {
 		return fmt.Errorf("reset peak RSS: %w", err)
@@ -99,6 +106,9 @@ func run() error {
 	if r.RSSPeak, err = status("VmHWM"); err != nil {
 		return err
 	}
+	if smaps {
+		printGrowth("started", before, mappingRSS())
+	}
 	if r.RSSStarted, err = status("VmRSS"); err != nil {
 		return err
 	}
@@ -126,6 +136,9 @@ func run() error {
 	debug.FreeOSMemory()
 	if r.RSSClosedGC, err = status("VmRSS"); err != nil {
 		return err
+	}
+	if smaps {
+		printGrowth("closed-gc", before, mappingRSS())
 	}
 	return json.NewEncoder(os.Stdout).Encode(r)
 }
@@ -162,4 +175,41 @@ func status(field string) (int64, error) {
 		return 0, err
 	}
 	return 0, fmt.Errorf("no %s in /proc/self/status", field)
+}
+
+// mappingRSS returns the resident size of each mapping in
+// /proc/self/smaps, by its header line without the address range's end
+// (heap arenas keep their start as they grow).
+func mappingRSS() map[string]int64 {
+	m := map[string]int64{}
+	data, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		return m
+	}
+	var cur string
+	for _, line := range bytes.Split(data, []byte("\n")) {
+		f := bytes.Fields(line)
+		if len(f) >= 5 && bytes.Contains(f[0], []byte("-")) && !bytes.HasSuffix(f[0], []byte(":")) {
+			start, _, _ := bytes.Cut(f[0], []byte("-"))
+			name := ""
+			if len(f) >= 6 {
+				name = string(f[5])
+			}
+			cur = string(start) + " " + string(f[1]) + " " + name
+			continue
+		}
+		if len(f) == 3 && string(f[0]) == "Rss:" {
+			kb, _ := strconv.ParseInt(string(f[1]), 10, 64)
+			m[cur] += kb << 10
+		}
+	}
+	return m
+}
+
+func printGrowth(when string, before, after map[string]int64) {
+	for k, v := range after {
+		if d := v - before[k]; d >= 64<<10 {
+			fmt.Fprintf(os.Stderr, "%s: +%d kB %s\n", when, d>>10, k)
+		}
+	}
 }
