@@ -458,8 +458,9 @@ func symbolValues(r io.ReaderAt, ef *elf.File, fileSize uint64, names ...string)
 	const symSize = 24 // Elf64_Sym
 	vals := map[string]uint64{}
 	le := binary.LittleEndian
-	scanSection(r, symtab, fileSize, 0, func(d []byte, off uint64) bool {
-		// Chunks start at multiples of 8; symbols at multiples of 24.
+	scanSection(r, symtab, fileSize, symSize, func(d []byte, off uint64) bool {
+		// Chunks start at multiples of 8; symbols at multiples of 24. A
+		// symbol cut at a chunk's end is whole in the next one.
 		i := int((symSize - off%symSize) % symSize)
 		for ; i+symSize <= len(d); i += symSize {
 			if n, ok := byOff[uint64(le.Uint32(d[i:]))]; ok {

@@ -3,6 +3,7 @@ package symbols
 import (
 	"bytes"
 	"debug/elf"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -758,5 +759,42 @@ func BenchmarkOpenSelf(b *testing.B) {
 			}
 		}
 		bin.Close()
+	}
+}
+
+// TestSymbolValues finds symbols whose entries straddle the chunks
+// .symtab is read in, and names that straddle .strtab's.
+func TestSymbolValues(t *testing.T) {
+	const nsyms = 40000 // 960 kB of symbols: four chunks
+	le := binary.LittleEndian
+	strtab := []byte{0}
+	filler := len(strtab)
+	strtab = append(strtab, "main.filler\x00"...)
+	// Pad so that "runtime.text" straddles the first chunk's end.
+	strtab = append(strtab, make([]byte, scanChunk-len(strtab)-5)...)
+	want := map[string]uint64{"runtime.text": 0x401000, "runtime.pclntab": 0x800000, "runtime.epclntab": 0x900000}
+	nameOff := map[string]int{}
+	for _, n := range []string{"runtime.text", "runtime.pclntab", "runtime.epclntab"} {
+		nameOff[n] = len(strtab)
+		strtab = append(append(strtab, n...), 0)
+	}
+	symtab := make([]byte, nsyms*24)
+	for i := range nsyms {
+		le.PutUint32(symtab[24*i:], uint32(filler))
+	}
+	// Symbols cut by the first and third chunk ends, and the last one.
+	for n, i := range map[string]int{"runtime.text": scanChunk / 24, "runtime.pclntab": 3 * scanChunk / 24, "runtime.epclntab": nsyms - 1} {
+		le.PutUint32(symtab[24*i:], uint32(nameOff[n]))
+		le.PutUint64(symtab[24*i+8:], want[n])
+	}
+	file := append(bytes.Clone(symtab), strtab...)
+	ef := &elf.File{Sections: []*elf.Section{
+		{SectionHeader: elf.SectionHeader{Type: elf.SHT_NULL}},
+		{SectionHeader: elf.SectionHeader{Name: ".symtab", Type: elf.SHT_SYMTAB, Offset: 0, Size: uint64(len(symtab)), FileSize: uint64(len(symtab)), Link: 2}},
+		{SectionHeader: elf.SectionHeader{Name: ".strtab", Type: elf.SHT_STRTAB, Offset: uint64(len(symtab)), Size: uint64(len(strtab)), FileSize: uint64(len(strtab))}},
+	}}
+	got := symbolValues(bytes.NewReader(file), ef, uint64(len(file)), "runtime.text", "runtime.pclntab", "runtime.epclntab")
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("symbolValues = %#v, want %#v", got, want)
 	}
 }
