@@ -50,7 +50,10 @@ type uprobes struct {
 	canary   chan decode.Event // receives the canary event during Start
 	sink     Sink
 	done     chan struct{} // closed when the reader goroutine exits
-	ignore   *ebpf.Map
+	// readerQuit tells the reader that a flush of the ring buffer is
+	// teardown's, not a wake-up.
+	readerQuit atomic.Bool
+	ignore     *ebpf.Map
 	// The first ignored goroutines, compared in BPF without a map lookup.
 	ignoredVar  *ebpf.Variable
 	ignoredMore *ebpf.Variable
@@ -852,9 +855,13 @@ func (u *uprobes) checkCanaryLocked(ctx context.Context) error {
 		return fmt.Errorf("start probe: canary function %s not probed: %w", canaryFunc, ErrNotSupported)
 	}
 	goid := make(chan uint64, 1)
+	reader := u.reader
 	go func() {
 		goid <- rt.GoID()
 		canaryWrite()
+		// The record is in the ring now: wake the reader rather than wait
+		// for its next poll (records are submitted without a wake-up).
+		reader.Flush()
 	}()
 	want := <-goid
 
@@ -905,8 +912,9 @@ func (u *uprobes) hasSite(kind decode.Kind, fn string) bool {
 }
 
 // run is the reader goroutine: it drains the ring buffer every poll
-// interval (records are submitted without a wake-up), decodes and delivers,
-// and runs the cost governor on each poll.
+// interval (records are submitted without a wake-up) or when Start flushes
+// it for the canary, decodes and delivers, and runs the cost governor on
+// each poll.
 func (u *uprobes) run(ready chan<- error) {
 	defer close(u.done)
 	// Start holds u.mu and set u.ignore before starting this goroutine.
@@ -929,7 +937,13 @@ func (u *uprobes) run(ready chan<- error) {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			u.tick(time.Now())
 			u.reader.SetDeadline(time.Now().Add(pollInterval))
-		case errors.Is(err, ringbuf.ErrFlushed), errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
+		case errors.Is(err, ringbuf.ErrFlushed):
+			// The ring is drained. A flush is a wake-up (the canary's)
+			// unless teardown asked the reader to stop.
+			if u.readerQuit.Load() {
+				return
+			}
+		case errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
 			return
 		default:
 			u.log.Error(err, "read ring buffer")
@@ -1283,6 +1297,7 @@ func (u *uprobes) teardownLocked() {
 	}
 	if u.reader != nil {
 		if u.done != nil {
+			u.readerQuit.Store(true)
 			u.reader.Flush() // the reader drains the ring, then returns on ErrFlushed
 			u.mu.Unlock()
 			<-u.done // the reader may be waiting for u.mu in tick

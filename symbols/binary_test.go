@@ -3,6 +3,7 @@ package symbols
 import (
 	"bytes"
 	"debug/elf"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -317,7 +318,7 @@ func TestOpen(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer b.Close()
-		t.Logf("%s: textStart %#x from %s, %d functions", filepath.Base(path), b.textStart, b.textSource, len(b.funcs))
+		t.Logf("%s: textStart %#x from %s, %d functions", filepath.Base(path), b.textStart, b.textSource, b.nfunc())
 
 		if b.Path() != path || b.GoVersion() != version || b.PIE() != v.pie || b.Stripped() != v.stripped || b.LoadBias() != 0 {
 			t.Errorf("Path %q GoVersion %q PIE %v Stripped %v LoadBias %#x; want %q %q %v %v 0",
@@ -363,7 +364,15 @@ func TestOpen(t *testing.T) {
 		}
 
 		// Every function's bytes, read through the sections.
-		for _, f := range b.funcs {
+		for i := range b.nfunc() {
+			r, err := b.record(uint32(i))
+			if err != nil {
+				t.Fatal(err)
+			}
+			f, err := b.funcOf(r)
+			if err != nil {
+				t.Fatal(err)
+			}
 			code, err := b.Code(f)
 			if err != nil {
 				t.Fatal(err)
@@ -494,7 +503,7 @@ func TestConcurrent(t *testing.T) {
 // TestCheckPadding checks that a textStart off by a little, as .text is in
 // externally linked binaries, is caught.
 func TestCheckPadding(t *testing.T) {
-	b, tab, err := openFile(buildTarget(t, toolchains[0], variants[1]), false)
+	b, err := openFile(buildTarget(t, toolchains[0], variants[1]), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -502,14 +511,14 @@ func TestCheckPadding(t *testing.T) {
 	start := b.textStart
 	for _, delta := range []int64{-0x100, -0x20, -1, 1, 0x20, 0x100} {
 		s := uint64(int64(start) + delta)
-		if err := b.build(tab, s); err != nil {
+		if err := b.setTextStart(s); err != nil {
 			continue // caught already
 		}
 		if err := b.checkPadding(); err == nil {
 			t.Errorf("textStart %#x (off by %d) passes the padding check", s, delta)
 		}
 	}
-	if err := b.build(tab, start); err != nil {
+	if err := b.setTextStart(start); err != nil {
 		t.Fatal(err)
 	}
 	if err := b.checkPadding(); err != nil {
@@ -662,24 +671,23 @@ func TestOpenSelfCorrects(t *testing.T) {
 	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
 		t.Skip("needs linux/amd64")
 	}
-	b, tab, err := openFile("/proc/self/exe", true)
+	b, err := openFile("/proc/self/exe", true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b.Close()
 	want := b.textStart
 	// The first function then starts before .text, still in the segment.
-	if err := b.build(tab, want-0x40); err != nil {
+	if err := b.setTextStart(want - 0x40); err != nil {
 		t.Fatal(err)
 	}
-	b.textStart = want - 0x40
 	// verifySelf exists on Linux only; the assertion keeps this file
 	// compiling everywhere.
-	v, ok := any(b).(interface{ verifySelf(*pclntab) error })
+	v, ok := any(b).(interface{ verifySelf() error })
 	if !ok {
 		t.Skip("no verifySelf")
 	}
-	if err := v.verifySelf(tab); err != nil {
+	if err := v.verifySelf(); err != nil {
 		t.Fatal(err)
 	}
 	if b.textStart != want || b.textSource != "anchor" {
@@ -736,4 +744,63 @@ func nilMapPanicPC(t *testing.T) (pc uint64) {
 	}()
 	nilMap[t.Name()] = 1
 	return 0
+}
+
+// BenchmarkOpenSelf is the cost of reading the running binary's function
+// table and looking up the functions a Guard probes (B/op is what it
+// allocates; the table itself is read from the file, not kept).
+func BenchmarkOpenSelf(b *testing.B) {
+	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+		b.Skip("needs linux/amd64")
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		bin, err := OpenSelf()
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, name := range mapFuncs {
+			if _, ok := bin.Func(name); !ok {
+				b.Fatalf("%s not found", name)
+			}
+		}
+		bin.Close()
+	}
+}
+
+// TestSymbolValues finds symbols whose entries straddle the chunks
+// .symtab is read in, and names that straddle .strtab's.
+func TestSymbolValues(t *testing.T) {
+	const nsyms = 40000 // 960 kB of symbols: four chunks
+	le := binary.LittleEndian
+	strtab := []byte{0}
+	filler := len(strtab)
+	strtab = append(strtab, "main.filler\x00"...)
+	// Pad so that "runtime.text" straddles the first chunk's end.
+	strtab = append(strtab, make([]byte, scanChunk-len(strtab)-5)...)
+	want := map[string]uint64{"runtime.text": 0x401000, "runtime.pclntab": 0x800000, "runtime.epclntab": 0x900000}
+	nameOff := map[string]int{}
+	for _, n := range []string{"runtime.text", "runtime.pclntab", "runtime.epclntab"} {
+		nameOff[n] = len(strtab)
+		strtab = append(append(strtab, n...), 0)
+	}
+	symtab := make([]byte, nsyms*24)
+	for i := range nsyms {
+		le.PutUint32(symtab[24*i:], uint32(filler))
+	}
+	// Symbols cut by the first and third chunk ends, and the last one.
+	for n, i := range map[string]int{"runtime.text": scanChunk / 24, "runtime.pclntab": 3 * scanChunk / 24, "runtime.epclntab": nsyms - 1} {
+		le.PutUint32(symtab[24*i:], uint32(nameOff[n]))
+		le.PutUint64(symtab[24*i+8:], want[n])
+	}
+	file := append(bytes.Clone(symtab), strtab...)
+	ef := &elf.File{Sections: []*elf.Section{
+		{SectionHeader: elf.SectionHeader{Type: elf.SHT_NULL}},
+		{SectionHeader: elf.SectionHeader{Name: ".symtab", Type: elf.SHT_SYMTAB, Offset: 0, Size: uint64(len(symtab)), FileSize: uint64(len(symtab)), Link: 2}},
+		{SectionHeader: elf.SectionHeader{Name: ".strtab", Type: elf.SHT_STRTAB, Offset: uint64(len(symtab)), Size: uint64(len(strtab)), FileSize: uint64(len(strtab))}},
+	}}
+	got := symbolValues(bytes.NewReader(file), ef, uint64(len(file)), "runtime.text", "runtime.pclntab", "runtime.epclntab")
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("symbolValues = %#v, want %#v", got, want)
+	}
 }

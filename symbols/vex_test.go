@@ -78,7 +78,15 @@ func TestDecodeVEXAgainstX86asm(t *testing.T) {
 	}
 	defer ef.Close()
 	var vex, compared, funcs int
-	for _, f := range b.funcs {
+	for i := 0; i < b.nfunc(); i++ {
+		r, err := b.record(uint32(i))
+		if err != nil {
+			continue
+		}
+		f, err := b.funcOf(r)
+		if err != nil {
+			continue
+		}
 		code, err := b.Code(f)
 		if err != nil || len(code) == 0 {
 			continue
