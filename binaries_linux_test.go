@@ -155,9 +155,9 @@ func checkWatches(t *testing.T, bin string, refused []string) {
 	if res.Error != "" {
 		t.Fatalf("%s: %s (%d events; inactive %v)", res.GoVersion, res.Error, len(res.Events), res.Inactive)
 	}
-	wantKinds := []string{"nil-map-write", "missing-key-read", "nil-map-read", "missing-key-read", "unhashable-key", "map-growth", "map-bloat",
+	wantKinds := []string{"nil-map-write", "missing-key-read", "nested-map-miss", "nil-map-read", "missing-key-read", "unhashable-key", "map-growth", "map-bloat",
 		"missing-key-delete", "nil-map-delete", "shared-writers"}
-	wantTypes := []string{"map[string]int", "map[string]map[int64]bool", "map[int64]bool", "map[int64]string", "map[interface {}]int", "map[int64]int64", "map[int64]int64",
+	wantTypes := []string{"map[string]int", "map[string]map[int64]bool", "map[int64]bool", "map[string]int", "map[int64]string", "map[interface {}]int", "map[int64]int64", "map[int64]int64",
 		"map[string]int", "map[int64]bool", "map[int32]int"}
 	if len(res.Events) != len(wantKinds) {
 		t.Fatalf("%d events, want %d: %+v", len(res.Events), len(wantKinds), res)
