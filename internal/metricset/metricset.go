@@ -13,6 +13,7 @@ import (
 	"cmp"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/mapguard/mapguard"
@@ -237,4 +238,11 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	slices.Sort(ks)
 	return ks
+}
+
+// OTelName is the metric's OpenTelemetry name: dotted, without the
+// _total suffix (OpenTelemetry's Prometheus exporter adds it back to
+// counters), e.g. "mapguard.events".
+func (d *Desc) OTelName() string {
+	return "mapguard." + strings.TrimSuffix(strings.TrimPrefix(d.Name, "mapguard_"), "_total")
 }
