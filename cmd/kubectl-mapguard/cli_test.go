@@ -2,8 +2,8 @@ package main
 
 import (
 	"io"
-	"regexp"
 	"reflect"
+	"regexp"
 	"testing"
 	"time"
 )
