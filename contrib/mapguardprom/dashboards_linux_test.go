@@ -182,4 +182,3 @@ func TestDashboardsMatchTheCollector(t *testing.T) {
 	}
 	t.Logf("%d expressions parsed; they name %d metrics, all in the collector's output of %d families", len(exprs), len(used), len(have))
 }
-
