@@ -87,7 +87,9 @@ type Sites struct {
 	Operations []Operation `json:"operations,omitempty"`
 }
 
-// CallSite counts one kind's events at one call site.
+// CallSite counts one kind's occurrences at one call site: the sum of
+// Event.Count, so an aggregated missing-key-read event adds all the reads
+// it stands for.
 type CallSite struct {
 	Kind    string    `json:"kind"`
 	Site    Frame     `json:"site"`
@@ -134,7 +136,7 @@ func frameJSON(f mapguard.Frame) Frame {
 	return Frame{Function: f.Function, File: f.File, Line: f.Line}
 }
 
-// EventJSON converts ev to its JSON document.
+// eventJSON converts ev to its JSON document.
 func eventJSON(ev mapguard.Event) Event {
 	e := Event{
 		Kind: ev.Kind.String(), Time: ev.Time, Goroutine: ev.Goroutine, Site: frameJSON(ev.Site),
