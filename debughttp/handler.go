@@ -52,7 +52,6 @@ type Handler struct {
 	next       int // ring index into recent once full
 	crashes    []mapguard.Event
 	calls      map[callKey]*CallSite
-	closed     bool
 	closedCh   chan struct{}
 	closedOnce sync.Once
 }
