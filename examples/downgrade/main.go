@@ -6,10 +6,17 @@
 // mapguard sees every one of them and feeds them to a mapguard.Breaker.
 // After -trip of them within -window the breaker trips, and the service
 // stops calling the buggy code path and serves a fallback instead, until
-// -cooldown has passed and the breaker resets. Run it as root:
+// -cooldown has passed and the breaker resets.
 //
-//	go run ./examples/downgrade            # serve on 127.0.0.1:8080
-//	go run ./examples/downgrade -demo      # send requests to itself, print what happens, exit
+// Operators see it too: a debug listener (-debug-addr, loopback by default,
+// like net/http/pprof's) serves /metrics (the Prometheus collector of
+// contrib/mapguardprom) and /debug/mapguard/ (package debughttp, which
+// kubectl-mapguard reads). The example is a module of its own so that the
+// Prometheus client stays out of mapguard's core module. Run it as root,
+// from this directory:
+//
+//	go run .            # serve on 127.0.0.1:8080, debug on 127.0.0.1:6060
+//	go run . -demo      # send requests to itself, print what happens and the metrics, exit
 package main
 
 import (
@@ -21,13 +28,21 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/mapguard/mapguard"
+	"github.com/mapguard/mapguard/contrib/mapguardprom"
+	"github.com/mapguard/mapguard/debughttp"
 )
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8080", "listen address")
+	debugAddr := flag.String("debug-addr", "127.0.0.1:6060", "debug listen address (/metrics, /debug/mapguard/); keep it off public interfaces")
 	trip := flag.Int("trip", 3, "nil-map writes within -window that trip the breaker")
 	window := flag.Duration("window", 10*time.Second, "window for -trip")
 	cooldown := flag.Duration("cooldown", 30*time.Second, "how long to stay degraded")
@@ -54,6 +69,15 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	// The debug mux: one line per integration. The handler is created
+	// before Start, so that it sees the report of an earlier crash.
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(mapguardprom.NewCollector(g, mapguardprom.Options{}), collectors.NewGoCollector())
+	debug := debughttp.New(g, debughttp.Options{})
+	debugMux := http.NewServeMux()
+	debugMux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	debugMux.Handle("/debug/mapguard/", debug)
+
 	if err := g.Start(context.Background()); err != nil {
 		// The service runs on without the breaker: mapguard never takes
 		// the host down with it.
@@ -72,21 +96,31 @@ func main() {
 	})
 	srv := &http.Server{Handler: mux, ErrorLog: log.New(io.Discard, "", 0)}
 
-	listen := *addr
+	debugSrv := &http.Server{Handler: debugMux}
+	debugSrv.RegisterOnShutdown(debug.Close) // ends the event streams
+
+	listen, debugListen := *addr, *debugAddr
 	if *demo {
-		listen = "127.0.0.1:0"
+		listen, debugListen = "127.0.0.1:0", "127.0.0.1:0"
 	}
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		log.Fatal(err)
 	}
+	debugLn, err := net.Listen("tcp", debugListen)
+	if err != nil {
+		log.Fatal(err)
+	}
+	go debugSrv.Serve(debugLn)
+	defer debugSrv.Shutdown(context.Background())
 	if !*demo {
 		log.Printf("serving on http://%s/stats?user=alice (user=bob hits the bug)", ln.Addr())
+		log.Printf("debug: http://%s/metrics and http://%[1]s/debug/mapguard/", debugLn.Addr())
 		log.Fatal(srv.Serve(ln))
 	}
 	go srv.Serve(ln)
 	defer srv.Close()
-	runDemo("http://"+ln.Addr().String(), b)
+	runDemo("http://"+ln.Addr().String(), "http://"+debugLn.Addr().String(), b)
 }
 
 // computeStats has the bug: users without a profile get a nil inner map,
@@ -98,7 +132,7 @@ func computeStats(user string) int {
 	return profile["visits"]
 }
 
-func runDemo(base string, b *mapguard.Breaker) {
+func runDemo(base, debugBase string, b *mapguard.Breaker) {
 	for i, user := range []string{"alice", "bob", "bob", "bob", "alice", "bob"} {
 		resp, err := http.Get(base + "/stats?user=" + user)
 		status := "connection reset (handler panicked)"
@@ -115,4 +149,34 @@ func runDemo(base string, b *mapguard.Breaker) {
 		os.Exit(1)
 	}
 	fmt.Println("the service is degraded and still serving")
+
+	fmt.Printf("\n$ curl -s %s/metrics | grep -E '^mapguard_(events_total\\{kind=\"nil-map-write\"|dropped|probe_sites)'\n", debugBase)
+	metrics := get(debugBase + "/metrics")
+	found := false
+	for _, l := range strings.Split(metrics, "\n") {
+		if strings.HasPrefix(l, `mapguard_events_total{kind="nil-map-write"}`) || strings.HasPrefix(l, "mapguard_dropped") || strings.HasPrefix(l, "mapguard_probe_sites") {
+			fmt.Println(l)
+			found = found || strings.HasPrefix(l, `mapguard_events_total{kind="nil-map-write"}`) && !strings.HasSuffix(l, " 0")
+		}
+	}
+	if !found {
+		fmt.Println("/metrics did not count the nil-map writes")
+		os.Exit(1)
+	}
+	fmt.Printf("\n$ curl -s %s/debug/mapguard/sites  (the call sites, first lines)\n", debugBase)
+	sites := strings.Split(get(debugBase+"/debug/mapguard/sites"), "\n")
+	fmt.Println(strings.Join(sites[:min(len(sites), 14)], "\n"))
+}
+
+func get(u string) string {
+	resp, err := http.Get(u)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		log.Fatal(err)
+	}
+	return string(b)
 }
