@@ -55,6 +55,7 @@ mapguard_events_total{kind="map-bloat"} 0
 mapguard_events_total{kind="map-growth"} 1
 mapguard_events_total{kind="missing-key-delete"} 0
 mapguard_events_total{kind="missing-key-read"} 0
+mapguard_events_total{kind="nested-map-miss"} 0
 mapguard_events_total{kind="nil-map-delete"} 0
 mapguard_events_total{kind="nil-map-read"} 0
 mapguard_events_total{kind="nil-map-write"} 2
