@@ -70,8 +70,8 @@ func main() {
 		}
 		if v, ok := r.median(heavy+"deep-1pct", "ns/op"); ok {
 			est, _ := r.median(heavy+"deep-1pct", "est-overhead-%")
-			duty, _ := r.median(heavy+"deep-1pct", "duty-cycle")
-			row(fmt.Sprintf("map-heavy loop, deep watching at a 1%% budget (duty %.3f, est. %.2f%%)", duty, est),
+			sampled, _ := r.median(heavy+"deep-1pct", "sampled-sites")
+			row(fmt.Sprintf("map-heavy loop, deep watching at a 1%% budget (%.0f sampled, est. %.2f%%)", sampled, est),
 				fmt.Sprintf("%.1f ns/op", v), fmt.Sprintf("%.2fx", v/base))
 		} else {
 			na("map-heavy loop, deep watching")
@@ -112,8 +112,14 @@ func main() {
 		{"deep site, healthy write: mapguard noting the writer only", "mapguard-writers@after-stack-check"},
 		{"deep site, healthy write: empty program at function entry", "empty@entry"},
 	})
-	if v, ok := r.median(deep+"mapguard-deep@after-stack-check", "calibrated-ns/hit"); ok {
-		row("deep hit cost as Start calibrates it", fmt.Sprintf("%.2f us/hit", v/1000), "")
+	if v, ok := r.median(deep+"mapguard-deep@after-stack-check", "calibrated-emulated-ns/hit"); ok {
+		row("an emulated trap as Start calibrates it (empty program)", fmt.Sprintf("%.2f us/hit", v/1000), "")
+	}
+	if v, ok := r.median(deep+"mapguard-deep@after-stack-check", "accounted-ns/hit"); ok {
+		row("a deep hit as the governor accounts it (trap + measured program)", fmt.Sprintf("%.2f us/hit", v/1000), "")
+	}
+	if v, ok := r.median("BenchmarkBudget", "extra-cpu-x-budget"); ok {
+		row("deep watching at 1% for 30 s: real extra process CPU / budget", fmt.Sprintf("%.2fx", v), "")
 	}
 
 	if base, ok := r.median("BenchmarkMissCost/guard=none", "ns/op"); ok {
