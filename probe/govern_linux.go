@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"os"
 	"runtime"
-	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf/link"
@@ -179,7 +178,6 @@ func (u *uprobes) startGovernorLocked(now time.Time) error {
 			u.gov.pin(i)
 		}
 	}
-	u.sampled = make([]atomic.Bool, len(u.sites))
 	for _, s := range u.sites {
 		if s.link == nil {
 			if err := u.armLocked(s); err != nil {

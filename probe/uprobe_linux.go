@@ -213,6 +213,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		return fmt.Errorf("start probe: %w", err)
 	}
 	u.notOwned = make([]atomic.Uint64, len(u.sites))
+	u.sampled = make([]atomic.Bool, len(u.sites)) // before the readers start
 	u.outOfScope = make([]atomic.Uint64, len(u.sites))
 	u.aggSeen = make(map[bpf.MapguardAggKey]uint64)
 	probes := make([]string, len(u.sites))
