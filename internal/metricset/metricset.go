@@ -175,33 +175,12 @@ func Collect(g Source, maxSites int) []Sample {
 	for _, c := range st.CallSites {
 		calls[[3]string{c.Kind.String(), site(c.Site), c.Site.Function}] += c.Count
 	}
-	topCalls, restCalls := topN(mapCounts(calls), maxSites, func(o opCount) uint64 { return o.n }, func(o opCount) string { return o.key[0] + "\x00" + o.key[1] })
-	for _, c := range topCalls {
-		add(CallSites, float64(c.n), c.key[0], c.key[1], c.key[2])
-	}
-	otherCalls := map[string]uint64{} // per kind
-	for _, c := range restCalls {
-		otherCalls[c.key[0]] += c.n
-	}
-	for _, k := range sortedKeys(otherCalls) {
-		add(CallSites, float64(otherCalls[k]), k, Other, Other)
-	}
-
+	addTop(add, CallSites, calls, maxSites)
 	ops := map[[3]string]uint64{} // op, file:line, function
 	for _, o := range g.OpStats() {
 		ops[[3]string{o.Op.String(), site(o.Site), o.Site.Function}] += o.Count
 	}
-	topOps, restOps := topN(mapCounts(ops), maxSites, func(o opCount) uint64 { return o.n }, func(o opCount) string { return o.key[0] + "\x00" + o.key[1] })
-	for _, o := range topOps {
-		add(Operations, float64(o.n), o.key[0], o.key[1], o.key[2])
-	}
-	other := map[string]uint64{} // per op
-	for _, o := range restOps {
-		other[o.key[0]] += o.n
-	}
-	for _, op := range sortedKeys(other) {
-		add(Operations, float64(other[op]), op, Other, Other)
-	}
+	addTop(add, Operations, ops, maxSites)
 
 	crash := 0.0
 	if st.CrashRecord != "" {
@@ -217,6 +196,23 @@ func Collect(g Source, maxSites int) []Sample {
 		add(TrapCost, b.EmulatedCost.Seconds(), "emulated")
 	}
 	return out
+}
+
+// addTop adds the maxSites highest counts of d, keyed by (class, site,
+// function), and for the rest one (class, "other", "other") series per
+// class.
+func addTop(add func(*Desc, float64, ...string), d *Desc, counts map[[3]string]uint64, maxSites int) {
+	top, rest := topN(mapCounts(counts), maxSites, func(o opCount) uint64 { return o.n }, func(o opCount) string { return o.key[0] + "\x00" + o.key[1] })
+	for _, o := range top {
+		add(d, float64(o.n), o.key[0], o.key[1], o.key[2])
+	}
+	other := map[string]uint64{} // per class
+	for _, o := range rest {
+		other[o.key[0]] += o.n
+	}
+	for _, class := range sortedKeys(other) {
+		add(d, float64(other[class]), class, Other, Other)
+	}
 }
 
 // opCount is a count with its three label values.
