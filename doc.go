@@ -86,8 +86,8 @@
 //
 // # Errors
 //
-// Start returns errors that wrap ErrNotSupported (platform, kernel or Go
-// version), ErrPermission (capabilities), ErrLayoutMismatch (the runtime did
+// Start returns errors that wrap ErrNotSupported (platform, kernel, Go
+// version, or a kind this build cannot watch), ErrPermission (capabilities), ErrLayoutMismatch (the runtime did
 // not look as expected, so nothing was attached) or ErrClosed. In every
 // case nothing is left running and the process behaves as if mapguard were
 // not there. Events are never waited for: what does not fit in a buffer is

@@ -298,8 +298,12 @@ func New(opts Options) (*Guard, error) {
 // Start attaches the probes and begins delivering events. It returns once
 // the probes are live and verified by a canary event, or an error wrapping
 // ErrNotSupported, ErrPermission, ErrLayoutMismatch or ErrClosed with
-// nothing left running. Watching stops when ctx is done or Close is called.
-// A Guard is started at most once.
+// nothing left running. A kind asked for that this build cannot watch (its
+// runtime functions are there, but none has a shape the site finders can
+// prove, as with -gcflags=all=-N -l for the read kinds) is refused with
+// ErrNotSupported naming the kind, the function, the reason and the build,
+// rather than left silently off. Watching stops when ctx is done or Close
+// is called. A Guard is started at most once.
 func (g *Guard) Start(ctx context.Context) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
