@@ -116,6 +116,30 @@ func BenchmarkMissCost(b *testing.B) {
 	})
 }
 
+// BenchmarkCommaOKMissCost is the cost of a comma-ok read that misses
+// (v, ok := m[k]), which is no anomaly. Up to Go 1.26 no probe sits on its
+// path; on Go 1.27 the miss blocks are shared with plain reads (in
+// mapaccess2*), so it takes the trap and the BPF program filters it.
+func BenchmarkCommaOKMissCost(b *testing.B) {
+	m := map[string]int{"here": 1}
+	miss := func(b *testing.B) {
+		n := 0
+		for b.Loop() {
+			if _, ok := m["gone"]; !ok {
+				n++
+			}
+		}
+		sink = n
+	}
+	b.Run("guard=none", miss)
+	b.Run("guard=default", func(b *testing.B) {
+		g := startReal(b, mapguard.Options{Budget: 1})
+		miss(b)
+		b.StopTimer()
+		reportHits(b, g)
+	})
+}
+
 // BenchmarkStartClose measures Start (find sites, load, attach, canary) and
 // Close (detach everything) with the default kinds.
 func BenchmarkStartClose(b *testing.B) {

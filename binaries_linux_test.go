@@ -50,8 +50,6 @@ func buildVariants() []buildVariant {
 	return append(vs,
 		buildVariant{name: "go1.27.3/mapsplitgroup", toolchain: "go1.27.3", env: []string{"GOEXPERIMENT=mapsplitgroup"}},
 		buildVariant{name: "go1.26.8/trimpath", toolchain: "go1.26.8", flags: []string{"-trimpath"}},
-		buildVariant{name: "go1.26.8/noopt", toolchain: "go1.26.8", flags: []string{"-gcflags=all=-N -l"},
-			refused: []string{"-gcflags=all=-N -l", "nil-map-read", "missing-key-read"}},
 		buildVariant{name: "go1.27.3/noopt", toolchain: "go1.27.3", flags: []string{"-gcflags=all=-N -l"},
 			refused: []string{"-gcflags=all=-N -l", "nil-map-read", "missing-key-read"}},
 		buildVariant{name: "go1.26.8/amd64v3", toolchain: "go1.26.8", env: []string{"GOAMD64=v3"}},

@@ -93,7 +93,7 @@
 // # Errors
 //
 // Every error Start returns wraps one of ErrNotSupported (platform, kernel
-// or Go version), ErrPermission (capabilities), ErrResourceLimit (a limit
+// or Go version, or a kind this build cannot watch), ErrPermission (capabilities), ErrResourceLimit (a limit
 // such as RLIMIT_NOFILE, named in the message), ErrLayoutMismatch (the
 // runtime did not look as expected, so nothing was attached), ErrBusy (the
 // process was too busy for the Guard's goroutines to run), ErrStarted,

@@ -430,7 +430,11 @@ func (g *Guard) newProbe() probe.Probe {
 // ErrPermission, ErrResourceLimit, ErrLayoutMismatch, ErrBusy, ErrStarted,
 // ErrClosed, or ctx's error (context.Canceled or
 // context.DeadlineExceeded; Start checks ctx between its steps and returns
-// promptly once it is done).
+// promptly once it is done). A kind asked for that this build cannot watch
+// (its runtime functions are there, but none has a shape the site finders
+// can prove, as with -gcflags=all=-N -l for the read kinds) is refused with
+// ErrNotSupported naming the kind, the function, the reason and the build,
+// rather than left silently off.
 //
 // After a refusal (any error but ErrStarted and ErrClosed) the Guard is as
 // New left it: Start may be called again, and begins afresh; the Events

@@ -166,6 +166,9 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	case err != nil:
 		return fmt.Errorf("start probe: %w: %w", ErrLayoutMismatch, err)
 	}
+	if rt.NewerThanChecked() {
+		u.log.V(1).Info("Go release newer than mapguard was checked against: layouts derived and verified, sites found by shape", "go", runtime.Version())
+	}
 	if err := checkCapabilities(); err != nil {
 		return err
 	}

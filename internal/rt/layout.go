@@ -38,6 +38,14 @@ var tabled = Offsets{
 	TypeSize:   0,
 }
 
+// NewerThanChecked reports whether the running Go release is newer than
+// Newest (or a development version): its layouts are derived and verified
+// like any other's, but nobody has read its sources for mapguard yet.
+func NewerThanChecked() bool {
+	minor, ok := goMinor(runtime.Version())
+	return !ok || minor > Newest
+}
+
 // goMinor returns the minor version of a Go release string ("go1.27.3" ->
 // 27); ok is false for a development or unparsable version.
 func goMinor(v string) (int, bool) {
