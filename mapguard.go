@@ -208,6 +208,10 @@ type Stats struct {
 	// none); CrashRecordError says why there is none when one was wanted.
 	CrashRecord      string
 	CrashRecordError string
+	// CrashRecordsDamaged counts crash records of earlier processes that
+	// failed a check at Start (a forged or corrupt entry in the pinned map):
+	// each was logged and removed, and none is reported as PreviousCrash.
+	CrashRecordsDamaged int
 	// Deep describes deep watching and its cost; nil when it is off.
 	Deep *DeepStats
 }
@@ -445,7 +449,9 @@ func (g *Guard) Stats() Stats {
 
 		CrashRecord:      ps.CrashRecord,
 		CrashRecordError: ps.CrashRecordError,
-		Deep:             ps.Deep,
+
+		CrashRecordsDamaged: ps.CrashRecordsDamaged,
+		Deep:                ps.Deep,
 	}
 	for _, k := range decode.Kinds() {
 		if n := g.perKind[k].Load(); n > 0 {

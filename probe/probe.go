@@ -56,6 +56,9 @@ type Stats struct {
 	// there is none; CrashRecordError says why not, if it was wanted.
 	CrashRecord      string
 	CrashRecordError string
+	// CrashRecordsDamaged counts crash records of earlier processes that
+	// failed a check at Start (forged, corrupt): removed and not reported.
+	CrashRecordsDamaged int
 	// Deep describes deep watching; nil when it is off.
 	Deep *DeepStats
 }

@@ -73,13 +73,15 @@ type uprobes struct {
 	aggSeen map[bpf.MapguardAggKey]uint64
 	lastAgg time.Time
 	aggRaw  []byte
-	// Crash records: the pinned map and its path, this process's key, and
-	// records of earlier processes waiting to be delivered by the reader.
-	crashes   *ebpf.Map
-	crashPath string
-	crashErr  string
-	pending   []crashRecord
-	own       *ownBinary
+	// Crash records: this process's entry in the pinned map (shared by
+	// its Guards), records of earlier processes waiting to be delivered by
+	// the reader, and damaged records removed at Start.
+	crash        *crashStore
+	crashPath    string
+	crashErr     string
+	crashDamaged int
+	pending      []crashRecord
+	own          *ownBinary
 
 	offsets *rt.Offsets
 	// Deep watching and its budget governor (see govern).
@@ -171,14 +173,19 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	if err := u.chooseSites(bin); err != nil {
 		return err
 	}
-	if err := u.load(offsets); err != nil {
-		return err
-	}
-
 	clock, err := newClock()
 	if err != nil {
 		return fmt.Errorf("start probe: %w", err)
 	}
+	if u.watched[decode.ConcurrentMisuse] && !u.cfg.NoCrashRecord {
+		if u.own, err = newOwnBinary(bin, offsets, clock); err != nil {
+			u.crashUnavailableLocked(err)
+		}
+	}
+	if err := u.load(offsets); err != nil {
+		return err
+	}
+
 	u.notOwned = make([]atomic.Uint64, len(u.sites))
 	u.outOfScope = make([]atomic.Uint64, len(u.sites))
 	u.aggSeen = make(map[bpf.MapguardAggKey]uint64)
@@ -195,19 +202,6 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		dcfg.MissScope = &miss
 	}
 	u.decoder = decode.NewDecoder(dcfg)
-	if u.crashes != nil {
-		u.own, err = newOwnBinary(bin, offsets, clock)
-		if err == nil {
-			err = u.registerCrashLocked(clock)
-		}
-		if err != nil {
-			u.log.Error(err, "crash records unavailable", "path", u.crashPath)
-			u.crashErr = err.Error()
-			u.crashes.Close()
-			u.crashes, u.crashPath, u.pending = nil, "", nil
-		}
-	}
-
 	// The reader ignores itself before any probe is armed.
 	u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
 	u.canary = make(chan decode.Event, 1)
@@ -454,7 +448,7 @@ type ownBinary struct {
 }
 
 func newOwnBinary(bin *symbols.Binary, o *rt.Offsets, clock decode.Clock) (*ownBinary, error) {
-	id, err := exeIdentity(selfExe)
+	id, err := buildID(selfExe)
 	if err != nil {
 		return nil, err
 	}
@@ -481,14 +475,36 @@ func openOwnBinary() (*ownBinary, error) {
 	return newOwnBinary(bin, o, clock)
 }
 
-// decodeCrash turns a crash record into a PreviousCrash event. Only a
-// record of this very binary has addresses that mean something here; o may
-// be nil (no binary to symbolise with).
+// check returns why the addresses in a crash record of this build cannot
+// be trusted ("" if they can): every return PC, moved to this process's
+// load address, must be in this binary's code. The map address is never
+// used and checkEntry refused a type. A record of another build (or with o
+// nil) is decoded without its addresses, so nothing in it is looked up.
+func (o *ownBinary) check(r crashRecord) string {
+	if o == nil || r.val.ExeId != o.exeID {
+		return ""
+	}
+	delta := o.bias - r.val.Bias
+	e := &r.val.Ev
+	for i := 0; i < int(min(e.Npcs, decode.MaxFrames)); i++ {
+		if pc := uintptr(e.Pcs[i] + delta); !inText(pc) {
+			return fmt.Sprintf("return PC %#x outside this binary's code", pc)
+		}
+	}
+	if e.PeerPc != 0 && !inText(uintptr(e.PeerPc+delta)) {
+		return fmt.Sprintf("peer PC %#x outside this binary's code", uintptr(e.PeerPc+delta))
+	}
+	return ""
+}
+
+// decodeCrash turns a crash record that passed checkEntry and check into a
+// PreviousCrash event. Only a record of this very build has addresses that
+// mean something here; o may be nil (no binary to symbolise with).
 func (o *ownBinary) decodeCrash(r crashRecord, ev *decode.Event) {
-	raw := r.raw
+	raw := r.raw()
 	var dec *decode.Decoder
-	if o != nil && r.exeID == o.exeID {
-		decode.Rebase(raw, int64(o.bias-r.bias))
+	if o != nil && r.val.ExeId == o.exeID {
+		decode.Rebase(raw, int64(o.bias-r.val.Bias))
 		dec = o.dec
 	} else {
 		decode.Strip(raw)
@@ -501,26 +517,29 @@ func (o *ownBinary) decodeCrash(r crashRecord, ev *decode.Event) {
 	ev.PID = r.pid
 }
 
-// registerCrashLocked reads the records earlier processes of this program
-// left (the reader delivers them, then deletes them) and creates this
-// process's entry.
-func (u *uprobes) registerCrashLocked(clock decode.Clock) error {
-	recs, err := readCrashes(u.crashes, os.Getpid(), false)
-	if err != nil {
-		return err
-	}
-	u.pending = recs
-	return u.crashes.Put(uint64(os.Getpid()), bpf.MapguardCrash{
-		Bias:    u.own.bias,
-		ExeId:   u.own.exeID,
-		StartNs: uint64(clock.Mono),
-	})
+// crashUnavailableLocked records and logs (at V(0): the user asked for the
+// record and will not get it) why there is no crash record.
+func (u *uprobes) crashUnavailableLocked(err error) {
+	u.crashErr = err.Error()
+	u.own = nil
+	u.log.Info("crash record unavailable: a concurrent map misuse that kills the process will not be reported at the next start; "+
+		"it needs CAP_BPF and write access to a BPF file system at "+BPFFS+" (see the README)", "error", err.Error())
 }
 
 func (u *uprobes) load(o *rt.Offsets) error {
 	spec, err := bpf.LoadMapguard()
 	if err != nil {
 		return fmt.Errorf("start probe: %w", err)
+	}
+	if u.own != nil {
+		take, err := acquireCrashStore(spec.Maps[bpf.MapguardMapCrashes], u.own, u.log)
+		if err != nil {
+			// The crash is still seen live if the reader is quick enough;
+			// only the record that outlives it is missing.
+			u.crashUnavailableLocked(err)
+		} else {
+			u.crash, u.crashPath, u.pending, u.crashDamaged = take.store, take.store.path, take.pending, take.damaged
+		}
 	}
 	frames := uint32(min(decode.MaxFrames, 6+u.cfg.StackDepth))
 	for name, v := range map[string]any{
@@ -534,7 +553,7 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		bpf.MapguardVarMapGlobalDepthOffset:  o.MapGlobalDepth,
 		bpf.MapguardVarTableCapacityOffset:   o.TableCapacity,
 		bpf.MapguardVarTableLocalDepthOffset: o.TableLocalDepth,
-		bpf.MapguardVarCrashKey:              uint64(os.Getpid()),
+		bpf.MapguardVarCrashKey:              u.crashKey(),
 		bpf.MapguardVarKeySalt:               randomSalt(),
 		bpf.MapguardVarCaptureKeys:           uint32(boolInt(u.cfg.CaptureKeys != nil)),
 		bpf.MapguardVarSharedWindowNs:        uint64(u.cfg.sharedWindow()),
@@ -558,17 +577,8 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	}
 
 	var opts ebpf.CollectionOptions
-	if u.watched[decode.ConcurrentMisuse] && !u.cfg.NoCrashRecord {
-		m, path, err := openCrashMap(spec.Maps[bpf.MapguardMapCrashes])
-		if err != nil {
-			// The crash is still seen live if the reader is quick enough;
-			// only the record that outlives it is missing.
-			u.crashErr = err.Error()
-			u.log.Error(err, "crash records unavailable: a concurrent map misuse that kills the process will not be reported at the next start")
-		} else {
-			u.crashes, u.crashPath = m, path
-			opts.MapReplacements = map[string]*ebpf.Map{bpf.MapguardMapCrashes: m}
-		}
+	if u.crash != nil {
+		opts.MapReplacements = map[string]*ebpf.Map{bpf.MapguardMapCrashes: u.crash.m}
 	}
 
 	coll, err := ebpf.NewCollectionWithOptions(spec, opts)
@@ -886,17 +896,30 @@ func (u *uprobes) setWakeLocked() {
 	}
 }
 
-// deliverCrashesLocked reports the crash records of earlier processes.
+// deliverCrashesLocked reports the crash records of earlier processes,
+// each one only if this process is the one that removes it from the map.
 func (u *uprobes) deliverCrashesLocked() {
 	var ev decode.Event
 	for _, r := range u.pending {
+		ok, err := u.crash.claim(r)
+		if err != nil {
+			u.log.Error(err, "claim crash record")
+		}
+		if !ok {
+			continue
+		}
 		u.own.decodeCrash(r, &ev)
 		u.sink(&ev)
-		if err := u.crashes.Delete(uint64(r.pid)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			u.log.Error(err, "delete delivered crash record")
-		}
 	}
 	u.pending = nil
+}
+
+// crashKey is the key of this process's crash entry, 0 without one.
+func (u *uprobes) crashKey() uint64 {
+	if u.crash == nil {
+		return 0
+	}
+	return u.crash.key
 }
 
 // flushAggsLocked reports, per call site, the occurrences counted in BPF
@@ -974,7 +997,7 @@ func (u *uprobes) ignoreLocked(goid uint64) error {
 func (u *uprobes) Stats() Stats {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	st := Stats{Inactive: append([]Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
+	st := Stats{Inactive: append([]Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr, CrashRecordsDamaged: u.crashDamaged,
 		Deep: u.deepStatsLocked(time.Now())}
 	if u.coll != nil {
 		u.readCounters()
@@ -1078,25 +1101,10 @@ func (u *uprobes) teardownLocked() {
 		}
 		u.coll.Close()
 	}
-	if u.crashes != nil {
-		u.releaseCrashLocked()
+	if u.crash != nil {
+		releaseCrashStore(u.crash, u.log)
 	}
-	u.coll, u.reader, u.ignore, u.stats, u.done, u.aggs, u.crashes = nil, nil, nil, nil, nil, nil, nil
-}
-
-// releaseCrashLocked deletes this process's crash entry (it did not crash)
-// and unpins the map once no process of the program uses it.
-func (u *uprobes) releaseCrashLocked() {
-	if err := u.crashes.Delete(uint64(os.Getpid())); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		u.log.Error(err, "delete crash entry")
-	}
-	var key uint64
-	if err := u.crashes.NextKey(nil, &key); errors.Is(err, ebpf.ErrKeyNotExist) && len(u.pending) == 0 {
-		if err := u.crashes.Unpin(); err != nil {
-			u.log.V(1).Info("unpin crash records", "error", err.Error())
-		}
-	}
-	u.crashes.Close()
+	u.coll, u.reader, u.ignore, u.stats, u.done, u.aggs, u.crash = nil, nil, nil, nil, nil, nil, nil
 }
 
 // checkCapabilities fails fast without the capabilities BPF and uprobes
