@@ -297,33 +297,25 @@ func TestCrashRecordPlainRestart(t *testing.T) {
 		t.Fatalf("ReadCrashReports = %v, %v; want the report of pid %d", reports, err, crashed.pid)
 	}
 	wantOneReport(t, runReport(t, helperCmd(bin, "report")), crashed, true)
-	if again := runReport(t, helperCmd(bin, "report")); len(again.prevs) != 0 {
+	again := runReport(t, helperCmd(bin, "report"))
+	if len(again.prevs) != 0 {
 		t.Errorf("delivered again: %v", again.prevs)
 	}
-	wantNoPin(t, crashed)
+	wantNoPin(t, again)
 }
 
 // wantNoPin checks that the program's pin is gone once no process of it
-// runs (the path is the one the crashed process reported).
+// runs: h is the last run, which printed the path in its Stats.
 func wantNoPin(t *testing.T, h helperOutput) {
 	t.Helper()
-	matches, _ := filepath.Glob(filepath.Join("/sys/fs/bpf/mapguard", "crash2-app-*"))
-	for _, m := range matches {
-		if pinOwnedBy(m, h) {
-			t.Errorf("pin %s left behind", m)
-		}
+	if len(h.stats) == 0 || h.stats[0].CrashRecord == "" {
+		t.Fatalf("the last run had no crash record: %+v", h.stats)
 	}
-}
-
-// pinOwnedBy reports whether the pin at path is the program's that h ran:
-// every run prints its Stats with the path.
-func pinOwnedBy(path string, h helperOutput) bool {
 	for _, st := range h.stats {
-		if st.CrashRecord == path {
-			return true
+		if _, err := os.Stat(st.CrashRecord); err == nil {
+			t.Errorf("pin %s left behind", st.CrashRecord)
 		}
 	}
-	return false
 }
 
 // A container's program is PID 1 of its PID namespace, crashes, and
@@ -395,10 +387,11 @@ func TestCrashRecordSymlinkSwitch(t *testing.T) {
 		t.Fatalf("ReadCrashReports(%s) = %v, %v; want the report of pid %d", app, reports, err, crashed.pid)
 	}
 	wantOneReport(t, runReport(t, helperCmd(app, "report")), crashed, false)
-	if again := runReport(t, helperCmd(app, "report")); len(again.prevs) != 0 {
+	again := runReport(t, helperCmd(app, "report"))
+	if len(again.prevs) != 0 {
 		t.Errorf("delivered again: %v", again.prevs)
 	}
-	wantNoPin(t, crashed)
+	wantNoPin(t, again)
 }
 
 // newBuildID gives the program at path another Go build ID, which is what a
@@ -469,6 +462,9 @@ func TestCrashRecordSiblingClose(t *testing.T) {
 	if len(all) != rounds {
 		t.Errorf("%d reports in all, want %d", len(all), rounds)
 	}
+	// The killed sibling's entry is removed by the next Start, whose Close
+	// then unpins.
+	wantNoPin(t, runReport(t, helperCmd(bin, "report")))
 	t.Logf("%d crashes, reported by the cycling sibling %d times, by the next start %d times; the sibling closed %d Guards",
 		rounds, len(cyc.prevs), len(all)-len(cyc.prevs), len(cyc.stats))
 }
@@ -520,6 +516,7 @@ func TestCrashRecordBPFCapabilities(t *testing.T) {
 		t.Fatalf("report run: %v\n%s", err, tail(string(out), 30))
 	}
 	wantOneReport(t, rep, crashed, true)
+	wantNoPin(t, rep)
 }
 
 func parseHelperLoose(out string) helperOutput {
