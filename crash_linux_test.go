@@ -33,8 +33,17 @@ import (
 // "concurrent map writes" with a Guard watching, and checks that the next
 // Start of the program reports it exactly once.
 
-// crashHelper is the program the crash tests run, in the mode named by
-// MAPGUARD_CRASH_HELPER:
+// TestMain runs this test binary as crashHelper when
+// MAPGUARD_CRASH_HELPER is set, else runs the tests.
+func TestMain(m *testing.M) {
+	if mode := os.Getenv("MAPGUARD_CRASH_HELPER"); mode != "" {
+		crashHelper(mode)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// crashHelper is the program the crash tests run, in mode:
 //   - report: start a Guard (two with MAPGUARD_CRASH_GUARDS=2), close it,
 //     print every PreviousCrash it delivered and its Stats;
 //   - crash: the same, then race two writers until the runtime kills the
@@ -45,11 +54,7 @@ import (
 //   - hold: start a Guard, print HELD, and wait to be killed.
 //
 // Lines: "PREV <json of the event>", "STATS <json>", "PID <pid>".
-func TestCrashHelper(t *testing.T) {
-	mode := os.Getenv("MAPGUARD_CRASH_HELPER")
-	if mode == "" {
-		t.Skip("the program the crash tests run")
-	}
+func crashHelper(mode string) {
 	if os.Getenv("MAPGUARD_CRASH_MOUNT_PROC") == "1" {
 		// PID 1 of a new PID namespace, as `unshare --pid --fork
 		// --mount-proc` starts it: a /proc of its own.
@@ -211,7 +216,7 @@ func parseHelper(t *testing.T, out string) helperOutput {
 
 // helperCmd runs the program at bin in mode, with extra environment.
 func helperCmd(bin, mode string, env ...string) *exec.Cmd {
-	cmd := exec.Command(bin, "-test.run=^TestCrashHelper$", "-test.v")
+	cmd := exec.Command(bin)
 	cmd.Env = append(os.Environ(), append([]string{"MAPGUARD_CRASH_HELPER=" + mode}, env...)...)
 	return cmd
 }
@@ -436,7 +441,10 @@ func TestCrashRecordSiblingClose(t *testing.T) {
 	if err := cycle.Start(); err != nil {
 		t.Fatal(err)
 	}
-	const rounds = 6
+	rounds := 6
+	if testing.Short() {
+		rounds = 2
+	}
 	var crashes []helperOutput
 	var reports []helperOutput
 	for i := 0; i < rounds; i++ {
