@@ -321,6 +321,33 @@ func wantNoPin(t *testing.T, h helperOutput) {
 			t.Errorf("pin %s left behind", st.CrashRecord)
 		}
 	}
+	// Every alive directory left is held by a live process (of this or
+	// another test running now): one a process is just creating is locked
+	// microseconds later.
+	dirs, _ := filepath.Glob(filepath.Join(filepath.Dir(h.stats[0].CrashRecord), "alive-*"))
+	for _, d := range dirs {
+		if unlocked(d) {
+			time.Sleep(100 * time.Millisecond)
+			if unlocked(d) {
+				t.Errorf("%s left behind by a process that is gone", d)
+			}
+		}
+	}
+}
+
+// unlocked reports whether the directory at path exists and no process
+// holds its flock.
+func unlocked(path string) bool {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		return false
+	}
+	unix.Flock(fd, unix.LOCK_UN)
+	return true
 }
 
 // A container's program is PID 1 of its PID namespace, crashes, and

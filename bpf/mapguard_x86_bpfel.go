@@ -35,7 +35,7 @@ type MapguardCrash struct {
 	Pidns     uint64
 	ProcStart uint64
 	Pid       uint32
-	Token     uint32
+	Spare32   uint32
 	Spare     uint64
 	Ev        MapguardEvent
 }

@@ -19,7 +19,9 @@ package probe
 //     symbolised here.
 //
 // One entry per process, shared by its Guards (crashStore counts them); only
-// its owner removes it, or a reader that proves the owner gone. Creating the
+// its owner removes it, or a reader that proves the owner gone (the owner
+// holds an flock on a directory of its own while the entry is in use; see
+// aliveDir). Creating the
 // pin and adding an entry, and removing an entry and unpinning the empty map,
 // happen under an flock of the directory, so the map is never unpinned
 // between another process's open and its entry.
@@ -58,9 +60,13 @@ const BPFFS = "/sys/fs/bpf"
 // crash is another object, left alone.
 const crashLayout = 2
 
-// tokenName names the liveness token map: a map that exists exactly as long
-// as the process that made it holds its crash entry.
-const tokenName = "mg_alive"
+// aliveDir is where a process holds an flock while its entry is in use:
+// BPFFS/mapguard/alive-<key>, a directory (the BPF file system has no
+// regular files). The lock goes when the process dies, whatever its PID
+// namespace; a reader that gets it has proven the owner gone.
+func aliveDir(dir string, key uint64) string {
+	return filepath.Join(dir, fmt.Sprintf("alive-%016x", key))
+}
 
 // crashRecord is one crashed entry read back.
 type crashRecord struct {
@@ -252,7 +258,7 @@ type crashStore struct {
 	path  string
 	self  procIdentity
 	key   uint64
-	token *ebpf.Map
+	alive int // fd of aliveDir, flocked
 	users int
 }
 
@@ -305,12 +311,12 @@ func acquireCrashStore(spec *ebpf.MapSpec, own *ownBinary, log logr.Logger) (cra
 	if err != nil {
 		return crashTake{}, err
 	}
-	token, err := ebpf.NewMap(&ebpf.MapSpec{Name: tokenName, Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	alive, err := holdAlive(aliveDir(dir, self.key()))
 	if err != nil {
 		m.Close()
-		return crashTake{}, fmt.Errorf("create liveness token: %w", err)
+		return crashTake{}, err
 	}
-	s := &crashStore{m: m, path: path, self: self, key: self.key(), token: token, users: 1}
+	s := &crashStore{m: m, path: path, self: self, key: self.key(), alive: alive, users: 1}
 	take := crashTake{store: s}
 	take.pending, take.damaged = s.collect(own, log)
 	clock, err := newClock()
@@ -320,7 +326,7 @@ func acquireCrashStore(spec *ebpf.MapSpec, own *ownBinary, log logr.Logger) (cra
 	}
 	v := bpf.MapguardCrash{
 		Bias: own.bias, ExeId: own.exeID, StartNs: uint64(clock.Mono),
-		Pidns: self.pidns, ProcStart: self.procStart, Pid: self.pid, Token: uint32(tokenID(token)),
+		Pidns: self.pidns, ProcStart: self.procStart, Pid: self.pid,
 	}
 	if err := m.Update(s.key, v, ebpf.UpdateAny); err != nil {
 		s.close()
@@ -361,13 +367,21 @@ func openOrCreatePin(spec *ebpf.MapSpec, path string, log logr.Logger) (*ebpf.Ma
 	return m, nil
 }
 
-func tokenID(m *ebpf.Map) ebpf.MapID {
-	info, err := m.Info()
-	if err != nil {
-		return 0
+// holdAlive creates the directory at path and holds an exclusive flock of
+// it; the returned descriptor keeps it.
+func holdAlive(path string) (int, error) {
+	if err := os.Mkdir(path, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return -1, fmt.Errorf("create %s: %w", path, err)
 	}
-	id, _ := info.ID()
-	return id
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open %s: %w", path, err)
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return fd, nil
 }
 
 // collect reads the entries of other processes: the crashed ones that pass
@@ -392,7 +406,7 @@ func (s *crashStore) collect(own *ownBinary, log logr.Logger) (pending []crashRe
 			continue
 		}
 		if val.Crashed == 0 {
-			if gone, why := s.ownerGone(&val); gone {
+			if gone, why := s.ownerGone(key, &val); gone {
 				log.V(1).Info("removing the crash entry of a process that is gone", "pid", val.Pid, "proof", why)
 				del = append(del, key)
 			}
@@ -414,27 +428,48 @@ func (s *crashStore) collect(own *ownBinary, log logr.Logger) (pending []crashRe
 		if err := s.m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			log.Info("remove crash entry", "error", err.Error())
 		}
+		s.dropAlive(k)
 	}
 	return pending, damaged
 }
 
+// dropAlive removes the alive directory of the entry at key once the
+// entry is gone, if no process holds it.
+func (s *crashStore) dropAlive(key uint64) {
+	path := aliveDir(filepath.Dir(s.path), key)
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	if unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB) == nil {
+		os.Remove(path)
+	}
+	unix.Close(fd)
+}
+
 // ownerGone reports whether the process that made v is proven gone: its
-// liveness token no longer exists (needs CAP_SYS_ADMIN to look up), or it
-// is in this PID namespace and its PID is free or names a process started
-// at another time.
-func (s *crashStore) ownerGone(v *bpf.MapguardCrash) (bool, string) {
-	if v.Token != 0 {
-		m, err := ebpf.NewMapFromID(ebpf.MapID(v.Token))
-		switch {
-		case err == nil:
-			info, ierr := m.Info()
-			m.Close()
-			if ierr == nil && info.Name != tokenName {
-				return true, "its token's ID names another object"
-			}
+// alive directory is gone or no longer locked (the lock goes with the
+// process, in any PID namespace), or it is in this PID namespace and its
+// PID is free or names a process started at another time. A directory
+// found unlocked is removed.
+func (s *crashStore) ownerGone(key uint64, v *bpf.MapguardCrash) (bool, string) {
+	path := aliveDir(filepath.Dir(s.path), key)
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		// Made before the entry, removed after it: gone.
+		return true, "no alive directory"
+	case err == nil:
+		lerr := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
+		if lerr == nil {
+			os.Remove(path)
+		}
+		unix.Close(fd)
+		if lerr == nil {
+			return true, "its alive directory is not locked"
+		}
+		if errors.Is(lerr, unix.EWOULDBLOCK) {
 			return false, ""
-		case errors.Is(err, os.ErrNotExist):
-			return true, "its token is gone"
 		}
 	}
 	if v.Pidns != s.self.pidns {
@@ -457,6 +492,9 @@ func (s *crashStore) claim(r crashRecord) (bool, error) {
 	err := s.m.Delete(r.key)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return false, nil
+	}
+	if err == nil {
+		s.dropAlive(r.key)
 	}
 	return err == nil, err
 }
@@ -493,7 +531,8 @@ func releaseCrashStore(s *crashStore, log logr.Logger) {
 
 func (s *crashStore) close() {
 	s.m.Close()
-	s.token.Close()
+	os.Remove(aliveDir(filepath.Dir(s.path), s.key))
+	unix.Close(s.alive)
 }
 
 // checkEntry returns why an entry read from a pin cannot be trusted ("" if

@@ -202,7 +202,7 @@ struct crash {
 	__u64 pidns;      // inode of the writer's PID namespace
 	__u64 proc_start; // the writer's start time, clock ticks after boot (/proc/PID/stat)
 	__u32 pid;        // the writer's PID in its namespace
-	__u32 token;      // ID of a BPF map the writer holds while it lives
+	__u32 _spare32;
 	__u64 _spare;
 	struct event ev;
 };
