@@ -66,6 +66,13 @@ func crashHelper(mode string) {
 		}
 	}
 	fmt.Printf("PID %d\n", os.Getpid())
+	if b, err := os.ReadFile("/proc/self/status"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "CapEff:") {
+				fmt.Printf("CAPS %s\n", strings.TrimSpace(strings.TrimPrefix(l, "CapEff:")))
+			}
+		}
+	}
 	guards := 1
 	if os.Getenv("MAPGUARD_CRASH_GUARDS") == "2" {
 		guards = 2
@@ -179,6 +186,7 @@ func raceToDeath() {
 // helperOutput is what one run of crashHelper printed.
 type helperOutput struct {
 	pid   int
+	caps  string // effective capabilities, hex
 	prevs []mapguard.Event
 	stats []mapguard.Stats
 	logs  []string
@@ -193,6 +201,8 @@ func parseHelper(t *testing.T, out string) helperOutput {
 		switch kind {
 		case "PID":
 			h.pid, _ = strconv.Atoi(rest)
+		case "CAPS":
+			h.caps = rest
 		case "PREV":
 			var ev mapguard.Event
 			if err := json.Unmarshal([]byte(rest), &ev); err != nil {
@@ -540,6 +550,10 @@ func TestCrashRecordBPFCapabilities(t *testing.T) {
 	if crashed.pid == 0 {
 		t.Fatal("the program never died of a concurrent map misuse")
 	}
+	const bpfPerfmon = "000000c000000000" // CAP_PERFMON (38) and CAP_BPF (39)
+	if crashed.caps != bpfPerfmon {
+		t.Fatalf("the program ran with capabilities %s, want %s", crashed.caps, bpfPerfmon)
+	}
 	for _, l := range crashed.logs {
 		if strings.Contains(l, "crash record unavailable") {
 			t.Fatalf("no record with CAP_BPF+CAP_PERFMON: %s", l)
@@ -561,6 +575,8 @@ func parseHelperLoose(out string) helperOutput {
 		switch kind {
 		case "PID":
 			h.pid, _ = strconv.Atoi(rest)
+		case "CAPS":
+			h.caps = rest
 		case "LOG":
 			h.logs = append(h.logs, rest)
 		}

@@ -150,7 +150,9 @@ type Options struct {
 	MissingKeyScope []string
 	// NoCrashRecord turns off the crash record (a small BPF map pinned under
 	// /sys/fs/bpf/mapguard) that carries a fatal ConcurrentMisuse over to
-	// the next Start as PreviousCrash.
+	// the next Start of the program as PreviousCrash. Without the
+	// privileges to keep it (see the README), Start logs that once at V(0)
+	// and runs on without it.
 	NoCrashRecord bool
 	// OpStats counts map operations per call site and kind, for the "which
 	// code hammers which map" question; read them with Guard.OpStats. Deep
