@@ -65,7 +65,22 @@ const crashLayout = 2
 // regular files). The lock goes when the process dies, whatever its PID
 // namespace; a reader that gets it has proven the owner gone.
 func aliveDir(dir string, key uint64) string {
-	return filepath.Join(dir, fmt.Sprintf("alive-%016x", key))
+	return filepath.Join(dir, fmt.Sprintf("%s%016x", alivePrefix, key))
+}
+
+const alivePrefix = "alive-"
+
+// removeIfUnlocked removes the alive directory at path if no process holds
+// its lock.
+func removeIfUnlocked(path string) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	if unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB) == nil {
+		os.Remove(path)
+	}
+	unix.Close(fd)
 }
 
 // crashRecord is one crashed entry read back.
@@ -430,21 +445,26 @@ func (s *crashStore) collect(own *ownBinary, log logr.Logger) (pending []crashRe
 		}
 		s.dropAlive(k)
 	}
+	s.sweepAlive()
 	return pending, damaged
+}
+
+// sweepAlive removes the alive directories no process holds: those of
+// processes that died after their entry was claimed (a crashed process
+// lives on for a few milliseconds after its record is written). It runs
+// under the directory lock, under which processes also create theirs, so
+// none is caught between its creation and its flock.
+func (s *crashStore) sweepAlive() {
+	dirs, _ := filepath.Glob(filepath.Join(filepath.Dir(s.path), alivePrefix+"*"))
+	for _, d := range dirs {
+		removeIfUnlocked(d)
+	}
 }
 
 // dropAlive removes the alive directory of the entry at key once the
 // entry is gone, if no process holds it.
 func (s *crashStore) dropAlive(key uint64) {
-	path := aliveDir(filepath.Dir(s.path), key)
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return
-	}
-	if unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB) == nil {
-		os.Remove(path)
-	}
-	unix.Close(fd)
+	removeIfUnlocked(aliveDir(filepath.Dir(s.path), key))
 }
 
 // ownerGone reports whether the process that made v is proven gone: its
