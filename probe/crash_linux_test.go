@@ -224,3 +224,68 @@ func TestCrashPinIncompatible(t *testing.T) {
 		t.Errorf("the incompatible object was replaced without a log line: %v", logs)
 	}
 }
+
+// checkEntry, without root: what the BPF program writes passes, and each
+// way an entry can be wrong is caught.
+func TestCheckEntry(t *testing.T) {
+	const now = 10e9
+	good := func() (uint64, bpf.MapguardCrash) {
+		v := bpf.MapguardCrash{StartNs: 1e9, Crashed: 1, Pidns: 4026531836, Pid: 1, ProcStart: 777}
+		v.Ev.TimeNs, v.Ev.Goid, v.Ev.Kind, v.Ev.Npcs = 2e9, 5, uint8(decode.ConcurrentMisuse), 3
+		msg := "concurrent map writes"
+		for i := range msg {
+			v.Ev.Detail[i] = int8(msg[i])
+		}
+		v.Ev.DetailLen = uint8(len(msg))
+		return identityOf(&v).key(), v
+	}
+	for _, tc := range []struct {
+		name  string
+		forge func(k *uint64, v *bpf.MapguardCrash)
+		ok    bool
+	}{
+		{"as written", func(*uint64, *bpf.MapguardCrash) {}, true},
+		{"not crashed", func(_ *uint64, v *bpf.MapguardCrash) { v.Crashed = 0; v.Ev = bpf.MapguardEvent{} }, true},
+		{"key of another process", func(k *uint64, _ *bpf.MapguardCrash) {
+			*k = procIdentity{pidns: 4026531836, pid: 1, procStart: 778}.key()
+		}, false},
+		{"PID changed", func(_ *uint64, v *bpf.MapguardCrash) { v.Pid = 2 }, false},
+		{"crashed 2", func(_ *uint64, v *bpf.MapguardCrash) { v.Crashed = 2 }, false},
+		{"kind", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Kind = uint8(decode.PreviousCrash) }, false},
+		{"frames", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Npcs = decode.MaxFrames + 1 }, false},
+		{"detail length", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.DetailLen = decode.DetailLen + 1 }, false},
+		{"newline in detail", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Detail[3] = '\n' }, false},
+		{"non-ASCII in detail", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Detail[3] = -61 }, false},
+		{"no goroutine", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Goid = 0 }, false},
+		{"crash before start", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.TimeNs = 5e8 }, false},
+		{"crash after now", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.TimeNs = now + 1 }, false},
+		{"a map type", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Typ = 0x4000 }, false},
+	} {
+		k, v := good()
+		tc.forge(&k, &v)
+		why := checkEntry(k, &v, now)
+		if (why == "") != tc.ok {
+			t.Errorf("%s: checkEntry = %q, want ok=%v", tc.name, why, tc.ok)
+		}
+	}
+}
+
+// The pin path names the program as started: a symlink and its target are
+// two names, the main package is part of it, the layout version too.
+func TestProgramPinPath(t *testing.T) {
+	a := programPinPath("/srv/app/current/app", "example.com/app")
+	for _, other := range []string{
+		programPinPath("/srv/app/releases/v1/app", "example.com/app"),
+		programPinPath("/srv/app/current/app", "example.com/other"),
+	} {
+		if other == a {
+			t.Errorf("%s names two programs", a)
+		}
+	}
+	if b := programPinPath("/srv/app/current/app", "example.com/app"); b != a {
+		t.Errorf("%s != %s", a, b)
+	}
+	if !strings.HasPrefix(filepath.Base(a), "crash2-app-") || filepath.Dir(a) != filepath.Join(BPFFS, "mapguard") {
+		t.Errorf("pin path %s", a)
+	}
+}
