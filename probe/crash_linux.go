@@ -41,6 +41,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -55,6 +56,10 @@ import (
 // If no BPF file system is mounted there, Start mounts one (as bpftool
 // does); that needs CAP_SYS_ADMIN.
 const BPFFS = "/sys/fs/bpf"
+
+// pinDir holds the pins, their lock and the alive directories; tests that
+// hold its lock use a directory of their own.
+var pinDir = filepath.Join(BPFFS, "mapguard")
 
 // crashLayout is part of the pin name: a pin of another layout of struct
 // crash is another object, left alone.
@@ -161,7 +166,7 @@ func programPinPath(path, mainPkg string) string {
 	if len(base) > 64 {
 		base = base[:64]
 	}
-	return filepath.Join(BPFFS, "mapguard", fmt.Sprintf("crash%d-%s-%016x", crashLayout, base, h.Sum64()))
+	return filepath.Join(pinDir, fmt.Sprintf("crash%d-%s-%016x", crashLayout, base, h.Sum64()))
 }
 
 // atExecFn is the auxiliary vector entry naming the file passed to execve.
@@ -246,18 +251,25 @@ func ensureBPFFS() error {
 	return nil
 }
 
+// lockWait bounds how long Start and Close wait for the pin directory's
+// lock: a process stopped while holding it must not stop this one.
+const lockWait = 2 * time.Second
+
 // lockDir takes an exclusive flock of the pin directory (the BPF file
-// system has no regular files to lock); unlock releases it.
+// system has no regular files to lock); unlock releases it. It gives up
+// after lockWait.
 func lockDir(dir string) (unlock func(), err error) {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", dir, err)
 	}
+	deadline := time.Now().Add(lockWait)
 	for {
-		err = unix.Flock(fd, unix.LOCK_EX)
-		if err != unix.EINTR {
+		err = unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
+		if err != unix.EWOULDBLOCK && err != unix.EINTR || time.Now().After(deadline) {
 			break
 		}
+		time.Sleep(2 * time.Millisecond)
 	}
 	if err != nil {
 		unix.Close(fd)

@@ -289,3 +289,29 @@ func TestProgramPinPath(t *testing.T) {
 		t.Errorf("pin path %s", a)
 	}
 }
+
+// A process stopped while it holds the pin directory's lock does not stop
+// Start: it gives up on the record after lockWait and runs on without it.
+func TestCrashLockHeld(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	if err := ensureBPFFS(); err != nil {
+		t.Fatal(err)
+	}
+	// A directory of its own, not to stop the crash records of other tests.
+	dir, err := os.MkdirTemp(BPFFS, "mapguard-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(dir)
+	defer func(d string) { pinDir = d }(pinDir)
+	pinDir = dir
+	unlock, err := lockDir(dir) // another open file description: it conflicts
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	p, _ := startProbe(t, UprobeConfig{Kinds: []decode.Kind{decode.ConcurrentMisuse}})
+	if st := p.Stats(); st.CrashRecord != "" || !strings.Contains(st.CrashRecordError, "lock") {
+		t.Errorf("CrashRecord %q, CrashRecordError %q: want none, for the lock", st.CrashRecord, st.CrashRecordError)
+	}
+}
