@@ -340,6 +340,7 @@ func acquireCrashStore(spec *ebpf.MapSpec, own *ownBinary, log logr.Logger) (cra
 	}
 	alive, err := holdAlive(aliveDir(dir, self.key()))
 	if err != nil {
+		unpinIfEmpty(m, log)
 		m.Close()
 		return crashTake{}, err
 	}
@@ -348,6 +349,7 @@ func acquireCrashStore(spec *ebpf.MapSpec, own *ownBinary, log logr.Logger) (cra
 	take.pending, take.damaged = s.collect(own, log)
 	clock, err := newClock()
 	if err != nil {
+		unpinIfEmpty(m, log)
 		s.close()
 		return crashTake{}, err
 	}
@@ -356,6 +358,7 @@ func acquireCrashStore(spec *ebpf.MapSpec, own *ownBinary, log logr.Logger) (cra
 		Pidns: self.pidns, ProcStart: self.procStart, Pid: self.pid,
 	}
 	if err := m.Update(s.key, v, ebpf.UpdateAny); err != nil {
+		unpinIfEmpty(m, log)
 		s.close()
 		return crashTake{}, fmt.Errorf("add crash entry: %w", err)
 	}
@@ -552,13 +555,19 @@ func releaseCrashStore(s *crashStore, log logr.Logger) {
 	if err := s.m.Delete(s.key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		log.Info("remove crash entry", "error", err.Error())
 	}
+	unpinIfEmpty(s.m, log)
+	s.close()
+}
+
+// unpinIfEmpty unpins m once no entry is left. Call it under the directory
+// lock: another process may be about to add its entry otherwise.
+func unpinIfEmpty(m *ebpf.Map, log logr.Logger) {
 	var key uint64
-	if err := s.m.NextKey(nil, &key); errors.Is(err, ebpf.ErrKeyNotExist) {
-		if err := s.m.Unpin(); err != nil {
+	if err := m.NextKey(nil, &key); errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := m.Unpin(); err != nil {
 			log.V(1).Info("unpin crash records", "error", err.Error())
 		}
 	}
-	s.close()
 }
 
 func (s *crashStore) close() {
