@@ -440,92 +440,6 @@ func decoderConfig(o *rt.Offsets, clock decode.Clock) decode.Config {
 	}
 }
 
-// ownBinary decodes crash records written by processes of this binary.
-type ownBinary struct {
-	bias  uint64
-	exeID uint64
-	dec   *decode.Decoder
-}
-
-func newOwnBinary(bin *symbols.Binary, o *rt.Offsets, clock decode.Clock) (*ownBinary, error) {
-	id, err := buildID(selfExe)
-	if err != nil {
-		return nil, err
-	}
-	cfg := decoderConfig(o, clock)
-	cfg.StackDepth = decode.MaxFrames
-	cfg.Scope, cfg.MissScope = nil, nil
-	return &ownBinary{bias: bin.LoadBias(), exeID: id, dec: decode.NewDecoder(cfg)}, nil
-}
-
-func openOwnBinary() (*ownBinary, error) {
-	o, err := rt.Load()
-	if err != nil {
-		return nil, err
-	}
-	bin, err := symbols.OpenSelf()
-	if err != nil {
-		return nil, err
-	}
-	defer bin.Close()
-	clock, err := newClock()
-	if err != nil {
-		return nil, err
-	}
-	return newOwnBinary(bin, o, clock)
-}
-
-// check returns why the addresses in a crash record of this build cannot
-// be trusted ("" if they can): every return PC, moved to this process's
-// load address, must be in this binary's code. The map address is never
-// used and checkEntry refused a type. A record of another build (or with o
-// nil) is decoded without its addresses, so nothing in it is looked up.
-func (o *ownBinary) check(r crashRecord) string {
-	if o == nil || r.val.ExeId != o.exeID {
-		return ""
-	}
-	delta := o.bias - r.val.Bias
-	e := &r.val.Ev
-	for i := 0; i < int(min(e.Npcs, decode.MaxFrames)); i++ {
-		if pc := uintptr(e.Pcs[i] + delta); !inText(pc) {
-			return fmt.Sprintf("return PC %#x outside this binary's code", pc)
-		}
-	}
-	if e.PeerPc != 0 && !inText(uintptr(e.PeerPc+delta)) {
-		return fmt.Sprintf("peer PC %#x outside this binary's code", uintptr(e.PeerPc+delta))
-	}
-	return ""
-}
-
-// decodeCrash turns a crash record that passed checkEntry and check into a
-// PreviousCrash event. Only a record of this very build has addresses that
-// mean something here; o may be nil (no binary to symbolise with).
-func (o *ownBinary) decodeCrash(r crashRecord, ev *decode.Event) {
-	raw := r.raw()
-	var dec *decode.Decoder
-	if o != nil && r.val.ExeId == o.exeID {
-		decode.Rebase(raw, int64(o.bias-r.val.Bias))
-		dec = o.dec
-	} else {
-		decode.Strip(raw)
-		dec = decode.NewDecoder(decode.Config{})
-	}
-	decode.SetKind(raw, decode.PreviousCrash)
-	if err := dec.Decode(raw, ev); err != nil && !errors.Is(err, decode.ErrRuntimeOwned) {
-		*ev = decode.Event{Kind: decode.PreviousCrash}
-	}
-	ev.PID = r.pid
-}
-
-// crashUnavailableLocked records and logs (at V(0): the user asked for the
-// record and will not get it) why there is no crash record.
-func (u *uprobes) crashUnavailableLocked(err error) {
-	u.crashErr = err.Error()
-	u.own = nil
-	u.log.Info("crash record unavailable: a concurrent map misuse that kills the process will not be reported at the next start; "+
-		"it needs CAP_BPF and write access to a BPF file system at "+BPFFS+" (see the README)", "error", err.Error())
-}
-
 func (u *uprobes) load(o *rt.Offsets) error {
 	spec, err := bpf.LoadMapguard()
 	if err != nil {
@@ -894,32 +808,6 @@ func (u *uprobes) setWakeLocked() {
 			u.log.V(1).Info("set wake-up counts", "error", err.Error())
 		}
 	}
-}
-
-// deliverCrashesLocked reports the crash records of earlier processes,
-// each one only if this process is the one that removes it from the map.
-func (u *uprobes) deliverCrashesLocked() {
-	var ev decode.Event
-	for _, r := range u.pending {
-		ok, err := u.crash.claim(r)
-		if err != nil {
-			u.log.Error(err, "claim crash record")
-		}
-		if !ok {
-			continue
-		}
-		u.own.decodeCrash(r, &ev)
-		u.sink(&ev)
-	}
-	u.pending = nil
-}
-
-// crashKey is the key of this process's crash entry, 0 without one.
-func (u *uprobes) crashKey() uint64 {
-	if u.crash == nil {
-		return 0
-	}
-	return u.crash.key
 }
 
 // flushAggsLocked reports, per call site, the occurrences counted in BPF
