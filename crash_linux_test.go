@@ -638,3 +638,25 @@ func (l *lockedBuffer) String() string {
 	defer l.mu.Unlock()
 	return l.b.String()
 }
+
+// A program in a time namespace whose monotonic clock is offset (the BPF
+// program's clock is not) crashes; the next Start, outside it, gets the
+// report: the record's times are checked in the kernel's clock.
+func TestCrashRecordTimeNamespace(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	unshare, err := exec.LookPath("unshare")
+	if err == nil {
+		err = exec.Command(unshare, "--time", "--monotonic", "1", "--fork", "true").Run()
+	}
+	if err != nil {
+		t.Skipf("needs util-linux unshare with --time: %v", err)
+	}
+	bin := program(t, t.TempDir())
+	crashed := runCrash(t, func() *exec.Cmd {
+		cmd := helperCmd(bin, "crash")
+		cmd.Args = append([]string{unshare, "--time", "--monotonic", "100000", "--fork"}, cmd.Args...)
+		cmd.Path = unshare
+		return cmd
+	})
+	wantOneReport(t, runReport(t, helperCmd(bin, "report")), crashed, true)
+}

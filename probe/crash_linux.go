@@ -238,6 +238,28 @@ func buildID(path string) (uint64, error) {
 	return h.Sum64(), nil
 }
 
+// kernelMono returns the clock the BPF program stamps records with
+// (bpf_ktime_get_ns): CLOCK_MONOTONIC without this process's time
+// namespace offset, so that an entry's times compare in any namespace.
+func kernelMono() (uint64, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0, fmt.Errorf("read monotonic clock: %w", err)
+	}
+	now := ts.Nano()
+	if b, err := os.ReadFile("/proc/self/timens_offsets"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			f := strings.Fields(l)
+			if len(f) == 3 && f[0] == "monotonic" {
+				sec, _ := strconv.ParseInt(f[1], 10, 64)
+				nsec, _ := strconv.ParseInt(f[2], 10, 64)
+				now -= sec*1e9 + nsec
+			}
+		}
+	}
+	return uint64(now), nil
+}
+
 // ensureBPFFS mounts a BPF file system at BPFFS if none is there.
 func ensureBPFFS() error {
 	var st unix.Statfs_t
@@ -349,14 +371,14 @@ func acquireCrashStore(spec *ebpf.MapSpec, own *ownBinary, log logr.Logger) (cra
 	s := &crashStore{m: m, path: path, self: self, key: self.key(), alive: alive, users: 1}
 	take := crashTake{store: s}
 	take.pending, take.damaged = s.collect(own, log)
-	clock, err := newClock()
+	now, err := kernelMono()
 	if err != nil {
 		unpinIfEmpty(m, log)
 		s.close()
 		return crashTake{}, err
 	}
 	v := bpf.MapguardCrash{
-		Bias: own.bias, ExeId: own.exeID, StartNs: uint64(clock.Mono),
+		Bias: own.bias, ExeId: own.exeID, StartNs: now,
 		Pidns: self.pidns, ProcStart: self.procStart, Pid: self.pid,
 	}
 	if err := m.Update(s.key, v, ebpf.UpdateAny); err != nil {
@@ -425,13 +447,13 @@ func (s *crashStore) collect(own *ownBinary, log logr.Logger) (pending []crashRe
 		val bpf.MapguardCrash
 		del []uint64
 	)
-	now, _ := newClock()
+	now, _ := kernelMono()
 	it := s.m.Iterate()
 	for it.Next(&key, &val) {
 		if key == s.key {
 			continue
 		}
-		if why := checkEntry(key, &val, uint64(now.Mono)); why != "" {
+		if why := checkEntry(key, &val, now); why != "" {
 			log.Info("crash record damaged: removed, not reported", "path", s.path, "pid", val.Pid, "reason", why)
 			damaged++
 			del = append(del, key)
@@ -628,13 +650,13 @@ func readCrashes(m *ebpf.Map, own *ownBinary) ([]crashRecord, error) {
 		val bpf.MapguardCrash
 		out []crashRecord
 	)
-	now, err := newClock()
+	now, err := kernelMono()
 	if err != nil {
 		return nil, err
 	}
 	it := m.Iterate()
 	for it.Next(&key, &val) {
-		if val.Crashed == 0 || checkEntry(key, &val, uint64(now.Mono)) != "" {
+		if val.Crashed == 0 || checkEntry(key, &val, now) != "" {
 			continue
 		}
 		r := crashRecord{key: key, pid: int(val.Pid), val: val}

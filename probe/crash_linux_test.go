@@ -58,7 +58,7 @@ func TestForgedCrashRecords(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	clock, err := newClock()
+	mono, err := kernelMono()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,10 +66,10 @@ func TestForgedCrashRecords(t *testing.T) {
 	// that is gone (a PID no process has: above pid_max).
 	record := func(pid uint32, detail string) (uint64, bpf.MapguardCrash) {
 		v := bpf.MapguardCrash{
-			Bias: own.bias, ExeId: own.exeID, StartNs: uint64(clock.Mono) - 2e9, Crashed: 1,
+			Bias: own.bias, ExeId: own.exeID, StartNs: mono - 2e9, Crashed: 1,
 			Pidns: self.pidns, ProcStart: 12345, Pid: pid,
 		}
-		v.Ev.TimeNs = uint64(clock.Mono) - 1e9
+		v.Ev.TimeNs = mono - 1e9
 		v.Ev.Goid = 7
 		v.Ev.Kind = uint8(decode.ConcurrentMisuse)
 		v.Ev.Npcs = 1
@@ -93,7 +93,7 @@ func TestForgedCrashRecords(t *testing.T) {
 		{"text longer than the field", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.DetailLen = 200 }},
 		{"more frames than the field", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Npcs = 200 }},
 		{"another kind", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Kind = uint8(decode.NilMapWrite) }},
-		{"crash time in the future", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.TimeNs = uint64(clock.Mono) + 1e12 }},
+		{"crash time in the future", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.TimeNs = mono + 1e12 }},
 		{"crash before the entry was made", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.TimeNs = v.StartNs - 1 }},
 		{"crashed flag not 0 or 1", func(_ *uint64, v *bpf.MapguardCrash) { v.Crashed = 7 }},
 		{"key not the writer's identity", func(k *uint64, _ *bpf.MapguardCrash) { *k ^= 1 }},
