@@ -12,7 +12,7 @@
 # Environment:
 #   MAPGUARD_VM_DIR        work directory (default /tmp/mapguard-vm)
 #   MAPGUARD_VM_KERNEL_PKG kernel package (default: what linux-image-cloud-amd64 depends on)
-#   MAPGUARD_VM_TIMEOUT    hard limit on the VM run in seconds (default 600)
+#   MAPGUARD_VM_TIMEOUT    hard limit on the VM run in seconds (default 900)
 #   MAPGUARD_VM_ACCEL      kvm, tcg or auto (default auto: hardware KVM if any, else TCG)
 #   MAPGUARD_VM_SKIP       extra -test.skip pattern for every test binary (default none)
 #   MAPGUARD_VM_REFRESH    set to re-resolve linux-image-cloud-amd64 instead of reusing the cached kernel
@@ -22,9 +22,9 @@ export PATH=/usr/local/go/bin:$PATH
 export GOFLAGS=-mod=readonly
 
 VMDIR=${MAPGUARD_VM_DIR:-/tmp/mapguard-vm}
-VM_TIMEOUT=${MAPGUARD_VM_TIMEOUT:-600}
+VM_TIMEOUT=${MAPGUARD_VM_TIMEOUT:-900}
 # Inside the VM, per test binary (go test's -timeout).
-TEST_TIMEOUT=240s
+TEST_TIMEOUT=480s
 # Tests that cannot run in the VM, as a -test.skip pattern for the root
 # package. Each one is listed with its reason in .ci/vm/README.md.
 #   TestBuildMatrix: builds programs with `go build` (Go toolchain, module
