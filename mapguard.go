@@ -185,7 +185,9 @@ type Options struct {
 	MissingKeyScope []string
 	// NoCrashRecord turns off the crash record (a small BPF map pinned under
 	// /sys/fs/bpf/mapguard) that carries a fatal ConcurrentMisuse over to
-	// the next Start as PreviousCrash.
+	// the next Start of the program as PreviousCrash. Without the
+	// privileges to keep it (see the README), Start logs that once at V(0)
+	// and runs on without it.
 	NoCrashRecord bool
 	// OpStats counts map operations per call site and kind, for the "which
 	// code hammers which map" question; read them with Guard.OpStats. Deep
@@ -262,6 +264,10 @@ type Stats struct {
 	// counts occurrences beyond the table's 4096 call sites.
 	CallSites         []CallSiteStats
 	CallSitesOverflow uint64
+	// CrashRecordsDamaged counts crash records of earlier processes that
+	// failed a check at Start (a forged or corrupt entry in the pinned map):
+	// each was logged and removed, and none is reported as PreviousCrash.
+	CrashRecordsDamaged int
 }
 
 // A Guard watches this process's map operations. Create it with New, then
@@ -664,7 +670,8 @@ func (g *Guard) Stats() Stats {
 		Budget:           ps.Budget,
 		CallSites:        ps.CallSites,
 
-		CallSitesOverflow: ps.CallSitesOverflow,
+		CallSitesOverflow:   ps.CallSitesOverflow,
+		CrashRecordsDamaged: ps.CrashRecordsDamaged,
 	}
 	st.DroppedByKind = make(map[Kind]uint64)
 	for _, k := range decode.Kinds() {

@@ -12,10 +12,12 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr/funcr"
 	"golang.org/x/sys/unix"
 
 	"github.com/mapguard/mapguard"
@@ -89,7 +91,13 @@ func permissionChild(t *testing.T) {
 		w.Close()
 	}
 	goroutines, fds := runtime.NumGoroutine(), testutil.OpenFDs(t)
-	g, err := mapguard.New(mapguard.Options{})
+	var logs []string
+	var mu sync.Mutex
+	g, err := mapguard.New(mapguard.Options{Logger: funcr.New(func(prefix, args string) {
+		mu.Lock()
+		logs = append(logs, args)
+		mu.Unlock()
+	}, funcr.Options{})})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,10 +112,24 @@ func permissionChild(t *testing.T) {
 		if ev.Site.Line != line {
 			t.Fatalf("event %v, want line %d", ev, line)
 		}
+		// An unprivileged user cannot keep the crash record (the BPF file
+		// system is root's): Start says so once, at V(0).
+		st := g.Stats()
+		mu.Lock()
+		said := 0
+		for _, l := range logs {
+			if strings.Contains(l, "crash record unavailable") {
+				said++
+			}
+		}
+		mu.Unlock()
+		if st.CrashRecord != "" || st.CrashRecordError == "" || said != 1 {
+			t.Fatalf("crash record %q, error %q, logged %d times (want once): %v", st.CrashRecord, st.CrashRecordError, said, logs)
+		}
 		if err := g.Close(); err != nil {
 			t.Fatal(err)
 		}
-		fmt.Println("child: attached and delivered", ev)
+		fmt.Println("child: attached and delivered", ev, "; no crash record:", st.CrashRecordError)
 		return
 	}
 	if !errors.Is(err, mapguard.ErrPermission) {

@@ -27,12 +27,17 @@ type MapguardAggVal struct {
 }
 
 type MapguardCrash struct {
-	_       structs.HostLayout
-	Bias    uint64
-	ExeId   uint64
-	StartNs uint64
-	Crashed uint64
-	Ev      MapguardEvent
+	_         structs.HostLayout
+	Bias      uint64
+	ExeId     uint64
+	StartNs   uint64
+	Crashed   uint64
+	Pidns     uint64
+	ProcStart uint64
+	Pid       uint32
+	Spare32   uint32
+	Spare     uint64
+	Ev        MapguardEvent
 }
 
 type MapguardEvent struct {

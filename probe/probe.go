@@ -72,6 +72,9 @@ type Stats struct {
 	// CallSitesOverflow the occurrences beyond the table's 4096 call sites.
 	CallSites         []CallSiteStats
 	CallSitesOverflow uint64
+	// CrashRecordsDamaged counts crash records of earlier processes that
+	// failed a check at Start (forged, corrupt): removed and not reported.
+	CrashRecordsDamaged int
 }
 
 // BudgetStats describes the cost governor, which keeps every probe site

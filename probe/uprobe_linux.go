@@ -97,13 +97,15 @@ type uprobes struct {
 	aggSeen map[bpf.MapguardAggKey]uint64
 	lastAgg time.Time
 	aggRaw  []byte
-	// Crash records: the pinned map and its path, this process's key, and
-	// records of earlier processes waiting to be delivered by the reader.
-	crashes   *ebpf.Map
-	crashPath string
-	crashErr  string
-	pending   []crashRecord
-	own       *ownBinary
+	// Crash records: this process's entry in the pinned map (shared by
+	// its Guards), records of earlier processes waiting to be delivered by
+	// the reader, and damaged records removed at Start.
+	crash        *crashStore
+	crashPath    string
+	crashErr     string
+	crashDamaged int
+	pending      []crashRecord
+	own          *ownBinary
 
 	offsets     *rt.Offsets
 	deep        bool // deep sites were chosen
@@ -204,6 +206,15 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
+	clock, err := newClock()
+	if err != nil {
+		return fmt.Errorf("start probe: %w", err)
+	}
+	if u.watched[decode.ConcurrentMisuse] && !u.cfg.NoCrashRecord {
+		if u.own, err = newOwnBinary(bin, offsets, clock); err != nil {
+			u.crashUnavailableLocked(err)
+		}
+	}
 	if err := u.load(offsets); err != nil {
 		return err
 	}
@@ -211,10 +222,6 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		return err
 	}
 
-	clock, err := newClock()
-	if err != nil {
-		return fmt.Errorf("start probe: %w", err)
-	}
 	u.notOwned = make([]atomic.Uint64, len(u.sites))
 	u.sampled = make([]atomic.Bool, len(u.sites)) // before the readers start
 	u.outOfScope = make([]atomic.Uint64, len(u.sites))
@@ -233,19 +240,6 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	}
 	u.decoder = decode.NewDecoder(dcfg)
 	u.deepDecoder = decode.NewDecoder(dcfg)
-	if u.crashes != nil {
-		u.own, err = newOwnBinary(bin, offsets, clock)
-		if err == nil {
-			err = u.registerCrashLocked(clock)
-		}
-		if err != nil {
-			u.log.Error(err, "crash records unavailable", "path", u.crashPath)
-			u.crashErr = err.Error()
-			u.crashes.Close()
-			u.crashes, u.crashPath, u.pending = nil, "", nil
-		}
-	}
-
 	// The reader ignores itself before any probe is armed.
 	u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
 	u.canary = make(chan decode.Event, 1)
@@ -641,81 +635,20 @@ func decoderConfig(o *rt.Offsets, clock decode.Clock) decode.Config {
 	}
 }
 
-// ownBinary decodes crash records written by processes of this binary.
-type ownBinary struct {
-	bias  uint64
-	exeID uint64
-	dec   *decode.Decoder
-}
-
-func newOwnBinary(bin *symbols.Binary, o *rt.Offsets, clock decode.Clock) (*ownBinary, error) {
-	id, err := exeIdentity(selfExe)
-	if err != nil {
-		return nil, err
-	}
-	cfg := decoderConfig(o, clock)
-	cfg.StackDepth = decode.MaxFrames
-	cfg.Scope, cfg.MissScope = nil, nil
-	return &ownBinary{bias: bin.LoadBias(), exeID: id, dec: decode.NewDecoder(cfg)}, nil
-}
-
-func openOwnBinary() (*ownBinary, error) {
-	o, err := rt.Load()
-	if err != nil {
-		return nil, err
-	}
-	bin, err := symbols.OpenSelf()
-	if err != nil {
-		return nil, err
-	}
-	defer bin.Close()
-	clock, err := newClock()
-	if err != nil {
-		return nil, err
-	}
-	return newOwnBinary(bin, o, clock)
-}
-
-// decodeCrash turns a crash record into a PreviousCrash event. Only a
-// record of this very binary has addresses that mean something here; o may
-// be nil (no binary to symbolise with).
-func (o *ownBinary) decodeCrash(r crashRecord, ev *decode.Event) {
-	raw := r.raw
-	var dec *decode.Decoder
-	if o != nil && r.exeID == o.exeID {
-		decode.Rebase(raw, int64(o.bias-r.bias))
-		dec = o.dec
-	} else {
-		decode.Strip(raw)
-		dec = decode.NewDecoder(decode.Config{})
-	}
-	decode.SetKind(raw, decode.PreviousCrash)
-	if err := dec.Decode(raw, ev); err != nil && !errors.Is(err, decode.ErrRuntimeOwned) {
-		*ev = decode.Event{Kind: decode.PreviousCrash}
-	}
-	ev.PID = r.pid
-}
-
-// registerCrashLocked reads the records earlier processes of this program
-// left (the reader delivers them, then deletes them) and creates this
-// process's entry.
-func (u *uprobes) registerCrashLocked(clock decode.Clock) error {
-	recs, err := readCrashes(u.crashes, os.Getpid(), false)
-	if err != nil {
-		return err
-	}
-	u.pending = recs
-	return u.crashes.Put(uint64(os.Getpid()), bpf.MapguardCrash{
-		Bias:    u.own.bias,
-		ExeId:   u.own.exeID,
-		StartNs: uint64(clock.Mono),
-	})
-}
-
 func (u *uprobes) load(o *rt.Offsets) error {
 	spec, err := bpf.LoadMapguard()
 	if err != nil {
 		return fmt.Errorf("start probe: %w", err)
+	}
+	if u.own != nil {
+		take, err := acquireCrashStore(spec.Maps[bpf.MapguardMapCrashes], u.own, u.log)
+		if err != nil {
+			// The crash is still seen live if the reader is quick enough;
+			// only the record that outlives it is missing.
+			u.crashUnavailableLocked(err)
+		} else {
+			u.crash, u.crashPath, u.pending, u.crashDamaged = take.store, take.store.path, take.pending, take.damaged
+		}
 	}
 	frames := uint32(min(decode.MaxFrames, 6+u.cfg.StackDepth))
 	for name, v := range map[string]any{
@@ -730,7 +663,7 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		bpf.MapguardVarMapGlobalDepthOffset:  o.MapGlobalDepth,
 		bpf.MapguardVarTableCapacityOffset:   o.TableCapacity,
 		bpf.MapguardVarTableLocalDepthOffset: o.TableLocalDepth,
-		bpf.MapguardVarCrashKey:              uint64(os.Getpid()),
+		bpf.MapguardVarCrashKey:              u.crashKey(),
 		bpf.MapguardVarKeySalt:               randomSalt(),
 		bpf.MapguardVarCaptureKeys:           uint32(boolInt(u.cfg.CaptureKeys != nil)),
 		bpf.MapguardVarSharedWindowNs:        uint64(u.cfg.sharedWindow()),
@@ -755,17 +688,8 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	}
 
 	var opts ebpf.CollectionOptions
-	if u.watched[decode.ConcurrentMisuse] && !u.cfg.NoCrashRecord {
-		m, path, err := openCrashMap(spec.Maps[bpf.MapguardMapCrashes])
-		if err != nil {
-			// The crash is still seen live if the reader is quick enough;
-			// only the record that outlives it is missing.
-			u.crashErr = err.Error()
-			u.log.Error(err, "crash records unavailable: a concurrent map misuse that kills the process will not be reported at the next start")
-		} else {
-			u.crashes, u.crashPath = m, path
-			opts.MapReplacements = map[string]*ebpf.Map{bpf.MapguardMapCrashes: m}
-		}
+	if u.crash != nil {
+		opts.MapReplacements = map[string]*ebpf.Map{bpf.MapguardMapCrashes: u.crash.m}
 	}
 
 	coll, err := ebpf.NewCollectionWithOptions(spec, opts)
@@ -1089,19 +1013,6 @@ func (u *uprobes) tickFrom(now time.Time, reader bool) {
 	}
 }
 
-// deliverCrashesLocked reports the crash records of earlier processes.
-func (u *uprobes) deliverCrashesLocked() {
-	var ev decode.Event
-	for _, r := range u.pending {
-		u.own.decodeCrash(r, &ev)
-		u.sink(&ev)
-		if err := u.crashes.Delete(uint64(r.pid)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			u.log.Error(err, "delete delivered crash record")
-		}
-	}
-	u.pending = nil
-}
-
 // flushAggsLocked reports, per call site, the occurrences counted in BPF
 // since the last report.
 func (u *uprobes) flushAggsLocked() {
@@ -1197,7 +1108,7 @@ func (u *uprobes) Stats() Stats {
 	defer u.mu.Unlock()
 	now := time.Now()
 	st := Stats{Inactive: append([]Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
-		Budget: u.budgetStatsLocked(now)}
+		CrashRecordsDamaged: u.crashDamaged, Budget: u.budgetStatsLocked(now)}
 	st.CallSites, st.CallSitesOverflow = u.calls.snapshot()
 	if u.coll != nil {
 		u.readCounters()
@@ -1324,25 +1235,10 @@ func (u *uprobes) teardownLocked() {
 		}
 		u.coll.Close()
 	}
-	if u.crashes != nil {
-		u.releaseCrashLocked()
+	if u.crash != nil {
+		releaseCrashStore(u.crash, u.log)
 	}
-	u.coll, u.reader, u.ignore, u.stats, u.done, u.aggs, u.crashes = nil, nil, nil, nil, nil, nil, nil
-}
-
-// releaseCrashLocked deletes this process's crash entry (it did not crash)
-// and unpins the map once no process of the program uses it.
-func (u *uprobes) releaseCrashLocked() {
-	if err := u.crashes.Delete(uint64(os.Getpid())); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		u.log.Error(err, "delete crash entry")
-	}
-	var key uint64
-	if err := u.crashes.NextKey(nil, &key); errors.Is(err, ebpf.ErrKeyNotExist) && len(u.pending) == 0 {
-		if err := u.crashes.Unpin(); err != nil {
-			u.log.V(1).Info("unpin crash records", "error", err.Error())
-		}
-	}
-	u.crashes.Close()
+	u.coll, u.reader, u.ignore, u.stats, u.done, u.aggs, u.crash = nil, nil, nil, nil, nil, nil, nil
 }
 
 // checkCapabilities fails fast without the capabilities BPF and uprobes

@@ -30,7 +30,7 @@ volatile const __u64 map_dir_len_offset = 0;      // Map.dirLen
 volatile const __u64 map_global_depth_offset = 0; // Map.globalDepth
 volatile const __u64 table_capacity_offset = 0;   // table.capacity (u16)
 volatile const __u64 table_local_depth_offset = 0; // table.localDepth (u8)
-// Key of this process's entry in crashes (its PID as the process sees it).
+// Key of this process's entry in crashes (user space's hash of who it is).
 volatile const __u64 crash_key = 0;
 // Deep watching: the salt of key hashes, whether key prefixes leave the
 // kernel (Options.CaptureKeys), the window within which two writers of one

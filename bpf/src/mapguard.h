@@ -216,13 +216,19 @@ struct event {
 
 // The crash record of this process, kept in a map pinned on the BPF file
 // system so that it outlives the process. User space creates the entry at
-// Start (bias, start time, identity of the binary); the program fills in
-// the event when the runtime is about to die.
+// Start (who wrote it, and the binary); the program fills in the event when
+// the runtime is about to die. The key is user space's hash of (pidns, pid,
+// proc_start): readers recompute it, and nothing in an entry is trusted.
 struct crash {
-	__u64 bias;     // load bias of the binary in the process that wrote it
-	__u64 exe_id;   // identity of the binary (user space's hash)
-	__u64 start_ns; // CLOCK_MONOTONIC at Start
-	__u64 crashed;  // set to 1 by the program
+	__u64 bias;       // load bias of the binary in the process that wrote it
+	__u64 exe_id;     // identity of the binary (hash of its Go build ID)
+	__u64 start_ns;   // CLOCK_MONOTONIC when the entry was made
+	__u64 crashed;    // set to 1 by the program
+	__u64 pidns;      // inode of the writer's PID namespace
+	__u64 proc_start; // the writer's start time, clock ticks after boot (/proc/PID/stat)
+	__u32 pid;        // the writer's PID in its namespace
+	__u32 _spare32;
+	__u64 _spare;
 	struct event ev;
 };
 
