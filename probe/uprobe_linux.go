@@ -85,6 +85,10 @@ type uprobes struct {
 	statsOnly    [256]bool // kinds counted per call site, without events
 	calls        callSites
 	commaOKs     map[uintptr]bool // call site -> a comma-ok read; the reader's
+	// notNested are the nested-miss aggregates whose first occurrence was
+	// found not to be one (the outer map's elements are not maps of the
+	// inner type): their counts are the nil-map reads they are.
+	notNested map[bpf.MapguardAggKey]bool
 	// notOwned counts, per site, events the runtime caused on its own
 	// maps and nil-map reads in the standard library; written by the
 	// reader, read by Stats.
@@ -226,6 +230,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	u.sampled = make([]atomic.Bool, len(u.sites)) // before the readers start
 	u.outOfScope = make([]atomic.Uint64, len(u.sites))
 	u.aggSeen = make(map[bpf.MapguardAggKey]uint64)
+	u.notNested = make(map[bpf.MapguardAggKey]bool)
 	probes := make([]string, len(u.sites))
 	for i, s := range u.sites {
 		probes[i] = s.fn.Name
@@ -949,10 +954,10 @@ func (u *uprobes) handleWith(dec *decode.Decoder, raw []byte, ev *decode.Event) 
 	}
 	if ev.Kind == decode.NestedMapMiss && !u.nestedLocked(h, ev) {
 		// Two reads close together, but the first did not return the
-		// map the second read: a plain nil-map read. Its later
-		// occurrences, counted as nested in BPF, are not reported.
+		// map the second read: a plain nil-map read, and so are its later
+		// occurrences that the kernel counts as nested.
 		ev.Kind, ev.Peer = decode.NilMapRead, nil
-		u.muteAgg(bpf.MapguardAggKey{Site: h.Site | aggNested, Pc: uint64(h.PC)})
+		u.notNested[bpf.MapguardAggKey{Site: h.Site | aggNested, Pc: uint64(h.PC)}] = true
 	}
 	if !u.watched[ev.Kind] {
 		return // the canary's site, its kind not watched
@@ -1035,8 +1040,8 @@ func (u *uprobes) flushAggsLocked() {
 		}
 		u.aggSeen[key] = val.Count
 		s := u.sites[index]
-		if key.Site&aggNested == 0 {
-			kind = s.kind
+		if nn, _ := u.notNested[key]; key.Site&aggNested == 0 || nn {
+			kind = s.kind // counted as nested in the kernel, but found not to be
 		}
 		if !u.watched[kind] {
 			continue // a site probed for another kind (nested misses)
