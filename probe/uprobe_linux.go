@@ -703,6 +703,11 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		if !errors.As(err, &verr) && (errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES)) {
 			return fmt.Errorf("start probe: load BPF: %w: %w", ErrPermission, err)
 		}
+		if errors.As(err, &verr) {
+			// The kernel's verifier rejected the program: this kernel cannot
+			// run it (not a privilege, though the errno says EACCES).
+			return fmt.Errorf("start probe: load BPF: the kernel's verifier rejected the program: %w: %w", ErrNotSupported, err)
+		}
 		return fmt.Errorf("start probe: load BPF: %w", err)
 	}
 	u.coll = coll
