@@ -174,13 +174,15 @@ const struct agg_key *unused_agg_key __attribute__((unused));
 const struct agg_val *unused_agg_val __attribute__((unused));
 const enum mg_key *unused_key __attribute__((unused));
 
-// bounded returns n & mask in a way the compiler cannot drop: after a
-// clamp it knows the mask changes nothing, but older verifiers (Debian's
-// 6.1) lose a bound through a stack spill and need to see it at the call.
-static __always_inline __u64 bounded(__u64 n, __u64 mask)
+// read_size returns n, which the caller has clamped to 1..max (max a power of
+// two), in a form whose bound the verifier sees at the call: ((n-1) & (max-1))
+// + 1. The compiler would drop a plain mask after the clamp, and older
+// verifiers (Debian's 6.1) lose the clamp's bound through a stack spill.
+static __always_inline __u64 read_size(__u64 n, __u64 max)
 {
+	n -= 1;
 	asm volatile("" : "+r"(n));
-	return n & mask;
+	return (n & (max - 1)) + 1;
 }
 
 static __always_inline __u64 read_u64(__u64 addr)
@@ -276,7 +278,7 @@ static __always_inline void read_detail(struct event *e, __u64 ptr, __u64 n)
 	e->detail_len = 0;
 	if (n == 0 || ptr == 0)
 		return;
-	if (bpf_probe_read_user(e->detail, bounded(n, MG_DETAIL_LEN * 2 - 1), (const void *)ptr) == 0)
+	if (bpf_probe_read_user(e->detail, read_size(n, MG_DETAIL_LEN), (const void *)ptr) == 0)
 		e->detail_len = n;
 }
 
@@ -389,7 +391,7 @@ static __always_inline void read_key(const struct args *a, __u8 mode, __u64 typ,
 		n = a->di;
 		if (n > MG_KEY_HASHED)
 			n = MG_KEY_HASHED;
-		if (n && bpf_probe_read_user(kb->b, bounded(n, MG_KEY_HASHED * 2 - 1), (const void *)a->cx) < 0)
+		if (n && bpf_probe_read_user(kb->b, read_size(n, MG_KEY_HASHED), (const void *)a->cx) < 0)
 			return;
 		break;
 	case MG_KEY_PTR: {
@@ -400,7 +402,7 @@ static __always_inline void read_key(const struct args *a, __u8 mode, __u64 typ,
 		n = size;
 		if (n > MG_KEY_HASHED)
 			n = MG_KEY_HASHED;
-		if (n && bpf_probe_read_user(kb->b, bounded(n, MG_KEY_HASHED * 2 - 1), (const void *)a->cx) < 0)
+		if (n && bpf_probe_read_user(kb->b, read_size(n, MG_KEY_HASHED), (const void *)a->cx) < 0)
 			return;
 		break;
 	}
