@@ -31,7 +31,9 @@ TEST_TIMEOUT=480s
 #   proxy and source tree; it also skips under -short anyway).
 #   TestCrashRecordTimeNamespace: needs util-linux `unshare --time`; the VM
 #   has busybox's unshare, which has no time namespaces.
-ROOT_SKIP='^TestBuildMatrix$|^TestCrashRecordTimeNamespace$'
+#   TestNextGo: builds with the newest Go toolchain, like TestBuildMatrix.
+#   TestRealMapGrowthDefault: grows a map to 2M entries (skips in -short).
+ROOT_SKIP='^TestBuildMatrix$|^TestCrashRecordTimeNamespace$|^TestNextGo$|^TestRealMapGrowthDefault$'
 EXTRA_SKIP=${MAPGUARD_VM_SKIP:-}
 # Skips the log may contain: on 6.1, TestMultiLinks must skip (no
 # uprobe_multi: the fallback is what ran), and so must
