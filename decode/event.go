@@ -216,7 +216,8 @@ func IsStatistic(kind Kind) bool {
 
 // IsDeep reports whether kind is watched by probing every operation of a
 // kind (opt-in, under the budget): missing-key and nil-map deletes, shared
-// writers.
+// writers. A switch, not a map: the probe's reader calls it per event, and
+// a map read that misses would hit mapguard's own probes.
 func IsDeep(kind Kind) bool {
 	switch kind {
 	case MissingKeyDelete, NilMapDelete, SharedWriters:

@@ -2,8 +2,8 @@
 
 package probe
 
-// Deep watching: probes on every operation of a kind, kept inside a CPU
-// budget by detaching them part of the time.
+// Deep watching: probes on every operation of a kind, under the same CPU
+// budget as every other site (governor.go).
 
 import (
 	"crypto/rand"

@@ -59,7 +59,7 @@ type UprobeConfig struct {
 // DefaultKinds are the kinds whose probes sit only on paths that run when
 // something is wrong, or rarely (a read that misses, a table of a large map
 // growing, a map emptied), so a healthy operation that finds its key pays
-// nothing. Misses are rate-limited per site.
+// nothing. Every site lives under the budget (see governor.go).
 func DefaultKinds() []decode.Kind {
 	return []decode.Kind{
 		decode.NilMapWrite, decode.NilMapRead, decode.MapGrowth, decode.MissingKeyRead,
@@ -249,10 +249,6 @@ func missBlocks(code []byte, entry uint64, callee func(uint64) string) ([]found,
 	}
 	return fs, nil
 }
-
-// isDeep is decode.IsDeep: a switch, not a map, since the reader calls it
-// per event and a map read that misses would hit mapguard's own probes.
-func isDeep(kind decode.Kind) bool { return decode.IsDeep(kind) }
 
 // Op is a kind of map operation, for operation statistics.
 type Op uint8

@@ -326,7 +326,7 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 			u.watched[kind] = true
 			continue
 		}
-		if isDeep(kind) {
+		if decode.IsDeep(kind) {
 			u.watched[kind] = true
 			u.deep = true
 			continue
@@ -977,7 +977,7 @@ func (u *uprobes) handleWith(dec *decode.Decoder, raw []byte, ev *decode.Event) 
 			return // an idiom as often as a bug: counted, not an event
 		}
 	}
-	if isDeep(ev.Kind) {
+	if decode.IsDeep(ev.Kind) {
 		if ev.Kind == decode.SharedWriters && u.excluded(ev) {
 			u.outOfScope[h.Site].Add(1)
 			return
