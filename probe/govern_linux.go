@@ -92,8 +92,11 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 	m := map[int]int{}
 	// CPU time of this thread, not wall time: a trap is handled on the
 	// thread that took it, and a busy machine's preemptions do not count.
-	run := func(calls int) time.Duration {
-		t0 := threadCPU()
+	// Where the thread clock is too coarse to see the difference (an
+	// emulated VM), wall time is used instead.
+	type sample struct{ cpu, wall time.Duration }
+	run := func(calls int) sample {
+		t0, w0 := threadCPU(), time.Now()
 		n := 0
 		for i := 0; i < calls; i++ {
 			n = calibrationTarget(m, n)
@@ -101,7 +104,15 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 		if n != calls {
 			panic("calibration")
 		}
-		return threadCPU() - t0
+		return sample{threadCPU() - t0, time.Since(w0)}
+	}
+	least := func(calls int) sample {
+		best := sample{1<<63 - 1, 1<<63 - 1}
+		for r := 0; r < calibrationRuns; r++ {
+			x := run(calls)
+			best = sample{min(best.cpu, x.cpu), min(best.wall, x.wall)}
+		}
+		return best
 	}
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
@@ -111,26 +122,24 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 	// kernel: ~30 ms for uprobe_multi, ~100 ms for a perf-event uprobe):
 	// the least of a few runs without, then with it.
 	measure := func(s *site, calls int) (time.Duration, error) {
-		base := time.Duration(1<<63 - 1)
-		for r := 0; r < calibrationRuns; r++ {
-			base = min(base, run(calls))
-		}
+		base := least(calls)
 		a0 := threadCPU()
 		l, err := u.attach(s, u.coll.Programs[bpf.MapguardProgMapguardEmpty])
 		if err != nil {
 			return 0, err
 		}
 		a1 := threadCPU()
-		with := time.Duration(1<<63 - 1)
-		for r := 0; r < calibrationRuns; r++ {
-			with = min(with, run(calls))
-		}
+		with := least(calls)
 		a2 := threadCPU()
 		l.Close()
 		if c := a1 - a0 + threadCPU() - a2; u.linkCost == 0 || c < u.linkCost {
 			u.linkCost = c
 		}
-		return max((with-base)/time.Duration(calls), time.Nanosecond), nil
+		d := with.cpu - base.cpu
+		if d <= 0 {
+			d = with.wall - base.wall
+		}
+		return max(d/time.Duration(calls), time.Nanosecond), nil
 	}
 	step, err := measure(u.calib.step, calibrationStepCalls)
 	if err != nil {
