@@ -1,6 +1,6 @@
 package mapguard
 
-import "github.com/mapguard/mapguard/probe"
+import "github.com/mapguard/mapguard/internal/uprobe"
 
 // ReadCrashReports returns the reports of processes of the program at
 // path ("" for this program) that died of a concurrent map misuse while a
@@ -17,5 +17,5 @@ import "github.com/mapguard/mapguard/probe"
 // a check (see the README) are left out. It needs the privileges to open
 // pinned BPF maps (root). No reports is a nil slice and a nil error.
 func ReadCrashReports(path string) ([]Event, error) {
-	return probe.ReadCrashes(path)
+	return uprobe.ReadCrashes(path)
 }

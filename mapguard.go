@@ -14,6 +14,7 @@ import (
 
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/rt"
+	"github.com/mapguard/mapguard/internal/uprobe"
 	"github.com/mapguard/mapguard/probe"
 )
 
@@ -152,7 +153,7 @@ var (
 // fatal error). Among them MissingKeyRead and NilMapRead are statistics
 // (Stats.CallSites) unless Options.Detect lists them. Deep kinds
 // (MissingKeyDelete, NilMapDelete, SharedWriters) are not among them.
-func DefaultKinds() []Kind { return probe.DefaultKinds() }
+func DefaultKinds() []Kind { return uprobe.DefaultKinds() }
 
 // Options configures a Guard. The zero value is valid.
 type Options struct {
@@ -413,7 +414,7 @@ func (g *Guard) newProbe() probe.Probe {
 		return g.opts.Probe
 	}
 	o := &g.opts
-	return probe.NewUprobes(probe.UprobeConfig{
+	return uprobe.New(uprobe.Config{
 		Kinds:           o.kinds(),
 		Statistics:      o.statistics(),
 		StackDepth:      o.StackDepth,

@@ -3,6 +3,7 @@ package probe
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/mapguard/mapguard/decode"
@@ -150,4 +151,57 @@ type Inactive struct {
 	Kind     decode.Kind
 	Function string
 	Reason   string
+}
+
+// CallSiteStats counts the occurrences of one kind at one call site: how
+// idioms (a read of a missing key where the zero value means absent, a read
+// of a nil map) are reported by default, as statistics rather than events.
+type CallSiteStats struct {
+	Kind decode.Kind
+	// Site is the user's frame that did the map operation; MapType the
+	// map's type as the first occurrence read it.
+	Site    decode.Frame
+	MapType string
+	// CommaOK: the reads are comma-ok reads (v, ok := m[k]), which say
+	// themselves whether the key was there.
+	CommaOK bool
+	// Count is the occurrences since Start. Estimated: some were counted
+	// while the site was sampled (see SiteStats.Sampled), and scaled.
+	Count     uint64
+	Estimated bool
+	// First and Last are when the first occurrence happened and when the
+	// count last grew (to the aggregation interval, about a second).
+	First, Last time.Time
+}
+
+// Op is a kind of map operation, for operation statistics.
+type Op uint8
+
+const (
+	OpRead Op = iota + 1
+	OpWrite
+	OpDelete
+	OpIterate
+)
+
+func (o Op) String() string {
+	switch o {
+	case OpRead:
+		return "read"
+	case OpWrite:
+		return "write"
+	case OpDelete:
+		return "delete"
+	case OpIterate:
+		return "iterate"
+	}
+	return "op(" + fmt.Sprint(uint8(o)) + ")"
+}
+
+// OpStat is the number of operations of one kind at one call site.
+type OpStat struct {
+	Op      Op
+	Site    decode.Frame
+	MapType string
+	Count   uint64
 }

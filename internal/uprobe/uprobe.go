@@ -1,7 +1,8 @@
-package probe
+package uprobe
 
 import (
 	"fmt"
+	"github.com/mapguard/mapguard/probe"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -10,8 +11,8 @@ import (
 	"github.com/mapguard/mapguard/symbols"
 )
 
-// UprobeConfig configures NewUprobes. The zero value is valid.
-type UprobeConfig struct {
+// Config configures New. The zero value is valid.
+type Config struct {
 	// Kinds to watch; nil means DefaultKinds.
 	Kinds []decode.Kind
 	// Statistics lists kinds of Kinds (decode.IsStatistic) that are only
@@ -67,40 +68,40 @@ func DefaultKinds() []decode.Kind {
 	}
 }
 
-// NewUprobes returns a Probe that attaches eBPF uprobes to this process. It
+// New returns a Probe that attaches eBPF uprobes to this process. It
 // does no work until Start; on platforms other than linux/amd64 Start
 // returns ErrNotSupported.
-func NewUprobes(cfg UprobeConfig) Probe { return newUprobes(cfg) }
+func New(cfg Config) probe.Probe { return newUprobes(cfg) }
 
-func (c UprobeConfig) kinds() []decode.Kind {
+func (c Config) kinds() []decode.Kind {
 	if len(c.Kinds) == 0 {
 		return DefaultKinds()
 	}
 	return c.Kinds
 }
 
-func (c UprobeConfig) bufferSize() int {
+func (c Config) bufferSize() int {
 	if c.BufferSize <= 0 {
 		return 1024
 	}
 	return c.BufferSize
 }
 
-func (c UprobeConfig) growthThreshold() uint64 {
+func (c Config) growthThreshold() uint64 {
 	if c.GrowthThreshold <= 0 {
 		return 1 << 20
 	}
 	return uint64(c.GrowthThreshold)
 }
 
-func (c UprobeConfig) budget() float64 {
+func (c Config) budget() float64 {
 	if c.Budget <= 0 {
 		return 0.01
 	}
 	return min(c.Budget, 1)
 }
 
-func (c UprobeConfig) sharedWindow() time.Duration {
+func (c Config) sharedWindow() time.Duration {
 	if c.SharedWindow <= 0 {
 		return 100 * time.Millisecond
 	}
@@ -250,67 +251,35 @@ func missBlocks(code []byte, entry uint64, callee func(uint64) string) ([]found,
 	return fs, nil
 }
 
-// Op is a kind of map operation, for operation statistics.
-type Op uint8
-
-const (
-	OpRead Op = iota + 1
-	OpWrite
-	OpDelete
-	OpIterate
-)
-
-func (o Op) String() string {
-	switch o {
-	case OpRead:
-		return "read"
-	case OpWrite:
-		return "write"
-	case OpDelete:
-		return "delete"
-	case OpIterate:
-		return "iterate"
-	}
-	return "op(" + fmt.Sprint(uint8(o)) + ")"
-}
-
-// OpStat is the number of operations of one kind at one call site.
-type OpStat struct {
-	Op      Op
-	Site    decode.Frame
-	MapType string
-	Count   uint64
-}
-
 // deepFunc is a runtime map entry point that deep watching probes after its
 // stack check (an emulated PUSHQ BP): the type is in AX, the map in BX and
 // the key from CX.
 type deepFunc struct {
 	name string
-	op   Op
+	op   probe.Op
 	key  uint8 // deletes: enum mg_key
 }
 
 var deepFuncs = []deepFunc{
-	{"runtime.mapaccess1", OpRead, 0},
-	{"runtime.mapaccess2", OpRead, 0},
-	{"runtime.mapaccess1_fast32", OpRead, 0},
-	{"runtime.mapaccess2_fast32", OpRead, 0},
-	{"runtime.mapaccess1_fast64", OpRead, 0},
-	{"runtime.mapaccess2_fast64", OpRead, 0},
-	{"runtime.mapaccess1_faststr", OpRead, 0},
-	{"runtime.mapaccess2_faststr", OpRead, 0},
-	{"runtime.mapassign", OpWrite, 0},
-	{"runtime.mapassign_fast32", OpWrite, 0},
-	{"runtime.mapassign_fast32ptr", OpWrite, 0},
-	{"runtime.mapassign_fast64", OpWrite, 0},
-	{"runtime.mapassign_fast64ptr", OpWrite, 0},
-	{"runtime.mapassign_faststr", OpWrite, 0},
-	{"runtime.mapdelete", OpDelete, keyPtr},
-	{"runtime.mapdelete_fast32", OpDelete, keyU32},
-	{"runtime.mapdelete_fast64", OpDelete, keyU64},
-	{"runtime.mapdelete_faststr", OpDelete, keyStr},
-	{"runtime.mapIterStart", OpIterate, 0},
+	{"runtime.mapaccess1", probe.OpRead, 0},
+	{"runtime.mapaccess2", probe.OpRead, 0},
+	{"runtime.mapaccess1_fast32", probe.OpRead, 0},
+	{"runtime.mapaccess2_fast32", probe.OpRead, 0},
+	{"runtime.mapaccess1_fast64", probe.OpRead, 0},
+	{"runtime.mapaccess2_fast64", probe.OpRead, 0},
+	{"runtime.mapaccess1_faststr", probe.OpRead, 0},
+	{"runtime.mapaccess2_faststr", probe.OpRead, 0},
+	{"runtime.mapassign", probe.OpWrite, 0},
+	{"runtime.mapassign_fast32", probe.OpWrite, 0},
+	{"runtime.mapassign_fast32ptr", probe.OpWrite, 0},
+	{"runtime.mapassign_fast64", probe.OpWrite, 0},
+	{"runtime.mapassign_fast64ptr", probe.OpWrite, 0},
+	{"runtime.mapassign_faststr", probe.OpWrite, 0},
+	{"runtime.mapdelete", probe.OpDelete, keyPtr},
+	{"runtime.mapdelete_fast32", probe.OpDelete, keyU32},
+	{"runtime.mapdelete_fast64", probe.OpDelete, keyU64},
+	{"runtime.mapdelete_faststr", probe.OpDelete, keyStr},
+	{"runtime.mapIterStart", probe.OpIterate, 0},
 }
 
 // deleteDoneFunc is where a delete's outcome is checked: the JNE guarding

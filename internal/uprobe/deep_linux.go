@@ -1,6 +1,6 @@
 //go:build linux && amd64
 
-package probe
+package uprobe
 
 // Deep watching: probes on every operation of a kind, under the same CPU
 // budget as every other site (governor.go).
@@ -9,12 +9,12 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
+	"github.com/mapguard/mapguard/probe"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/mapguard/mapguard/bpf"
 	"github.com/mapguard/mapguard/decode"
 )
 
@@ -52,7 +52,7 @@ func (u *uprobes) excluded(ev *decode.Event) bool {
 
 // OpStats returns the operation counts per call site and kind, as counted
 // in the kernel since Start (while the deep probes were attached).
-func (u *uprobes) OpStats() []OpStat {
+func (u *uprobes) OpStats() []probe.OpStat {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.aggs == nil || !u.cfg.OpStats {
@@ -65,11 +65,11 @@ func (u *uprobes) OpStats() []OpStat {
 		u.statsDec = decode.NewDecoder(cfg)
 	}
 	var (
-		key bpf.MapguardAggKey
-		val bpf.MapguardAggVal
+		key mapguardAggKey
+		val mapguardAggVal
 		ev  decode.Event
 		raw []byte
-		out []OpStat
+		out []probe.OpStat
 	)
 	it := u.aggs.Iterate()
 	for it.Next(&key, &val) {
@@ -81,7 +81,7 @@ func (u *uprobes) OpStats() []OpStat {
 		if err := u.statsDec.Decode(raw, &ev); err != nil && !errors.Is(err, decode.ErrRuntimeOwned) {
 			continue
 		}
-		out = append(out, OpStat{Op: s.op, Site: ev.Site, MapType: ev.MapType, Count: val.Count})
+		out = append(out, probe.OpStat{Op: s.op, Site: ev.Site, MapType: ev.MapType, Count: val.Count})
 	}
 	return out
 }

@@ -1,6 +1,6 @@
 //go:build linux && amd64
 
-package probe
+package uprobe
 
 // Crash records. The runtime's "concurrent map writes" kills the process
 // right after the probe fires, before the reader could deliver the event, so
@@ -48,7 +48,6 @@ import (
 	"github.com/go-logr/logr"
 	"golang.org/x/sys/unix"
 
-	"github.com/mapguard/mapguard/bpf"
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/rt"
 	"github.com/mapguard/mapguard/symbols"
@@ -94,7 +93,7 @@ func removeIfUnlocked(path string) {
 type crashRecord struct {
 	key uint64
 	pid int
-	val bpf.MapguardCrash
+	val mapguardCrash
 }
 
 // procIdentity is who wrote an entry.
@@ -114,7 +113,7 @@ func (p procIdentity) key() uint64 {
 	return h.Sum64()
 }
 
-func identityOf(v *bpf.MapguardCrash) procIdentity {
+func identityOf(v *mapguardCrash) procIdentity {
 	return procIdentity{pidns: v.Pidns, pid: v.Pid, procStart: v.ProcStart}
 }
 
@@ -377,7 +376,7 @@ func acquireCrashStore(spec *ebpf.MapSpec, own *ownBinary, log logr.Logger) (cra
 		s.close()
 		return crashTake{}, err
 	}
-	v := bpf.MapguardCrash{
+	v := mapguardCrash{
 		Bias: own.bias, ExeId: own.exeID, StartNs: now,
 		Pidns: self.pidns, ProcStart: self.procStart, Pid: self.pid,
 	}
@@ -444,7 +443,7 @@ func holdAlive(path string) (int, error) {
 func (s *crashStore) collect(own *ownBinary, log logr.Logger) (pending []crashRecord, damaged int) {
 	var (
 		key uint64
-		val bpf.MapguardCrash
+		val mapguardCrash
 		del []uint64
 	)
 	now, _ := kernelMono()
@@ -511,7 +510,7 @@ func (s *crashStore) dropAlive(key uint64) {
 // process, in any PID namespace), or it is in this PID namespace and its
 // PID is free or names a process started at another time. A directory
 // found unlocked is removed.
-func (s *crashStore) ownerGone(key uint64, v *bpf.MapguardCrash) (bool, string) {
+func (s *crashStore) ownerGone(key uint64, v *mapguardCrash) (bool, string) {
 	path := aliveDir(filepath.Dir(s.path), key)
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	switch {
@@ -603,7 +602,7 @@ func (s *crashStore) close() {
 // checkEntry returns why an entry read from a pin cannot be trusted ("" if
 // it can): its key must be the hash of who wrote it, and a crash must look
 // like one the BPF program wrote. Addresses are checked by ownBinary.check.
-func checkEntry(key uint64, v *bpf.MapguardCrash, nowMono uint64) string {
+func checkEntry(key uint64, v *mapguardCrash, nowMono uint64) string {
 	if key != identityOf(v).key() {
 		return "key is not the hash of the writer's identity"
 	}
@@ -647,7 +646,7 @@ func checkEntry(key uint64, v *bpf.MapguardCrash, nowMono uint64) string {
 func readCrashes(m *ebpf.Map, own *ownBinary) ([]crashRecord, error) {
 	var (
 		key uint64
-		val bpf.MapguardCrash
+		val mapguardCrash
 		out []crashRecord
 	)
 	now, err := kernelMono()
@@ -708,7 +707,7 @@ func ReadCrashes(exe string) ([]decode.Event, error) {
 		}
 		exe = abs
 	}
-	spec, err := bpf.LoadMapguard()
+	spec, err := loadMapguard()
 	if err != nil {
 		return nil, err
 	}
@@ -729,7 +728,7 @@ func ReadCrashes(exe string) ([]decode.Event, error) {
 		if err != nil {
 			return nil, fmt.Errorf("open crash records %s: %w", path, err)
 		}
-		if err := spec.Maps[bpf.MapguardMapCrashes].Compatible(m); err != nil {
+		if err := spec.Maps[mapguardMapCrashes].Compatible(m); err != nil {
 			m.Close()
 			return nil, fmt.Errorf("crash records %s: not a crash record map of this mapguard version: %w", path, err)
 		}

@@ -1,9 +1,10 @@
-package probe
+package uprobe
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/mapguard/mapguard/probe"
 	"os"
 
 	"golang.org/x/sys/unix"
@@ -16,19 +17,19 @@ import (
 func classify(err error) error {
 	switch {
 	case err == nil,
-		errors.Is(err, ErrNotSupported), errors.Is(err, ErrPermission),
-		errors.Is(err, ErrResourceLimit), errors.Is(err, ErrLayoutMismatch),
-		errors.Is(err, ErrStarted), errors.Is(err, ErrClosed), errors.Is(err, ErrBusy),
+		errors.Is(err, probe.ErrNotSupported), errors.Is(err, probe.ErrPermission),
+		errors.Is(err, probe.ErrResourceLimit), errors.Is(err, probe.ErrLayoutMismatch),
+		errors.Is(err, probe.ErrStarted), errors.Is(err, probe.ErrClosed), errors.Is(err, probe.ErrBusy),
 		errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return err
 	case errors.Is(err, unix.EMFILE), errors.Is(err, unix.ENFILE):
-		return fmt.Errorf("%w: out of file descriptors (raise RLIMIT_NOFILE): %w", ErrResourceLimit, err)
+		return fmt.Errorf("%w: out of file descriptors (raise RLIMIT_NOFILE): %w", probe.ErrResourceLimit, err)
 	case errors.Is(err, unix.ENOMEM):
-		return fmt.Errorf("%w: out of memory for BPF objects (raise RLIMIT_MEMLOCK on kernels before 5.11): %w", ErrResourceLimit, err)
+		return fmt.Errorf("%w: out of memory for BPF objects (raise RLIMIT_MEMLOCK on kernels before 5.11): %w", probe.ErrResourceLimit, err)
 	case errors.Is(err, unix.EPERM), errors.Is(err, unix.EACCES):
-		return fmt.Errorf("%w: %w", ErrPermission, err)
+		return fmt.Errorf("%w: %w", probe.ErrPermission, err)
 	default:
-		return fmt.Errorf("%w: %w", ErrNotSupported, err)
+		return fmt.Errorf("%w: %w", probe.ErrNotSupported, err)
 	}
 }
 
@@ -43,11 +44,11 @@ func checkFiles(need int) error {
 	}
 	entries, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
-		return fmt.Errorf("start probe: count open files: %w (is /proc mounted?): %w", ErrNotSupported, err)
+		return fmt.Errorf("start probe: count open files: %w (is /proc mounted?): %w", probe.ErrNotSupported, err)
 	}
 	if free := int64(lim.Cur) - int64(len(entries)); free < int64(need) {
 		return fmt.Errorf("start probe: %w: %d file descriptors open of RLIMIT_NOFILE %d, and the probes need about %d more: raise the limit",
-			ErrResourceLimit, len(entries), lim.Cur, need)
+			probe.ErrResourceLimit, len(entries), lim.Cur, need)
 	}
 	return nil
 }

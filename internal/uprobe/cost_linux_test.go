@@ -1,6 +1,6 @@
 //go:build linux && amd64
 
-package probe
+package uprobe
 
 import (
 	"context"
@@ -10,7 +10,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
-	"github.com/mapguard/mapguard/bpf"
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/testutil"
 	"github.com/mapguard/mapguard/symbols"
@@ -39,11 +38,11 @@ func attachEmpty(b *testing.B, fn string, off func(code []byte, f symbols.Func) 
 	if err != nil {
 		b.Fatal(err)
 	}
-	spec, err := bpf.LoadMapguard()
+	spec, err := loadMapguard()
 	if err != nil {
 		b.Fatal(err)
 	}
-	prog, err := ebpf.NewProgram(spec.Programs[bpf.MapguardProgMapguardEmpty])
+	prog, err := ebpf.NewProgram(spec.Programs[mapguardProgMapguardEmpty])
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -83,7 +82,7 @@ func BenchmarkHitCost(b *testing.B) {
 		loop(b)
 	})
 	b.Run("probe=mapguard@nil-branch", func(b *testing.B) {
-		p := NewUprobes(UprobeConfig{Kinds: []decode.Kind{decode.NilMapWrite}, Budget: 1, BufferSize: 1 << 16})
+		p := New(Config{Kinds: []decode.Kind{decode.NilMapWrite}, Budget: 1, BufferSize: 1 << 16})
 		if err := p.Start(context.Background(), func(*decode.Event) {}); err != nil {
 			b.Fatal(err)
 		}
@@ -142,14 +141,14 @@ func BenchmarkDeepHitCost(b *testing.B) {
 	// Both deep features, then each alone.
 	for _, c := range []struct {
 		name string
-		cfg  UprobeConfig
+		cfg  Config
 	}{
-		{"mapguard-deep@after-stack-check", UprobeConfig{Kinds: []decode.Kind{decode.SharedWriters}, OpStats: true, Budget: 1}},
-		{"mapguard-opstats@after-stack-check", UprobeConfig{Kinds: []decode.Kind{decode.NilMapWrite}, OpStats: true, Budget: 1}},
-		{"mapguard-writers@after-stack-check", UprobeConfig{Kinds: []decode.Kind{decode.SharedWriters}, Budget: 1}},
+		{"mapguard-deep@after-stack-check", Config{Kinds: []decode.Kind{decode.SharedWriters}, OpStats: true, Budget: 1}},
+		{"mapguard-opstats@after-stack-check", Config{Kinds: []decode.Kind{decode.NilMapWrite}, OpStats: true, Budget: 1}},
+		{"mapguard-writers@after-stack-check", Config{Kinds: []decode.Kind{decode.SharedWriters}, Budget: 1}},
 	} {
 		b.Run("probe="+c.name, func(b *testing.B) {
-			p := NewUprobes(c.cfg)
+			p := New(c.cfg)
 			if err := p.Start(context.Background(), func(*decode.Event) {}); err != nil {
 				b.Fatal(err)
 			}

@@ -1,28 +1,27 @@
 //go:build linux && amd64
 
-package probe
+package uprobe
 
 import (
 	"testing"
 	"unsafe"
 
-	"github.com/mapguard/mapguard/bpf"
 	"github.com/mapguard/mapguard/decode"
 )
 
 // The record layout and kind numbers decode uses must match the BPF
 // program's, as bpf2go generated them from its BTF.
 func TestWireMatchesBPF(t *testing.T) {
-	if got := unsafe.Sizeof(bpf.MapguardEvent{}); got != decode.RecordSize {
+	if got := unsafe.Sizeof(mapguardEvent{}); got != decode.RecordSize {
 		t.Errorf("struct event is %d bytes, decode.RecordSize %d", got, decode.RecordSize)
 	}
-	if got := len(bpf.MapguardEvent{}.Detail); got != decode.DetailLen {
+	if got := len(mapguardEvent{}.Detail); got != decode.DetailLen {
 		t.Errorf("struct event holds %d detail bytes, decode.DetailLen %d", got, decode.DetailLen)
 	}
-	if got := len(bpf.MapguardEvent{}.Pcs); got != decode.MaxFrames {
+	if got := len(mapguardEvent{}.Pcs); got != decode.MaxFrames {
 		t.Errorf("struct event holds %d frames, decode.MaxFrames %d", got, decode.MaxFrames)
 	}
-	var ev bpf.MapguardEvent
+	var ev mapguardEvent
 	for name, off := range map[string][2]uintptr{
 		"time_ns":    {unsafe.Offsetof(ev.TimeNs), 0},
 		"goid":       {unsafe.Offsetof(ev.Goid), 8},
@@ -47,19 +46,19 @@ func TestWireMatchesBPF(t *testing.T) {
 			t.Errorf("field %s at %d in BPF, decode reads it at %d", name, off[0], off[1])
 		}
 	}
-	for c, k := range map[bpf.MapguardMgKind]decode.Kind{
-		bpf.MapguardMgKindMG_KIND_NIL_MAP_WRITE:      decode.NilMapWrite,
-		bpf.MapguardMgKindMG_KIND_NIL_MAP_READ:       decode.NilMapRead,
-		bpf.MapguardMgKindMG_KIND_MAP_GROWTH:         decode.MapGrowth,
-		bpf.MapguardMgKindMG_KIND_MISSING_KEY_READ:   decode.MissingKeyRead,
-		bpf.MapguardMgKindMG_KIND_UNHASHABLE_KEY:     decode.UnhashableKey,
-		bpf.MapguardMgKindMG_KIND_MAP_BLOAT:          decode.MapBloat,
-		bpf.MapguardMgKindMG_KIND_CONCURRENT_MISUSE:  decode.ConcurrentMisuse,
-		bpf.MapguardMgKindMG_KIND_PREVIOUS_CRASH:     decode.PreviousCrash,
-		bpf.MapguardMgKindMG_KIND_MISSING_KEY_DELETE: decode.MissingKeyDelete,
-		bpf.MapguardMgKindMG_KIND_NIL_MAP_DELETE:     decode.NilMapDelete,
-		bpf.MapguardMgKindMG_KIND_SHARED_WRITERS:     decode.SharedWriters,
-		bpf.MapguardMgKindMG_KIND_NESTED_MAP_MISS:    decode.NestedMapMiss,
+	for c, k := range map[mapguardMgKind]decode.Kind{
+		mapguardMgKindMG_KIND_NIL_MAP_WRITE:      decode.NilMapWrite,
+		mapguardMgKindMG_KIND_NIL_MAP_READ:       decode.NilMapRead,
+		mapguardMgKindMG_KIND_MAP_GROWTH:         decode.MapGrowth,
+		mapguardMgKindMG_KIND_MISSING_KEY_READ:   decode.MissingKeyRead,
+		mapguardMgKindMG_KIND_UNHASHABLE_KEY:     decode.UnhashableKey,
+		mapguardMgKindMG_KIND_MAP_BLOAT:          decode.MapBloat,
+		mapguardMgKindMG_KIND_CONCURRENT_MISUSE:  decode.ConcurrentMisuse,
+		mapguardMgKindMG_KIND_PREVIOUS_CRASH:     decode.PreviousCrash,
+		mapguardMgKindMG_KIND_MISSING_KEY_DELETE: decode.MissingKeyDelete,
+		mapguardMgKindMG_KIND_NIL_MAP_DELETE:     decode.NilMapDelete,
+		mapguardMgKindMG_KIND_SHARED_WRITERS:     decode.SharedWriters,
+		mapguardMgKindMG_KIND_NESTED_MAP_MISS:    decode.NestedMapMiss,
 	} {
 		if uint32(c) != uint32(k) {
 			t.Errorf("BPF kind %d is decode kind %v (%d)", c, k, k)

@@ -1,6 +1,6 @@
 //go:build linux && amd64
 
-package probe
+package uprobe
 
 import (
 	"context"
@@ -12,10 +12,10 @@ import (
 )
 
 // startProbe starts real uprobes and returns a channel of their events.
-func startProbe(t *testing.T, cfg UprobeConfig) (*uprobes, <-chan decode.Event) {
+func startProbe(t *testing.T, cfg Config) (*uprobes, <-chan decode.Event) {
 	t.Helper()
 	testutil.RequirePrivileged(t)
-	p := NewUprobes(cfg).(*uprobes)
+	p := New(cfg).(*uprobes)
 	events := make(chan decode.Event, 64)
 	if err := p.Start(context.Background(), func(ev *decode.Event) {
 		select {
@@ -36,7 +36,7 @@ var sinkByte uint8
 func TestPerfEventLinks(t *testing.T) {
 	forceSingleLinks = true
 	defer func() { forceSingleLinks = false }()
-	p, events := startProbe(t, UprobeConfig{Kinds: []decode.Kind{decode.NilMapRead}})
+	p, events := startProbe(t, Config{Kinds: []decode.Kind{decode.NilMapRead}})
 	if p.multi {
 		t.Fatal("uprobe_multi used despite forceSingleLinks")
 	}
@@ -56,7 +56,7 @@ func TestPerfEventLinks(t *testing.T) {
 }
 
 func TestMultiLinks(t *testing.T) {
-	p, _ := startProbe(t, UprobeConfig{})
+	p, _ := startProbe(t, Config{})
 	if !haveUprobeMulti() {
 		t.Skip("kernel without a per-process uprobe_multi filter")
 	}
@@ -69,7 +69,7 @@ func TestMultiLinks(t *testing.T) {
 }
 
 func TestSitesChosen(t *testing.T) {
-	p, _ := startProbe(t, UprobeConfig{})
+	p, _ := startProbe(t, Config{})
 	st := p.Stats()
 	if len(st.Sites) == 0 {
 		t.Fatal("no sites")

@@ -1,11 +1,12 @@
 //go:build linux && amd64
 
-package probe
+package uprobe
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/mapguard/mapguard/probe"
 	"os"
 	"runtime"
 	"runtime/debug"
@@ -22,7 +23,6 @@ import (
 	"github.com/go-logr/logr"
 	"golang.org/x/sys/unix"
 
-	"github.com/mapguard/mapguard/bpf"
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/rt"
 	"github.com/mapguard/mapguard/symbols"
@@ -34,7 +34,7 @@ import (
 const selfExe = "/proc/self/exe"
 
 type uprobes struct {
-	cfg UprobeConfig
+	cfg Config
 	log logr.Logger
 
 	mu       sync.Mutex // guards everything below once Start has begun
@@ -45,10 +45,10 @@ type uprobes struct {
 	reader   *ringbuf.Reader
 	multi    bool
 	sites    []*site
-	inactive []Inactive
+	inactive []probe.Inactive
 	canaryT  uintptr           // type of the canary's map, set before the reader starts; its events never reach the sink
 	canary   chan decode.Event // receives the canary event during Start
-	sink     Sink
+	sink     probe.Sink
 	done     chan struct{} // closed when the reader goroutine exits
 	// readerQuit tells the reader that a flush of the ring buffer is
 	// teardown's, not a wake-up.
@@ -79,7 +79,7 @@ type uprobes struct {
 	detaches     sync.WaitGroup
 	sampled      []atomic.Bool // per site, as of the last tick; read by the reader
 	stats        *ebpf.Variable
-	counters     [maxSites]bpf.MapguardSiteStats // scratch for stats reads
+	counters     [maxSites]mapguardSiteStats // scratch for stats reads
 	decoder      *decode.Decoder
 	watched      [256]bool // kinds asked for
 	statsOnly    [256]bool // kinds counted per call site, without events
@@ -88,7 +88,7 @@ type uprobes struct {
 	// notNested are the nested-miss aggregates whose first occurrence was
 	// found not to be one (the outer map's elements are not maps of the
 	// inner type): their counts are the nil-map reads they are.
-	notNested map[bpf.MapguardAggKey]bool
+	notNested map[mapguardAggKey]bool
 	// notOwned counts, per site, events the runtime caused on its own
 	// maps and nil-map reads in the standard library; written by the
 	// reader, read by Stats.
@@ -98,7 +98,7 @@ type uprobes struct {
 	// Aggregates (MissingKeyRead): the count already reported per key, and
 	// when they were last reported.
 	aggs    *ebpf.Map
-	aggSeen map[bpf.MapguardAggKey]uint64
+	aggSeen map[mapguardAggKey]uint64
 	lastAgg time.Time
 	aggRaw  []byte
 	// Crash records: this process's entry in the pinned map (shared by
@@ -130,27 +130,27 @@ type site struct {
 	kind    decode.Kind
 	fn      symbols.Func
 	deep    bool
-	op      Op
+	op      probe.Op
 	keyMode uint8
 	found
 	link      link.Link             // nil while detached
 	detaching bool                  // a detach is in flight
-	final     bpf.MapguardSiteStats // counters at Close
+	final     mapguardSiteStats // counters at Close
 }
 
-// newUprobes is NewUprobes on linux/amd64.
-func newUprobes(cfg UprobeConfig) Probe {
+// newUprobes is New on linux/amd64.
+func newUprobes(cfg Config) probe.Probe {
 	return &uprobes{cfg: cfg, log: cfg.Logger}
 }
 
-func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
+func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.closed {
-		return ErrClosed
+		return probe.ErrClosed
 	}
 	if u.started {
-		return fmt.Errorf("start probe: %w", ErrStarted)
+		return fmt.Errorf("start probe: %w", probe.ErrStarted)
 	}
 	u.started = true
 	u.sink = sink
@@ -168,9 +168,9 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	u.offsets = offsets
 	switch {
 	case errors.Is(err, rt.ErrUnknownRuntime):
-		return fmt.Errorf("start probe: %w: %w", ErrNotSupported, err)
+		return fmt.Errorf("start probe: %w: %w", probe.ErrNotSupported, err)
 	case err != nil:
-		return fmt.Errorf("start probe: %w: %w", ErrLayoutMismatch, err)
+		return fmt.Errorf("start probe: %w: %w", probe.ErrLayoutMismatch, err)
 	}
 	if rt.NewerThanChecked() {
 		u.log.V(1).Info("Go release newer than mapguard was checked against: layouts derived and verified, sites found by shape", "go", runtime.Version())
@@ -190,7 +190,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 
 	bin, err := symbols.OpenSelf()
 	if err != nil {
-		return fmt.Errorf("start probe: read own symbols: %w: %w", ErrNotSupported, err)
+		return fmt.Errorf("start probe: read own symbols: %w: %w", probe.ErrNotSupported, err)
 	}
 	defer bin.Close()
 	if err := u.chooseSites(bin); err != nil {
@@ -229,8 +229,8 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	u.notOwned = make([]atomic.Uint64, len(u.sites))
 	u.sampled = make([]atomic.Bool, len(u.sites)) // before the readers start
 	u.outOfScope = make([]atomic.Uint64, len(u.sites))
-	u.aggSeen = make(map[bpf.MapguardAggKey]uint64)
-	u.notNested = make(map[bpf.MapguardAggKey]bool)
+	u.aggSeen = make(map[mapguardAggKey]uint64)
+	u.notNested = make(map[mapguardAggKey]bool)
 	probes := make([]string, len(u.sites))
 	for i, s := range u.sites {
 		probes[i] = s.fn.Name
@@ -275,7 +275,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 		}
 		if err := u.armLocked(s); err != nil {
 			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-				return fmt.Errorf("start probe: attach %s+%#x: %w: %w", s.fn.Name, s.at.Offset, ErrPermission, err)
+				return fmt.Errorf("start probe: attach %s+%#x: %w: %w", s.fn.Name, s.at.Offset, probe.ErrPermission, err)
 			}
 			return fmt.Errorf("start probe: attach %s+%#x: %w", s.fn.Name, s.at.Offset, err)
 		}
@@ -290,7 +290,7 @@ func (u *uprobes) Start(ctx context.Context, sink Sink) (err error) {
 	u.lastTick = time.Now()
 	u.readCounters()
 	if err := u.setupCalibrationLocked(bin); err != nil {
-		return fmt.Errorf("start probe: cost calibration: %w: %w", ErrNotSupported, err)
+		return fmt.Errorf("start probe: cost calibration: %w: %w", probe.ErrNotSupported, err)
 	}
 	// After the canary: the first uprobe on a binary costs extra.
 	if err := u.startGovernorLocked(time.Now()); err != nil {
@@ -333,7 +333,7 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 		}
 		ts, ok := targets[kind]
 		if !ok {
-			return fmt.Errorf("start probe: kind %s: %w", kind, ErrNotSupported)
+			return fmt.Errorf("start probe: kind %s: %w", kind, probe.ErrNotSupported)
 		}
 		u.watched[kind] = true
 		for _, t := range ts {
@@ -371,7 +371,7 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 			}
 			fn, ok := bin.Func(name)
 			if !ok {
-				u.inactive = append(u.inactive, Inactive{w.kind, name, "not in binary"})
+				u.inactive = append(u.inactive, probe.Inactive{Kind: w.kind, Function: name, Reason: "not in binary"})
 				continue
 			}
 			code, err := bin.Code(fn)
@@ -380,7 +380,7 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 			}
 			fs, err := w.t.find(code, fn.Entry, callee)
 			if err != nil {
-				u.inactive = append(u.inactive, Inactive{w.kind, name, err.Error()})
+				u.inactive = append(u.inactive, probe.Inactive{Kind: w.kind, Function: name, Reason: err.Error()})
 				u.log.V(1).Info("function not probed", "function", name, "reason", err.Error())
 				continue
 			}
@@ -431,7 +431,7 @@ func (u *uprobes) checkKinds() error {
 		return nil
 	}
 	return fmt.Errorf("start probe: no usable probe site in this build (%s) for %s; leave these kinds out of the kinds to watch: %w",
-		buildDesc(), strings.Join(msgs, ", "), ErrNotSupported)
+		buildDesc(), strings.Join(msgs, ", "), probe.ErrNotSupported)
 }
 
 // buildDesc names the Go release and the build settings that change the
@@ -517,7 +517,7 @@ const callLen = 5
 // flagged for what deep watching was asked for, and the site where a
 // delete's outcome is known.
 func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) string, wraps wrappers) error {
-	add := func(kind decode.Kind, fn symbols.Func, f found, op Op, key uint8) error {
+	add := func(kind decode.Kind, fn symbols.Func, f found, op probe.Op, key uint8) error {
 		if len(u.sites) == calibIndex {
 			return fmt.Errorf("start probe: more than %d sites", calibIndex)
 		}
@@ -534,12 +534,12 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 			flags |= siteCount
 		}
 		switch d.op {
-		case OpWrite:
+		case probe.OpWrite:
 			if u.watched[decode.SharedWriters] {
 				flags |= siteWriter
 				kind = decode.SharedWriters
 			}
-		case OpDelete:
+		case probe.OpDelete:
 			if u.watched[decode.NilMapDelete] {
 				flags |= siteDelNil
 				kind = decode.NilMapDelete
@@ -564,7 +564,7 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 		}
 		fn, ok := bin.Func(d.name)
 		if !ok {
-			u.inactive = append(u.inactive, Inactive{kind, d.name, "not in binary"})
+			u.inactive = append(u.inactive, probe.Inactive{Kind: kind, Function: d.name, Reason: "not in binary"})
 			continue
 		}
 		code, err := bin.Code(fn)
@@ -573,7 +573,7 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 		}
 		at, err := symbols.EntrySite(code)
 		if err != nil {
-			u.inactive = append(u.inactive, Inactive{kind, d.name, err.Error()})
+			u.inactive = append(u.inactive, probe.Inactive{Kind: kind, Function: d.name, Reason: err.Error()})
 			continue
 		}
 		if err := add(kind, fn, found{at: at, flags: flags, mapReg: regBX, typReg: regAX, wrapRet: wrapRet}, d.op, d.key); err != nil {
@@ -585,7 +585,7 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 	}
 	fn, ok := bin.Func(deleteDoneFunc)
 	if !ok {
-		u.inactive = append(u.inactive, Inactive{decode.MissingKeyDelete, deleteDoneFunc, "not in binary"})
+		u.inactive = append(u.inactive, probe.Inactive{Kind: decode.MissingKeyDelete, Function: deleteDoneFunc, Reason: "not in binary"})
 		return nil
 	}
 	code, err := bin.Code(fn)
@@ -594,10 +594,10 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 	}
 	at, reg, err := deleteDoneSite(code, fn.Entry, callee)
 	if err != nil {
-		u.inactive = append(u.inactive, Inactive{decode.MissingKeyDelete, deleteDoneFunc, err.Error()})
+		u.inactive = append(u.inactive, probe.Inactive{Kind: decode.MissingKeyDelete, Function: deleteDoneFunc, Reason: err.Error()})
 		return nil
 	}
-	return add(decode.MissingKeyDelete, fn, found{at: at, flags: siteDelDone, mapReg: reg, typReg: regNone}, OpDelete, keyNone)
+	return add(decode.MissingKeyDelete, fn, found{at: at, flags: siteDelDone, mapReg: reg, typReg: regNone}, probe.OpDelete, keyNone)
 }
 
 // deleteDoneSite finds the branch in (*Map).Delete after the entry was
@@ -641,12 +641,12 @@ func decoderConfig(o *rt.Offsets, clock decode.Clock) decode.Config {
 }
 
 func (u *uprobes) load(o *rt.Offsets) error {
-	spec, err := bpf.LoadMapguard()
+	spec, err := loadMapguard()
 	if err != nil {
 		return fmt.Errorf("start probe: %w", err)
 	}
 	if u.own != nil {
-		take, err := acquireCrashStore(spec.Maps[bpf.MapguardMapCrashes], u.own, u.log)
+		take, err := acquireCrashStore(spec.Maps[mapguardMapCrashes], u.own, u.log)
 		if err != nil {
 			// The crash is still seen live if the reader is quick enough;
 			// only the record that outlives it is missing.
@@ -657,34 +657,34 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	}
 	frames := uint32(min(decode.MaxFrames, 6+u.cfg.StackDepth))
 	for name, v := range map[string]any{
-		bpf.MapguardVarGoidOffset:            o.GoID,
-		bpf.MapguardVarMapUsedOffset:         o.MapUsed,
-		bpf.MapguardVarMapSeedOffset:         o.MapSeed,
-		bpf.MapguardVarTypeKindOffset:        o.TypeKind,
-		bpf.MapguardVarMaxFrames:             frames,
-		bpf.MapguardVarGrowthThreshold:       u.cfg.growthThreshold(),
-		bpf.MapguardVarMapDirPtrOffset:       o.MapDirPtr,
-		bpf.MapguardVarMapDirLenOffset:       o.MapDirLen,
-		bpf.MapguardVarMapGlobalDepthOffset:  o.MapGlobalDepth,
-		bpf.MapguardVarTableCapacityOffset:   o.TableCapacity,
-		bpf.MapguardVarTableLocalDepthOffset: o.TableLocalDepth,
-		bpf.MapguardVarCrashKey:              u.crashKey(),
-		bpf.MapguardVarKeySalt:               randomSalt(),
-		bpf.MapguardVarCaptureKeys:           uint32(boolInt(u.cfg.CaptureKeys != nil)),
-		bpf.MapguardVarSharedWindowNs:        uint64(u.cfg.sharedWindow()),
-		bpf.MapguardVarMapTypeKeyOffset:      o.MapTypeKey,
-		bpf.MapguardVarTypeSizeOffset:        o.TypeSize,
+		mapguardVarGoidOffset:            o.GoID,
+		mapguardVarMapUsedOffset:         o.MapUsed,
+		mapguardVarMapSeedOffset:         o.MapSeed,
+		mapguardVarTypeKindOffset:        o.TypeKind,
+		mapguardVarMaxFrames:             frames,
+		mapguardVarGrowthThreshold:       u.cfg.growthThreshold(),
+		mapguardVarMapDirPtrOffset:       o.MapDirPtr,
+		mapguardVarMapDirLenOffset:       o.MapDirLen,
+		mapguardVarMapGlobalDepthOffset:  o.MapGlobalDepth,
+		mapguardVarTableCapacityOffset:   o.TableCapacity,
+		mapguardVarTableLocalDepthOffset: o.TableLocalDepth,
+		mapguardVarCrashKey:              u.crashKey(),
+		mapguardVarKeySalt:               randomSalt(),
+		mapguardVarCaptureKeys:           uint32(boolInt(u.cfg.CaptureKeys != nil)),
+		mapguardVarSharedWindowNs:        uint64(u.cfg.sharedWindow()),
+		mapguardVarMapTypeKeyOffset:      o.MapTypeKey,
+		mapguardVarTypeSizeOffset:        o.TypeSize,
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return fmt.Errorf("start probe: set %s: %w", name, err)
 		}
 	}
-	spec.Maps[bpf.MapguardMapEvents].MaxEntries = ringSize(u.cfg.bufferSize())
+	spec.Maps[mapguardMapEvents].MaxEntries = ringSize(u.cfg.bufferSize())
 	if u.deep {
-		spec.Maps[bpf.MapguardMapDeepEvents].MaxEntries = ringSize(u.cfg.bufferSize())
+		spec.Maps[mapguardMapDeepEvents].MaxEntries = ringSize(u.cfg.bufferSize())
 	}
 	if !u.deep {
-		delete(spec.Programs, bpf.MapguardProgMapguardDeep)
+		delete(spec.Programs, mapguardProgMapguardDeep)
 	}
 	if u.multi {
 		for _, p := range spec.Programs {
@@ -694,35 +694,35 @@ func (u *uprobes) load(o *rt.Offsets) error {
 
 	var opts ebpf.CollectionOptions
 	if u.crash != nil {
-		opts.MapReplacements = map[string]*ebpf.Map{bpf.MapguardMapCrashes: u.crash.m}
+		opts.MapReplacements = map[string]*ebpf.Map{mapguardMapCrashes: u.crash.m}
 	}
 
 	coll, err := ebpf.NewCollectionWithOptions(spec, opts)
 	if err != nil {
 		var verr *ebpf.VerifierError
 		if !errors.As(err, &verr) && (errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES)) {
-			return fmt.Errorf("start probe: load BPF: %w: %w", ErrPermission, err)
+			return fmt.Errorf("start probe: load BPF: %w: %w", probe.ErrPermission, err)
 		}
 		if errors.As(err, &verr) {
 			// The kernel's verifier rejected the program: this kernel cannot
 			// run it (not a privilege, though the errno says EACCES).
-			return fmt.Errorf("start probe: load BPF: the kernel's verifier rejected the program: %w: %w", ErrNotSupported, err)
+			return fmt.Errorf("start probe: load BPF: the kernel's verifier rejected the program: %w: %w", probe.ErrNotSupported, err)
 		}
 		return fmt.Errorf("start probe: load BPF: %w", err)
 	}
 	u.coll = coll
-	u.stats = coll.Variables[bpf.MapguardVarStats]
-	u.costVar = coll.Variables[bpf.MapguardVarSiteCost]
-	u.spentVar = coll.Variables[bpf.MapguardVarSpentNs]
-	u.limitVar = coll.Variables[bpf.MapguardVarSpendLimit]
-	u.ignore = coll.Maps[bpf.MapguardMapIgnoredGoids]
-	u.ignoredVar = coll.Variables[bpf.MapguardVarIgnored]
-	u.ignoredMore = coll.Variables[bpf.MapguardVarIgnoredMore]
-	u.aggs = coll.Maps[bpf.MapguardMapAggs]
+	u.stats = coll.Variables[mapguardVarStats]
+	u.costVar = coll.Variables[mapguardVarSiteCost]
+	u.spentVar = coll.Variables[mapguardVarSpentNs]
+	u.limitVar = coll.Variables[mapguardVarSpendLimit]
+	u.ignore = coll.Maps[mapguardMapIgnoredGoids]
+	u.ignoredVar = coll.Variables[mapguardVarIgnored]
+	u.ignoredMore = coll.Variables[mapguardVarIgnoredMore]
+	u.aggs = coll.Maps[mapguardMapAggs]
 
-	sitesMap := coll.Maps[bpf.MapguardMapSites]
+	sitesMap := coll.Maps[mapguardMapSites]
 	for _, s := range u.sites {
-		conf := bpf.MapguardSiteConf{Kind: uint8(s.kind), Flags: s.flags, MapReg: s.mapReg, TypReg: s.typReg, KeyMode: s.keyMode, WrapRet: s.wrapRet}
+		conf := mapguardSiteConf{Kind: uint8(s.kind), Flags: s.flags, MapReg: s.mapReg, TypReg: s.typReg, KeyMode: s.keyMode, WrapRet: s.wrapRet}
 		if err := sitesMap.Put(s.index, conf); err != nil {
 			return fmt.Errorf("start probe: configure site: %w", err)
 		}
@@ -732,12 +732,12 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	if err != nil {
 		return fmt.Errorf("start probe: %w", err)
 	}
-	u.reader, err = ringbuf.NewReader(coll.Maps[bpf.MapguardMapEvents])
+	u.reader, err = ringbuf.NewReader(coll.Maps[mapguardMapEvents])
 	if err != nil {
 		return fmt.Errorf("start probe: %w", err)
 	}
 	if u.deep {
-		if u.deepReader, err = ringbuf.NewReader(coll.Maps[bpf.MapguardMapDeepEvents]); err != nil {
+		if u.deepReader, err = ringbuf.NewReader(coll.Maps[mapguardMapDeepEvents]); err != nil {
 			return fmt.Errorf("start probe: %w", err)
 		}
 	}
@@ -749,9 +749,9 @@ func (u *uprobes) armLocked(s *site) error {
 	if s.link != nil {
 		return nil
 	}
-	prog := u.coll.Programs[bpf.MapguardProgMapguardSite]
+	prog := u.coll.Programs[mapguardProgMapguardSite]
 	if s.deep {
-		prog = u.coll.Programs[bpf.MapguardProgMapguardDeep]
+		prog = u.coll.Programs[mapguardProgMapguardDeep]
 	}
 	l, err := u.attach(s, prog)
 	if err != nil {
@@ -790,7 +790,7 @@ func (u *uprobes) attach(s *site, prog *ebpf.Program) (link.Link, error) {
 // and the call site.
 func (u *uprobes) checkCanaryLocked(ctx context.Context) error {
 	if !u.hasSite(canaryKind, canaryFunc) {
-		return fmt.Errorf("start probe: canary function %s not probed: %w", canaryFunc, ErrNotSupported)
+		return fmt.Errorf("start probe: canary function %s not probed: %w", canaryFunc, probe.ErrNotSupported)
 	}
 	goid := make(chan uint64, 1)
 	reader := u.reader
@@ -812,29 +812,29 @@ func (u *uprobes) checkCanaryLocked(ctx context.Context) error {
 	case ev := <-u.canary:
 		switch {
 		case ev.Kind != canaryKind:
-			return fmt.Errorf("start probe: canary came back as %s, want %s: %w", ev.Kind, canaryKind, ErrLayoutMismatch)
+			return fmt.Errorf("start probe: canary came back as %s, want %s: %w", ev.Kind, canaryKind, probe.ErrLayoutMismatch)
 		case ev.Goroutine != want:
-			return fmt.Errorf("start probe: canary goroutine read as %d, want %d: %w", ev.Goroutine, want, ErrLayoutMismatch)
+			return fmt.Errorf("start probe: canary goroutine read as %d, want %d: %w", ev.Goroutine, want, probe.ErrLayoutMismatch)
 		case !strings.HasSuffix(ev.Site.Function, "probe.canaryWrite"):
-			return fmt.Errorf("start probe: canary site resolved to %q: %w", ev.Site.Function, ErrLayoutMismatch)
+			return fmt.Errorf("start probe: canary site resolved to %q: %w", ev.Site.Function, probe.ErrLayoutMismatch)
 		case ev.MapType != "map[probe.canaryKey]uint8":
-			return fmt.Errorf("start probe: canary map type resolved to %q: %w", ev.MapType, ErrLayoutMismatch)
+			return fmt.Errorf("start probe: canary map type resolved to %q: %w", ev.MapType, probe.ErrLayoutMismatch)
 		}
 		return nil
 	case <-timer.C:
 		// Submitted by the kernel but not read: the Guard's reader did
 		// not get to run (a process busy with many runnable goroutines),
 		// which says nothing about the layout.
-		var c [maxSites]bpf.MapguardSiteStats
+		var c [maxSites]mapguardSiteStats
 		if u.stats.Get(&c) == nil {
 			for _, s := range u.sites {
 				if s.kind == canaryKind && s.fn.Name == canaryFunc && c[s.index].Events > 0 {
 					return fmt.Errorf("start probe: the canary event was recorded but not read within %v: the process is too busy for the Guard's reader to run: %w",
-						canaryTimeout, ErrBusy)
+						canaryTimeout, probe.ErrBusy)
 				}
 			}
 		}
-		return fmt.Errorf("start probe: canary event did not arrive within %v: %w", canaryTimeout, ErrLayoutMismatch)
+		return fmt.Errorf("start probe: canary event did not arrive within %v: %w", canaryTimeout, probe.ErrLayoutMismatch)
 	case <-ctx.Done():
 		return fmt.Errorf("start probe: %w", ctx.Err())
 	}
@@ -939,7 +939,7 @@ func (u *uprobes) handleWith(dec *decode.Decoder, raw []byte, ev *decode.Event) 
 			}
 			if u.sites[h.Site].flags&siteAgg != 0 {
 				// Count this call site from now on, but never report it.
-				key := bpf.MapguardAggKey{Site: h.Site, Pc: uint64(h.PC)}
+				key := mapguardAggKey{Site: h.Site, Pc: uint64(h.PC)}
 				if h.Kind == decode.NestedMapMiss {
 					key.Site |= aggNested
 				}
@@ -962,7 +962,7 @@ func (u *uprobes) handleWith(dec *decode.Decoder, raw []byte, ev *decode.Event) 
 		// map the second read: a plain nil-map read, and so are its later
 		// occurrences that the kernel counts as nested.
 		ev.Kind, ev.Peer = decode.NilMapRead, nil
-		u.notNested[bpf.MapguardAggKey{Site: h.Site | aggNested, Pc: uint64(h.PC)}] = true
+		u.notNested[mapguardAggKey{Site: h.Site | aggNested, Pc: uint64(h.PC)}] = true
 	}
 	if !u.watched[ev.Kind] {
 		return // the canary's site, its kind not watched
@@ -1027,8 +1027,8 @@ func (u *uprobes) tickFrom(now time.Time, reader bool) {
 // since the last report.
 func (u *uprobes) flushAggsLocked() {
 	var (
-		key bpf.MapguardAggKey
-		val bpf.MapguardAggVal
+		key mapguardAggKey
+		val mapguardAggVal
 		ev  decode.Event
 	)
 	clock, err := newClock()
@@ -1086,7 +1086,7 @@ func (u *uprobes) flushAggsLocked() {
 // no system call. Counters only grow, and each is updated atomically.
 func (u *uprobes) readCounters() {
 	if err := u.stats.Get(&u.counters); err != nil {
-		u.counters = [maxSites]bpf.MapguardSiteStats{}
+		u.counters = [maxSites]mapguardSiteStats{}
 	}
 }
 
@@ -1094,7 +1094,7 @@ func (u *uprobes) Ignore(goid uint64) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.ignore == nil {
-		return ErrClosed
+		return probe.ErrClosed
 	}
 	return u.ignoreLocked(goid)
 }
@@ -1113,18 +1113,18 @@ func (u *uprobes) ignoreLocked(goid uint64) error {
 	return u.ignoredMore.Set(uint32(1))
 }
 
-func (u *uprobes) Stats() Stats {
+func (u *uprobes) Stats() probe.Stats {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	now := time.Now()
-	st := Stats{Inactive: append([]Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
+	st := probe.Stats{Inactive: append([]probe.Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
 		CrashRecordsDamaged: u.crashDamaged, Budget: u.budgetStatsLocked(now)}
 	st.CallSites, st.CallSitesOverflow = u.calls.snapshot()
 	if u.coll != nil {
 		u.readCounters()
 	}
 	for _, s := range u.sites {
-		ss := SiteStats{
+		ss := probe.SiteStats{
 			Kind:     s.kind,
 			Deep:     s.deep,
 			Function: s.fn.Name,
@@ -1263,7 +1263,7 @@ func checkCapabilities() error {
 	if has(unix.CAP_SYS_ADMIN) || (has(unix.CAP_BPF) && has(unix.CAP_PERFMON)) {
 		return nil
 	}
-	return fmt.Errorf("start probe: need CAP_SYS_ADMIN (or CAP_BPF and CAP_PERFMON): %w", ErrPermission)
+	return fmt.Errorf("start probe: need CAP_SYS_ADMIN (or CAP_BPF and CAP_PERFMON): %w", probe.ErrPermission)
 }
 
 // checkKernel requires ring buffers (5.8) and uprobe attach cookies (5.15).
@@ -1275,9 +1275,9 @@ func checkKernel() error {
 		switch {
 		case err == nil:
 		case errors.Is(err, ebpf.ErrNotSupported):
-			return fmt.Errorf("start probe: kernel lacks %s: %w", what, ErrNotSupported)
+			return fmt.Errorf("start probe: kernel lacks %s: %w", what, probe.ErrNotSupported)
 		case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
-			return fmt.Errorf("start probe: probe for %s: %w: %w", what, ErrPermission, err)
+			return fmt.Errorf("start probe: probe for %s: %w: %w", what, probe.ErrPermission, err)
 		default:
 			return fmt.Errorf("start probe: probe for %s: %w", what, err)
 		}
@@ -1323,8 +1323,8 @@ func newClock() (decode.Clock, error) {
 
 // muteAgg makes the kernel count a call site's aggregate from now on
 // without it ever being reported.
-func (u *uprobes) muteAgg(key bpf.MapguardAggKey) {
-	if err := u.aggs.Update(key, bpf.MapguardAggVal{Muted: 1}, ebpf.UpdateExist); err != nil {
+func (u *uprobes) muteAgg(key mapguardAggKey) {
+	if err := u.aggs.Update(key, mapguardAggVal{Muted: 1}, ebpf.UpdateExist); err != nil {
 		u.log.V(1).Info("mute call site", "error", err.Error())
 	}
 	u.aggSeen[key] = 0

@@ -1,6 +1,6 @@
 //go:build linux && amd64
 
-package probe
+package uprobe
 
 import (
 	"os"
@@ -16,7 +16,6 @@ import (
 	"github.com/go-logr/logr"
 	"github.com/go-logr/logr/funcr"
 
-	"github.com/mapguard/mapguard/bpf"
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/testutil"
 )
@@ -33,7 +32,7 @@ var heapByte = new(byte)
 // ReadCrashes leaves them out without faulting either.
 func TestForgedCrashRecords(t *testing.T) {
 	testutil.RequirePrivileged(t)
-	spec, err := bpf.LoadMapguard()
+	spec, err := loadMapguard()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,7 +44,7 @@ func TestForgedCrashRecords(t *testing.T) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	m, err := openOrCreatePin(spec.Maps[bpf.MapguardMapCrashes], path, logr.Discard())
+	m, err := openOrCreatePin(spec.Maps[mapguardMapCrashes], path, logr.Discard())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,8 +63,8 @@ func TestForgedCrashRecords(t *testing.T) {
 	}
 	// A record as the BPF program writes it, of a process of this build
 	// that is gone (a PID no process has: above pid_max).
-	record := func(pid uint32, detail string) (uint64, bpf.MapguardCrash) {
-		v := bpf.MapguardCrash{
+	record := func(pid uint32, detail string) (uint64, mapguardCrash) {
+		v := mapguardCrash{
 			Bias: own.bias, ExeId: own.exeID, StartNs: mono - 2e9, Crashed: 1,
 			Pidns: self.pidns, ProcStart: 12345, Pid: pid,
 		}
@@ -80,24 +79,24 @@ func TestForgedCrashRecords(t *testing.T) {
 	const plausiblePID = 1 << 30
 	forged := []struct {
 		name  string
-		forge func(k *uint64, v *bpf.MapguardCrash)
+		forge func(k *uint64, v *mapguardCrash)
 	}{
-		{"bogus map type pointer", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Typ = 0xdead_beef_0000 }},
-		{"map type pointer into the heap", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Typ = uint64(uintptr(unsafe.Pointer(heapByte))) }},
-		{"PC outside any mapping", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Pcs[0] = 0x10 }},
-		{"PC in the heap", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Pcs[0] = uint64(uintptr(unsafe.Pointer(heapByte))) }},
-		{"second PC bogus", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Npcs = 2; v.Ev.Pcs[1] = 1 << 46 }},
-		{"load bias that moves the PCs away", func(_ *uint64, v *bpf.MapguardCrash) { v.Bias += 1 << 40 }},
-		{"bogus peer PC", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.PeerGoid = 9; v.Ev.PeerPc = 0x1234 }},
-		{"terminal escapes in the text", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Detail[0] = 0x1b }},
-		{"text longer than the field", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.DetailLen = 200 }},
-		{"more frames than the field", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Npcs = 200 }},
-		{"another kind", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Kind = uint8(decode.NilMapWrite) }},
-		{"crash time in the future", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.TimeNs = mono + 1e12 }},
-		{"crash before the entry was made", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.TimeNs = v.StartNs - 1 }},
-		{"crashed flag not 0 or 1", func(_ *uint64, v *bpf.MapguardCrash) { v.Crashed = 7 }},
-		{"key not the writer's identity", func(k *uint64, _ *bpf.MapguardCrash) { *k ^= 1 }},
-		{"no goroutine", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Goid = 0 }},
+		{"bogus map type pointer", func(_ *uint64, v *mapguardCrash) { v.Ev.Typ = 0xdead_beef_0000 }},
+		{"map type pointer into the heap", func(_ *uint64, v *mapguardCrash) { v.Ev.Typ = uint64(uintptr(unsafe.Pointer(heapByte))) }},
+		{"PC outside any mapping", func(_ *uint64, v *mapguardCrash) { v.Ev.Pcs[0] = 0x10 }},
+		{"PC in the heap", func(_ *uint64, v *mapguardCrash) { v.Ev.Pcs[0] = uint64(uintptr(unsafe.Pointer(heapByte))) }},
+		{"second PC bogus", func(_ *uint64, v *mapguardCrash) { v.Ev.Npcs = 2; v.Ev.Pcs[1] = 1 << 46 }},
+		{"load bias that moves the PCs away", func(_ *uint64, v *mapguardCrash) { v.Bias += 1 << 40 }},
+		{"bogus peer PC", func(_ *uint64, v *mapguardCrash) { v.Ev.PeerGoid = 9; v.Ev.PeerPc = 0x1234 }},
+		{"terminal escapes in the text", func(_ *uint64, v *mapguardCrash) { v.Ev.Detail[0] = 0x1b }},
+		{"text longer than the field", func(_ *uint64, v *mapguardCrash) { v.Ev.DetailLen = 200 }},
+		{"more frames than the field", func(_ *uint64, v *mapguardCrash) { v.Ev.Npcs = 200 }},
+		{"another kind", func(_ *uint64, v *mapguardCrash) { v.Ev.Kind = uint8(decode.NilMapWrite) }},
+		{"crash time in the future", func(_ *uint64, v *mapguardCrash) { v.Ev.TimeNs = mono + 1e12 }},
+		{"crash before the entry was made", func(_ *uint64, v *mapguardCrash) { v.Ev.TimeNs = v.StartNs - 1 }},
+		{"crashed flag not 0 or 1", func(_ *uint64, v *mapguardCrash) { v.Crashed = 7 }},
+		{"key not the writer's identity", func(k *uint64, _ *mapguardCrash) { *k ^= 1 }},
+		{"no goroutine", func(_ *uint64, v *mapguardCrash) { v.Ev.Goid = 0 }},
 	}
 	var keys []uint64
 	for i, f := range forged {
@@ -130,7 +129,7 @@ func TestForgedCrashRecords(t *testing.T) {
 		logs = append(logs, args)
 		mu.Unlock()
 	}, funcr.Options{})
-	p := NewUprobes(UprobeConfig{Kinds: []decode.Kind{decode.ConcurrentMisuse}, Logger: log}).(*uprobes)
+	p := New(Config{Kinds: []decode.Kind{decode.ConcurrentMisuse}, Logger: log}).(*uprobes)
 	var got []decode.Event
 	if err := p.Start(t.Context(), func(ev *decode.Event) {
 		mu.Lock()
@@ -171,7 +170,7 @@ func TestForgedCrashRecords(t *testing.T) {
 		t.Errorf("%d damaged records logged, want %d:\n%s", damagedLogs, len(forged), strings.Join(logs, "\n"))
 	}
 	for i, k := range keys {
-		var v bpf.MapguardCrash
+		var v mapguardCrash
 		if err := m.Lookup(k, &v); err == nil {
 			t.Errorf("%s: still in the map", forged[i].name)
 		}
@@ -213,7 +212,7 @@ func TestCrashPinIncompatible(t *testing.T) {
 		logs = append(logs, args)
 		mu.Unlock()
 	}, funcr.Options{})
-	p, _ := startProbe(t, UprobeConfig{Kinds: []decode.Kind{decode.ConcurrentMisuse}, Logger: log})
+	p, _ := startProbe(t, Config{Kinds: []decode.Kind{decode.ConcurrentMisuse}, Logger: log})
 	if st := p.Stats(); st.CrashRecord != path {
 		t.Errorf("CrashRecord = %q (%s), want %s", st.CrashRecord, st.CrashRecordError, path)
 	}
@@ -229,8 +228,8 @@ func TestCrashPinIncompatible(t *testing.T) {
 // way an entry can be wrong is caught.
 func TestCheckEntry(t *testing.T) {
 	const now = 10e9
-	good := func() (uint64, bpf.MapguardCrash) {
-		v := bpf.MapguardCrash{StartNs: 1e9, Crashed: 1, Pidns: 4026531836, Pid: 1, ProcStart: 777}
+	good := func() (uint64, mapguardCrash) {
+		v := mapguardCrash{StartNs: 1e9, Crashed: 1, Pidns: 4026531836, Pid: 1, ProcStart: 777}
 		v.Ev.TimeNs, v.Ev.Goid, v.Ev.Kind, v.Ev.Npcs = 2e9, 5, uint8(decode.ConcurrentMisuse), 3
 		msg := "concurrent map writes"
 		for i := range msg {
@@ -241,25 +240,25 @@ func TestCheckEntry(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name  string
-		forge func(k *uint64, v *bpf.MapguardCrash)
+		forge func(k *uint64, v *mapguardCrash)
 		ok    bool
 	}{
-		{"as written", func(*uint64, *bpf.MapguardCrash) {}, true},
-		{"not crashed", func(_ *uint64, v *bpf.MapguardCrash) { v.Crashed = 0; v.Ev = bpf.MapguardEvent{} }, true},
-		{"key of another process", func(k *uint64, _ *bpf.MapguardCrash) {
+		{"as written", func(*uint64, *mapguardCrash) {}, true},
+		{"not crashed", func(_ *uint64, v *mapguardCrash) { v.Crashed = 0; v.Ev = mapguardEvent{} }, true},
+		{"key of another process", func(k *uint64, _ *mapguardCrash) {
 			*k = procIdentity{pidns: 4026531836, pid: 1, procStart: 778}.key()
 		}, false},
-		{"PID changed", func(_ *uint64, v *bpf.MapguardCrash) { v.Pid = 2 }, false},
-		{"crashed 2", func(_ *uint64, v *bpf.MapguardCrash) { v.Crashed = 2 }, false},
-		{"kind", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Kind = uint8(decode.PreviousCrash) }, false},
-		{"frames", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Npcs = decode.MaxFrames + 1 }, false},
-		{"detail length", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.DetailLen = decode.DetailLen + 1 }, false},
-		{"newline in detail", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Detail[3] = '\n' }, false},
-		{"non-ASCII in detail", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Detail[3] = -61 }, false},
-		{"no goroutine", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Goid = 0 }, false},
-		{"crash before start", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.TimeNs = 5e8 }, false},
-		{"crash after now", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.TimeNs = now + 1 }, false},
-		{"a map type", func(_ *uint64, v *bpf.MapguardCrash) { v.Ev.Typ = 0x4000 }, false},
+		{"PID changed", func(_ *uint64, v *mapguardCrash) { v.Pid = 2 }, false},
+		{"crashed 2", func(_ *uint64, v *mapguardCrash) { v.Crashed = 2 }, false},
+		{"kind", func(_ *uint64, v *mapguardCrash) { v.Ev.Kind = uint8(decode.PreviousCrash) }, false},
+		{"frames", func(_ *uint64, v *mapguardCrash) { v.Ev.Npcs = decode.MaxFrames + 1 }, false},
+		{"detail length", func(_ *uint64, v *mapguardCrash) { v.Ev.DetailLen = decode.DetailLen + 1 }, false},
+		{"newline in detail", func(_ *uint64, v *mapguardCrash) { v.Ev.Detail[3] = '\n' }, false},
+		{"non-ASCII in detail", func(_ *uint64, v *mapguardCrash) { v.Ev.Detail[3] = -61 }, false},
+		{"no goroutine", func(_ *uint64, v *mapguardCrash) { v.Ev.Goid = 0 }, false},
+		{"crash before start", func(_ *uint64, v *mapguardCrash) { v.Ev.TimeNs = 5e8 }, false},
+		{"crash after now", func(_ *uint64, v *mapguardCrash) { v.Ev.TimeNs = now + 1 }, false},
+		{"a map type", func(_ *uint64, v *mapguardCrash) { v.Ev.Typ = 0x4000 }, false},
 	} {
 		k, v := good()
 		tc.forge(&k, &v)
@@ -310,7 +309,7 @@ func TestCrashLockHeld(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unlock()
-	p, _ := startProbe(t, UprobeConfig{Kinds: []decode.Kind{decode.ConcurrentMisuse}})
+	p, _ := startProbe(t, Config{Kinds: []decode.Kind{decode.ConcurrentMisuse}})
 	if st := p.Stats(); st.CrashRecord != "" || !strings.Contains(st.CrashRecordError, "lock") {
 		t.Errorf("CrashRecord %q, CrashRecordError %q: want none, for the lock", st.CrashRecord, st.CrashRecordError)
 	}

@@ -1,33 +1,12 @@
-package probe
+package uprobe
 
 import (
+	"github.com/mapguard/mapguard/probe"
 	"sort"
 	"sync"
-	"time"
 
 	"github.com/mapguard/mapguard/decode"
 )
-
-// CallSiteStats counts the occurrences of one kind at one call site: how
-// idioms (a read of a missing key where the zero value means absent, a read
-// of a nil map) are reported by default, as statistics rather than events.
-type CallSiteStats struct {
-	Kind decode.Kind
-	// Site is the user's frame that did the map operation; MapType the
-	// map's type as the first occurrence read it.
-	Site    decode.Frame
-	MapType string
-	// CommaOK: the reads are comma-ok reads (v, ok := m[k]), which say
-	// themselves whether the key was there.
-	CommaOK bool
-	// Count is the occurrences since Start. Estimated: some were counted
-	// while the site was sampled (see SiteStats.Sampled), and scaled.
-	Count     uint64
-	Estimated bool
-	// First and Last are when the first occurrence happened and when the
-	// count last grew (to the aggregation interval, about a second).
-	First, Last time.Time
-}
 
 // maxCallSites bounds the call-site table; occurrences at call sites
 // beyond it are counted in callSites.overflow.
@@ -43,7 +22,7 @@ type callSiteKey struct {
 // it; Stats reads a copy.
 type callSites struct {
 	mu       sync.Mutex
-	m        map[callSiteKey]*CallSiteStats
+	m        map[callSiteKey]*probe.CallSiteStats
 	overflow uint64
 }
 
@@ -52,7 +31,7 @@ func (c *callSites) add(pc uintptr, commaOK bool, ev *decode.Event, count uint64
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.m == nil {
-		c.m = make(map[callSiteKey]*CallSiteStats)
+		c.m = make(map[callSiteKey]*probe.CallSiteStats)
 	}
 	k := callSiteKey{ev.Kind, commaOK, pc}
 	s, ok := c.m[k]
@@ -61,7 +40,7 @@ func (c *callSites) add(pc uintptr, commaOK bool, ev *decode.Event, count uint64
 			c.overflow += count
 			return
 		}
-		s = &CallSiteStats{Kind: ev.Kind, Site: ev.Site, MapType: ev.MapType, CommaOK: commaOK, First: ev.Time}
+		s = &probe.CallSiteStats{Kind: ev.Kind, Site: ev.Site, MapType: ev.MapType, CommaOK: commaOK, First: ev.Time}
 		c.m[k] = s
 	}
 	if s.MapType == "" {
@@ -73,9 +52,9 @@ func (c *callSites) add(pc uintptr, commaOK bool, ev *decode.Event, count uint64
 }
 
 // snapshot returns the table, most counted first.
-func (c *callSites) snapshot() ([]CallSiteStats, uint64) {
+func (c *callSites) snapshot() ([]probe.CallSiteStats, uint64) {
 	c.mu.Lock()
-	out := make([]CallSiteStats, 0, len(c.m))
+	out := make([]probe.CallSiteStats, 0, len(c.m))
 	for _, s := range c.m {
 		out = append(out, *s)
 	}

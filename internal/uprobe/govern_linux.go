@@ -1,6 +1,6 @@
 //go:build linux && amd64
 
-package probe
+package uprobe
 
 // The cost governor at work: calibrating what a trap costs here, keeping
 // the kernel's per-site costs current, and attaching and detaching sites
@@ -9,6 +9,7 @@ package probe
 import (
 	"errors"
 	"fmt"
+	"github.com/mapguard/mapguard/probe"
 	"os"
 	"runtime"
 	"time"
@@ -16,7 +17,6 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 
-	"github.com/mapguard/mapguard/bpf"
 	"github.com/mapguard/mapguard/internal/rt"
 	"github.com/mapguard/mapguard/symbols"
 )
@@ -124,7 +124,7 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 	measure := func(s *site, calls int) (time.Duration, error) {
 		base := least(calls)
 		a0 := threadCPU()
-		l, err := u.attach(s, u.coll.Programs[bpf.MapguardProgMapguardEmpty])
+		l, err := u.attach(s, u.coll.Programs[mapguardProgMapguardEmpty])
 		if err != nil {
 			return 0, err
 		}
@@ -320,7 +320,7 @@ func (u *uprobes) detach(s *site, l link.Link) {
 // the budget is spent, so that the governor acts at once rather than at
 // the next tick.
 func (u *uprobes) startWakerLocked() error {
-	r, err := ringbuf.NewReader(u.coll.Maps[bpf.MapguardMapWakeups])
+	r, err := ringbuf.NewReader(u.coll.Maps[mapguardMapWakeups])
 	if err != nil {
 		return err
 	}
@@ -369,11 +369,11 @@ func (u *uprobes) rescheduleLocked() {
 }
 
 // budgetStatsLocked describes the governor.
-func (u *uprobes) budgetStatsLocked(now time.Time) *BudgetStats {
+func (u *uprobes) budgetStatsLocked(now time.Time) *probe.BudgetStats {
 	if u.gov == nil {
 		return nil
 	}
-	b := &BudgetStats{
+	b := &probe.BudgetStats{
 		Budget:       u.cfg.budget(),
 		StepCost:     u.stepCost,
 		EmulatedCost: u.emuCost,
