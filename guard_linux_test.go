@@ -18,10 +18,11 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/mapguard/mapguard"
 	"github.com/mapguard/mapguard/internal/rt"
 	"github.com/mapguard/mapguard/internal/testutil"
-	"golang.org/x/sys/unix"
 )
 
 // startReal starts a Guard with real uprobes on this test binary; it is

@@ -102,6 +102,9 @@ func (k Kind) String() string {
 // Valid reports whether k is a kind this version knows.
 func (k Kind) Valid() bool { return k >= 1 && k <= maxKind }
 
+// MaxFrames is the most frames an event's Stack holds.
+const MaxFrames = 16
+
 // Frame is one resolved stack frame.
 type Frame struct {
 	Function string  // package-qualified function name, e.g. "main.handler"

@@ -1,9 +1,10 @@
 package uprobe
 
 import (
-	"github.com/mapguard/mapguard/probe"
 	"sort"
 	"sync"
+
+	"github.com/mapguard/mapguard/probe"
 
 	"github.com/mapguard/mapguard/decode"
 )

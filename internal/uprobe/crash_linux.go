@@ -44,6 +44,8 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/mapguard/mapguard/internal/wire"
+
 	"github.com/cilium/ebpf"
 	"github.com/go-logr/logr"
 	"golang.org/x/sys/unix"
@@ -620,7 +622,7 @@ func checkEntry(key uint64, v *mapguardCrash, nowMono uint64) string {
 	if int(e.Npcs) > decode.MaxFrames {
 		return fmt.Sprintf("%d frames", e.Npcs)
 	}
-	if int(e.DetailLen) > decode.DetailLen {
+	if int(e.DetailLen) > wire.DetailLen {
 		return fmt.Sprintf("detail of %d bytes", e.DetailLen)
 	}
 	for _, c := range e.Detail[:e.DetailLen] {
@@ -669,8 +671,8 @@ func readCrashes(m *ebpf.Map, own *ownBinary) ([]crashRecord, error) {
 
 // raw returns the record's event in the decoder's wire layout.
 func (r crashRecord) raw() []byte {
-	raw := make([]byte, decode.RecordSize)
-	copy(raw, unsafe.Slice((*byte)(unsafe.Pointer(&r.val.Ev)), decode.RecordSize))
+	raw := make([]byte, wire.RecordSize)
+	copy(raw, unsafe.Slice((*byte)(unsafe.Pointer(&r.val.Ev)), wire.RecordSize))
 	return raw
 }
 
@@ -758,10 +760,10 @@ func inText(pc uintptr) bool {
 type ownBinary struct {
 	bias  uint64
 	exeID uint64
-	dec   *decode.Decoder
+	dec   *wire.Decoder
 }
 
-func newOwnBinary(bin *symbols.Binary, o *rt.Offsets, clock decode.Clock) (*ownBinary, error) {
+func newOwnBinary(bin *symbols.Binary, o *rt.Offsets, clock wire.Clock) (*ownBinary, error) {
 	id, err := buildID(selfExe)
 	if err != nil {
 		return nil, err
@@ -769,7 +771,7 @@ func newOwnBinary(bin *symbols.Binary, o *rt.Offsets, clock decode.Clock) (*ownB
 	cfg := decoderConfig(o, clock)
 	cfg.StackDepth = decode.MaxFrames
 	cfg.Scope, cfg.MissScope = nil, nil
-	return &ownBinary{bias: bin.LoadBias(), exeID: id, dec: decode.NewDecoder(cfg)}, nil
+	return &ownBinary{bias: bin.LoadBias(), exeID: id, dec: wire.NewDecoder(cfg)}, nil
 }
 
 func openOwnBinary() (*ownBinary, error) {
@@ -816,16 +818,16 @@ func (o *ownBinary) check(r crashRecord) string {
 // mean something here; o may be nil (no binary to symbolise with).
 func (o *ownBinary) decodeCrash(r crashRecord, ev *decode.Event) {
 	raw := r.raw()
-	var dec *decode.Decoder
+	var dec *wire.Decoder
 	if o != nil && r.val.ExeId == o.exeID {
-		decode.Rebase(raw, int64(o.bias-r.val.Bias))
+		wire.Rebase(raw, int64(o.bias-r.val.Bias))
 		dec = o.dec
 	} else {
-		decode.Strip(raw)
-		dec = decode.NewDecoder(decode.Config{})
+		wire.Strip(raw)
+		dec = wire.NewDecoder(wire.Config{})
 	}
-	decode.SetKind(raw, decode.PreviousCrash)
-	if err := dec.Decode(raw, ev); err != nil && !errors.Is(err, decode.ErrRuntimeOwned) {
+	wire.SetKind(raw, decode.PreviousCrash)
+	if err := dec.Decode(raw, ev); err != nil && !errors.Is(err, wire.ErrRuntimeOwned) {
 		*ev = decode.Event{Kind: decode.PreviousCrash}
 	}
 	ev.PID = r.pid

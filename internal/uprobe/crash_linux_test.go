@@ -12,6 +12,8 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/mapguard/mapguard/internal/wire"
+
 	"github.com/cilium/ebpf"
 	"github.com/go-logr/logr"
 	"github.com/go-logr/logr/funcr"
@@ -252,7 +254,7 @@ func TestCheckEntry(t *testing.T) {
 		{"crashed 2", func(_ *uint64, v *mapguardCrash) { v.Crashed = 2 }, false},
 		{"kind", func(_ *uint64, v *mapguardCrash) { v.Ev.Kind = uint8(decode.PreviousCrash) }, false},
 		{"frames", func(_ *uint64, v *mapguardCrash) { v.Ev.Npcs = decode.MaxFrames + 1 }, false},
-		{"detail length", func(_ *uint64, v *mapguardCrash) { v.Ev.DetailLen = decode.DetailLen + 1 }, false},
+		{"detail length", func(_ *uint64, v *mapguardCrash) { v.Ev.DetailLen = wire.DetailLen + 1 }, false},
 		{"newline in detail", func(_ *uint64, v *mapguardCrash) { v.Ev.Detail[3] = '\n' }, false},
 		{"non-ASCII in detail", func(_ *uint64, v *mapguardCrash) { v.Ev.Detail[3] = -61 }, false},
 		{"no goroutine", func(_ *uint64, v *mapguardCrash) { v.Ev.Goid = 0 }, false},

@@ -9,9 +9,11 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
-	"github.com/mapguard/mapguard/probe"
 	"strings"
 	"time"
+
+	"github.com/mapguard/mapguard/internal/wire"
+	"github.com/mapguard/mapguard/probe"
 
 	"golang.org/x/sys/unix"
 
@@ -62,7 +64,7 @@ func (u *uprobes) OpStats() []probe.OpStat {
 		clock, _ := newClock()
 		cfg := decoderConfig(u.offsets, clock)
 		cfg.Scope, cfg.MissScope = nil, nil
-		u.statsDec = decode.NewDecoder(cfg)
+		u.statsDec = wire.NewDecoder(cfg)
 	}
 	var (
 		key mapguardAggKey
@@ -77,8 +79,8 @@ func (u *uprobes) OpStats() []probe.OpStat {
 			continue
 		}
 		s := u.sites[key.Site]
-		raw = decode.Record(raw, decode.NilMapRead, key.Site, 0, 0, val.Count, []uintptr{uintptr(key.Pc)}, "")
-		if err := u.statsDec.Decode(raw, &ev); err != nil && !errors.Is(err, decode.ErrRuntimeOwned) {
+		raw = wire.Record(raw, decode.NilMapRead, key.Site, 0, 0, val.Count, []uintptr{uintptr(key.Pc)}, "")
+		if err := u.statsDec.Decode(raw, &ev); err != nil && !errors.Is(err, wire.ErrRuntimeOwned) {
 			continue
 		}
 		out = append(out, probe.OpStat{Op: s.op, Site: ev.Site, MapType: ev.MapType, Count: val.Count})

@@ -4,8 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/mapguard/mapguard/probe"
 	"os"
+
+	"github.com/mapguard/mapguard/probe"
 
 	"golang.org/x/sys/unix"
 )

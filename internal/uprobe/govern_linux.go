@@ -9,10 +9,11 @@ package uprobe
 import (
 	"errors"
 	"fmt"
-	"github.com/mapguard/mapguard/probe"
 	"os"
 	"runtime"
 	"time"
+
+	"github.com/mapguard/mapguard/probe"
 
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"

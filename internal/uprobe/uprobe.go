@@ -2,8 +2,10 @@ package uprobe
 
 import (
 	"fmt"
-	"github.com/mapguard/mapguard/probe"
 	"time"
+
+	"github.com/mapguard/mapguard/internal/wire"
+	"github.com/mapguard/mapguard/probe"
 
 	"github.com/go-logr/logr"
 
@@ -112,7 +114,7 @@ func (c Config) sharedWindow() time.Duration {
 // at least one page.
 func ringSize(n int) uint32 {
 	size := uint32(4096)
-	for int(size) < n*decode.RecordSize && size < 1<<30 {
+	for int(size) < n*wire.RecordSize && size < 1<<30 {
 		size <<= 1
 	}
 	return size

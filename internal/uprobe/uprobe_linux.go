@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/mapguard/mapguard/probe"
 	"os"
 	"runtime"
 	"runtime/debug"
@@ -14,6 +13,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/mapguard/mapguard/internal/wire"
+	"github.com/mapguard/mapguard/probe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -80,7 +82,7 @@ type uprobes struct {
 	sampled      []atomic.Bool // per site, as of the last tick; read by the reader
 	stats        *ebpf.Variable
 	counters     [maxSites]mapguardSiteStats // scratch for stats reads
-	decoder      *decode.Decoder
+	decoder      *wire.Decoder
 	watched      [256]bool // kinds asked for
 	statsOnly    [256]bool // kinds counted per call site, without events
 	calls        callSites
@@ -118,8 +120,8 @@ type uprobes struct {
 	wakeAt      time.Time // the waker's deadline
 	deepReader  *ringbuf.Reader
 	deepDone    chan struct{}
-	deepDecoder *decode.Decoder // the deep reader's own
-	statsDec    *decode.Decoder // OpStats' own decoder, under mu
+	deepDecoder *wire.Decoder // the deep reader's own
+	statsDec    *wire.Decoder // OpStats' own decoder, under mu
 	lastDropped uint64
 	stopping    bool // teardown has begun
 	running     bool // Start succeeded
@@ -133,8 +135,8 @@ type site struct {
 	op      probe.Op
 	keyMode uint8
 	found
-	link      link.Link             // nil while detached
-	detaching bool                  // a detach is in flight
+	link      link.Link         // nil while detached
+	detaching bool              // a detach is in flight
 	final     mapguardSiteStats // counters at Close
 }
 
@@ -240,11 +242,11 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	dcfg.Probes = probes
 	dcfg.Redact = u.cfg.CaptureKeys
 	if len(u.cfg.MissingKeyScope) > 0 {
-		miss := decode.NewScope(u.cfg.MissingKeyScope...)
+		miss := wire.NewScope(u.cfg.MissingKeyScope...)
 		dcfg.MissScope = &miss
 	}
-	u.decoder = decode.NewDecoder(dcfg)
-	u.deepDecoder = decode.NewDecoder(dcfg)
+	u.decoder = wire.NewDecoder(dcfg)
+	u.deepDecoder = wire.NewDecoder(dcfg)
 	// The reader ignores itself before any probe is armed.
 	u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
 	u.canary = make(chan decode.Event, 1)
@@ -625,10 +627,10 @@ func deleteDoneSite(code []byte, entry uint64, callee func(uint64) string) (symb
 // decoderConfig is the decoding shared by the live reader and crash
 // records: type names, the program's scope, the map type at a call site,
 // and the bytes a map holds.
-func decoderConfig(o *rt.Offsets, clock decode.Clock) decode.Config {
-	scope := decode.ProgramScope()
-	miss := decode.ModuleScope()
-	return decode.Config{
+func decoderConfig(o *rt.Offsets, clock wire.Clock) wire.Config {
+	scope := wire.ProgramScope()
+	miss := wire.ModuleScope()
+	return wire.Config{
 		Clock:        clock,
 		TypeName:     rt.TypeString,
 		Scope:        &scope,
@@ -919,16 +921,16 @@ func (u *uprobes) handle(raw []byte, ev *decode.Event) { u.handleWith(u.decoder,
 
 // handleWith decodes with dec, which only the calling goroutine uses (the
 // reader's, or the deep reader's own), and delivers.
-func (u *uprobes) handleWith(dec *decode.Decoder, raw []byte, ev *decode.Event) {
-	h, err := decode.Peek(raw)
+func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
+	h, err := wire.Peek(raw)
 	if err != nil {
 		u.log.Error(err, "bad record")
 		return
 	}
 
 	if err := dec.Decode(raw, ev); err != nil {
-		owned := errors.Is(err, decode.ErrRuntimeOwned) || errors.Is(err, decode.ErrStdlib)
-		if owned || errors.Is(err, decode.ErrOutOfScope) {
+		owned := errors.Is(err, wire.ErrRuntimeOwned) || errors.Is(err, wire.ErrStdlib)
+		if owned || errors.Is(err, wire.ErrOutOfScope) {
 			if int(h.Site) >= len(u.sites) {
 				return
 			}
@@ -1059,7 +1061,7 @@ func (u *uprobes) flushAggsLocked() {
 			f, sampled = u.gov.scale(now, int(index))
 			count = uint64(float64(count)*f + 0.5)
 		}
-		u.aggRaw = decode.Record(u.aggRaw, kind, index, 0, uint64(clock.Mono), count, []uintptr{uintptr(key.Pc)}, "")
+		u.aggRaw = wire.Record(u.aggRaw, kind, index, 0, uint64(clock.Mono), count, []uintptr{uintptr(key.Pc)}, "")
 		if err := u.decoder.Decode(u.aggRaw, &ev); err != nil {
 			continue
 		}
@@ -1313,12 +1315,12 @@ func ctxErr(ctx context.Context) error {
 	return nil
 }
 
-func newClock() (decode.Clock, error) {
+func newClock() (wire.Clock, error) {
 	var ts unix.Timespec
 	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
-		return decode.Clock{}, fmt.Errorf("read monotonic clock: %w", err)
+		return wire.Clock{}, fmt.Errorf("read monotonic clock: %w", err)
 	}
-	return decode.Clock{Wall: time.Now(), Mono: ts.Nano()}, nil
+	return wire.Clock{Wall: time.Now(), Mono: ts.Nano()}, nil
 }
 
 // muteAgg makes the kernel count a call site's aggregate from now on
@@ -1335,7 +1337,7 @@ func (u *uprobes) muteAgg(key mapguardAggKey) {
 // a map whose elements are maps of the inner read's type. Without the
 // outer type it trusts the kernel's pairing (a miss, then a nil-map read
 // of the same goroutine a few instructions later).
-func (u *uprobes) nestedLocked(h decode.Header, ev *decode.Event) bool {
+func (u *uprobes) nestedLocked(h wire.Header, ev *decode.Event) bool {
 	if ev.Peer == nil || h.Typ == 0 {
 		return false
 	}

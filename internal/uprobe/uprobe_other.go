@@ -5,8 +5,9 @@ package uprobe
 import (
 	"context"
 	"fmt"
-	"github.com/mapguard/mapguard/probe"
 	"runtime"
+
+	"github.com/mapguard/mapguard/probe"
 
 	"github.com/mapguard/mapguard/decode"
 )

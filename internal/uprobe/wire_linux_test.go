@@ -6,17 +6,19 @@ import (
 	"testing"
 	"unsafe"
 
+	"github.com/mapguard/mapguard/internal/wire"
+
 	"github.com/mapguard/mapguard/decode"
 )
 
 // The record layout and kind numbers decode uses must match the BPF
 // program's, as bpf2go generated them from its BTF.
 func TestWireMatchesBPF(t *testing.T) {
-	if got := unsafe.Sizeof(mapguardEvent{}); got != decode.RecordSize {
-		t.Errorf("struct event is %d bytes, decode.RecordSize %d", got, decode.RecordSize)
+	if got := unsafe.Sizeof(mapguardEvent{}); got != wire.RecordSize {
+		t.Errorf("struct event is %d bytes, wire.RecordSize %d", got, wire.RecordSize)
 	}
-	if got := len(mapguardEvent{}.Detail); got != decode.DetailLen {
-		t.Errorf("struct event holds %d detail bytes, decode.DetailLen %d", got, decode.DetailLen)
+	if got := len(mapguardEvent{}.Detail); got != wire.DetailLen {
+		t.Errorf("struct event holds %d detail bytes, wire.DetailLen %d", got, wire.DetailLen)
 	}
 	if got := len(mapguardEvent{}.Pcs); got != decode.MaxFrames {
 		t.Errorf("struct event holds %d frames, decode.MaxFrames %d", got, decode.MaxFrames)

@@ -1,4 +1,4 @@
-package decode
+package wire
 
 import (
 	"runtime/debug"

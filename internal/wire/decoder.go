@@ -1,4 +1,4 @@
-package decode
+package wire
 
 import (
 	"encoding/binary"
@@ -8,14 +8,16 @@ import (
 	"runtime"
 	"strings"
 	"time"
+
+	"github.com/mapguard/mapguard/decode"
 )
 
 // Wire layout of struct event in bpf/src/mapguard.h. probe's
 // TestWireMatchesBPF checks it against the declaration bpf2go generates.
 const (
-	MaxFrames  = 16
+	MaxFrames  = decode.MaxFrames
 	DetailLen  = 64
-	RecordSize = 104 + 8*MaxFrames + DetailLen
+	RecordSize = 104 + 8*decode.MaxFrames + DetailLen
 
 	offTime      = 0
 	offGoid      = 8
@@ -34,7 +36,7 @@ const (
 	offKeyHash   = 88
 	offKeyLen    = 96
 	offPCs       = 104
-	offDetail    = 104 + 8*MaxFrames
+	offDetail    = 104 + 8*decode.MaxFrames
 )
 
 // ErrRecord is returned for a record that is malformed.
@@ -107,12 +109,12 @@ const cacheLimit = 4096
 // Decoder decodes records. It is not safe for concurrent use.
 type Decoder struct {
 	cfg    Config
-	frames map[uintptr][]Frame            // return PC -> frames, inlined ones expanded
-	stacks map[[MaxFrames]uintptr][]Frame // PCs -> Stack
+	frames map[uintptr][]decode.Frame                   // return PC -> frames, inlined ones expanded
+	stacks map[[decode.MaxFrames]uintptr][]decode.Frame // PCs -> Stack
 	types  map[uintptr]string
 	// callTypes caches CallSiteType by return PC.
 	callTypes map[uintptr]uintptr
-	pcs       [MaxFrames]uintptr
+	pcs       [decode.MaxFrames]uintptr
 }
 
 // NewDecoder returns a Decoder for cfg.
@@ -120,13 +122,13 @@ func NewDecoder(cfg Config) *Decoder {
 	if cfg.StackDepth < 0 {
 		cfg.StackDepth = 0
 	}
-	if cfg.StackDepth > MaxFrames {
-		cfg.StackDepth = MaxFrames
+	if cfg.StackDepth > decode.MaxFrames {
+		cfg.StackDepth = decode.MaxFrames
 	}
 	return &Decoder{
 		cfg:    cfg,
-		frames: make(map[uintptr][]Frame),
-		stacks: make(map[[MaxFrames]uintptr][]Frame),
+		frames: make(map[uintptr][]decode.Frame),
+		stacks: make(map[[decode.MaxFrames]uintptr][]decode.Frame),
 		types:  make(map[uintptr]string),
 
 		callTypes: make(map[uintptr]uintptr),
@@ -136,7 +138,7 @@ func NewDecoder(cfg Config) *Decoder {
 // Header is the part of a record needed to route it before decoding.
 type Header struct {
 	Site uint32
-	Kind Kind
+	Kind decode.Kind
 	Goid uint64
 	Typ  uintptr
 	PC   uintptr // the call site: the kernel's, else the first return PC; 0 if none
@@ -145,7 +147,7 @@ type Header struct {
 // Record builds a wire record: what the BPF program writes, for records
 // made in user space (aggregated counts, crash records, tests). pcs beyond
 // MaxFrames and detail beyond DetailLen are cut.
-func Record(raw []byte, kind Kind, site uint32, goid uint64, mono uint64, count uint64, pcs []uintptr, detail string) []byte {
+func Record(raw []byte, kind decode.Kind, site uint32, goid uint64, mono uint64, count uint64, pcs []uintptr, detail string) []byte {
 	if cap(raw) < RecordSize {
 		raw = make([]byte, RecordSize)
 	}
@@ -157,7 +159,7 @@ func Record(raw []byte, kind Kind, site uint32, goid uint64, mono uint64, count 
 	le.PutUint64(raw[offCount:], count)
 	le.PutUint32(raw[offSite:], site)
 	raw[offKind] = byte(kind)
-	n := min(len(pcs), MaxFrames)
+	n := min(len(pcs), decode.MaxFrames)
 	raw[offNPCs] = byte(n)
 	for i := 0; i < n; i++ {
 		le.PutUint64(raw[offPCs+8*i:], uint64(pcs[i]))
@@ -167,14 +169,14 @@ func Record(raw []byte, kind Kind, site uint32, goid uint64, mono uint64, count 
 }
 
 // SetKind overwrites a record's kind.
-func SetKind(raw []byte, kind Kind) { raw[offKind] = byte(kind) }
+func SetKind(raw []byte, kind decode.Kind) { raw[offKind] = byte(kind) }
 
 // Rebase moves a record's PCs and type by delta and clears its map
 // address, for a record written by another process of the same binary
 // loaded at another address.
 func Rebase(raw []byte, delta int64) {
 	le := binary.NativeEndian
-	for i := 0; i < int(min(raw[offNPCs], MaxFrames)); i++ {
+	for i := 0; i < int(min(raw[offNPCs], decode.MaxFrames)); i++ {
 		p := raw[offPCs+8*i:]
 		le.PutUint64(p, uint64(int64(le.Uint64(p))+delta))
 	}
@@ -204,7 +206,7 @@ func Peek(raw []byte) (Header, error) {
 	le := binary.NativeEndian
 	h := Header{
 		Site: le.Uint32(raw[offSite:]),
-		Kind: Kind(raw[offKind]),
+		Kind: decode.Kind(raw[offKind]),
 		Goid: le.Uint64(raw[offGoid:]),
 		Typ:  uintptr(le.Uint64(raw[offTyp:])),
 	}
@@ -218,18 +220,18 @@ func Peek(raw []byte) (Header, error) {
 }
 
 // Decode decodes raw into ev, overwriting every field.
-func (d *Decoder) Decode(raw []byte, ev *Event) error {
+func (d *Decoder) Decode(raw []byte, ev *decode.Event) error {
 	if len(raw) < RecordSize {
 		return fmt.Errorf("record of %d bytes, want %d: %w", len(raw), RecordSize, ErrRecord)
 	}
 	le := binary.NativeEndian
-	kind := Kind(raw[offKind])
+	kind := decode.Kind(raw[offKind])
 	if !kind.Valid() {
 		return fmt.Errorf("unknown kind %d: %w", raw[offKind], ErrRecord)
 	}
 	npcs := int(raw[offNPCs])
-	if npcs > MaxFrames {
-		return fmt.Errorf("%d frames, at most %d: %w", npcs, MaxFrames, ErrRecord)
+	if npcs > decode.MaxFrames {
+		return fmt.Errorf("%d frames, at most %d: %w", npcs, decode.MaxFrames, ErrRecord)
 	}
 	site := le.Uint32(raw[offSite:])
 	probe := ""
@@ -237,13 +239,13 @@ func (d *Decoder) Decode(raw []byte, ev *Event) error {
 		probe = d.cfg.Probes[site]
 	}
 
-	d.pcs = [MaxFrames]uintptr{}
+	d.pcs = [decode.MaxFrames]uintptr{}
 	for i := 0; i < npcs; i++ {
 		d.pcs[i] = uintptr(le.Uint64(raw[offPCs+8*i:]))
 	}
 
 	typ := uintptr(le.Uint64(raw[offTyp:]))
-	*ev = Event{
+	*ev = decode.Event{
 		Kind:      kind,
 		Time:      d.cfg.Clock.Time(le.Uint64(raw[offTime:])),
 		Goroutine: le.Uint64(raw[offGoid:]),
@@ -256,7 +258,7 @@ func (d *Decoder) Decode(raw []byte, ev *Event) error {
 	if n := int(raw[offDetailLen]); n > 0 {
 		b := raw[offDetail : offDetail+min(n, DetailLen)]
 		switch kind {
-		case MissingKeyDelete, NilMapDelete:
+		case decode.MissingKeyDelete, decode.NilMapDelete:
 			// A captured key prefix: only the redaction function sees it.
 			if d.cfg.Redact != nil {
 				ev.Key = d.cfg.Redact(b)
@@ -268,7 +270,7 @@ func (d *Decoder) Decode(raw []byte, ev *Event) error {
 	ev.KeyHash = le.Uint64(raw[offKeyHash:])
 	ev.KeyLen = int(le.Uint32(raw[offKeyLen:]))
 	if pg := le.Uint64(raw[offPeerGoid:]); pg != 0 {
-		ev.Peer = &Peer{Goroutine: pg}
+		ev.Peer = &decode.Peer{Goroutine: pg}
 		if pc := uintptr(le.Uint64(raw[offPeerPC:])); pc != 0 {
 			ev.Peer.Site = d.siteOf(pc)
 		}
@@ -286,10 +288,10 @@ func (d *Decoder) Decode(raw []byte, ev *Event) error {
 	if ev.Capacity > 0 && typ != 0 && d.cfg.MapBytes != nil {
 		ev.Bytes = d.cfg.MapBytes(typ, ev.Capacity)
 	}
-	if (kind == NilMapRead || kind == MissingKeyRead || kind == NestedMapMiss) && d.cfg.Scope != nil && !d.cfg.Scope.Own(ev.Site.Function) {
+	if (kind == decode.NilMapRead || kind == decode.MissingKeyRead || kind == decode.NestedMapMiss) && d.cfg.Scope != nil && !d.cfg.Scope.Own(ev.Site.Function) {
 		return ErrStdlib
 	}
-	if kind == MissingKeyRead && d.cfg.MissScope != nil && !d.cfg.MissScope.Own(ev.Site.Function) {
+	if kind == decode.MissingKeyRead && d.cfg.MissScope != nil && !d.cfg.MissScope.Own(ev.Site.Function) {
 		return ErrOutOfScope
 	}
 	return nil
@@ -326,7 +328,7 @@ func (d *Decoder) typeName(typ uintptr) string {
 // from there. pc is the return PC holding the site, for CallSiteType when
 // the site is not inlined into its caller (0 otherwise). owned reports that
 // the caller is the runtime itself.
-func (d *Decoder) symbolize(n int) (site Frame, stack []Frame, pc uintptr, owned bool) {
+func (d *Decoder) symbolize(n int) (site decode.Frame, stack []decode.Frame, pc uintptr, owned bool) {
 	first := -1 // index into pcs of the PC holding the site
 	for i := 0; i < n && first < 0; i++ {
 		fs := d.pcFrames(d.pcs[i])
@@ -357,12 +359,12 @@ func (d *Decoder) symbolize(n int) (site Frame, stack []Frame, pc uintptr, owned
 		return site, nil, pc, false
 	}
 
-	var key [MaxFrames]uintptr
+	var key [decode.MaxFrames]uintptr
 	copy(key[:], d.pcs[first:n])
 	if st, ok := d.stacks[key]; ok {
 		return site, st, pc, false
 	}
-	st := make([]Frame, 0, d.cfg.StackDepth)
+	st := make([]decode.Frame, 0, d.cfg.StackDepth)
 	seen := false
 	for i := first; i < n && len(st) < d.cfg.StackDepth; i++ {
 		for _, f := range d.pcFrames(d.pcs[i]) {
@@ -387,7 +389,7 @@ func (d *Decoder) symbolize(n int) (site Frame, stack []Frame, pc uintptr, owned
 }
 
 // siteOf returns the first frame of pc outside the map code.
-func (d *Decoder) siteOf(pc uintptr) Frame {
+func (d *Decoder) siteOf(pc uintptr) decode.Frame {
 	fs := d.pcFrames(pc)
 	for _, f := range fs {
 		if !isMapCode(f.Function) {
@@ -398,23 +400,23 @@ func (d *Decoder) siteOf(pc uintptr) Frame {
 }
 
 // pcFrames returns the frames of one return PC, innermost first; never empty.
-func (d *Decoder) pcFrames(pc uintptr) []Frame {
+func (d *Decoder) pcFrames(pc uintptr) []decode.Frame {
 	if fs, ok := d.frames[pc]; ok {
 		return fs
 	}
-	var fs []Frame
+	var fs []decode.Frame
 	frames := runtime.CallersFrames([]uintptr{pc})
 	for {
 		f, more := frames.Next()
 		if f.Function != "" || f.File != "" {
-			fs = append(fs, Frame{Function: f.Function, File: f.File, Line: f.Line, PC: pc})
+			fs = append(fs, decode.Frame{Function: f.Function, File: f.File, Line: f.Line, PC: pc})
 		}
 		if !more {
 			break
 		}
 	}
 	if len(fs) == 0 {
-		fs = []Frame{{PC: pc}}
+		fs = []decode.Frame{{PC: pc}}
 	}
 	if len(d.frames) >= cacheLimit {
 		clear(d.frames)

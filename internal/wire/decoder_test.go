@@ -1,4 +1,4 @@
-package decode
+package wire
 
 import (
 	"encoding/binary"
@@ -7,10 +7,12 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mapguard/mapguard/decode"
 )
 
 // record builds a wire record as the BPF program would.
-func record(kind Kind, site uint32, goid uint64, mono uint64, typ uintptr, pcs ...uintptr) []byte {
+func record(kind decode.Kind, site uint32, goid uint64, mono uint64, typ uintptr, pcs ...uintptr) []byte {
 	b := make([]byte, RecordSize)
 	le := binary.NativeEndian
 	le.PutUint64(b[offTime:], mono)
@@ -53,16 +55,16 @@ func TestDecodeSite(t *testing.T) {
 		Probes:     []string{"runtime.mapassign_faststr"},
 		TypeName:   func(uintptr) string { return "map[string]int" },
 	})
-	var ev Event
+	var ev decode.Event
 	// The first PC is inside runtime.Callers, which is not map code: such a
 	// record belongs to the runtime.
-	if err := d.Decode(record(NilMapWrite, 0, 42, 1500, 0x1234, pcs...), &ev); !errors.Is(err, ErrRuntimeOwned) {
+	if err := d.Decode(record(decode.NilMapWrite, 0, 42, 1500, 0x1234, pcs...), &ev); !errors.Is(err, ErrRuntimeOwned) {
 		t.Fatalf("runtime caller: err = %v, want ErrRuntimeOwned", err)
 	}
-	if err := d.Decode(record(NilMapWrite, 0, 42, 1500, 0x1234, pcs[1:]...), &ev); err != nil {
+	if err := d.Decode(record(decode.NilMapWrite, 0, 42, 1500, 0x1234, pcs[1:]...), &ev); err != nil {
 		t.Fatal(err)
 	}
-	if ev.Kind != NilMapWrite || ev.Goroutine != 42 || ev.Len != 7 || ev.Count != 1 {
+	if ev.Kind != decode.NilMapWrite || ev.Goroutine != 42 || ev.Len != 7 || ev.Count != 1 {
 		t.Fatalf("event %+v", ev)
 	}
 	if !ev.Time.Equal(wall.Add(500)) {
@@ -84,8 +86,8 @@ func TestDecodeSite(t *testing.T) {
 
 func TestDecodeNoTypeName(t *testing.T) {
 	d := NewDecoder(Config{})
-	var ev Event
-	if err := d.Decode(record(NilMapRead, 9, 1, 0, 0x1234), &ev); err != nil {
+	var ev decode.Event
+	if err := d.Decode(record(decode.NilMapRead, 9, 1, 0, 0x1234), &ev); err != nil {
 		t.Fatal(err)
 	}
 	if ev.MapType != "" || ev.Probe != "" || ev.Stack != nil || ev.Site.PC != 0 {
@@ -95,12 +97,12 @@ func TestDecodeNoTypeName(t *testing.T) {
 
 func TestDecodeErrors(t *testing.T) {
 	d := NewDecoder(Config{})
-	var ev Event
+	var ev decode.Event
 	for name, raw := range map[string][]byte{
 		"short":  make([]byte, RecordSize-1),
 		"kind0":  record(0, 0, 0, 0, 0),
 		"kind99": record(99, 0, 0, 0, 0),
-		"frames": func() []byte { b := record(NilMapRead, 0, 0, 0, 0); b[offNPCs] = MaxFrames + 1; return b }(),
+		"frames": func() []byte { b := record(decode.NilMapRead, 0, 0, 0, 0); b[offNPCs] = decode.MaxFrames + 1; return b }(),
 	} {
 		if err := d.Decode(raw, &ev); !errors.Is(err, ErrRecord) {
 			t.Errorf("%s: err = %v, want ErrRecord", name, err)
@@ -109,12 +111,12 @@ func TestDecodeErrors(t *testing.T) {
 }
 
 func TestKindString(t *testing.T) {
-	for _, k := range Kinds() {
+	for _, k := range decode.Kinds() {
 		if !k.Valid() || strings.HasPrefix(k.String(), "kind(") {
 			t.Errorf("kind %d has no name", k)
 		}
 	}
-	if NilMapWrite.String() != "nil-map-write" || NilMapRead.String() != "nil-map-read" || MapGrowth.String() != "map-growth" || Kind(200).String() != "kind(200)" {
+	if decode.NilMapWrite.String() != "nil-map-write" || decode.NilMapRead.String() != "nil-map-read" || decode.MapGrowth.String() != "map-growth" || decode.Kind(200).String() != "kind(200)" {
 		t.Error("kind names changed")
 	}
 }
@@ -124,8 +126,8 @@ func BenchmarkDecode(b *testing.B) {
 	for _, depth := range []int{0, 4} {
 		b.Run("StackDepth="+string(rune('0'+depth)), func(b *testing.B) {
 			d := NewDecoder(Config{StackDepth: depth, TypeName: func(uintptr) string { return "map[string]int" }})
-			raw := record(NilMapWrite, 0, 42, 1500, 0x1234, pcs[1:]...)
-			var ev Event
+			raw := record(decode.NilMapWrite, 0, 42, 1500, 0x1234, pcs[1:]...)
+			var ev decode.Event
 			b.ReportAllocs()
 			for b.Loop() {
 				if err := d.Decode(raw, &ev); err != nil {
@@ -138,12 +140,12 @@ func BenchmarkDecode(b *testing.B) {
 
 func FuzzDecode(f *testing.F) {
 	pcs, _ := userSite()
-	f.Add(record(NilMapWrite, 0, 42, 1500, 0x1234, pcs...))
-	f.Add(record(NilMapRead, 3, 1, 0, 0))
+	f.Add(record(decode.NilMapWrite, 0, 42, 1500, 0x1234, pcs...))
+	f.Add(record(decode.NilMapRead, 3, 1, 0, 0))
 	f.Add([]byte{1, 2, 3})
 	d := NewDecoder(Config{StackDepth: 3, Probes: []string{"a", "b"}})
 	f.Fuzz(func(t *testing.T, raw []byte) {
-		var ev Event
+		var ev decode.Event
 		if err := d.Decode(raw, &ev); err != nil && !errors.Is(err, ErrRecord) && !errors.Is(err, ErrRuntimeOwned) {
 			t.Fatalf("error %v does not wrap ErrRecord", err)
 		}
@@ -175,11 +177,11 @@ func TestDecodeStdlib(t *testing.T) {
 	pcs, _ := userSite()
 	s := Scope{prefixes: []string{"main."}} // this package is not "own" here
 	d := NewDecoder(Config{Scope: &s})
-	var ev Event
-	if err := d.Decode(record(NilMapRead, 0, 1, 0, 0, pcs[1:]...), &ev); !errors.Is(err, ErrStdlib) {
+	var ev decode.Event
+	if err := d.Decode(record(decode.NilMapRead, 0, 1, 0, 0, pcs[1:]...), &ev); !errors.Is(err, ErrStdlib) {
 		t.Fatalf("err = %v, want ErrStdlib", err)
 	}
-	if err := d.Decode(record(NilMapWrite, 0, 1, 0, 0, pcs[1:]...), &ev); err != nil {
+	if err := d.Decode(record(decode.NilMapWrite, 0, 1, 0, 0, pcs[1:]...), &ev); err != nil {
 		t.Fatalf("nil-map writes are reported wherever they are: %v", err)
 	}
 }
@@ -230,10 +232,10 @@ func TestBlameDeepEqualIsNotTheCallers(t *testing.T) {
 
 // symbolizeNames runs symbolize on frames with the given function names,
 // one per return PC.
-func (d *Decoder) symbolizeNames(fns ...string) (Frame, []Frame, uintptr, bool) {
+func (d *Decoder) symbolizeNames(fns ...string) (decode.Frame, []decode.Frame, uintptr, bool) {
 	for i, fn := range fns {
 		pc := uintptr(0x1000 + i)
-		d.frames[pc] = []Frame{{Function: fn, PC: pc}}
+		d.frames[pc] = []decode.Frame{{Function: fn, PC: pc}}
 		d.pcs[i] = pc
 	}
 	return d.symbolize(len(fns))
