@@ -7,10 +7,11 @@ import (
 	"runtime"
 	"unsafe"
 
+	"github.com/mapguard/mapguard/internal/x86site"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/mapguard/mapguard/internal/rt"
-	"github.com/mapguard/mapguard/symbols"
 )
 
 // maxCallerCode bounds how much of a caller's code callSiteType decodes.
@@ -33,7 +34,7 @@ func callSiteType(o *rt.Offsets, pc uintptr) uintptr {
 		return 0
 	}
 	code := unsafe.Slice((*byte)(*(*unsafe.Pointer)(unsafe.Pointer(&entry))), pc-entry)
-	addr, ok := symbols.CallArgType(code, uint64(entry), uint64(pc))
+	addr, ok := x86site.CallArgType(code, uint64(entry), uint64(pc))
 	if !ok || addr == 0 {
 		return 0
 	}

@@ -7,6 +7,8 @@ import (
 	"os"
 	"testing"
 
+	"github.com/mapguard/mapguard/internal/x86site"
+
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
@@ -70,7 +72,7 @@ func BenchmarkHitCost(b *testing.B) {
 		}
 	}
 	nilSite := func(code []byte, f symbols.Func) uint64 {
-		s, err := symbols.NilMapSite(code, f.Entry, symbols.MapAssign, func(uint64) string { return "runtime.gopanic" })
+		s, err := x86site.NilMapSite(code, f.Entry, x86site.MapAssign, func(uint64) string { return "runtime.gopanic" })
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -95,7 +97,7 @@ func BenchmarkHitCost(b *testing.B) {
 	})
 	b.Run("probe=empty@after-stack-check", func(b *testing.B) {
 		attachEmpty(b, "runtime.mapassign_faststr", func(code []byte, f symbols.Func) uint64 {
-			s, err := symbols.EntrySite(code)
+			s, err := x86site.EntrySite(code)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -127,7 +129,7 @@ func BenchmarkDeepHitCost(b *testing.B) {
 		}
 	}
 	afterStackCheck := func(code []byte, f symbols.Func) uint64 {
-		s, err := symbols.EntrySite(code)
+		s, err := x86site.EntrySite(code)
 		if err != nil {
 			b.Fatal(err)
 		}

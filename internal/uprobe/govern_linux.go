@@ -13,6 +13,8 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/mapguard/mapguard/internal/x86site"
+
 	"github.com/mapguard/mapguard/probe"
 
 	"github.com/cilium/ebpf/link"
@@ -70,14 +72,14 @@ func (u *uprobes) setupCalibrationLocked(bin *symbols.Binary) error {
 	if err != nil {
 		return err
 	}
-	emu, err := symbols.EntrySite(code)
+	emu, err := x86site.EntrySite(code)
 	if err != nil {
 		return err
 	}
 	if !emu.Emulated {
 		return fmt.Errorf("calibration site %s is not emulated", emu.Inst)
 	}
-	step := symbols.Site{Offset: 0, Inst: "entry"}
+	step := x86site.Site{Offset: 0, Inst: "entry"}
 	u.calib = calibration{
 		step: &site{index: calibIndex, fn: fn, found: found{at: step}},
 		emu:  &site{index: calibIndex, fn: fn, found: found{at: emu}},

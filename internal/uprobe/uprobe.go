@@ -4,13 +4,14 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/mapguard/mapguard/internal/x86site"
+
 	"github.com/mapguard/mapguard/internal/wire"
 	"github.com/mapguard/mapguard/probe"
 
 	"github.com/go-logr/logr"
 
 	"github.com/mapguard/mapguard/decode"
-	"github.com/mapguard/mapguard/symbols"
 )
 
 // Config configures New. The zero value is valid.
@@ -173,7 +174,7 @@ const (
 
 // found is one probe site in a function and how the BPF program reads it.
 type found struct {
-	at             symbols.Site
+	at             x86site.Site
 	flags          uint32
 	mapReg, typReg uint8
 	// wrapRet are the return addresses of the calls by wrappers, for
@@ -189,7 +190,7 @@ type target struct {
 }
 
 // siteFinder chooses the probe site in one function's code.
-type siteFinder func(code []byte, entry uint64, callee func(uint64) string) (symbols.Site, error)
+type siteFinder func(code []byte, entry uint64, callee func(uint64) string) (x86site.Site, error)
 
 // one is a target with one site per function.
 func one(f siteFinder, flags uint32, mapReg, typReg uint8) func([]byte, uint64, func(uint64) string) ([]found, error) {
@@ -202,20 +203,20 @@ func one(f siteFinder, flags uint32, mapReg, typReg uint8) func([]byte, uint64, 
 	}
 }
 
-func nilBranch(op symbols.MapOp) siteFinder {
-	return func(code []byte, entry uint64, callee func(uint64) string) (symbols.Site, error) {
-		return symbols.NilMapSite(code, entry, op, callee)
+func nilBranch(op x86site.MapOp) siteFinder {
+	return func(code []byte, entry uint64, callee func(uint64) string) (x86site.Site, error) {
+		return x86site.NilMapSite(code, entry, op, callee)
 	}
 }
 
-func afterStackCheck(code []byte, _ uint64, _ func(uint64) string) (symbols.Site, error) {
-	return symbols.EntrySite(code)
+func afterStackCheck(code []byte, _ uint64, _ func(uint64) string) (x86site.Site, error) {
+	return x86site.EntrySite(code)
 }
 
 // calls finds every direct call to fn, each a site.
 func calls(fn string, flags uint32, mapReg, typReg uint8) func([]byte, uint64, func(uint64) string) ([]found, error) {
 	return func(code []byte, entry uint64, callee func(uint64) string) ([]found, error) {
-		sites, err := symbols.CallSites(code, entry, callee, fn)
+		sites, err := x86site.CallSites(code, entry, callee, fn)
 		if err != nil {
 			return nil, err
 		}
@@ -234,11 +235,11 @@ func calls(fn string, flags uint32, mapReg, typReg uint8) func([]byte, uint64, f
 // mapaccess2 it wraps) that returns the zero value. The nil-or-empty block is reported only for an empty map (a
 // nil one is NilMapRead); the map and its type are only known there.
 func missBlocks(code []byte, entry uint64, callee func(uint64) string) ([]found, error) {
-	nilAt, err := symbols.NilMapSite(code, entry, symbols.MapAccess, callee)
+	nilAt, err := x86site.NilMapSite(code, entry, x86site.MapAccess, callee)
 	if err != nil {
 		return nil, err
 	}
-	_, sites, err := symbols.MissSites(code, entry, callee)
+	_, sites, err := x86site.MissSites(code, entry, callee)
 	if err != nil {
 		return nil, err
 	}
@@ -300,7 +301,7 @@ const (
 
 var targets = map[decode.Kind][]target{
 	decode.NilMapWrite: {{
-		find: one(nilBranch(symbols.MapAssign), 0, regBX, regAX),
+		find: one(nilBranch(x86site.MapAssign), 0, regBX, regAX),
 		funcs: []string{
 			"runtime.mapassign",
 			"runtime.mapassign_fast32",
@@ -311,7 +312,7 @@ var targets = map[decode.Kind][]target{
 		},
 	}},
 	decode.NilMapRead: {{
-		find: one(nilBranch(symbols.MapAccess), siteNilOnly|siteAgg, regBX, regAX),
+		find: one(nilBranch(x86site.MapAccess), siteNilOnly|siteAgg, regBX, regAX),
 		funcs: []string{
 			"runtime.mapaccess1",
 			"runtime.mapaccess2",

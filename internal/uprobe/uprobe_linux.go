@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/mapguard/mapguard/internal/x86site"
+
 	"github.com/mapguard/mapguard/internal/wire"
 	"github.com/mapguard/mapguard/probe"
 
@@ -488,7 +490,7 @@ func findWrappers(bin *symbols.Binary, callee func(uint64) string) wrappers {
 		if err != nil {
 			continue
 		}
-		target, ret, err := symbols.WrapperCall(code, fn.Entry, callee)
+		target, ret, err := x86site.WrapperCall(code, fn.Entry, callee)
 		if err != nil || target != p[1] {
 			continue
 		}
@@ -499,7 +501,7 @@ func findWrappers(bin *symbols.Binary, callee func(uint64) string) wrappers {
 		if fn, ok := bin.Func(fatRead); ok {
 			code, err := bin.Code(fn)
 			if err == nil {
-				calls, err := symbols.CallSites(code, fn.Entry, callee, readPairs[0][1])
+				calls, err := x86site.CallSites(code, fn.Entry, callee, readPairs[0][1])
 				if err == nil && len(calls) == 1 {
 					r := ws.rets[readPairs[0][1]]
 					r[1] = fn.Entry + calls[0].Offset + callLen + bin.LoadBias()
@@ -573,7 +575,7 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 		if err != nil {
 			return fmt.Errorf("start probe: read %s: %w", d.name, err)
 		}
-		at, err := symbols.EntrySite(code)
+		at, err := x86site.EntrySite(code)
 		if err != nil {
 			u.inactive = append(u.inactive, probe.Inactive{Kind: kind, Function: d.name, Reason: err.Error()})
 			continue
@@ -604,22 +606,22 @@ func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) strin
 
 // deleteDoneSite finds the branch in (*Map).Delete after the entry was
 // removed, if it was there: if m.used == 0 { m.seed = rand() }.
-func deleteDoneSite(code []byte, entry uint64, callee func(uint64) string) (symbols.Site, uint8, error) {
-	calls, err := symbols.CallSites(code, entry, callee, deleteDoneCall)
+func deleteDoneSite(code []byte, entry uint64, callee func(uint64) string) (x86site.Site, uint8, error) {
+	calls, err := x86site.CallSites(code, entry, callee, deleteDoneCall)
 	if err != nil {
-		return symbols.Site{}, 0, err
+		return x86site.Site{}, 0, err
 	}
 	if len(calls) != 1 {
-		return symbols.Site{}, 0, fmt.Errorf("%d calls of %s, want 1", len(calls), deleteDoneCall)
+		return x86site.Site{}, 0, fmt.Errorf("%d calls of %s, want 1", len(calls), deleteDoneCall)
 	}
-	at, reg, err := symbols.GuardedCallSite(code, calls[0])
+	at, reg, err := x86site.GuardedCallSite(code, calls[0])
 	if err != nil {
-		return symbols.Site{}, 0, err
+		return x86site.Site{}, 0, err
 	}
 	regs := map[string]uint8{"AX": regAX, "BX": regBX, "CX": regCX, "DX": regDX, "SI": regSI, "DI": regDI}
 	r, ok := regs[reg]
 	if !ok {
-		return symbols.Site{}, 0, fmt.Errorf("map in %s", reg)
+		return x86site.Site{}, 0, fmt.Errorf("map in %s", reg)
 	}
 	return at, r, nil
 }

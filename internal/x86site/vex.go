@@ -1,4 +1,4 @@
-package symbols
+package x86site
 
 // This file steps over VEX- and EVEX-encoded instructions (amd64 only),
 // which golang.org/x/arch's x86 decoder does not know ("unknown AVX

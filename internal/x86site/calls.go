@@ -1,4 +1,4 @@
-package symbols
+package x86site
 
 // This file finds three more kinds of site and operand (amd64 only), with
 // the same whole-function linear decoding as sites.go:

@@ -1,4 +1,4 @@
-package symbols
+package x86site
 
 import (
 	"debug/elf"
@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"testing"
+
+	"github.com/mapguard/mapguard/symbols"
 
 	"golang.org/x/arch/x86/x86asm"
 )
@@ -49,6 +51,30 @@ func TestDecodeVEX(t *testing.T) {
 	}
 }
 
+// vexTarget is a program that uses the map functions.
+const vexTarget = `package main
+
+import (
+	"fmt"
+	"os"
+)
+
+func main() {
+	m := map[string]int{}
+	for i, a := range os.Args {
+		m[a] = i // runtime.mapassign_faststr
+	}
+	n := map[int64]string{}
+	n[int64(len(os.Args))] = "x" // runtime.mapassign_fast64
+	var nilMap map[string]int
+	func() {
+		defer func() { recover() }()
+		nilMap["boom"] = 1 // runtime.gopanic
+	}()
+	fmt.Println(m["k"], n[1]) // runtime.mapaccess1_faststr, runtime.mapaccess1_fast64
+}
+`
+
 // TestDecodeVEXAgainstX86asm decodes a GOAMD64=v3 build's whole text
 // linearly, function by function, and checks each VEX instruction's length
 // against x86asm's where x86asm knows it.
@@ -57,7 +83,7 @@ func TestDecodeVEXAgainstX86asm(t *testing.T) {
 		t.Skip("linux/amd64 only")
 	}
 	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(targetSource), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(vexTarget), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "v3")
@@ -67,7 +93,7 @@ func TestDecodeVEXAgainstX86asm(t *testing.T) {
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, b)
 	}
-	b, err := Open(out)
+	b, err := symbols.Open(out)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,13 +104,16 @@ func TestDecodeVEXAgainstX86asm(t *testing.T) {
 	}
 	defer ef.Close()
 	var vex, compared, funcs int
-	for i := 0; i < b.nfunc(); i++ {
-		r, err := b.record(uint32(i))
-		if err != nil {
+	syms, err := ef.Symbols()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sym := range syms {
+		if elf.ST_TYPE(sym.Info) != elf.STT_FUNC || sym.Size == 0 {
 			continue
 		}
-		f, err := b.funcOf(r)
-		if err != nil {
+		f, ok := b.FuncAt(sym.Value)
+		if !ok || f.Entry != sym.Value {
 			continue
 		}
 		code, err := b.Code(f)

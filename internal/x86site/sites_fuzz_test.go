@@ -1,4 +1,4 @@
-package symbols
+package x86site
 
 import (
 	"bytes"

@@ -1,4 +1,4 @@
-package symbols
+package x86site
 
 import (
 	"bufio"
@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"unsafe"
+
+	"github.com/mapguard/mapguard/symbols"
 
 	"golang.org/x/arch/x86/x86asm"
 )
@@ -462,7 +464,7 @@ func TestCallArgTypeSelf(t *testing.T) {
 		t.Skip("linux/amd64 only")
 	}
 	_ = sxtUserGet(map[string]int{"a": 1}, "a")
-	b, err := OpenSelf()
+	b, err := symbols.OpenSelf()
 	if err != nil {
 		t.Skip(err)
 	}
@@ -489,7 +491,7 @@ func TestCallArgTypeSelf(t *testing.T) {
 
 // sxtMapCalls returns the return addresses of the direct calls of
 // runtime.map* functions in f.
-func sxtMapCalls(t *testing.T, b *Binary, f Func, code []byte) []uint64 {
+func sxtMapCalls(t *testing.T, b *symbols.Binary, f symbols.Func, code []byte) []uint64 {
 	t.Helper()
 	insts, err := Decode(code)
 	if err != nil {
@@ -745,7 +747,7 @@ func TestCallsRealBinaries(t *testing.T) {
 
 func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResult, table *strings.Builder) sxtCallsResult {
 	res := sxtCallsResult{zeroVal: map[string]uint64{}, sites: map[string][]Site{}}
-	b, err := Open(bin.path)
+	b, err := symbols.Open(bin.path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -790,7 +792,7 @@ func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResu
 	if stripped && !haveRef {
 		t.Errorf("no unstripped default build of %s to compare with", bin.goVersion)
 	}
-	code := func(name string) (Func, []byte) {
+	code := func(name string) (symbols.Func, []byte) {
 		t.Helper()
 		f, ok := b.Func(name)
 		if !ok {
@@ -802,7 +804,7 @@ func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResu
 		}
 		return f, c
 	}
-	offsets := func(f Func, addrs []uint64) []uint64 {
+	offsets := func(f symbols.Func, addrs []uint64) []uint64 {
 		var offs []uint64
 		for _, a := range addrs {
 			offs = append(offs, a-f.Entry)

@@ -1,4 +1,4 @@
-package symbols
+package x86site
 
 // This file finds uprobe sites inside Go runtime functions (amd64 only).
 //
