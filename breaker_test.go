@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/mapguard/mapguard"
-	"github.com/mapguard/mapguard/probe"
 )
 
 // t0 is where fake clocks and event times start.
@@ -493,7 +492,7 @@ func TestBreakerConcurrent(t *testing.T) {
 // End to end through a Guard with the fake probe: events flow from Emit
 // through the dispatcher to Observe.
 func TestBreakerWithGuard(t *testing.T) {
-	fake := probe.NewFake()
+	fake := mapguard.NewFake()
 	g, err := mapguard.New(mapguard.Options{Probe: fake})
 	if err != nil {
 		t.Fatal(err)
@@ -557,7 +556,7 @@ func TestBreakerWithGuard(t *testing.T) {
 // trip it, and the service serves a fallback for a minute. Reads do not
 // count.
 func ExampleBreaker() {
-	fake := probe.NewFake() // a real service leaves Options.Probe nil
+	fake := mapguard.NewFake() // a real service leaves Options.Probe nil
 	g, err := mapguard.New(mapguard.Options{Probe: fake})
 	if err != nil {
 		panic(err)

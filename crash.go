@@ -17,5 +17,10 @@ import "github.com/mapguard/mapguard/internal/uprobe"
 // a check (see the README) are left out. It needs the privileges to open
 // pinned BPF maps (root). No reports is a nil slice and a nil error.
 func ReadCrashReports(path string) ([]Event, error) {
-	return uprobe.ReadCrashes(path)
+	evs, err := uprobe.ReadCrashes(path)
+	out := make([]Event, len(evs))
+	for i := range evs {
+		out[i] = eventOf(&evs[i])
+	}
+	return out, err
 }

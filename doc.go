@@ -109,7 +109,7 @@
 //
 // # Testing
 //
-// Options.Probe takes a probe.Fake, whose Emit delivers an event as the
+// Options.Probe takes a Fake, whose Emit delivers an event as the
 // kernel would, so that code reacting to events can be unit tested without
 // privileges.
 package mapguard

@@ -5,13 +5,12 @@ import (
 	"fmt"
 
 	"github.com/mapguard/mapguard"
-	"github.com/mapguard/mapguard/probe"
 )
 
 // A downgrade switch tested without privileges: the fake probe delivers an
 // event exactly as the kernel would, and the callback reacts.
 func Example_fakeProbe() {
-	fake := probe.NewFake()
+	fake := mapguard.NewFake()
 	g, err := mapguard.New(mapguard.Options{Probe: fake})
 	if err != nil {
 		panic(err)
@@ -43,10 +42,10 @@ func Example_fakeProbe() {
 // statistics a test sets, as Guard.OpStats does with Options.OpStats on a
 // real probe.
 func ExampleGuard_OpStats() {
-	fake := probe.NewFake()
+	fake := mapguard.NewFake()
 	fake.SetOpStats([]mapguard.OpStat{
-		{Op: probe.OpWrite, Site: mapguard.Frame{Function: "app.(*Cache).Put", File: "/src/app/cache.go", Line: 88}, MapType: "map[string]*app.entry", Count: 120000},
-		{Op: probe.OpRead, Site: mapguard.Frame{Function: "app.(*Cache).Get", File: "/src/app/cache.go", Line: 61}, MapType: "map[string]*app.entry", Count: 950000},
+		{Op: mapguard.OpWrite, Site: mapguard.Frame{Function: "app.(*Cache).Put", File: "/src/app/cache.go", Line: 88}, MapType: "map[string]*app.entry", Count: 120000},
+		{Op: mapguard.OpRead, Site: mapguard.Frame{Function: "app.(*Cache).Get", File: "/src/app/cache.go", Line: 61}, MapType: "map[string]*app.entry", Count: 950000},
 	})
 	g, err := mapguard.New(mapguard.Options{Probe: fake, OpStats: true})
 	if err != nil {

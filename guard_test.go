@@ -7,13 +7,11 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/mapguard/mapguard/probe"
 )
 
-func startFake(t *testing.T, opts Options) (*Guard, *probe.Fake) {
+func startFake(t *testing.T, opts Options) (*Guard, *Fake) {
 	t.Helper()
-	fake := probe.NewFake()
+	fake := NewFake()
 	opts.Probe = fake
 	g, err := New(opts)
 	if err != nil {
@@ -120,7 +118,7 @@ func TestLifecycle(t *testing.T) {
 }
 
 func TestContextCancelCloses(t *testing.T) {
-	fake := probe.NewFake()
+	fake := NewFake()
 	g, _ := New(Options{Probe: fake})
 	ctx, cancel := context.WithCancel(context.Background())
 	if err := g.Start(ctx); err != nil {
@@ -164,7 +162,7 @@ func waitGoroutines(t *testing.T, n int) {
 // BenchmarkDelivery is the user-space path after decoding: the probe's sink,
 // the dispatch queue, the dispatcher goroutine and one callback.
 func BenchmarkDelivery(b *testing.B) {
-	fake := probe.NewFake()
+	fake := NewFake()
 	g, err := New(Options{Probe: fake, BufferSize: 1 << 16})
 	if err != nil {
 		b.Fatal(err)

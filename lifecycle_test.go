@@ -14,10 +14,10 @@ import (
 )
 
 // scriptedProbe is a probe.Probe whose Start returns what the test says:
-// a refusal, success (then it behaves like a probe.Fake), or it blocks
+// a refusal, success (then it behaves like a Fake), or it blocks
 // until its context is done.
 type scriptedProbe struct {
-	*probe.Fake
+	*Fake
 	mu     sync.Mutex
 	refuse []error // returned by successive Starts; nil: succeed
 	block  bool    // Start waits for ctx
@@ -45,7 +45,7 @@ func (p *scriptedProbe) Start(ctx context.Context, sink probe.Sink) error {
 
 func newScripted(t *testing.T, p *scriptedProbe) *Guard {
 	t.Helper()
-	p.Fake = probe.NewFake()
+	p.Fake = NewFake()
 	g, err := New(Options{Probe: p})
 	if err != nil {
 		t.Fatal(err)
@@ -229,7 +229,7 @@ func TestNewRejectsProbeOptions(t *testing.T) {
 		"Budget":          {Budget: 0.5},
 		"CaptureKeys":     {CaptureKeys: func([]byte) string { return "" }},
 	} {
-		opts.Probe = probe.NewFake()
+		opts.Probe = NewFake()
 		if _, err := New(opts); err == nil {
 			t.Errorf("%s with a custom Probe: New succeeded", name)
 		}
@@ -239,7 +239,7 @@ func TestNewRejectsProbeOptions(t *testing.T) {
 		"OpStats":    {OpStats: true},
 		"empty":      {MissingKeyScope: []string{}},
 	} {
-		opts.Probe = probe.NewFake()
+		opts.Probe = NewFake()
 		if _, err := New(opts); err != nil {
 			t.Errorf("%s with a custom Probe: %v", name, err)
 		}

@@ -14,12 +14,11 @@ import (
 
 	"github.com/mapguard/mapguard"
 	"github.com/mapguard/mapguard/debughttp"
-	"github.com/mapguard/mapguard/probe"
 )
 
 type setup struct {
 	g    *mapguard.Guard
-	fake *probe.Fake
+	fake *mapguard.Fake
 	h    *debughttp.Handler
 	srv  *httptest.Server
 
@@ -28,7 +27,7 @@ type setup struct {
 
 func newSetup(t *testing.T, opts debughttp.Options) *setup {
 	t.Helper()
-	fake := probe.NewFake()
+	fake := mapguard.NewFake()
 	g, err := mapguard.New(mapguard.Options{Probe: fake})
 	if err != nil {
 		t.Fatal(err)

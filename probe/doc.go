@@ -9,7 +9,7 @@
 // an event to the sink exactly as a real probe would, with no privileges and
 // no kernel:
 //
-//	fake := probe.NewFake()
+//	fake := mapguard.NewFake()
 //	g, _ := mapguard.New(mapguard.Options{Probe: fake})
 //	_ = g.Start(ctx)
 //	fake.Emit(decode.Event{Kind: decode.NilMapWrite, MapType: "map[string]int"})

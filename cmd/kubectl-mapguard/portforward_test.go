@@ -21,7 +21,6 @@ import (
 
 	"github.com/mapguard/mapguard"
 	"github.com/mapguard/mapguard/debughttp"
-	"github.com/mapguard/mapguard/probe"
 )
 
 // fakeAPIServer plays the part of the Kubernetes API server and kubelet
@@ -115,9 +114,9 @@ current-context: fake
 
 // serveFakeGuard runs a Guard on the fake probe with the debug handler on a
 // loopback port, and returns the port.
-func serveFakeGuard(t *testing.T) (port string, fake *probe.Fake, g *mapguard.Guard) {
+func serveFakeGuard(t *testing.T) (port string, fake *mapguard.Fake, g *mapguard.Guard) {
 	t.Helper()
-	fake = probe.NewFake()
+	fake = mapguard.NewFake()
 	g, err := mapguard.New(mapguard.Options{Probe: fake})
 	if err != nil {
 		t.Fatal(err)

@@ -12,12 +12,11 @@ import (
 
 	"github.com/mapguard/mapguard"
 	"github.com/mapguard/mapguard/internal/metricset"
-	"github.com/mapguard/mapguard/probe"
 )
 
-func fakeGuard(t *testing.T) (*mapguard.Guard, *probe.Fake) {
+func fakeGuard(t *testing.T) (*mapguard.Guard, *mapguard.Fake) {
 	t.Helper()
-	fake := probe.NewFake()
+	fake := mapguard.NewFake()
 	g, err := mapguard.New(mapguard.Options{Probe: fake})
 	if err != nil {
 		t.Fatal(err)

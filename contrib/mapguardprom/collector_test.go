@@ -9,12 +9,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/mapguard/mapguard"
-	"github.com/mapguard/mapguard/probe"
 )
 
-func fakeGuard(t *testing.T) (*mapguard.Guard, *probe.Fake) {
+func fakeGuard(t *testing.T) (*mapguard.Guard, *mapguard.Fake) {
 	t.Helper()
-	fake := probe.NewFake()
+	fake := mapguard.NewFake()
 	g, err := mapguard.New(mapguard.Options{Probe: fake, OpStats: true})
 	if err != nil {
 		t.Fatal(err)
@@ -28,7 +27,7 @@ func fakeGuard(t *testing.T) (*mapguard.Guard, *probe.Fake) {
 
 // emit delivers evs through the fake and waits until the Guard has counted
 // them (a callback runs after the count).
-func emit(t *testing.T, g *mapguard.Guard, fake *probe.Fake, evs ...mapguard.Event) {
+func emit(t *testing.T, g *mapguard.Guard, fake *mapguard.Fake, evs ...mapguard.Event) {
 	t.Helper()
 	done := make(chan struct{}, len(evs))
 	g.OnEvent(func(mapguard.Event) { done <- struct{}{} })
@@ -70,7 +69,7 @@ mapguard_events_total{kind="unhashable-key"} 0
 
 func TestCollectorFollowsConventions(t *testing.T) {
 	g, fake := fakeGuard(t)
-	fake.SetOpStats([]mapguard.OpStat{{Op: probe.OpRead, Count: 3, Site: mapguard.Frame{Function: "app.f", File: "/a.go", Line: 1}}})
+	fake.SetOpStats([]mapguard.OpStat{{Op: mapguard.OpRead, Count: 3, Site: mapguard.Frame{Function: "app.f", File: "/a.go", Line: 1}}})
 	c := NewCollector(g, Options{})
 	problems, err := testutil.CollectAndLint(c)
 	if err != nil {
@@ -92,7 +91,7 @@ func TestCollectorBoundsSites(t *testing.T) {
 	g, fake := fakeGuard(t)
 	var ops []mapguard.OpStat
 	for i := 1; i <= 50; i++ {
-		ops = append(ops, mapguard.OpStat{Op: probe.OpWrite, Count: uint64(i), Site: mapguard.Frame{Function: "app.f", File: "/a.go", Line: i}})
+		ops = append(ops, mapguard.OpStat{Op: mapguard.OpWrite, Count: uint64(i), Site: mapguard.Frame{Function: "app.f", File: "/a.go", Line: i}})
 	}
 	fake.SetOpStats(ops)
 	n := testutil.CollectAndCount(NewCollector(g, Options{MaxSites: 7}), "mapguard_map_operations_total")

@@ -16,7 +16,6 @@ import (
 	"strings"
 
 	"github.com/mapguard/mapguard"
-	"github.com/mapguard/mapguard/decode"
 )
 
 // Type is a metric's type.
@@ -110,13 +109,13 @@ func Collect(g Source, maxSites int) []Sample {
 
 	// Every kind, also at 0, so that rate() and alerts see the series
 	// before the first event.
-	for _, k := range decode.Kinds() {
+	for _, k := range mapguard.Kinds() {
 		add(Events, float64(st.Events[k]), k.String())
 	}
 	add(Dropped, float64(st.DroppedKernel), "kernel")
 	add(Dropped, float64(st.DroppedQueue), "queue")
 	add(Dropped, float64(st.DroppedChannel), "channel")
-	for _, k := range decode.Kinds() {
+	for _, k := range mapguard.Kinds() {
 		add(DroppedByKind, float64(st.DroppedByKind[k]), k.String())
 	}
 	add(CallbackPanics, float64(st.CallbackPanics))

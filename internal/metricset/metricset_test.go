@@ -6,12 +6,11 @@ import (
 	"testing"
 
 	"github.com/mapguard/mapguard"
-	"github.com/mapguard/mapguard/probe"
 )
 
-func startFake(t *testing.T, ops []mapguard.OpStat) (*mapguard.Guard, *probe.Fake) {
+func startFake(t *testing.T, ops []mapguard.OpStat) (*mapguard.Guard, *mapguard.Fake) {
 	t.Helper()
-	fake := probe.NewFake()
+	fake := mapguard.NewFake()
 	fake.SetOpStats(ops)
 	g, err := mapguard.New(mapguard.Options{Probe: fake, OpStats: true})
 	if err != nil {
@@ -59,7 +58,7 @@ func TestCollectBoundsSites(t *testing.T) {
 	var ops []mapguard.OpStat
 	var total uint64
 	for i := 1; i <= 30; i++ {
-		ops = append(ops, mapguard.OpStat{Op: probe.OpRead, Count: uint64(i),
+		ops = append(ops, mapguard.OpStat{Op: mapguard.OpRead, Count: uint64(i),
 			Site: mapguard.Frame{Function: "app.f", File: "/src/app.go", Line: i}})
 		total += uint64(i)
 	}
@@ -92,7 +91,7 @@ func TestDescsAreComplete(t *testing.T) {
 	for _, d := range Descs() {
 		known[d] = true
 	}
-	g, _ := startFake(t, []mapguard.OpStat{{Op: probe.OpWrite, Count: 1}})
+	g, _ := startFake(t, []mapguard.OpStat{{Op: mapguard.OpWrite, Count: 1}})
 	for _, s := range Collect(g, 0) {
 		if !known[s.Desc] {
 			t.Errorf("%s is collected but not in Descs", s.Desc.Name)
