@@ -21,7 +21,7 @@ import (
 //
 // The Guard runs two kinds of goroutine of its own while started: its
 // dispatcher ((*Guard).dispatch) and the probe's reader and governor
-// (functions of package github.com/mapguard/mapguard/probe). Test suites
+// (functions of package github.com/mapguard/mapguard/internal/uprobe). Test suites
 // that check for leaked goroutines (go.uber.org/goleak) around a Guard that
 // lives for the whole test binary can ignore them with
 // goleak.IgnoreAnyFunction on the names listed by GoroutineFunctions, or

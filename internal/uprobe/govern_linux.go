@@ -43,7 +43,7 @@ func calibrationTarget(m map[int]int, n int) int {
 }
 
 const (
-	calibrationFunc = "github.com/mapguard/mapguard/probe.calibrationTarget"
+	calibrationFunc = "github.com/mapguard/mapguard/internal/uprobe.calibrationTarget"
 	// Calls per calibration run: a single-stepped trap costs 6-23 us on
 	// the project's VMs, an emulated one 0.5-1 us.
 	calibrationStepCalls = 100

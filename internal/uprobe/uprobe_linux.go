@@ -821,7 +821,7 @@ func (u *uprobes) checkCanaryLocked(ctx context.Context) error {
 			return fmt.Errorf("start probe: canary goroutine read as %d, want %d: %w", ev.Goroutine, want, probe.ErrLayoutMismatch)
 		case !strings.HasSuffix(ev.Site.Function, "probe.canaryWrite"):
 			return fmt.Errorf("start probe: canary site resolved to %q: %w", ev.Site.Function, probe.ErrLayoutMismatch)
-		case ev.MapType != "map[probe.canaryKey]uint8":
+		case ev.MapType != "map[uprobe.canaryKey]uint8":
 			return fmt.Errorf("start probe: canary map type resolved to %q: %w", ev.MapType, probe.ErrLayoutMismatch)
 		}
 		return nil

@@ -469,7 +469,7 @@ func TestCallArgTypeSelf(t *testing.T) {
 		t.Skip(err)
 	}
 	defer b.Close()
-	f, ok := b.Func("github.com/mapguard/mapguard/symbols.sxtUserGet")
+	f, ok := b.Func("github.com/mapguard/mapguard/internal/x86site.sxtUserGet")
 	if !ok {
 		t.Fatal("sxtUserGet not found")
 	}
@@ -1017,7 +1017,7 @@ func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResu
 // sxtFuzzCallFuncs are functions of the test binary FuzzSites adds to its
 // bodies for CallSites and CallArgType.
 var sxtFuzzCallFuncs = []string{"runtime.interhash", "runtime.nilinterhash", "runtime.typehash",
-	"internal/runtime/maps.(*Map).Delete", "github.com/mapguard/mapguard/symbols.sxtUserGet"}
+	"internal/runtime/maps.(*Map).Delete", "github.com/mapguard/mapguard/internal/x86site.sxtUserGet"}
 
 // sxtFuzzCallBodies returns hand-written bodies for MissSites, CallSites
 // and CallArgType.
