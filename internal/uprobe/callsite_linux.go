@@ -7,11 +7,10 @@ import (
 	"runtime"
 	"unsafe"
 
-	"github.com/mapguard/mapguard/internal/x86site"
-
 	"golang.org/x/sys/unix"
 
 	"github.com/mapguard/mapguard/internal/rt"
+	"github.com/mapguard/mapguard/internal/x86site"
 )
 
 // maxCallerCode bounds how much of a caller's code callSiteType decodes.

@@ -4,9 +4,8 @@ import (
 	"sort"
 	"sync"
 
-	"github.com/mapguard/mapguard/probe"
-
 	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/probe"
 )
 
 // maxCallSites bounds the call-site table; occurrences at call sites

@@ -7,13 +7,12 @@ import (
 	"os"
 	"testing"
 
-	"github.com/mapguard/mapguard/internal/x86site"
-
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/testutil"
+	"github.com/mapguard/mapguard/internal/x86site"
 	"github.com/mapguard/mapguard/symbols"
 )
 

@@ -44,14 +44,13 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/mapguard/mapguard/internal/wire"
-
 	"github.com/cilium/ebpf"
 	"github.com/go-logr/logr"
 	"golang.org/x/sys/unix"
 
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/rt"
+	"github.com/mapguard/mapguard/internal/wire"
 	"github.com/mapguard/mapguard/symbols"
 )
 

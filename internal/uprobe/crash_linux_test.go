@@ -12,14 +12,13 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/mapguard/mapguard/internal/wire"
-
 	"github.com/cilium/ebpf"
 	"github.com/go-logr/logr"
 	"github.com/go-logr/logr/funcr"
 
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/testutil"
+	"github.com/mapguard/mapguard/internal/wire"
 )
 
 //go:noinline

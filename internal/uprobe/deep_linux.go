@@ -12,12 +12,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/mapguard/mapguard/internal/wire"
-	"github.com/mapguard/mapguard/probe"
-
 	"golang.org/x/sys/unix"
 
 	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/wire"
+	"github.com/mapguard/mapguard/probe"
 )
 
 // threadCPU is the CPU time of the calling thread, in ns.

@@ -13,14 +13,12 @@ import (
 	"runtime"
 	"time"
 
-	"github.com/mapguard/mapguard/internal/x86site"
-
-	"github.com/mapguard/mapguard/probe"
-
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/mapguard/mapguard/internal/rt"
+	"github.com/mapguard/mapguard/internal/x86site"
+	"github.com/mapguard/mapguard/probe"
 	"github.com/mapguard/mapguard/symbols"
 )
 

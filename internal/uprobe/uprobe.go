@@ -4,14 +4,12 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/mapguard/mapguard/internal/x86site"
-
-	"github.com/mapguard/mapguard/internal/wire"
-	"github.com/mapguard/mapguard/probe"
-
 	"github.com/go-logr/logr"
 
 	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/wire"
+	"github.com/mapguard/mapguard/internal/x86site"
+	"github.com/mapguard/mapguard/probe"
 )
 
 // Config configures New. The zero value is valid.

@@ -7,9 +7,8 @@ import (
 	"fmt"
 	"runtime"
 
-	"github.com/mapguard/mapguard/probe"
-
 	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/probe"
 )
 
 type unsupported struct{}

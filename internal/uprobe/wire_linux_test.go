@@ -6,9 +6,8 @@ import (
 	"testing"
 	"unsafe"
 
-	"github.com/mapguard/mapguard/internal/wire"
-
 	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/wire"
 )
 
 // The record layout and kind numbers decode uses must match the BPF

@@ -1,3 +1,5 @@
+//go:build linux && amd64
+
 package uprobe
 
 import (
@@ -6,10 +8,47 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/mapguard/mapguard/probe"
-
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
 	"golang.org/x/sys/unix"
+
+	"github.com/mapguard/mapguard/probe"
 )
+
+// checkCapabilities fails fast without the capabilities BPF and uprobes
+// need, before anything is created.
+func checkCapabilities() error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("start probe: read capabilities: %w", err)
+	}
+	has := func(c uint) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
+	if has(unix.CAP_SYS_ADMIN) || (has(unix.CAP_BPF) && has(unix.CAP_PERFMON)) {
+		return nil
+	}
+	return fmt.Errorf("start probe: need CAP_SYS_ADMIN (or CAP_BPF and CAP_PERFMON): %w", probe.ErrPermission)
+}
+
+// checkKernel requires ring buffers (5.8) and uprobe attach cookies (5.15).
+func checkKernel() error {
+	for what, err := range map[string]error{
+		"BPF ring buffer":    features.HaveMapType(ebpf.RingBuf),
+		"uprobe BPF cookies": features.HaveProgramHelper(ebpf.Kprobe, asm.FnGetAttachCookie),
+	} {
+		switch {
+		case err == nil:
+		case errors.Is(err, ebpf.ErrNotSupported):
+			return fmt.Errorf("start probe: kernel lacks %s: %w", what, probe.ErrNotSupported)
+		case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
+			return fmt.Errorf("start probe: probe for %s: %w: %w", what, probe.ErrPermission, err)
+		default:
+			return fmt.Errorf("start probe: probe for %s: %w", what, err)
+		}
+	}
+	return nil
+}
 
 // classify makes every error Start returns wrap one sentinel. Errors that
 // already do pass through; the rest are told apart by their errno, and what

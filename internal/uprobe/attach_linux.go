@@ -1,0 +1,74 @@
+//go:build linux && amd64
+
+package uprobe
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// armLocked attaches one site, filtered to this process.
+func (u *uprobes) armLocked(s *site) error {
+	if s.link != nil {
+		return nil
+	}
+	prog := u.coll.Programs[mapguardProgMapguardSite]
+	if s.deep {
+		prog = u.coll.Programs[mapguardProgMapguardDeep]
+	}
+	l, err := u.attach(s, prog)
+	if err != nil {
+		return err
+	}
+	s.link = l
+	return nil
+}
+
+// attach attaches prog at s, filtered to this process, with s's index as
+// the cookie.
+func (u *uprobes) attach(s *site, prog *ebpf.Program) (link.Link, error) {
+	off := s.fn.FileOffset + s.at.Offset
+	var (
+		l   link.Link
+		err error
+	)
+	if u.multi {
+		l, err = u.ex.UprobeMulti(nil, prog, &link.UprobeMultiOptions{
+			Addresses: []uint64{off},
+			Cookies:   []uint64{uint64(s.index)},
+			PID:       uint32(os.Getpid()),
+		})
+	} else {
+		l, err = u.ex.Uprobe("", prog, &link.UprobeOptions{
+			Address: off,
+			Cookie:  uint64(s.index),
+			PID:     os.Getpid(),
+		})
+	}
+	return l, err
+}
+
+// forceSingleLinks makes Start use perf-event uprobes even where
+// uprobe_multi works, so that tests cover the older kernels' path.
+var forceSingleLinks = false
+
+// haveUprobeMulti reports whether uprobe_multi links can be used: the link
+// type exists (6.6) and its PID filter is per process (fixed in 6.10 and
+// 6.6.35; before that, hits from other threads were dropped).
+func haveUprobeMulti() bool {
+	if features.HaveBPFLinkUprobeMulti() != nil {
+		return false
+	}
+	var uts unix.Utsname
+	if unix.Uname(&uts) != nil {
+		return false
+	}
+	var major, minor, patch int
+	fmt.Sscanf(unix.ByteSliceToString(uts.Release[:]), "%d.%d.%d", &major, &minor, &patch)
+	return major > 6 || (major == 6 && minor >= 10) || (major == 6 && minor == 6 && patch >= 35)
+}

@@ -1,0 +1,299 @@
+//go:build linux && amd64
+
+package uprobe
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/rt"
+	"github.com/mapguard/mapguard/internal/wire"
+)
+
+// run is the reader goroutine: it drains the ring buffer every poll
+// interval (records are submitted without a wake-up) or when Start flushes
+// it for the canary, decodes and delivers, and runs the cost governor on
+// each poll.
+func (u *uprobes) run(ready chan<- error) {
+	defer close(u.done)
+	// Start holds u.mu and set u.ignore before starting this goroutine.
+	if err := u.ignoreLocked(rt.GoID()); err != nil {
+		ready <- err
+		return
+	}
+	close(ready)
+
+	var (
+		rec ringbuf.Record
+		ev  decode.Event
+	)
+	u.reader.SetDeadline(time.Now().Add(pollInterval))
+	for {
+		err := u.reader.ReadInto(&rec)
+		switch {
+		case err == nil:
+			u.handle(rec.RawSample, &ev)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			u.tick(time.Now())
+			u.reader.SetDeadline(time.Now().Add(pollInterval))
+		case errors.Is(err, ringbuf.ErrFlushed):
+			// The ring is drained. A flush is a wake-up (the canary's)
+			// unless teardown asked the reader to stop.
+			if u.readerQuit.Load() {
+				return
+			}
+		case errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
+			return
+		default:
+			u.log.Error(err, "read ring buffer")
+			return
+		}
+	}
+}
+
+// runDeep drains the deep sites' ring buffer, on a goroutine of its own
+// (ignored like the reader), so that deep events never crowd out the
+// default ones. Its name is in mapguard.GoroutineFunctions.
+func (u *uprobes) runDeep(ready chan<- error) {
+	defer close(u.deepDone)
+	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
+	var (
+		rec ringbuf.Record
+		ev  decode.Event
+	)
+	for {
+		u.deepReader.SetDeadline(time.Now().Add(pollInterval))
+		err := u.deepReader.ReadInto(&rec)
+		switch {
+		case err == nil:
+			u.handleWith(u.deepDecoder, rec.RawSample, &ev)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+		default:
+			return // flushed at Close, or closed
+		}
+	}
+}
+
+// handle decodes and delivers one record of the always-on sites, on the
+// reader goroutine.
+func (u *uprobes) handle(raw []byte, ev *decode.Event) { u.handleWith(u.decoder, raw, ev) }
+
+// handleWith decodes with dec, which only the calling goroutine uses (the
+// reader's, or the deep reader's own), and delivers.
+func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
+	h, err := wire.Peek(raw)
+	if err != nil {
+		u.log.Error(err, "bad record")
+		return
+	}
+
+	if err := dec.Decode(raw, ev); err != nil {
+		owned := errors.Is(err, wire.ErrRuntimeOwned) || errors.Is(err, wire.ErrStdlib)
+		if owned || errors.Is(err, wire.ErrOutOfScope) {
+			if int(h.Site) >= len(u.sites) {
+				return
+			}
+			if owned {
+				u.notOwned[h.Site].Add(1)
+			} else {
+				u.outOfScope[h.Site].Add(1)
+			}
+			if u.sites[h.Site].flags&siteAgg != 0 {
+				// Count this call site from now on, but never report it.
+				key := mapguardAggKey{Site: h.Site, Pc: uint64(h.PC)}
+				if h.Kind == decode.NestedMapMiss {
+					key.Site |= aggNested
+				}
+				u.muteAgg(key)
+			}
+			return
+		}
+		u.log.Error(err, "bad record")
+		return
+	}
+	if h.Typ != 0 && h.Typ == u.canaryT {
+		select {
+		case u.canary <- *ev:
+		default: // a late or repeated canary
+		}
+		return
+	}
+	if ev.Kind == decode.NestedMapMiss && !u.nestedLocked(h, ev) {
+		// Two reads close together, but the first did not return the
+		// map the second read: a plain nil-map read, and so are its later
+		// occurrences that the kernel counts as nested.
+		ev.Kind, ev.Peer = decode.NilMapRead, nil
+		u.notNested[mapguardAggKey{Site: h.Site | aggNested, Pc: uint64(h.PC)}] = true
+	}
+	if !u.watched[ev.Kind] {
+		return // the canary's site, its kind not watched
+	}
+	if int(h.Site) < len(u.sampled) {
+		ev.Sampled = u.sampled[h.Site].Load()
+	}
+	if decode.IsStatistic(ev.Kind) && int(h.Site) < len(u.sites) {
+		commaOK := u.commaOK(h.PC)
+		u.calls.add(h.PC, commaOK, ev, ev.Count, ev.Sampled)
+		if u.statsOnly[ev.Kind] || commaOK {
+			return // an idiom as often as a bug: counted, not an event
+		}
+	}
+	if decode.IsDeep(ev.Kind) {
+		if ev.Kind == decode.SharedWriters && u.excluded(ev) {
+			u.outOfScope[h.Site].Add(1)
+			return
+		}
+	}
+	if v := u.log.V(8); v.Enabled() {
+		v.Info("event", "kind", ev.Kind.String(), "site", ev.Site.String())
+	}
+	u.sink(ev)
+}
+
+// tick runs the cost governor and the periodic work of the reader.
+func (u *uprobes) tick(now time.Time) { u.tickFrom(now, true) }
+
+// tickFrom is tick; only the reader (reader true) calls the sink, which
+// must be called from one goroutine at a time. The waker runs the rest.
+func (u *uprobes) tickFrom(now time.Time, reader bool) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.stopping || u.coll == nil {
+		return
+	}
+	u.lastTick = now
+	if reader && len(u.pending) > 0 && u.running {
+		u.deliverCrashesLocked()
+	}
+	u.readCounters()
+	// Counts go out only once the ring buffer is drained, so that the
+	// first occurrence at a call site, an event of its own, comes first.
+	if reader && now.Sub(u.lastAgg) >= aggInterval && u.reader.AvailableBytes() == 0 {
+		u.lastAgg = now
+		u.flushAggsLocked()
+	}
+	u.governLocked(now)
+	var dropped uint64
+	for _, s := range u.sites {
+		dropped += u.counters[s.index].Dropped
+	}
+	if dropped > u.lastDropped {
+		u.log.V(1).Info("events dropped: the ring buffer was full; raise Options.BufferSize",
+			"dropped", dropped-u.lastDropped, "total", dropped)
+		u.lastDropped = dropped
+	}
+}
+
+// flushAggsLocked reports, per call site, the occurrences counted in BPF
+// since the last report.
+func (u *uprobes) flushAggsLocked() {
+	var (
+		key mapguardAggKey
+		val mapguardAggVal
+		ev  decode.Event
+	)
+	clock, err := newClock()
+	if err != nil {
+		return
+	}
+	now := time.Now()
+	it := u.aggs.Iterate()
+	for it.Next(&key, &val) {
+		seen, _ := u.aggSeen[key] // comma-ok: a plain read that misses would hit our own probe
+		index, kind := key.Site&^aggNested, decode.NestedMapMiss
+		if val.Muted != 0 || val.Count <= seen || int(index) >= len(u.sites) || u.sites[index].flags&siteAgg == 0 {
+			continue // operation counts (deep sites) are read by OpStats
+		}
+		u.aggSeen[key] = val.Count
+		s := u.sites[index]
+		if nn, _ := u.notNested[key]; key.Site&aggNested == 0 || nn {
+			kind = s.kind // counted as nested in the kernel, but found not to be
+		}
+		if !u.watched[kind] {
+			continue // a site probed for another kind (nested misses)
+		}
+		count, sampled := val.Count-seen, false
+		if u.gov != nil {
+			// A sampled site's counts are scaled by the time it was
+			// attached: an estimate, and the event says so.
+			var f float64
+			f, sampled = u.gov.scale(now, int(index))
+			count = uint64(float64(count)*f + 0.5)
+		}
+		u.aggRaw = wire.Record(u.aggRaw, kind, index, 0, uint64(clock.Mono), count, []uintptr{uintptr(key.Pc)}, "")
+		if err := u.decoder.Decode(u.aggRaw, &ev); err != nil {
+			continue
+		}
+		ev.Time = clock.Wall
+		ev.Sampled = sampled
+		if decode.IsStatistic(ev.Kind) {
+			commaOK := u.commaOK(uintptr(key.Pc))
+			u.calls.add(uintptr(key.Pc), commaOK, &ev, count, sampled)
+			if u.statsOnly[ev.Kind] || commaOK {
+				continue
+			}
+		}
+		u.sink(&ev)
+	}
+	if err := it.Err(); err != nil {
+		u.log.V(1).Info("read aggregates", "error", err.Error())
+	}
+	if u.gov != nil {
+		u.gov.flush(now)
+	}
+}
+
+// readCounters refreshes u.counters from the memory-mapped .bss: a copy,
+// no system call. Counters only grow, and each is updated atomically.
+func (u *uprobes) readCounters() {
+	if err := u.stats.Get(&u.counters); err != nil {
+		u.counters = [maxSites]mapguardSiteStats{}
+	}
+}
+
+// muteAgg makes the kernel count a call site's aggregate from now on
+// without it ever being reported.
+func (u *uprobes) muteAgg(key mapguardAggKey) {
+	if err := u.aggs.Update(key, mapguardAggVal{Muted: 1}, ebpf.UpdateExist); err != nil {
+		u.log.V(1).Info("mute call site", "error", err.Error())
+	}
+	u.aggSeen[key] = 0
+}
+
+// nestedLocked reports whether a nested-map miss is one: the outer read
+// (ev.Peer's site, whose map type the call site passes as a constant) is of
+// a map whose elements are maps of the inner read's type. Without the
+// outer type it trusts the kernel's pairing (a miss, then a nil-map read
+// of the same goroutine a few instructions later).
+func (u *uprobes) nestedLocked(h wire.Header, ev *decode.Event) bool {
+	if ev.Peer == nil || h.Typ == 0 {
+		return false
+	}
+	outer := callSiteType(u.offsets, ev.Peer.Site.PC)
+	if outer == 0 {
+		return true
+	}
+	return rt.MapElem(outer) == h.Typ
+}
+
+// commaOK reports whether the map call returning to pc is a comma-ok read
+// (v, ok := m[k]): the CALL before pc targets runtime.mapaccess2*. (On Go
+// 1.27 the probe sits in mapaccess2* for both forms, and a plain read's
+// pc is already its user's, past the mapaccess1* wrapper.)
+func (u *uprobes) commaOK(pc uintptr) bool {
+	if ok, seen := u.commaOKs[pc]; seen {
+		return ok
+	}
+	ok := strings.HasPrefix(callTarget(pc), "runtime.mapaccess2")
+	if u.commaOKs == nil || len(u.commaOKs) >= 4096 {
+		u.commaOKs = make(map[uintptr]bool)
+	}
+	u.commaOKs[pc] = ok
+	return ok
+}

@@ -1,0 +1,344 @@
+//go:build linux && amd64
+
+package uprobe
+
+import (
+	"fmt"
+	"runtime"
+	"runtime/debug"
+	"strings"
+
+	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/x86site"
+	"github.com/mapguard/mapguard/probe"
+	"github.com/mapguard/mapguard/symbols"
+)
+
+// chooseSites decodes every target function present in the binary. The
+// canary's site is always chosen; if its kind is not watched, only the
+// canary's own events come from it.
+func (u *uprobes) chooseSites(bin *symbols.Binary) error {
+	callee := func(addr uint64) string {
+		if f, ok := bin.FuncAt(addr); ok && f.Entry == addr {
+			return f.Name
+		}
+		return ""
+	}
+	type want struct {
+		kind decode.Kind
+		t    target
+	}
+	var wants []want
+	for _, kind := range u.cfg.Statistics {
+		u.statsOnly[kind] = true
+	}
+	for _, kind := range u.cfg.kinds() {
+		if kind == decode.NestedMapMiss {
+			// No site of its own: the miss and nil-read sites see it.
+			u.watched[kind] = true
+			continue
+		}
+		if decode.IsDeep(kind) {
+			u.watched[kind] = true
+			u.deep = true
+			continue
+		}
+		ts, ok := targets[kind]
+		if !ok {
+			return fmt.Errorf("start probe: kind %s: %w", kind, probe.ErrNotSupported)
+		}
+		u.watched[kind] = true
+		for _, t := range ts {
+			wants = append(wants, want{kind, t})
+		}
+	}
+	if u.watched[decode.NestedMapMiss] {
+		for _, kind := range []decode.Kind{decode.MissingKeyRead, decode.NilMapRead} {
+			if !u.watched[kind] { // probed for the nested misses only
+				for _, t := range targets[kind] {
+					wants = append(wants, want{kind, t})
+				}
+			}
+		}
+	}
+	if !u.watched[canaryKind] {
+		t := targets[canaryKind][0]
+		t.funcs = []string{canaryFunc}
+		wants = append(wants, want{canaryKind, t})
+	}
+	wraps := findWrappers(bin, callee)
+	for _, w := range wants {
+		for _, name := range w.t.funcs {
+			var flags uint32
+			var wrapRet [2]uint64
+			if wr, ok := wraps.wrapper[name]; ok {
+				// Go 1.27: a plain read's misses and nil maps are seen in
+				// the function it wraps, through its return address.
+				if w.kind != decode.MissingKeyRead {
+					continue // a nil map is seen in the target (NilMapRead probes it)
+				}
+				name, flags, wrapRet = wr, siteUnwrap|siteWrapped, wraps.rets[wr]
+			} else if rets, ok := wraps.rets[name]; ok {
+				flags, wrapRet = siteUnwrap, rets
+			}
+			fn, ok := bin.Func(name)
+			if !ok {
+				u.inactive = append(u.inactive, probe.Inactive{Kind: w.kind, Function: name, Reason: "not in binary"})
+				continue
+			}
+			code, err := bin.Code(fn)
+			if err != nil {
+				return fmt.Errorf("start probe: read %s: %w", name, err)
+			}
+			fs, err := w.t.find(code, fn.Entry, callee)
+			if err != nil {
+				u.inactive = append(u.inactive, probe.Inactive{Kind: w.kind, Function: name, Reason: err.Error()})
+				u.log.V(1).Info("function not probed", "function", name, "reason", err.Error())
+				continue
+			}
+			for _, f := range fs {
+				if len(u.sites) == maxSites {
+					return fmt.Errorf("start probe: more than %d sites", maxSites)
+				}
+				if f.at.Framed {
+					f.flags |= siteFramed
+				}
+				f.flags |= flags
+				f.wrapRet = wrapRet
+				u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: w.kind, fn: fn, found: f})
+			}
+		}
+	}
+	if u.cfg.OpStats {
+		u.deep = true
+	}
+	if u.deep {
+		return u.chooseDeepSites(bin, callee, wraps)
+	}
+	return nil
+}
+
+// checkKinds refuses a kind asked for whose runtime functions are in the
+// binary but none of them has a usable probe site: it would be silently off.
+// A kind none of whose functions are in the binary cannot happen, and one
+// with some sites is watched there (Stats.Inactive lists the rest).
+func (u *uprobes) checkKinds() error {
+	var covered [256]bool
+	for _, s := range u.sites {
+		covered[s.kind] = true
+		covered[decode.NilMapDelete] = covered[decode.NilMapDelete] || s.flags&siteDelNil != 0
+		covered[decode.MissingKeyDelete] = covered[decode.MissingKeyDelete] || s.flags&siteDelIn != 0
+		covered[decode.SharedWriters] = covered[decode.SharedWriters] || s.flags&siteWriter != 0
+	}
+	var msgs []string
+	seen := map[decode.Kind]bool{}
+	for _, in := range u.inactive {
+		if !u.watched[in.Kind] || covered[in.Kind] || seen[in.Kind] || in.Reason == "not in binary" {
+			continue
+		}
+		seen[in.Kind] = true
+		msgs = append(msgs, fmt.Sprintf("%s (%s: %s)", in.Kind, in.Function, in.Reason))
+	}
+	if len(msgs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("start probe: no usable probe site in this build (%s) for %s; leave these kinds out of the kinds to watch: %w",
+		buildDesc(), strings.Join(msgs, ", "), probe.ErrNotSupported)
+}
+
+// buildDesc names the Go release and the build settings that change the
+// runtime's code.
+func buildDesc() string {
+	desc := runtime.Version()
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return desc
+	}
+	for _, st := range info.Settings {
+		switch st.Key {
+		case "-gcflags", "-buildmode", "-race", "-asan", "-msan", "GOAMD64", "GOEXPERIMENT":
+			if st.Value != "" && !(st.Key == "-buildmode" && st.Value == "exe") && !(st.Key == "GOAMD64" && st.Value == "v1") {
+				desc += " " + st.Key + "=" + st.Value
+			}
+		}
+	}
+	return desc
+}
+
+// wrappers are the map read functions that only call another (Go 1.27's
+// runtime.mapaccess1* call mapaccess2*), found by decoding them.
+type wrappers struct {
+	wrapper map[string]string    // wrapper -> the function it calls
+	rets    map[string][2]uint64 // that function -> the runtime return addresses of its calls by wrappers
+}
+
+// readPairs are the plain and comma-ok forms of each map read.
+var readPairs = [][2]string{
+	{"runtime.mapaccess1", "runtime.mapaccess2"},
+	{"runtime.mapaccess1_fast32", "runtime.mapaccess2_fast32"},
+	{"runtime.mapaccess1_fast64", "runtime.mapaccess2_fast64"},
+	{"runtime.mapaccess1_faststr", "runtime.mapaccess2_faststr"},
+}
+
+// fatRead is the plain read of large elements; where mapaccess1 wraps
+// mapaccess2, it calls mapaccess2 too, and is a plain read as well.
+const fatRead = "runtime.mapaccess1_fat"
+
+// findWrappers finds which plain reads wrap their comma-ok form. A plain
+// read that is no wrapper (Go 1.25, 1.26) has its own sites; one that wraps
+// something else is left to its own site finder, which refuses it.
+func findWrappers(bin *symbols.Binary, callee func(uint64) string) wrappers {
+	ws := wrappers{wrapper: map[string]string{}, rets: map[string][2]uint64{}}
+	for _, p := range readPairs {
+		fn, ok := bin.Func(p[0])
+		if !ok {
+			continue
+		}
+		code, err := bin.Code(fn)
+		if err != nil {
+			continue
+		}
+		target, ret, err := x86site.WrapperCall(code, fn.Entry, callee)
+		if err != nil || target != p[1] {
+			continue
+		}
+		ws.wrapper[p[0]] = p[1]
+		ws.rets[p[1]] = [2]uint64{fn.Entry + ret + bin.LoadBias()}
+	}
+	if _, ok := ws.wrapper[readPairs[0][0]]; ok {
+		if fn, ok := bin.Func(fatRead); ok {
+			code, err := bin.Code(fn)
+			if err == nil {
+				calls, err := x86site.CallSites(code, fn.Entry, callee, readPairs[0][1])
+				if err == nil && len(calls) == 1 {
+					r := ws.rets[readPairs[0][1]]
+					r[1] = fn.Entry + calls[0].Offset + callLen + bin.LoadBias()
+					ws.rets[readPairs[0][1]] = r
+				}
+			}
+		}
+	}
+	return ws
+}
+
+// callLen is the length of CALL rel32, the only direct call CallSites
+// returns.
+const callLen = 5
+
+// chooseDeepSites adds one site per map entry point after its stack check,
+// flagged for what deep watching was asked for, and the site where a
+// delete's outcome is known.
+func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) string, wraps wrappers) error {
+	add := func(kind decode.Kind, fn symbols.Func, f found, op probe.Op, key uint8) error {
+		if len(u.sites) == calibIndex {
+			return fmt.Errorf("start probe: more than %d sites", calibIndex)
+		}
+		if f.at.Framed {
+			f.flags |= siteFramed
+		}
+		u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: kind, fn: fn, found: f, deep: true, op: op, keyMode: key})
+		return nil
+	}
+	for _, d := range deepFuncs {
+		var flags uint32
+		kind := decode.Kind(0)
+		if u.cfg.OpStats {
+			flags |= siteCount
+		}
+		switch d.op {
+		case probe.OpWrite:
+			if u.watched[decode.SharedWriters] {
+				flags |= siteWriter
+				kind = decode.SharedWriters
+			}
+		case probe.OpDelete:
+			if u.watched[decode.NilMapDelete] {
+				flags |= siteDelNil
+				kind = decode.NilMapDelete
+			}
+			if u.watched[decode.MissingKeyDelete] {
+				flags |= siteDelIn
+				kind = decode.MissingKeyDelete
+			}
+		}
+		if flags == 0 {
+			continue
+		}
+		// A wrapper's reads are counted in the function it calls, at its
+		// caller's PC.
+		if _, ok := wraps.wrapper[d.name]; ok {
+			continue
+		}
+		var wrapRet [2]uint64
+		if rets, ok := wraps.rets[d.name]; ok {
+			flags |= siteUnwrap
+			wrapRet = rets
+		}
+		fn, ok := bin.Func(d.name)
+		if !ok {
+			u.inactive = append(u.inactive, probe.Inactive{Kind: kind, Function: d.name, Reason: "not in binary"})
+			continue
+		}
+		code, err := bin.Code(fn)
+		if err != nil {
+			return fmt.Errorf("start probe: read %s: %w", d.name, err)
+		}
+		at, err := x86site.EntrySite(code)
+		if err != nil {
+			u.inactive = append(u.inactive, probe.Inactive{Kind: kind, Function: d.name, Reason: err.Error()})
+			continue
+		}
+		if err := add(kind, fn, found{at: at, flags: flags, mapReg: regBX, typReg: regAX, wrapRet: wrapRet}, d.op, d.key); err != nil {
+			return err
+		}
+	}
+	if !u.watched[decode.MissingKeyDelete] {
+		return nil
+	}
+	fn, ok := bin.Func(deleteDoneFunc)
+	if !ok {
+		u.inactive = append(u.inactive, probe.Inactive{Kind: decode.MissingKeyDelete, Function: deleteDoneFunc, Reason: "not in binary"})
+		return nil
+	}
+	code, err := bin.Code(fn)
+	if err != nil {
+		return fmt.Errorf("start probe: read %s: %w", deleteDoneFunc, err)
+	}
+	at, reg, err := deleteDoneSite(code, fn.Entry, callee)
+	if err != nil {
+		u.inactive = append(u.inactive, probe.Inactive{Kind: decode.MissingKeyDelete, Function: deleteDoneFunc, Reason: err.Error()})
+		return nil
+	}
+	return add(decode.MissingKeyDelete, fn, found{at: at, flags: siteDelDone, mapReg: reg, typReg: regNone}, probe.OpDelete, keyNone)
+}
+
+// deleteDoneSite finds the branch in (*Map).Delete after the entry was
+// removed, if it was there: if m.used == 0 { m.seed = rand() }.
+func deleteDoneSite(code []byte, entry uint64, callee func(uint64) string) (x86site.Site, uint8, error) {
+	calls, err := x86site.CallSites(code, entry, callee, deleteDoneCall)
+	if err != nil {
+		return x86site.Site{}, 0, err
+	}
+	if len(calls) != 1 {
+		return x86site.Site{}, 0, fmt.Errorf("%d calls of %s, want 1", len(calls), deleteDoneCall)
+	}
+	at, reg, err := x86site.GuardedCallSite(code, calls[0])
+	if err != nil {
+		return x86site.Site{}, 0, err
+	}
+	regs := map[string]uint8{"AX": regAX, "BX": regBX, "CX": regCX, "DX": regDX, "SI": regSI, "DI": regDI}
+	r, ok := regs[reg]
+	if !ok {
+		return x86site.Site{}, 0, fmt.Errorf("map in %s", reg)
+	}
+	return at, r, nil
+}
+
+func (u *uprobes) hasSite(kind decode.Kind, fn string) bool {
+	for _, s := range u.sites {
+		if s.kind == kind && s.fn.Name == fn {
+			return true
+		}
+	}
+	return false
+}
