@@ -15,9 +15,9 @@ import (
 	"testing"
 	"unsafe"
 
-	"github.com/mapguard/mapguard/symbols"
-
 	"golang.org/x/arch/x86/x86asm"
+
+	"github.com/mapguard/mapguard/symbols"
 )
 
 // ---------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import (
 	"runtime"
 	"testing"
 
-	"github.com/mapguard/mapguard/symbols"
-
 	"golang.org/x/arch/x86/x86asm"
+
+	"github.com/mapguard/mapguard/symbols"
 )
 
 func TestDecodeVEX(t *testing.T) {
