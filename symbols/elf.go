@@ -14,6 +14,9 @@ import (
 // openFile opens and indexes path. If trustSection is set and no base for
 // textStart passes the checks, the start of .text is used anyway: OpenSelf
 // then corrects it against the running code.
+//
+// openFile is the sequence of checks of an ELF file, each with its own
+// error; they read best in order.
 func openFile(path string, trustSection bool) (b *Binary, err error) {
 	f, err := os.Open(path)
 	if err != nil {

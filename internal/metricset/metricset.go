@@ -97,6 +97,8 @@ type Source interface {
 // Collect reads g once and returns its samples. Per-site metrics hold at
 // most maxSites series each (DefaultMaxSites if maxSites <= 0), the sites
 // with the highest counts, plus one "other" series for the rest.
+//
+// Collect lists every metric, one line each, in one place.
 func Collect(g Source, maxSites int) []Sample {
 	if maxSites <= 0 {
 		maxSites = DefaultMaxSites

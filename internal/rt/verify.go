@@ -63,6 +63,8 @@ func mapHeader[K comparable, V any](m map[K]V) unsafe.Pointer {
 	return *(*unsafe.Pointer)(unsafe.Pointer(&m))
 }
 
+// verify checks each layout field against a structure built here, one
+// field after another; its length is the number of fields.
 func verify(o *Offsets) error {
 	mismatch := func(format string, args ...any) error {
 		return fmt.Errorf("%s: %s: %w", runtime.Version(), fmt.Sprintf(format, args...), ErrMismatch)

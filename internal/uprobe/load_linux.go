@@ -38,6 +38,8 @@ func decoderConfig(o *rt.Offsets, clock wire.Clock) wire.Config {
 	}
 }
 
+// load is long because it sets every variable the BPF program reads,
+// in one place, next to the checks of each.
 func (u *uprobes) load(o *rt.Offsets) error {
 	spec, err := loadMapguard()
 	if err != nil {

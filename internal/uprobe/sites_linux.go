@@ -17,6 +17,9 @@ import (
 // chooseSites decodes every target function present in the binary. The
 // canary's site is always chosen; if its kind is not watched, only the
 // canary's own events come from it.
+//
+// chooseSites is one table-driven loop over the kinds; its length is
+// the per-kind cases, kept together so that each kind's choice reads whole.
 func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 	callee := func(addr uint64) string {
 		if f, ok := bin.FuncAt(addr); ok && f.Entry == addr {
@@ -228,6 +231,8 @@ const callLen = 5
 // chooseDeepSites adds one site per map entry point after its stack check,
 // flagged for what deep watching was asked for, and the site where a
 // delete's outcome is known.
+//
+// chooseDeepSites is long for the same reason as chooseSites.
 func (u *uprobes) chooseDeepSites(bin *symbols.Binary, callee func(uint64) string, wraps wrappers) error {
 	add := func(kind decode.Kind, fn symbols.Func, f found, op probe.Op, key uint8) error {
 		if len(u.sites) == calibIndex {

@@ -139,6 +139,9 @@ func newUprobes(cfg Config) probe.Probe {
 	return &uprobes{cfg: cfg, log: cfg.Logger}
 }
 
+// Start is one sequence of steps, each of which may refuse and must
+// leave nothing behind (the deferred teardown); it reads top to bottom in
+// the order the steps must run, which is why it is not split further.
 func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -222,59 +225,15 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 		return err
 	}
 
-	u.notOwned = make([]atomic.Uint64, len(u.sites))
-	u.sampled = make([]atomic.Bool, len(u.sites)) // before the readers start
-	u.outOfScope = make([]atomic.Uint64, len(u.sites))
-	u.aggSeen = make(map[mapguardAggKey]uint64)
-	u.notNested = make(map[mapguardAggKey]bool)
-	probes := make([]string, len(u.sites))
-	for i, s := range u.sites {
-		probes[i] = s.fn.Name
-	}
-	dcfg := decoderConfig(offsets, clock)
-	dcfg.StackDepth = u.cfg.StackDepth
-	dcfg.Probes = probes
-	dcfg.Redact = u.cfg.CaptureKeys
-	if len(u.cfg.MissingKeyScope) > 0 {
-		miss := wire.NewScope(u.cfg.MissingKeyScope...)
-		dcfg.MissScope = &miss
-	}
-	u.decoder = wire.NewDecoder(dcfg)
-	u.deepDecoder = wire.NewDecoder(dcfg)
-	// The reader ignores itself before any probe is armed.
-	u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
-	u.canary = make(chan decode.Event, 1)
-	u.done = make(chan struct{})
-	ready := make(chan error, 1)
-	go u.run(ready)
-	if err := <-ready; err != nil {
-		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
-	}
-	if u.deepReader != nil {
-		u.deepDone = make(chan struct{})
-		ready := make(chan error, 1)
-		go u.runDeep(ready)
-		if err := <-ready; err != nil {
-			return fmt.Errorf("start probe: ignore deep reader goroutine: %w", err)
-		}
-	}
-	if err := u.startWakerLocked(); err != nil {
-		return fmt.Errorf("start probe: waker: %w", err)
+	if err := u.startReadersLocked(offsets, clock); err != nil {
+		return err
 	}
 
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
-	for _, s := range u.sites {
-		if s.deep {
-			continue // armed after the canary and the calibration
-		}
-		if err := u.armLocked(s); err != nil {
-			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-				return fmt.Errorf("start probe: attach %s+%#x: %w: %w", s.fn.Name, s.at.Offset, probe.ErrPermission, err)
-			}
-			return fmt.Errorf("start probe: attach %s+%#x: %w", s.fn.Name, s.at.Offset, err)
-		}
+	if err := u.armDefaultLocked(); err != nil {
+		return err
 	}
 
 	if err := u.checkCanaryLocked(ctx); err != nil {
@@ -463,6 +422,68 @@ func (u *uprobes) teardownLocked() {
 func ctxErr(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("start probe: %w", err)
+	}
+	return nil
+}
+
+// startReadersLocked builds the decoders and starts the readers (each
+// ignores itself before any probe is armed) and the governor's waker.
+func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) error {
+	u.notOwned = make([]atomic.Uint64, len(u.sites))
+	u.sampled = make([]atomic.Bool, len(u.sites)) // before the readers start
+	u.outOfScope = make([]atomic.Uint64, len(u.sites))
+	u.aggSeen = make(map[mapguardAggKey]uint64)
+	u.notNested = make(map[mapguardAggKey]bool)
+	probes := make([]string, len(u.sites))
+	for i, s := range u.sites {
+		probes[i] = s.fn.Name
+	}
+	dcfg := decoderConfig(offsets, clock)
+	dcfg.StackDepth = u.cfg.StackDepth
+	dcfg.Probes = probes
+	dcfg.Redact = u.cfg.CaptureKeys
+	if len(u.cfg.MissingKeyScope) > 0 {
+		miss := wire.NewScope(u.cfg.MissingKeyScope...)
+		dcfg.MissScope = &miss
+	}
+	u.decoder = wire.NewDecoder(dcfg)
+	u.deepDecoder = wire.NewDecoder(dcfg)
+	// The reader ignores itself before any probe is armed.
+	u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
+	u.canary = make(chan decode.Event, 1)
+	u.done = make(chan struct{})
+	ready := make(chan error, 1)
+	go u.run(ready)
+	if err := <-ready; err != nil {
+		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
+	}
+	if u.deepReader != nil {
+		u.deepDone = make(chan struct{})
+		ready := make(chan error, 1)
+		go u.runDeep(ready)
+		if err := <-ready; err != nil {
+			return fmt.Errorf("start probe: ignore deep reader goroutine: %w", err)
+		}
+	}
+	if err := u.startWakerLocked(); err != nil {
+		return fmt.Errorf("start probe: waker: %w", err)
+	}
+	return nil
+}
+
+// armDefaultLocked attaches the always-on sites; the deep ones are armed
+// by the governor after the canary and the calibration.
+func (u *uprobes) armDefaultLocked() error {
+	for _, s := range u.sites {
+		if s.deep {
+			continue // armed after the canary and the calibration
+		}
+		if err := u.armLocked(s); err != nil {
+			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+				return fmt.Errorf("start probe: attach %s+%#x: %w: %w", s.fn.Name, s.at.Offset, probe.ErrPermission, err)
+			}
+			return fmt.Errorf("start probe: attach %s+%#x: %w", s.fn.Name, s.at.Offset, err)
+		}
 	}
 	return nil
 }

@@ -199,6 +199,8 @@ func WrapperCall(code []byte, entry uint64, callee func(uint64) string) (target 
 // block starting at insts[start]: insts[start] itself if it is LEAQ
 // disp(IP), AX followed by an epilogue, otherwise the only such
 // instruction reachable from it (see MissSites).
+//
+// sxZeroValReturn is one linear proof, like NilMapSite.
 func sxZeroValReturn(f *sxFunc, start int, entry uint64, callee func(uint64) string) (int, error) {
 	insts := f.insts
 	if _, ok := sxRIPLeaAX(&insts[start]); ok {

@@ -33,6 +33,8 @@ func ParsePrologue(insts []Inst) (Prologue, error) {
 	return p.Prologue, err
 }
 
+// sxParsePrologue matches the prologue's instructions in order; one
+// case per instruction of the shape.
 func sxParsePrologue(insts []Inst) (sxPrologue, error) {
 	var p sxPrologue
 	f := sxNewFunc(insts)

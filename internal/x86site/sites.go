@@ -85,6 +85,10 @@ func sxReject(reason string, args ...any) error {
 // the checked path (entry to last check) except at the entry; and the
 // function must have no indirect jump (that could reach either). Every
 // error wraps ErrUnrecognized.
+//
+// NilMapSite is long because it is one linear walk over the function
+// that proves the shape step by step; splitting it would scatter the
+// proof's state across functions.
 func NilMapSite(code []byte, entry uint64, op MapOp, callee func(addr uint64) string) (Site, error) {
 	if op != MapAssign && op != MapAccess {
 		return Site{}, sxReject("unknown map op %d", op)

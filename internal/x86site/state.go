@@ -215,6 +215,8 @@ var sxNoWrite = map[x86asm.Op]bool{
 
 // step applies one straight-line instruction. prev are the instructions
 // before it (to recognise MOVQ SP, BP right after PUSHQ BP).
+//
+// step is one switch over instruction kinds; each case is short.
 func (s *sxState) step(in *Inst, prev []Inst) error {
 	if in.vex != nil && in.direct {
 		return s.stepVEX(in)

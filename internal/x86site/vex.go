@@ -28,6 +28,9 @@ func sxIsVEX(b []byte) bool {
 
 // sxDecodeVEX decodes the length and register effects of the VEX or EVEX
 // instruction at the start of b.
+//
+// sxDecodeVEX is one decoding of the VEX/EVEX prefix, field by field,
+// in the order of the encoding.
 func sxDecodeVEX(b []byte) (Inst, error) {
 	var n int                // prefix length
 	var mmap, pp byte        // opcode map (1 0F, 2 0F38, 3 0F3A) and implied prefix
