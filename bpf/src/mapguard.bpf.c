@@ -23,7 +23,7 @@ volatile const __u64 type_kind_offset = 0; // internal/abi.Type.Kind_
 volatile const __u32 max_frames = 4;
 // Entries at which a growing map is first reported (Options.GrowthThreshold),
 // and the capacity in slots from which an emptied map is reported as bloated.
-volatile const __u64 growth_threshold = 1 << 20;
+volatile const __u64 growth_threshold = 0; // set by the loader (Go: Config.GrowthThreshold)
 // Map directory and table layout, for a map's capacity.
 volatile const __u64 map_dir_ptr_offset = 0;      // Map.dirPtr
 volatile const __u64 map_dir_len_offset = 0;      // Map.dirLen
@@ -65,7 +65,6 @@ __u64 spend_limit;
 // The goroutines whose hits are ignored (the Guard's own): the first
 // MG_IGNORED are compared here without a map lookup, any more are in
 // ignored_goids (ignored_more set).
-#define MG_IGNORED 8
 __u64 ignored[MG_IGNORED];
 __u32 ignored_more;
 
@@ -173,6 +172,9 @@ const struct crash *unused_crash __attribute__((unused));
 const struct agg_key *unused_agg_key __attribute__((unused));
 const struct agg_val *unused_agg_val __attribute__((unused));
 const enum mg_key *unused_key __attribute__((unused));
+const enum mg_reg *unused_reg __attribute__((unused));
+const enum mg_site_flag *unused_site_flag __attribute__((unused));
+const enum mg_limit *unused_limit __attribute__((unused));
 
 // read_size returns n, which the caller has clamped to 1..max (max a power of
 // two), in a form whose bound the verifier sees at the call: ((n-1) & (max-1))

@@ -47,9 +47,13 @@ static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (v
 static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
 static __u64 (*bpf_get_attach_cookie)(void *ctx) = (void *)174;
 
-#define MG_MAX_SITES 256
-#define MG_MAX_FRAMES 16
-#define MG_DETAIL_LEN 64
+// Sizes and limits shared with the Go side (bpf2go -type mg_limit).
+enum mg_limit {
+	MG_MAX_SITES = 256,
+	MG_MAX_FRAMES = 16,
+	MG_DETAIL_LEN = 64,
+	MG_IGNORED = 8, // goroutines ignored without a map lookup
+};
 
 // internal/abi: Kind_ & KindMask == Map for a map type.
 #define MG_ABI_KIND_MASK 0x1f
@@ -108,24 +112,26 @@ enum mg_reg {
 	MG_REG_DI = 8,
 };
 
-// site_conf.flags
-#define MG_SITE_FRAMED 1   // the probed function's frame pointer is set up at the site
-#define MG_SITE_NIL_ONLY 2 // report only when the map argument is nil
-#define MG_SITE_GROWTH 4   // report when the map crosses growth_threshold, then each doubling
-#define MG_SITE_NON_NIL 8  // report only when the map argument is not nil
-#define MG_SITE_AGG 16     // aggregate per (site, caller PC): the first occurrence is an event, later ones a count
-#define MG_SITE_STR 32     // AX, BX hold a Go string (ptr, len): copy it to detail
-#define MG_SITE_ERR 64     // AX, BX hold an interface whose data points at a Go string: copy it to detail
-#define MG_SITE_CRASH 128  // the process is about to die: also write the event to the crash record
-#define MG_SITE_BLOAT 256  // report when the map's capacity is at least growth_threshold slots
-// Deep sites, on hot paths (opt-in, under the Guard's CPU budget):
-#define MG_SITE_COUNT 512      // count per (site, caller PC) without events: operation statistics
-#define MG_SITE_WRITER 1024    // remember the map's last writers; report a second goroutine within shared_window_ns
-#define MG_SITE_DEL_NIL 2048   // a delete begins: report a nil map
-#define MG_SITE_DEL_ENTRY 4096 // a delete begins: report an empty map, else remember the map and its entries
-#define MG_SITE_DEL_DONE 8192  // a delete ended: report if the entries did not change since DEL_ENTRY
-#define MG_SITE_UNWRAP 32768     // called through a wrapper (return address in wrap_ret): the call site is the wrapper's caller
-#define MG_SITE_WRAPPED 65536    // report only calls through a wrapper (Go 1.27: plain reads, not comma-ok ones)
+// site_conf.flags (bpf2go -type mg_site_flag).
+enum mg_site_flag {
+	MG_SITE_FRAMED = 1, // the probed function's frame pointer is set up at the site
+	MG_SITE_NIL_ONLY = 2, // report only when the map argument is nil
+	MG_SITE_GROWTH = 4, // report when the map crosses growth_threshold, then each doubling
+	MG_SITE_NON_NIL = 8, // report only when the map argument is not nil
+	MG_SITE_AGG = 16, // aggregate per (site, caller PC): the first occurrence is an event, later ones a count
+	MG_SITE_STR = 32, // AX, BX hold a Go string (ptr, len): copy it to detail
+	MG_SITE_ERR = 64, // AX, BX hold an interface whose data points at a Go string: copy it to detail
+	MG_SITE_CRASH = 128, // the process is about to die: also write the event to the crash record
+	MG_SITE_BLOAT = 256, // report when the map's capacity is at least growth_threshold slots
+	// Deep sites, on hot paths (opt-in, under the Guard's CPU budget):
+	MG_SITE_COUNT = 512, // count per (site, caller PC) without events: operation statistics
+	MG_SITE_WRITER = 1024, // remember the map's last writers; report a second goroutine within shared_window_ns
+	MG_SITE_DEL_NIL = 2048, // a delete begins: report a nil map
+	MG_SITE_DEL_ENTRY = 4096, // a delete begins: report an empty map, else remember the map and its entries
+	MG_SITE_DEL_DONE = 8192, // a delete ended: report if the entries did not change since DEL_ENTRY
+	MG_SITE_UNWRAP = 32768, // called through a wrapper (return address in wrap_ret): the call site is the wrapper's caller
+	MG_SITE_WRAPPED = 65536, // report only calls through a wrapper (Go 1.27: plain reads, not comma-ok ones)
+};
 
 
 struct site_conf {

@@ -74,6 +74,16 @@ type mapguardLastMiss struct {
 	Pc uint64
 }
 
+type mapguardMgKey uint32
+
+const (
+	mapguardMgKeyMG_KEY_NONE mapguardMgKey = 0
+	mapguardMgKeyMG_KEY_U32  mapguardMgKey = 1
+	mapguardMgKeyMG_KEY_U64  mapguardMgKey = 2
+	mapguardMgKeyMG_KEY_STR  mapguardMgKey = 3
+	mapguardMgKeyMG_KEY_PTR  mapguardMgKey = 4
+)
+
 type mapguardMgKind uint32
 
 const (
@@ -89,6 +99,50 @@ const (
 	mapguardMgKindMG_KIND_NIL_MAP_DELETE     mapguardMgKind = 10
 	mapguardMgKindMG_KIND_SHARED_WRITERS     mapguardMgKind = 11
 	mapguardMgKindMG_KIND_NESTED_MAP_MISS    mapguardMgKind = 12
+)
+
+type mapguardMgLimit uint32
+
+const (
+	mapguardMgLimitMG_MAX_SITES  mapguardMgLimit = 256
+	mapguardMgLimitMG_MAX_FRAMES mapguardMgLimit = 16
+	mapguardMgLimitMG_DETAIL_LEN mapguardMgLimit = 64
+	mapguardMgLimitMG_IGNORED    mapguardMgLimit = 8
+)
+
+type mapguardMgReg uint32
+
+const (
+	mapguardMgRegMG_REG_AX    mapguardMgReg = 0
+	mapguardMgRegMG_REG_BX    mapguardMgReg = 1
+	mapguardMgRegMG_REG_CX    mapguardMgReg = 2
+	mapguardMgRegMG_REG_NONE  mapguardMgReg = 3
+	mapguardMgRegMG_REG_HOME0 mapguardMgReg = 4
+	mapguardMgRegMG_REG_HOME1 mapguardMgReg = 5
+	mapguardMgRegMG_REG_DX    mapguardMgReg = 6
+	mapguardMgRegMG_REG_SI    mapguardMgReg = 7
+	mapguardMgRegMG_REG_DI    mapguardMgReg = 8
+)
+
+type mapguardMgSiteFlag uint32
+
+const (
+	mapguardMgSiteFlagMG_SITE_FRAMED    mapguardMgSiteFlag = 1
+	mapguardMgSiteFlagMG_SITE_NIL_ONLY  mapguardMgSiteFlag = 2
+	mapguardMgSiteFlagMG_SITE_GROWTH    mapguardMgSiteFlag = 4
+	mapguardMgSiteFlagMG_SITE_NON_NIL   mapguardMgSiteFlag = 8
+	mapguardMgSiteFlagMG_SITE_AGG       mapguardMgSiteFlag = 16
+	mapguardMgSiteFlagMG_SITE_STR       mapguardMgSiteFlag = 32
+	mapguardMgSiteFlagMG_SITE_ERR       mapguardMgSiteFlag = 64
+	mapguardMgSiteFlagMG_SITE_CRASH     mapguardMgSiteFlag = 128
+	mapguardMgSiteFlagMG_SITE_BLOAT     mapguardMgSiteFlag = 256
+	mapguardMgSiteFlagMG_SITE_COUNT     mapguardMgSiteFlag = 512
+	mapguardMgSiteFlagMG_SITE_WRITER    mapguardMgSiteFlag = 1024
+	mapguardMgSiteFlagMG_SITE_DEL_NIL   mapguardMgSiteFlag = 2048
+	mapguardMgSiteFlagMG_SITE_DEL_ENTRY mapguardMgSiteFlag = 4096
+	mapguardMgSiteFlagMG_SITE_DEL_DONE  mapguardMgSiteFlag = 8192
+	mapguardMgSiteFlagMG_SITE_UNWRAP    mapguardMgSiteFlag = 32768
+	mapguardMgSiteFlagMG_SITE_WRAPPED   mapguardMgSiteFlag = 65536
 )
 
 type mapguardPendingDelete struct {
@@ -183,6 +237,9 @@ const (
 	mapguardVarUnusedEvent           = "unused_event"
 	mapguardVarUnusedKey             = "unused_key"
 	mapguardVarUnusedKind            = "unused_kind"
+	mapguardVarUnusedLimit           = "unused_limit"
+	mapguardVarUnusedReg             = "unused_reg"
+	mapguardVarUnusedSiteFlag        = "unused_site_flag"
 )
 
 // loadMapguard returns the embedded CollectionSpec for mapguard.
@@ -285,6 +342,9 @@ type mapguardVariableSpecs struct {
 	UnusedEvent           *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedKey             *ebpf.VariableSpec `ebpf:"unused_key"`
 	UnusedKind            *ebpf.VariableSpec `ebpf:"unused_kind"`
+	UnusedLimit           *ebpf.VariableSpec `ebpf:"unused_limit"`
+	UnusedReg             *ebpf.VariableSpec `ebpf:"unused_reg"`
+	UnusedSiteFlag        *ebpf.VariableSpec `ebpf:"unused_site_flag"`
 }
 
 // mapguardObjects contains all objects after they have been loaded into the kernel.
@@ -375,6 +435,9 @@ type mapguardVariables struct {
 	UnusedEvent           *ebpf.Variable `ebpf:"unused_event"`
 	UnusedKey             *ebpf.Variable `ebpf:"unused_key"`
 	UnusedKind            *ebpf.Variable `ebpf:"unused_kind"`
+	UnusedLimit           *ebpf.Variable `ebpf:"unused_limit"`
+	UnusedReg             *ebpf.Variable `ebpf:"unused_reg"`
+	UnusedSiteFlag        *ebpf.Variable `ebpf:"unused_site_flag"`
 }
 
 // mapguardPrograms contains all programs after they have been loaded into the kernel.

@@ -122,7 +122,8 @@ func ringSize(n int) uint32 {
 const (
 	maxSites = 256 // MG_MAX_SITES
 
-	// site_conf.flags (MG_SITE_* in bpf/src/mapguard.h).
+	// site_conf.flags: enum mg_site_flag in bpf/src/mapguard.h, which is
+	// their one source (consts_linux.go does not compile if one differs).
 	siteFramed  = 1
 	siteNilOnly = 2
 	siteGrowth  = 4
