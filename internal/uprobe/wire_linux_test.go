@@ -10,7 +10,7 @@ import (
 	"github.com/mapguard/mapguard/internal/wire"
 )
 
-// The record layout and kind numbers decode uses must match the BPF
+// The record layout internal/wire decodes and the kind numbers of decode must match the BPF
 // program's, as bpf2go generated them from its BTF.
 func TestWireMatchesBPF(t *testing.T) {
 	if got := unsafe.Sizeof(mapguardEvent{}); got != wire.RecordSize {
@@ -23,28 +23,33 @@ func TestWireMatchesBPF(t *testing.T) {
 		t.Errorf("struct event holds %d frames, decode.MaxFrames %d", got, decode.MaxFrames)
 	}
 	var ev mapguardEvent
-	for name, off := range map[string][2]uintptr{
-		"time_ns":    {unsafe.Offsetof(ev.TimeNs), 0},
-		"goid":       {unsafe.Offsetof(ev.Goid), 8},
-		"map":        {unsafe.Offsetof(ev.Map), 16},
-		"typ":        {unsafe.Offsetof(ev.Typ), 24},
-		"len":        {unsafe.Offsetof(ev.Len), 32},
-		"count":      {unsafe.Offsetof(ev.Count), 40},
-		"site":       {unsafe.Offsetof(ev.Site), 48},
-		"kind":       {unsafe.Offsetof(ev.Kind), 52},
-		"npcs":       {unsafe.Offsetof(ev.Npcs), 53},
-		"detail_len": {unsafe.Offsetof(ev.DetailLen), 54},
-		"cap":        {unsafe.Offsetof(ev.Cap), 56},
-		"aux":        {unsafe.Offsetof(ev.Aux), 64},
-		"peer_goid":  {unsafe.Offsetof(ev.PeerGoid), 72},
-		"peer_pc":    {unsafe.Offsetof(ev.PeerPc), 80},
-		"key_hash":   {unsafe.Offsetof(ev.KeyHash), 88},
-		"key_len":    {unsafe.Offsetof(ev.KeyLen), 96},
-		"pcs":        {unsafe.Offsetof(ev.Pcs), 104},
-		"detail":     {unsafe.Offsetof(ev.Detail), 232},
-	} {
-		if off[0] != off[1] {
-			t.Errorf("field %s at %d in BPF, decode reads it at %d", name, off[0], off[1])
+	layout := wire.Layout()
+	bpf := map[string]uintptr{
+		"time_ns":    unsafe.Offsetof(ev.TimeNs),
+		"goid":       unsafe.Offsetof(ev.Goid),
+		"map":        unsafe.Offsetof(ev.Map),
+		"typ":        unsafe.Offsetof(ev.Typ),
+		"len":        unsafe.Offsetof(ev.Len),
+		"count":      unsafe.Offsetof(ev.Count),
+		"site":       unsafe.Offsetof(ev.Site),
+		"kind":       unsafe.Offsetof(ev.Kind),
+		"npcs":       unsafe.Offsetof(ev.Npcs),
+		"detail_len": unsafe.Offsetof(ev.DetailLen),
+		"cap":        unsafe.Offsetof(ev.Cap),
+		"aux":        unsafe.Offsetof(ev.Aux),
+		"peer_goid":  unsafe.Offsetof(ev.PeerGoid),
+		"peer_pc":    unsafe.Offsetof(ev.PeerPc),
+		"key_hash":   unsafe.Offsetof(ev.KeyHash),
+		"key_len":    unsafe.Offsetof(ev.KeyLen),
+		"pcs":        unsafe.Offsetof(ev.Pcs),
+		"detail":     unsafe.Offsetof(ev.Detail),
+	}
+	if len(bpf) != len(layout) {
+		t.Errorf("struct event has %d fields here, wire.Layout %d", len(bpf), len(layout))
+	}
+	for name, off := range bpf {
+		if got, ok := layout[name]; !ok || got != off {
+			t.Errorf("field %s at %d in BPF, wire reads it at %d (known: %v)", name, off, got, ok)
 		}
 	}
 	for c, k := range map[mapguardMgKind]decode.Kind{

@@ -12,7 +12,7 @@ import (
 	"github.com/mapguard/mapguard/decode"
 )
 
-// Wire layout of struct event in bpf/src/mapguard.h. probe's
+// Wire layout of struct event in bpf/src/mapguard.h. internal/uprobe's
 // TestWireMatchesBPF checks it against the declaration bpf2go generates.
 const (
 	MaxFrames  = decode.MaxFrames
@@ -38,6 +38,19 @@ const (
 	offPCs       = 104
 	offDetail    = 104 + 8*decode.MaxFrames
 )
+
+// Layout returns the offset at which the decoder reads each field of
+// struct event, by the field's C name, for the test that compares it with
+// the layout bpf2go generated from the program (internal/uprobe).
+func Layout() map[string]uintptr {
+	return map[string]uintptr{
+		"time_ns": offTime, "goid": offGoid, "map": offMap, "typ": offTyp, "len": offLen,
+		"count": offCount, "site": offSite, "kind": offKind, "npcs": offNPCs,
+		"detail_len": offDetailLen, "cap": offCap, "aux": offAux, "peer_goid": offPeerGoid,
+		"peer_pc": offPeerPC, "key_hash": offKeyHash, "key_len": offKeyLen, "pcs": offPCs,
+		"detail": offDetail,
+	}
+}
 
 // ErrRecord is returned for a record that is malformed.
 var ErrRecord = errors.New("malformed record")
