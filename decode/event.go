@@ -7,7 +7,7 @@ import (
 )
 
 // Kind is what an event reports. Its values are the wire values of the BPF
-// program (enum mg_kind in bpf/mapguard.h).
+// program (enum mg_kind in bpf/src/mapguard.h).
 type Kind uint8
 
 const (

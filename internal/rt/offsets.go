@@ -11,8 +11,10 @@ type Offsets struct {
 	// MapSeed is the offset of internal/runtime/maps.Map.seed, random per
 	// map: with the address, a map's identity.
 	MapSeed uint64
-	// MapDirLen, MapGlobalDepth and MapGlobalShift are read only by Verify, to
-	// tell a swiss map header from anything else.
+	// MapDirPtr, MapDirLen, MapGlobalDepth and MapGlobalShift are the
+	// directory's fields: Verify checks them to tell a swiss map header
+	// from anything else, and the BPF program reads them to walk a map's
+	// tables (its capacity, for MapBloat).
 	MapDirPtr, MapDirLen, MapGlobalDepth, MapGlobalShift uint64
 	// TypeKind is the offset of internal/abi.Type.Kind_.
 	TypeKind uint64

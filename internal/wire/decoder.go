@@ -73,7 +73,7 @@ var ErrStdlib = errors.New("nil-map read in the standard library")
 var ErrOutOfScope = errors.New("missing-key read outside the watched packages")
 
 // Clock converts the BPF clock (CLOCK_MONOTONIC nanoseconds) to wall time.
-// Take both readings at the same moment, see NewClock.
+// Take both readings at the same moment (internal/uprobe's newClock).
 type Clock struct {
 	Wall time.Time
 	Mono int64 // CLOCK_MONOTONIC at Wall, in nanoseconds
