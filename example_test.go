@@ -66,20 +66,25 @@ func ExampleGuard_OpStats() {
 // Key capture is opt-in and goes through a redaction function: here only a
 // coarse class of the deleted key leaves it, never its bytes.
 func ExampleOptions_captureKeys() {
+	redact := func(prefix []byte) string {
+		if len(prefix) > 0 && prefix[0] >= '0' && prefix[0] <= '9' {
+			return "numeric key"
+		}
+		return fmt.Sprintf("key of %d+ bytes", len(prefix))
+	}
 	g, err := mapguard.New(mapguard.Options{
-		Detect: append(mapguard.DefaultKinds(), mapguard.MissingKeyDelete),
-		CaptureKeys: func(prefix []byte) string {
-			if len(prefix) > 0 && prefix[0] >= '0' && prefix[0] <= '9' {
-				return "numeric key"
-			}
-			return fmt.Sprintf("key of %d+ bytes", len(prefix))
-		},
+		Detect:      []mapguard.Kind{mapguard.MissingKeyDelete},
+		CaptureKeys: redact,
 	})
 	if err != nil {
 		panic(err)
 	}
-	_ = g // Start it as usual; delete events then carry Event.Key.
+	_ = g // Start it as usual; delete events then carry Event.Key:
+	fmt.Println(redact([]byte("4711")))
+	fmt.Println(redact([]byte("session:9f3a")))
 	// Output:
+	// numeric key
+	// key of 12+ bytes
 }
 
 // A service's health check can read the report of an earlier crash of the
