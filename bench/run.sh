@@ -8,8 +8,8 @@ count=${1:-5}
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 go test -run '^$' -bench 'MapHeavy|Detection|MissCost|StartClose|Delivery' -benchmem -count "$count" . >>"$out"
-go test -run '^$' -bench 'HitCost' -benchmem -count "$count" ./probe >>"$out"
-go test -run '^$' -bench 'Decode' -benchmem -count "$count" ./decode >>"$out"
+go test -run '^$' -bench 'HitCost' -benchmem -count "$count" ./internal/uprobe >>"$out"
+go test -run '^$' -bench 'Decode' -benchmem -count "$count" ./internal/wire >>"$out"
 # The budget's real cost needs long runs (30 s each, off and on): only with
 # MAPGUARD_BENCH_BUDGET=1.
 if [ "${MAPGUARD_BENCH_BUDGET:-0}" = 1 ]; then

@@ -113,7 +113,7 @@ bindir=$VMDIR/root/tests
 rm -rf "$VMDIR/root"
 mkdir -p "$bindir"
 # name:package; the root package's binary is mapguard.test, as go test names it.
-packages="mapguard:. probe:./probe decode:./decode rt:./internal/rt"
+packages="mapguard:. uprobe:./internal/uprobe wire:./internal/wire rt:./internal/rt"
 for np in $packages; do
 	CGO_ENABLED=0 go test -c -o "$bindir/${np%%:*}.test" "${np#*:}"
 done
@@ -146,7 +146,7 @@ echo "VM-KERNEL: \$(uname -r) \$(cat /proc/version)"
 echo "VM-SYSCTL: perf_event_paranoid=\$(cat /proc/sys/kernel/perf_event_paranoid) unprivileged_bpf_disabled=\$(cat /proc/sys/kernel/unprivileged_bpf_disabled) nproc=\$(nproc)"
 result=PASS
 cd /tmp
-for name in mapguard probe decode rt; do
+for name in mapguard uprobe wire rt; do
 	skip='${EXTRA_SKIP:-^\$}'
 	[ \$name = mapguard ] && skip='$ROOT_SKIP${EXTRA_SKIP:+|$EXTRA_SKIP}'
 	echo "VM-RUN: \$name.test"
