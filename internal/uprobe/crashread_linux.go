@@ -87,11 +87,9 @@ func readCrashes(m *ebpf.Map, own *ownBinary) ([]crashRecord, error) {
 	return out, it.Err()
 }
 
-// raw returns the record's event in the decoder's wire layout.
+// raw returns the record's event as the kernel wrote it (wire layout).
 func (r crashRecord) raw() []byte {
-	raw := make([]byte, wire.RecordSize)
-	copy(raw, unsafe.Slice((*byte)(unsafe.Pointer(&r.val.Ev)), wire.RecordSize))
-	return raw
+	return unsafe.Slice((*byte)(unsafe.Pointer(&r.val.Ev)), wire.RecordSize)
 }
 
 // ReadCrashes returns the crash records left by processes of the program
@@ -235,17 +233,21 @@ func (o *ownBinary) check(r crashRecord) string {
 // PreviousCrash event. Only a record of this very build has addresses that
 // mean something here; o may be nil (no binary to symbolise with).
 func (o *ownBinary) decodeCrash(r crashRecord, ev *decode.Event) {
-	raw := r.raw()
+	var rec wire.Rec
+	if err := wire.Parse(r.raw(), &rec); err != nil {
+		*ev = decode.Event{Kind: decode.PreviousCrash, PID: r.pid}
+		return
+	}
 	var dec *wire.Decoder
 	if o != nil && r.val.ExeId == o.exeID {
-		wire.Rebase(raw, int64(o.bias-r.val.Bias))
+		rec.Rebase(int64(o.bias - r.val.Bias))
 		dec = o.dec
 	} else {
-		wire.Strip(raw)
+		rec.Strip()
 		dec = wire.NewDecoder(wire.Config{})
 	}
-	wire.SetKind(raw, decode.PreviousCrash)
-	if err := dec.Decode(raw, ev); err != nil && !errors.Is(err, wire.ErrRuntimeOwned) {
+	rec.Kind = decode.PreviousCrash
+	if err := dec.DecodeRec(&rec, ev); err != nil && !errors.Is(err, wire.ErrRuntimeOwned) {
 		*ev = decode.Event{Kind: decode.PreviousCrash}
 	}
 	ev.PID = r.pid

@@ -69,7 +69,6 @@ func (u *uprobes) OpStats() []probe.OpStat {
 		key mapguardAggKey
 		val mapguardAggVal
 		ev  decode.Event
-		raw []byte
 		out []probe.OpStat
 	)
 	it := u.aggs.Iterate()
@@ -78,8 +77,9 @@ func (u *uprobes) OpStats() []probe.OpStat {
 			continue
 		}
 		s := u.sites[key.Site]
-		raw = wire.Record(raw, decode.NilMapRead, key.Site, 0, 0, val.Count, []uintptr{uintptr(key.Pc)}, "")
-		if err := u.statsDec.Decode(raw, &ev); err != nil && !errors.Is(err, wire.ErrRuntimeOwned) {
+		rec := wire.Rec{Kind: decode.NilMapRead, Site: key.Site, Count: val.Count, NPCs: 1}
+		rec.PCs[0] = uintptr(key.Pc)
+		if err := u.statsDec.DecodeRec(&rec, &ev); err != nil && !errors.Is(err, wire.ErrRuntimeOwned) {
 			continue
 		}
 		out = append(out, probe.OpStat{Op: s.op, Site: ev.Site, MapType: ev.MapType, Count: val.Count})

@@ -226,8 +226,9 @@ func (u *uprobes) flushAggsLocked() {
 			f, sampled = u.gov.scale(now, int(index))
 			count = uint64(float64(count)*f + 0.5)
 		}
-		u.aggRaw = wire.Record(u.aggRaw, kind, index, 0, uint64(clock.Mono), count, []uintptr{uintptr(key.Pc)}, "")
-		if err := u.decoder.Decode(u.aggRaw, &ev); err != nil {
+		rec := wire.Rec{Kind: kind, Site: index, Mono: uint64(clock.Mono), Count: count, NPCs: 1}
+		rec.PCs[0] = uintptr(key.Pc)
+		if err := u.decoder.DecodeRec(&rec, &ev); err != nil {
 			continue
 		}
 		ev.Time = clock.Wall

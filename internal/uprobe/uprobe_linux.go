@@ -96,7 +96,6 @@ type uprobes struct {
 	aggs    *ebpf.Map
 	aggSeen map[mapguardAggKey]uint64
 	lastAgg time.Time
-	aggRaw  []byte
 	// Crash records: this process's entry in the pinned map (shared by
 	// its Guards), records of earlier processes waiting to be delivered by
 	// the reader, and damaged records removed at Start.

@@ -128,6 +128,7 @@ type Decoder struct {
 	// callTypes caches CallSiteType by return PC.
 	callTypes map[uintptr]uintptr
 	pcs       [decode.MaxFrames]uintptr
+	rec       Rec // Decode's parse, reused
 }
 
 // NewDecoder returns a Decoder for cfg.
@@ -157,58 +158,94 @@ type Header struct {
 	PC   uintptr // the call site: the kernel's, else the first return PC; 0 if none
 }
 
-// Record builds a wire record: what the BPF program writes, for records
-// made in user space (aggregated counts, crash records, tests). pcs beyond
-// MaxFrames and detail beyond DetailLen are cut.
-func Record(raw []byte, kind decode.Kind, site uint32, goid uint64, mono uint64, count uint64, pcs []uintptr, detail string) []byte {
-	if cap(raw) < RecordSize {
-		raw = make([]byte, RecordSize)
-	}
-	raw = raw[:RecordSize]
-	clear(raw)
-	le := binary.NativeEndian
-	le.PutUint64(raw[offTime:], mono)
-	le.PutUint64(raw[offGoid:], goid)
-	le.PutUint64(raw[offCount:], count)
-	le.PutUint32(raw[offSite:], site)
-	raw[offKind] = byte(kind)
-	n := min(len(pcs), decode.MaxFrames)
-	raw[offNPCs] = byte(n)
-	for i := 0; i < n; i++ {
-		le.PutUint64(raw[offPCs+8*i:], uint64(pcs[i]))
-	}
-	raw[offDetailLen] = byte(copy(raw[offDetail:offDetail+DetailLen], detail))
-	return raw
+// Rec is one record's fields. Parse fills one from the wire (a ring
+// buffer's record, a crash record's event); records made in user space
+// (aggregated counts, operation statistics) are built as a Rec directly,
+// and a crash record of another process is adjusted as one (Rebase,
+// Strip): nothing is encoded only to be decoded again.
+type Rec struct {
+	Mono     uint64 // CLOCK_MONOTONIC ns
+	Goid     uint64
+	Map      uintptr
+	Typ      uintptr
+	Len      uint64
+	Count    uint64
+	Site     uint32
+	Kind     decode.Kind
+	NPCs     int
+	Cap      uint64
+	Aux      uintptr // the call site, where the kernel keys aggregates by it
+	PeerGoid uint64
+	PeerPC   uintptr
+	KeyHash  uint64
+	KeyLen   uint32
+	PCs      [MaxFrames]uintptr
+	Detail   []byte // aliases the parsed record
 }
 
-// SetKind overwrites a record's kind.
-func SetKind(raw []byte, kind decode.Kind) { raw[offKind] = byte(kind) }
-
-// Rebase moves a record's PCs and type by delta and clears its map
-// address, for a record written by another process of the same binary
-// loaded at another address.
-func Rebase(raw []byte, delta int64) {
-	le := binary.NativeEndian
-	for i := 0; i < int(min(raw[offNPCs], decode.MaxFrames)); i++ {
-		p := raw[offPCs+8*i:]
-		le.PutUint64(p, uint64(int64(le.Uint64(p))+delta))
+// Parse reads raw into r. A record of the wrong size, an unknown kind or
+// too many frames is an error wrapping ErrRecord.
+func Parse(raw []byte, r *Rec) error {
+	if len(raw) < RecordSize {
+		return fmt.Errorf("record of %d bytes, want %d: %w", len(raw), RecordSize, ErrRecord)
 	}
-	for _, off := range []int{offTyp, offPeerPC, offAux} {
-		if v := le.Uint64(raw[off:]); v != 0 {
-			le.PutUint64(raw[off:], uint64(int64(v)+delta))
+	le := binary.NativeEndian
+	kind := decode.Kind(raw[offKind])
+	if !kind.Valid() {
+		return fmt.Errorf("unknown kind %d: %w", raw[offKind], ErrRecord)
+	}
+	npcs := int(raw[offNPCs])
+	if npcs > MaxFrames {
+		return fmt.Errorf("%d frames, at most %d: %w", npcs, MaxFrames, ErrRecord)
+	}
+	*r = Rec{
+		Mono:     le.Uint64(raw[offTime:]),
+		Goid:     le.Uint64(raw[offGoid:]),
+		Map:      uintptr(le.Uint64(raw[offMap:])),
+		Typ:      uintptr(le.Uint64(raw[offTyp:])),
+		Len:      le.Uint64(raw[offLen:]),
+		Count:    le.Uint64(raw[offCount:]),
+		Site:     le.Uint32(raw[offSite:]),
+		Kind:     kind,
+		NPCs:     npcs,
+		Cap:      le.Uint64(raw[offCap:]),
+		Aux:      uintptr(le.Uint64(raw[offAux:])),
+		PeerGoid: le.Uint64(raw[offPeerGoid:]),
+		PeerPC:   uintptr(le.Uint64(raw[offPeerPC:])),
+		KeyHash:  le.Uint64(raw[offKeyHash:]),
+		KeyLen:   le.Uint32(raw[offKeyLen:]),
+	}
+	for i := 0; i < npcs; i++ {
+		r.PCs[i] = uintptr(le.Uint64(raw[offPCs+8*i:]))
+	}
+	if n := int(raw[offDetailLen]); n > 0 {
+		r.Detail = raw[offDetail : offDetail+min(n, DetailLen)]
+	}
+	return nil
+}
+
+// Rebase moves r's PCs and type by delta and clears its map address, for
+// a record written by another process of the same binary loaded at
+// another address.
+func (r *Rec) Rebase(delta int64) {
+	move := func(p uintptr) uintptr {
+		if p == 0 {
+			return 0
 		}
+		return uintptr(int64(p) + delta)
 	}
-	le.PutUint64(raw[offMap:], 0)
+	for i := 0; i < r.NPCs; i++ {
+		r.PCs[i] = uintptr(int64(r.PCs[i]) + delta)
+	}
+	r.Typ, r.PeerPC, r.Aux = move(r.Typ), move(r.PeerPC), move(r.Aux)
+	r.Map = 0
 }
 
-// Strip removes a record's PCs and type, for a record whose addresses mean
+// Strip removes r's PCs, type and map, for a record whose addresses mean
 // nothing in this process.
-func Strip(raw []byte) {
-	raw[offNPCs] = 0
-	binary.NativeEndian.PutUint64(raw[offTyp:], 0)
-	binary.NativeEndian.PutUint64(raw[offPeerPC:], 0)
-	binary.NativeEndian.PutUint64(raw[offAux:], 0)
-	binary.NativeEndian.PutUint64(raw[offMap:], 0)
+func (r *Rec) Strip() {
+	r.NPCs = 0
+	r.Typ, r.PeerPC, r.Aux, r.Map = 0, 0, 0, 0
 }
 
 // Peek returns a record's header without decoding the rest.
@@ -234,58 +271,54 @@ func Peek(raw []byte) (Header, error) {
 
 // Decode decodes raw into ev, overwriting every field.
 func (d *Decoder) Decode(raw []byte, ev *decode.Event) error {
-	if len(raw) < RecordSize {
-		return fmt.Errorf("record of %d bytes, want %d: %w", len(raw), RecordSize, ErrRecord)
+	if err := Parse(raw, &d.rec); err != nil {
+		return err
 	}
-	le := binary.NativeEndian
-	kind := decode.Kind(raw[offKind])
-	if !kind.Valid() {
-		return fmt.Errorf("unknown kind %d: %w", raw[offKind], ErrRecord)
-	}
-	npcs := int(raw[offNPCs])
-	if npcs > decode.MaxFrames {
-		return fmt.Errorf("%d frames, at most %d: %w", npcs, decode.MaxFrames, ErrRecord)
-	}
-	site := le.Uint32(raw[offSite:])
+	return d.DecodeRec(&d.rec, ev)
+}
+
+// DecodeRec decodes r into ev, overwriting every field: the call site and
+// stack from its PCs, the map type, and whether the program owns it (a
+// record of the runtime's own maps is ErrRuntimeOwned, of the standard
+// library's idioms ErrStdlib, of a miss outside the scope ErrOutOfScope;
+// ev is filled in either way).
+func (d *Decoder) DecodeRec(r *Rec, ev *decode.Event) error {
 	probe := ""
-	if int(site) < len(d.cfg.Probes) {
-		probe = d.cfg.Probes[site]
+	if int(r.Site) < len(d.cfg.Probes) {
+		probe = d.cfg.Probes[r.Site]
 	}
-
 	d.pcs = [decode.MaxFrames]uintptr{}
-	for i := 0; i < npcs; i++ {
-		d.pcs[i] = uintptr(le.Uint64(raw[offPCs+8*i:]))
-	}
-
-	typ := uintptr(le.Uint64(raw[offTyp:]))
+	npcs := min(r.NPCs, decode.MaxFrames)
+	copy(d.pcs[:], r.PCs[:npcs])
+	kind := r.Kind
+	typ := r.Typ
 	*ev = decode.Event{
 		Kind:      kind,
-		Time:      d.cfg.Clock.Time(le.Uint64(raw[offTime:])),
-		Goroutine: le.Uint64(raw[offGoid:]),
-		Map:       uintptr(le.Uint64(raw[offMap:])),
-		Len:       int(min(le.Uint64(raw[offLen:]), math.MaxInt64)),
-		Count:     le.Uint64(raw[offCount:]),
-		Capacity:  le.Uint64(raw[offCap:]),
+		Time:      d.cfg.Clock.Time(r.Mono),
+		Goroutine: r.Goid,
+		Map:       r.Map,
+		Len:       int(min(r.Len, math.MaxInt64)),
+		Count:     r.Count,
+		Capacity:  r.Cap,
 		Probe:     probe,
 	}
-	if n := int(raw[offDetailLen]); n > 0 {
-		b := raw[offDetail : offDetail+min(n, DetailLen)]
+	if len(r.Detail) > 0 {
 		switch kind {
 		case decode.MissingKeyDelete, decode.NilMapDelete:
 			// A captured key prefix: only the redaction function sees it.
 			if d.cfg.Redact != nil {
-				ev.Key = d.cfg.Redact(b)
+				ev.Key = d.cfg.Redact(r.Detail)
 			}
 		default:
-			ev.Detail = string(b)
+			ev.Detail = string(r.Detail)
 		}
 	}
-	ev.KeyHash = le.Uint64(raw[offKeyHash:])
-	ev.KeyLen = int(le.Uint32(raw[offKeyLen:]))
-	if pg := le.Uint64(raw[offPeerGoid:]); pg != 0 {
-		ev.Peer = &decode.Peer{Goroutine: pg}
-		if pc := uintptr(le.Uint64(raw[offPeerPC:])); pc != 0 {
-			ev.Peer.Site = d.siteOf(pc)
+	ev.KeyHash = r.KeyHash
+	ev.KeyLen = int(r.KeyLen)
+	if r.PeerGoid != 0 {
+		ev.Peer = &decode.Peer{Goroutine: r.PeerGoid}
+		if r.PeerPC != 0 {
+			ev.Peer.Site = d.siteOf(r.PeerPC)
 		}
 	}
 	var owned bool

@@ -240,3 +240,31 @@ func (d *Decoder) symbolizeNames(fns ...string) (decode.Frame, []decode.Frame, u
 	}
 	return d.symbolize(len(fns))
 }
+
+// A crash record of another process is adjusted as a Rec: Rebase moves
+// every address it carries and forgets the map; Strip forgets them all.
+func TestRecRebaseStrip(t *testing.T) {
+	raw := record(decode.ConcurrentMisuse, 3, 9, 100, 0x5000, 0x1000, 0x2000)
+	le := binary.NativeEndian
+	le.PutUint64(raw[offMap:], 0xc000)
+	le.PutUint64(raw[offPeerPC:], 0x3000)
+	le.PutUint64(raw[offAux:], 0x4000)
+	var r Rec
+	if err := Parse(raw, &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.Kind != decode.ConcurrentMisuse || r.Site != 3 || r.Goid != 9 || r.Mono != 100 || r.Len != 7 || r.NPCs != 2 || r.Map != 0xc000 {
+		t.Fatalf("parsed %+v", r)
+	}
+	r.Rebase(0x100)
+	if r.PCs[0] != 0x1100 || r.PCs[1] != 0x2100 || r.Typ != 0x5100 || r.PeerPC != 0x3100 || r.Aux != 0x4100 || r.Map != 0 {
+		t.Errorf("rebased %+v", r)
+	}
+	r.Strip()
+	if r.NPCs != 0 || r.Typ != 0 || r.PeerPC != 0 || r.Aux != 0 || r.Map != 0 {
+		t.Errorf("stripped %+v", r)
+	}
+	if r.Goid != 9 || r.Kind != decode.ConcurrentMisuse {
+		t.Errorf("strip lost the goroutine or kind: %+v", r)
+	}
+}

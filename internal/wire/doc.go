@@ -11,6 +11,8 @@
 //
 // A Decoder is used by one goroutine at a time. Any byte slice is safe input:
 // a record of the wrong size or with out-of-range fields is an error, never a
-// panic. Record, Rebase and Strip build and adjust records for the records
-// that do not come from a ring buffer (aggregates, crash records).
+// panic. What does not come from a ring buffer is never encoded to be
+// decoded again: aggregated counts and operation statistics are built as a
+// Rec and decoded with DecodeRec, and another process's crash record is
+// parsed, then adjusted as a Rec (Rebase, Strip).
 package wire
