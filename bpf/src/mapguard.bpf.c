@@ -688,7 +688,10 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 		crash_peer(goid, e);
 		__u64 ck = crash_key;
 		struct crash *c = bpf_map_lookup_elem(&crashes, &ck);
-		if (c) {
+		// Two goroutines can race into the fatal error (both saw the
+		// other's write): the runtime prints the first to get there and
+		// stops the other, so the first is what the record keeps.
+		if (c && __sync_fetch_and_add(&c->claimed, 1) == 0) {
 			__builtin_memcpy(&c->ev, e, sizeof(*e));
 			c->crashed = 1;
 		}

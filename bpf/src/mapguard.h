@@ -234,7 +234,7 @@ struct crash {
 	__u64 proc_start; // the writer's start time, clock ticks after boot (/proc/PID/stat)
 	__u32 pid;        // the writer's PID in its namespace
 	__u32 _spare32;
-	__u64 _spare;
+	__u64 claimed;    // the first fatal error to reach the program claims the entry
 	struct event ev;
 };
 

@@ -36,7 +36,7 @@ type mapguardCrash struct {
 	ProcStart uint64
 	Pid       uint32
 	Spare32   uint32
-	Spare     uint64
+	Claimed   uint64
 	Ev        mapguardEvent
 }
 
