@@ -41,23 +41,48 @@ const (
 	burstSeconds = 0.5
 	// rateWeight is the weight of the newest measurement in a site's rate.
 	rateWeight = 0.5
-	// minRateSpan is the least attached time a rate is measured over.
+	// minRateSpan is the least attached time a rate is measured over,
+	// unless minRateHits hits came sooner (at least a millisecond): a rate
+	// from three hits in 128 us says nothing.
 	minRateSpan = 5 * time.Millisecond
+	minRateHits = 16
+	// peakHalfLife: a site's peak rate (what its windows are sized from,
+	// since a rate measured while the program was quiet is no bound on
+	// the next burst) halves this often.
+	peakHalfLife = 10 * time.Second
+	// initialTail is what a detach is assumed to let through until one was
+	// measured: the time from the start of a detach until the kernel has
+	// removed the breakpoints (under 0.2 ms for uprobe_multi on 6.18; the
+	// RCU grace period the close then waits for is not paid in traps).
+	initialTail = time.Millisecond
 )
 
 // govSite is the governor's view of one probe site.
 type govSite struct {
-	cost    float64 // CPU ns one hit costs
-	hits    uint64  // the site's hit counter at the last account
-	rate    float64 // hits per second while attached (moving average)
+	cost float64 // CPU ns one hit costs
+	hits uint64  // the site's hit counter at the last account
+	rate float64 // hits per second while attached (moving average)
+	// peak is the highest rate measured lately (decaying by peakHalfLife
+	// from peakAt): windows are sized from it.
+	peak    float64
+	peakAt  time.Time
 	sampled bool
 	armed   bool      // attached, or being detached (its traps go on)
 	armedAt time.Time // start of the current attachment
 	offDone time.Time // armed: when its detach finished (booked at the next account)
 	offAt   time.Time // sampled and armed: end of the window
 	nextOn  time.Time // sampled and not armed: start of the next window
+	checkAt time.Time // sampled and armed: when plan looks at the window again
 	window  time.Duration
 	period  time.Duration
+	// allow is what the current window may cost (CPU ns: its hits, those
+	// let through by its detach, and the attach and detach themselves);
+	// spent what its hits cost so far. detachHits is the hit counter when
+	// its detach began, to measure what a detach lets through.
+	allow, spent float64
+	share        float64 // of one CPU, what its windows may cost
+	detachHits   uint64
+	detachAt     time.Time
 	// watched is the time attached since Start; span the time attached
 	// since the last rate measurement and spanHits the hits in it;
 	// flushWatched the time attached since the last scale.
@@ -73,13 +98,24 @@ type govSite struct {
 // load is the share of one CPU the site costs while attached.
 func (s *govSite) load() float64 { return s.rate * s.cost / 1e9 }
 
+// peakLoad is load at the site's recent peak rate: what its windows are
+// sized from.
+func (s *govSite) peakLoad() float64 { return max(s.rate, s.peak) * s.cost / 1e9 }
+
+// inWindow reports whether s is a sampled site in a window that has not
+// begun to be detached.
+func (s *govSite) inWindow() bool {
+	return s.sampled && s.armed && s.offDone.IsZero() && !s.offAt.IsZero()
+}
+
 // governor is the cost governor. It is not safe for concurrent use.
 type governor struct {
 	budget  float64       // share of one CPU
 	burst   float64       // CPU ns that may be spent at once
 	tokens  float64       // CPU ns that may still be spent
 	cycle   float64       // CPU ns to attach and then detach one site
-	latency time.Duration // wall time a detach takes; traps go on meanwhile
+	latency time.Duration // wall time a detach takes; a site is not re-attached meanwhile
+	tail    time.Duration // time traps go on once a detach began
 	kernel  float64       // the kernel's running cost sum at the last account
 	extra   float64       // CPU ns spent outside hits since start
 	last    time.Time     // last account
@@ -95,6 +131,7 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 		budget:  budget,
 		cycle:   cycle,
 		latency: latency,
+		tail:    min(initialTail, latency),
 		last:    now,
 		start:   now,
 		flushed: now,
@@ -137,10 +174,14 @@ func (g *governor) account(now time.Time, spent float64, hits []uint64, extra fl
 		if !s.armed {
 			continue
 		}
-		end := now
+		s.spent += float64(d) * s.cost
+		// The site traps from its attach until a little after its detach
+		// began (the kernel removes the breakpoints first, then waits for a
+		// grace period without traps).
+		end := g.trapsUntil(s, now)
 		if !s.offDone.IsZero() {
-			end = s.offDone // detached since: book its last hits, then stop
-			s.armed, s.offDone = false, time.Time{}
+			g.measureTail(s)
+			s.armed, s.offDone, s.detachAt = false, time.Time{}, time.Time{}
 		}
 		att := end.Sub(later(s.armedAt, now.Add(-dt)))
 		if att < 0 {
@@ -150,39 +191,92 @@ func (g *governor) account(now time.Time, spent float64, hits []uint64, extra fl
 		s.flushWatched += att
 		s.span += att
 		s.spanHits += d
-		if s.span >= minRateSpan {
+		if s.span >= minRateSpan || (s.span >= time.Millisecond && s.spanHits >= minRateHits) {
 			r := float64(s.spanHits) / s.span.Seconds()
 			if s.rate == 0 {
 				s.rate = r
 			} else {
 				s.rate = rateWeight*r + (1-rateWeight)*s.rate
 			}
+			s.notePeak(r, now)
 			s.span, s.spanHits = 0, 0
 		}
+	}
+}
+
+// trapsUntil is when s stops trapping, as far as now: its detach's start
+// plus the tail, or now.
+func (g *governor) trapsUntil(s *govSite, now time.Time) time.Time {
+	if !s.detachAt.IsZero() {
+		if t := s.detachAt.Add(g.tail); t.Before(now) {
+			return t
+		}
+	}
+	return now
+}
+
+// notePeak records a rate measured at now in s's decaying peak.
+func (s *govSite) notePeak(r float64, now time.Time) {
+	if !s.peakAt.IsZero() {
+		s.peak *= math.Exp2(-float64(now.Sub(s.peakAt)) / float64(peakHalfLife))
+	}
+	s.peakAt = now
+	s.peak = max(s.peak, r)
+}
+
+// measureTail updates the time traps go on once a detach began from the
+// hits s took since then, where enough were expected to tell.
+func (g *governor) measureTail(s *govSite) {
+	if s.detachHits == 0 || s.hits < s.detachHits || s.rate*g.latency.Seconds() < 4*minRateHits {
+		return
+	}
+	t := time.Duration(float64(s.hits-s.detachHits) / s.rate * 1e9)
+	g.tail = min(max((3*g.tail+t)/4, 50*time.Microsecond), g.latency)
+}
+
+// shares divides what the windows may cost among the sampled sites,
+// setting each one's share (of one CPU). The windows share what the exact
+// sites leave of the budget (at least 1-exactShare of it), max-min fairly:
+// a site whose windows need less than an equal part (attached the whole
+// period at its peak rate) gets what it needs, the others split the rest
+// equally.
+func (g *governor) shares() {
+	exactLoad := 0.0
+	var sampled []int
+	for i := range g.sites {
+		if g.sites[i].sampled {
+			sampled = append(sampled, i)
+		} else if g.sites[i].armed {
+			exactLoad += g.sites[i].load()
+		}
+	}
+	left := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare) * float64(samplePeriod)
+	demand := func(i int) float64 { return g.sites[i].peakLoad()*float64(samplePeriod) + g.cycle }
+	slices.SortFunc(sampled, func(a, b int) int { return cmp.Compare(demand(a), demand(b)) })
+	for k, i := range sampled {
+		give := min(demand(i), left/float64(len(sampled)-k))
+		g.sites[i].share = give / float64(samplePeriod)
+		left -= give
 	}
 }
 
 // plan returns the sites to attach and to detach now. The probe attaches
 // and then calls armed; it starts detaching and calls disarmed when the
 // detach has finished.
+//
+// A window ends at its planned end, or sooner: as soon as what it spent,
+// plus what it would spend until its end at the site's peak rate, plus
+// what its detach lets through, exceeds what it may cost (a burst during
+// the window raises the peak rate at the next look, and the kernel wakes
+// the governor when the windows' allowances are spent, see limit); and
+// in debt (tokens below zero) no window runs longer than the shortest
+// one.
 func (g *governor) plan(now time.Time) (attach, detach []int) {
-	if g.tokens < 0 {
+	debt := g.tokens < 0
+	if debt {
 		g.demote(now)
 	}
-	// The windows of sampled sites share what the exact ones leave of the
-	// budget (at least 1-exactShare of it), equally.
-	nSampled, exactLoad := 0, 0.0
-	for i := range g.sites {
-		if g.sites[i].sampled {
-			nSampled++
-		} else if g.sites[i].armed {
-			exactLoad += g.sites[i].load()
-		}
-	}
-	share := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare)
-	if nSampled > 0 {
-		share /= float64(nSampled)
-	}
+	g.shares()
 	for i := range g.sites {
 		s := &g.sites[i]
 		if s.disabled {
@@ -194,24 +288,79 @@ func (g *governor) plan(now time.Time) (attach, detach []int) {
 			}
 			continue
 		}
-		if g.tokens > g.burst/2 && s.rate > 0 && s.load() < g.budget*promoteShare {
-			s.sampled = false // quiet again: count it exactly
+		// Quiet again (its recent rate, not its peak: a burst after this is
+		// paid from the tokens, and the kernel wakes the governor when they
+		// are spent): count it exactly.
+		if s.load() < g.budget*promoteShare && g.tokens > g.burst/2 {
+			s.sampled = false
+			s.offAt, s.checkAt = time.Time{}, time.Time{}
 			if !s.armed {
 				attach = append(attach, i)
 			}
 			continue
 		}
 		switch {
-		case s.armed && s.offDone.IsZero() && !s.offAt.IsZero() && !now.Before(s.offAt):
-			detach = append(detach, i)
-			s.offAt = time.Time{}
-		case !s.armed && s.offDone.IsZero() && !now.Before(s.nextOn):
-			s.window, s.period = g.windowFor(s, share)
+		case s.inWindow():
+			if g.endWindow(s, now, debt) {
+				detach = append(detach, i)
+				s.offAt, s.checkAt = time.Time{}, time.Time{}
+				s.detachAt, s.detachHits = now, s.hits
+			}
+		case !s.armed && !now.Before(s.nextOn):
+			s.window, s.period = g.windowFor(s, s.share)
+			s.allow = s.share * float64(s.period)
+			if debt {
+				s.window = min(s.window, g.shortestWindow(s))
+			}
 			s.nextOn = now.Add(s.period)
 			attach = append(attach, i)
 		}
 	}
 	return attach, detach
+}
+
+// endWindow reports whether s's window must end now, else brings its end
+// forward to what it can still pay for and sets when to look again.
+func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
+	if !now.Before(s.offAt) {
+		return true
+	}
+	if debt {
+		if now.Sub(s.armedAt) >= g.shortestWindow(s) {
+			return true
+		}
+		s.offAt = minTime(s.offAt, s.armedAt.Add(g.shortestWindow(s)))
+	}
+	// What the window can still pay for at the peak rate, its detach's
+	// tail included.
+	load := s.peakLoad()
+	left := s.allow - g.cycle - s.spent - load*float64(g.tail)
+	if left <= 0 {
+		return true
+	}
+	if load > 0 {
+		if d := time.Duration(min(left/load, float64(time.Hour))); now.Add(d).Before(s.offAt) {
+			s.offAt = now.Add(d)
+		}
+	}
+	// Look again halfway, once a rate can be measured.
+	s.checkAt = time.Time{}
+	if half := s.offAt.Sub(now) / 2; half >= minRateSpan {
+		s.checkAt = now.Add(half)
+	}
+	return false
+}
+
+// shortestWindow is the shortest window s is attached for: long enough
+// to take about minRateHits hits at its peak rate (a few are enough to
+// see that a misuse goes on, and each costs), between a millisecond and
+// minWindow.
+func (g *governor) shortestWindow(s *govSite) time.Duration {
+	r := max(s.rate, s.peak)
+	if r <= 0 {
+		return minWindow
+	}
+	return min(max(time.Duration(minRateHits/r*1e9), time.Millisecond), minWindow)
 }
 
 // demote samples the costliest sites counted exactly until those left use
@@ -238,30 +387,32 @@ func (g *governor) demote(now time.Time) {
 		s.nextOn = now.Add(min(s.period, samplePeriod))
 		if s.armed {
 			s.offAt = now // detached by this plan
+			s.allow = math.Inf(1)
 		}
 	}
 }
 
-// windowFor sizes a sampled site's window and period so that one window
-// (its hits, those taken while it is being detached, and the attach and
-// detach themselves) costs at most share of the budget over the period.
+// windowFor sizes a sampled site's window and period, at its peak rate,
+// so that one window (its hits, those its detach lets through, and the
+// attach and detach themselves) costs at most share of the budget over
+// the period.
 func (g *governor) windowFor(s *govSite, share float64) (window, period time.Duration) {
-	load := s.load()
+	load := s.peakLoad()
 	if load <= 0 {
 		return samplePeriod, samplePeriod
 	}
 	allowed := share * float64(samplePeriod) // ns of CPU per period
-	w := (allowed-g.cycle)/load - float64(g.latency)
-	if w >= float64(minWindow) {
-		return min(time.Duration(w), samplePeriod), samplePeriod
+	w := (allowed-g.cycle)/load - float64(g.tail)
+	if shortest := g.shortestWindow(s); w < float64(shortest) {
+		// Even the shortest window each period is too dear: space them out.
+		cost := load*float64(shortest+g.tail) + g.cycle
+		return shortest, time.Duration(min(cost/share, float64(time.Hour)))
 	}
-	// Even the shortest window each period is too dear: space them out.
-	cost := load*float64(minWindow+g.latency) + g.cycle
-	return minWindow, time.Duration(math.Min(cost/share, float64(time.Hour)))
+	return time.Duration(min(w, float64(samplePeriod))), samplePeriod
 }
 
-// next is when plan must run again at the latest: the end of a window or
-// the start of one (zero if none is due).
+// next is when plan must run again at the latest: the end of a window, a
+// look into one, or the start of one (zero if none is due).
 func (g *governor) next() time.Time {
 	var t time.Time
 	for i := range g.sites {
@@ -272,6 +423,9 @@ func (g *governor) next() time.Time {
 		at := s.nextOn
 		if s.armed {
 			at = s.offAt
+			if !s.checkAt.IsZero() && (at.IsZero() || s.checkAt.Before(at)) {
+				at = s.checkAt
+			}
 		}
 		if !at.IsZero() && (t.IsZero() || at.Before(t)) {
 			t = at
@@ -284,9 +438,14 @@ func (g *governor) next() time.Time {
 func (g *governor) armed(i int, now time.Time) {
 	s := &g.sites[i]
 	s.armed, s.armedAt = true, now
-	s.span, s.spanHits = 0, 0
+	s.offDone, s.detachAt = time.Time{}, time.Time{}
+	s.spent = 0
 	if s.sampled {
 		s.offAt = now.Add(s.window)
+		s.checkAt = time.Time{}
+		if half := s.window / 2; half >= minRateSpan {
+			s.checkAt = now.Add(half)
+		}
 	}
 }
 
@@ -313,7 +472,7 @@ func (g *governor) scale(now time.Time, i int) (float64, bool) {
 	elapsed := now.Sub(g.flushed)
 	w := s.flushWatched
 	if s.armed {
-		w += now.Sub(later(s.armedAt, g.last))
+		w += max(g.trapsUntil(s, now).Sub(later(s.armedAt, g.last)), 0)
 	}
 	if !s.sampled && w >= elapsed {
 		return 1, false
@@ -334,14 +493,36 @@ func (g *governor) flush(now time.Time) {
 
 // limit is the kernel's running cost sum at which the governor must be
 // woken: when the tokens left are spent, or, in debt, when another tick's
-// worth of budget has been spent on top.
+// worth of budget has been spent on top; and, while sampled sites are in
+// a window, when what their windows may still cost is spent (a burst in a
+// window then ends it at once, rather than at its planned end).
 func (g *governor) limit() float64 {
-	return g.kernel + max(g.tokens, 0) + g.budget*float64(pollInterval) + 1
+	slack := g.budget * float64(pollInterval)
+	lim := max(g.tokens, 0) + slack
+	windows, open := 0.0, false
+	for i := range g.sites {
+		s := &g.sites[i]
+		if s.inWindow() && !math.IsInf(s.allow, 1) {
+			open = true
+			windows += max(s.allow-g.cycle-s.spent-s.peakLoad()*float64(g.tail), 0)
+		}
+	}
+	if open {
+		lim = min(lim, windows+slack)
+	}
+	return g.kernel + lim + 1
 }
 
 // spentTotal is the CPU ns accounted since start: hits, attaching,
 // detaching and calibrating.
 func (g *governor) spentTotal() float64 { return g.kernel + g.extra }
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
 
 func later(a, b time.Time) time.Time {
 	if a.After(b) {
