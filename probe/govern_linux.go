@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf/link"
@@ -241,7 +242,7 @@ func (u *uprobes) governLocked(now time.Time) {
 	for i, s := range u.sites {
 		hits[i] = u.counters[s.index].Hits
 	}
-	extra := u.extra
+	extra := u.extra + time.Duration(u.ownCPU.Swap(0))
 	u.extra = 0
 	if now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0 {
 		if d, err := u.calibrateLocked(); err != nil {
@@ -336,6 +337,7 @@ func (u *uprobes) startWakerLocked() error {
 // closed. Its name is in mapguard.GoroutineFunctions.
 func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 	defer close(u.wakeDone)
+	cpu := startCPUMeter(&u.ownCPU)
 	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
 	var rec ringbuf.Record
 	for {
@@ -350,6 +352,7 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 		err := r.ReadInto(&rec)
 		switch {
 		case err == nil, errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, ringbuf.ErrFlushed):
+			cpu.book()
 			u.tickFrom(time.Now(), false)
 		default:
 			return // closed
@@ -391,4 +394,29 @@ func (u *uprobes) budgetStatsLocked(now time.Time) *BudgetStats {
 		b.Overhead = float64(b.Spent) / float64(b.Elapsed)
 	}
 	return b
+}
+
+// cpuMeter measures what one of the Guard's own goroutines (the reader,
+// the waker, the deep reader) costs: each is locked to its thread, so the
+// thread's CPU clock is the goroutine's, decoding and delivering events
+// and running the governor included. The governor books it as extra.
+type cpuMeter struct {
+	last time.Duration
+	own  *atomic.Int64
+}
+
+// startCPUMeter locks the calling goroutine to its thread and starts
+// measuring it into own. The thread ends with the goroutine.
+func startCPUMeter(own *atomic.Int64) cpuMeter {
+	runtime.LockOSThread()
+	return cpuMeter{last: threadCPU(), own: own}
+}
+
+// book adds the CPU time the goroutine used since the last call.
+func (m *cpuMeter) book() {
+	now := threadCPU()
+	if d := now - m.last; d > 0 {
+		m.own.Add(int64(d))
+	}
+	m.last = now
 }

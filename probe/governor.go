@@ -154,7 +154,7 @@ func (g *governor) setCost(i int, cost float64) { g.sites[i].cost = cost }
 // account books what happened since the last call: spent is the kernel's
 // running sum of what the probes' hits cost (CPU ns),
 // hits the sites' hit counters, extra CPU ns spent otherwise (attaching,
-// detaching, calibrating).
+// detaching, recalibrating, the Guard's own goroutines).
 func (g *governor) account(now time.Time, spent float64, hits []uint64, extra float64) {
 	dt := now.Sub(g.last)
 	if dt < 0 {
@@ -513,8 +513,8 @@ func (g *governor) limit() float64 {
 	return g.kernel + lim + 1
 }
 
-// spentTotal is the CPU ns accounted since start: hits, attaching,
-// detaching and calibrating.
+// spentTotal is the CPU ns accounted since start: hits, and the extra
+// (attaching, detaching, recalibrating, the Guard's goroutines).
 func (g *governor) spentTotal() float64 { return g.kernel + g.extra }
 
 func minTime(a, b time.Time) time.Time {

@@ -91,7 +91,10 @@ type BudgetStats struct {
 	Calibrations                     int
 	// Spent is the CPU time the probes cost since Start, as accounted:
 	// each hit at its site's cost (SiteStats.Cost), plus attaching,
-	// detaching and calibrating. Overhead is Spent / Elapsed.
+	// detaching, recalibrating and the Guard's own goroutines (reading,
+	// decoding and delivering events, running the governor; measured on
+	// their threads). Start's first calibration and Stats calls are not
+	// in it. Overhead is Spent / Elapsed.
 	Spent, Elapsed time.Duration
 	Overhead       float64
 	// Sampled counts the sites being sampled now.

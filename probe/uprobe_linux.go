@@ -75,6 +75,7 @@ type uprobes struct {
 	lastCalib    time.Time
 	calibrations int
 	extra        time.Duration // CPU time spent attaching and detaching since the last tick
+	ownCPU       atomic.Int64  // ns of CPU the Guard's goroutines used since the last tick (cpuMeter)
 	detaching    int
 	detaches     sync.WaitGroup
 	sampled      []atomic.Bool // per site, as of the last tick; read by the reader
@@ -855,6 +856,7 @@ func (u *uprobes) hasSite(kind decode.Kind, fn string) bool {
 // each poll.
 func (u *uprobes) run(ready chan<- error) {
 	defer close(u.done)
+	cpu := startCPUMeter(&u.ownCPU)
 	// Start holds u.mu and set u.ignore before starting this goroutine.
 	if err := u.ignoreLocked(rt.GoID()); err != nil {
 		ready <- err
@@ -873,6 +875,7 @@ func (u *uprobes) run(ready chan<- error) {
 		case err == nil:
 			u.handle(rec.RawSample, &ev)
 		case errors.Is(err, os.ErrDeadlineExceeded):
+			cpu.book()
 			u.tick(time.Now())
 			u.reader.SetDeadline(time.Now().Add(pollInterval))
 		case errors.Is(err, ringbuf.ErrFlushed):
@@ -895,6 +898,7 @@ func (u *uprobes) run(ready chan<- error) {
 // default ones. Its name is in mapguard.GoroutineFunctions.
 func (u *uprobes) runDeep(ready chan<- error) {
 	defer close(u.deepDone)
+	cpu := startCPUMeter(&u.ownCPU)
 	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
 	var (
 		rec ringbuf.Record
@@ -907,6 +911,7 @@ func (u *uprobes) runDeep(ready chan<- error) {
 		case err == nil:
 			u.handleWith(u.deepDecoder, rec.RawSample, &ev)
 		case errors.Is(err, os.ErrDeadlineExceeded):
+			cpu.book()
 		default:
 			return // flushed at Close, or closed
 		}
