@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -242,33 +243,23 @@ func (u *uprobes) governLocked(now time.Time) {
 	for i, s := range u.sites {
 		hits[i] = u.counters[s.index].Hits
 	}
+	// Attaching and recalibrating run here, on the reader's or the
+	// waker's thread: their CPU is in ownCPU. Detaches run on threads of
+	// their own and book theirs in u.extra.
 	extra := u.extra + time.Duration(u.ownCPU.Swap(0))
 	u.extra = 0
 	if now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0 {
-		if d, err := u.calibrateLocked(); err != nil {
+		if _, err := u.calibrateLocked(); err != nil {
 			u.log.V(1).Info("recalibrate", "error", err.Error())
-		} else {
-			extra += d
 		}
 	}
 	u.gov.account(now, float64(spent), hits, float64(extra))
 	attach, detach := u.gov.plan(now)
-	for _, i := range attach {
-		s := u.sites[i]
-		if s.link != nil || s.detaching {
-			continue // a detach still in flight: its next window
-		}
-		err := u.armLocked(s)
-		u.extra += u.linkCost / 2 // as calibrated, on a thread of its own
-		if err != nil {
-			u.log.Error(err, "attach probe", "function", s.fn.Name)
-			u.gov.failed(i)
-			continue
-		}
-		u.gov.armed(i, time.Now())
+	for _, group := range attach {
+		u.attachGroupLocked(group)
 	}
-	for _, i := range detach {
-		u.detachAsyncLocked(u.sites[i])
+	for _, group := range detach {
+		u.detachAsyncLocked(group)
 	}
 	for i := range u.sites {
 		sampled := u.gov.sites[i].sampled
@@ -285,34 +276,109 @@ func (u *uprobes) governLocked(now time.Time) {
 	u.rescheduleLocked()
 }
 
-// detachAsyncLocked detaches s in a goroutine of its own. The site counts
-// as attached (its traps go on) until the kernel is done.
-func (u *uprobes) detachAsyncLocked(s *site) {
-	l := s.link
-	if l == nil {
-		return
+// attachGroupLocked attaches the sites of one group the governor planned:
+// with uprobe_multi, in one link per BPF program (a link's cost is mostly
+// per link), else one by one. A site whose detach is still in flight
+// waits for its next window.
+func (u *uprobes) attachGroupLocked(group []int) {
+	var progs [2][]*site // always-on, deep
+	for _, i := range group {
+		s := u.sites[i]
+		if s.link != nil || s.detaching {
+			continue
+		}
+		if !u.multi || len(group) == 1 {
+			err := u.armLocked(s)
+			if err != nil {
+				u.log.Error(err, "attach probe", "function", s.fn.Name)
+				u.gov.failed(i)
+				continue
+			}
+			u.gov.armed(i, time.Now())
+			continue
+		}
+		progs[boolInt(s.deep)] = append(progs[boolInt(s.deep)], s)
 	}
-	s.link, s.detaching = nil, true
-	u.detaching++
-	u.detaches.Add(1)
-	go u.detach(s, l)
+	for deep, sites := range progs {
+		if len(sites) == 0 {
+			continue
+		}
+		prog := u.coll.Programs[bpf.MapguardProgMapguardSite]
+		if deep == 1 {
+			prog = u.coll.Programs[bpf.MapguardProgMapguardDeep]
+		}
+		opts := &link.UprobeMultiOptions{PID: uint32(os.Getpid())}
+		for _, s := range sites {
+			opts.Addresses = append(opts.Addresses, s.fn.FileOffset+s.at.Offset)
+			opts.Cookies = append(opts.Cookies, uint64(s.index))
+		}
+		l, err := u.ex.UprobeMulti(nil, prog, opts)
+		now := time.Now()
+		for _, s := range sites {
+			if err != nil {
+				u.log.Error(err, "attach probe", "function", s.fn.Name)
+				u.gov.failed(int(s.index))
+				continue
+			}
+			s.link = l
+			u.gov.armed(int(s.index), now)
+		}
+	}
 }
 
-// detach closes l and tells the governor when it is done.
-func (u *uprobes) detach(s *site, l link.Link) {
-	defer u.detaches.Done()
-	t0 := time.Now()
-	if err := l.Close(); err != nil {
-		u.log.Error(err, "detach probe", "function", s.fn.Name)
+// detachAsyncLocked detaches a group's sites in a goroutine of its own,
+// closing each of their links once (sites attached together share one).
+// The sites count as attached (the governor books their hits) until the
+// kernel is done.
+func (u *uprobes) detachAsyncLocked(group []int) {
+	var (
+		links []link.Link
+		sites []*site
+	)
+	for _, i := range group {
+		s := u.sites[i]
+		if s.link == nil {
+			continue
+		}
+		if !slices.Contains(links, s.link) {
+			links = append(links, s.link)
+		}
+		s.link, s.detaching = nil, true
+		sites = append(sites, s)
 	}
+	if len(sites) == 0 {
+		return
+	}
+	u.detaching += len(sites)
+	u.detaches.Add(1)
+	go u.detach(sites, links)
+}
+
+// detach closes links and tells the governor when it is done, booking the
+// CPU the closes took (measured on this goroutine's thread).
+func (u *uprobes) detach(sites []*site, links []link.Link) {
+	defer u.detaches.Done()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	t0, c0 := time.Now(), threadCPU()
+	for _, l := range links {
+		if err := l.Close(); err != nil {
+			u.log.Error(err, "detach probe", "function", sites[0].fn.Name)
+		}
+	}
+	cpu := threadCPU() - c0
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	s.detaching = false
-	u.detaching--
-	u.extra += u.linkCost / 2
+	u.extra += cpu
+	now := time.Now()
+	for _, s := range sites {
+		s.detaching = false
+		u.detaching--
+		if u.gov != nil {
+			u.gov.disarmed(int(s.index), now)
+		}
+	}
 	if u.gov != nil {
-		now := time.Now()
-		u.gov.disarmed(int(s.index), now)
 		u.gov.latency = (u.gov.latency + now.Sub(t0)) / 2
 	}
 }

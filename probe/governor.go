@@ -2,6 +2,7 @@ package probe
 
 import (
 	"cmp"
+	"maps"
 	"math"
 	"slices"
 	"time"
@@ -89,6 +90,9 @@ type govSite struct {
 	watched, span, flushWatched time.Duration
 	spanHits                    uint64
 	disabled                    bool // never attached (e.g. failed to attach)
+	// group: the sampled sites attached together (one link) share one;
+	// 0 for a site on a link of its own.
+	group int
 	// pinned: never sampled, since its cost is bounded by the work that
 	// makes it fire (a large map's table splitting: thousands of entries
 	// rehashed per hit); its hits are still spent from the budget.
@@ -121,6 +125,7 @@ type governor struct {
 	last    time.Time     // last account
 	start   time.Time
 	flushed time.Time // last scale
+	groups  int       // the last group given out
 	sites   []govSite
 }
 
@@ -260,9 +265,15 @@ func (g *governor) shares() {
 	}
 }
 
-// plan returns the sites to attach and to detach now. The probe attaches
-// and then calls armed; it starts detaching and calls disarmed when the
-// detach has finished.
+// plan returns the sites to attach and to detach now, in groups: the
+// probe attaches each group with one link where it can (one attach and one
+// detach for all of them: a link's CPU cost is mostly per link), and
+// detaches a group's sites together. It calls armed when a group is
+// attached, and disarmed for each site when its detach has finished.
+//
+// Sampled sites' windows open on beats (multiples of windowBeat), with
+// lengths rounded down to a power of two milliseconds, so that the sites
+// whose windows open together and are about as long share a link.
 //
 // A window ends at its planned end, or sooner: as soon as what it spent,
 // plus what it would spend until its end at the site's peak rate, plus
@@ -270,13 +281,15 @@ func (g *governor) shares() {
 // the window raises the peak rate at the next look, and the kernel wakes
 // the governor when the windows' allowances are spent, see limit); and
 // in debt (tokens below zero) no window runs longer than the shortest
-// one.
-func (g *governor) plan(now time.Time) (attach, detach []int) {
+// one. When one site's window in a group ends, the group's does.
+func (g *governor) plan(now time.Time) (attach, detach [][]int) {
 	debt := g.tokens < 0
 	if debt {
 		g.demote(now)
 	}
 	g.shares()
+	opening := map[time.Duration][]int{} // window -> sites
+	ending := map[int]bool{}             // groups
 	for i := range g.sites {
 		s := &g.sites[i]
 		if s.disabled {
@@ -284,27 +297,29 @@ func (g *governor) plan(now time.Time) (attach, detach []int) {
 		}
 		if !s.sampled {
 			if !s.armed {
-				attach = append(attach, i)
+				attach = append(attach, []int{i})
 			}
 			continue
 		}
 		// Quiet again (its recent rate, not its peak: a burst after this is
 		// paid from the tokens, and the kernel wakes the governor when they
-		// are spent): count it exactly.
-		if s.load() < g.budget*promoteShare && g.tokens > g.burst/2 {
+		// are spent): count it exactly, on a link of its own.
+		if s.load() < g.budget*promoteShare && g.tokens > g.burst/2 && (!s.armed || s.group == 0) {
 			s.sampled = false
 			s.offAt, s.checkAt = time.Time{}, time.Time{}
 			if !s.armed {
-				attach = append(attach, i)
+				attach = append(attach, []int{i})
 			}
 			continue
 		}
 		switch {
 		case s.inWindow():
 			if g.endWindow(s, now, debt) {
-				detach = append(detach, i)
-				s.offAt, s.checkAt = time.Time{}, time.Time{}
-				s.detachAt, s.detachHits = now, s.hits
+				ending[s.group] = true
+				if s.group == 0 {
+					detach = append(detach, []int{i})
+					g.ended(s, now)
+				}
 			}
 		case !s.armed && !now.Before(s.nextOn):
 			s.window, s.period = g.windowFor(s, s.share)
@@ -312,11 +327,62 @@ func (g *governor) plan(now time.Time) (attach, detach []int) {
 			if debt {
 				s.window = min(s.window, g.shortestWindow(s))
 			}
-			s.nextOn = now.Add(s.period)
-			attach = append(attach, i)
+			s.window = bucket(s.window)
+			s.nextOn = g.onBeat(now.Add(s.period))
+			opening[s.window] = append(opening[s.window], i)
 		}
 	}
+	for gr := range ending {
+		if gr == 0 {
+			continue
+		}
+		var sites []int
+		for i := range g.sites {
+			if s := &g.sites[i]; s.group == gr && s.inWindow() {
+				sites = append(sites, i)
+				g.ended(s, now)
+			}
+		}
+		if len(sites) > 0 {
+			detach = append(detach, sites)
+		}
+	}
+	for _, w := range slices.Sorted(maps.Keys(opening)) {
+		g.groups++
+		for _, i := range opening[w] {
+			g.sites[i].group = g.groups
+		}
+		attach = append(attach, opening[w])
+	}
 	return attach, detach
+}
+
+// ended records that s's window ends now: its detach begins.
+func (g *governor) ended(s *govSite, now time.Time) {
+	s.offAt, s.checkAt = time.Time{}, time.Time{}
+	s.detachAt, s.detachHits = now, s.hits
+}
+
+// windowBeat is the grid sampled sites' windows open on.
+const windowBeat = 50 * time.Millisecond
+
+// onBeat is t rounded down to a beat since the governor started (no
+// earlier than a beat before t).
+func (g *governor) onBeat(t time.Time) time.Time {
+	return t.Add(-t.Sub(g.start) % windowBeat)
+}
+
+// bucket rounds a window down to a power of two milliseconds (a whole
+// period stays whole), so that windows opening together can share a link.
+func bucket(w time.Duration) time.Duration {
+	if w >= samplePeriod || w < 2*time.Millisecond {
+		return w
+	}
+	b := time.Millisecond
+	for b*2 <= w {
+		b *= 2
+	}
+	return b
 }
 
 // endWindow reports whether s's window must end now, else brings its end
@@ -386,8 +452,9 @@ func (g *governor) demote(now time.Time) {
 		s.window, s.period = g.windowFor(s, g.budget*(1-exactShare))
 		s.nextOn = now.Add(min(s.period, samplePeriod))
 		if s.armed {
-			s.offAt = now // detached by this plan
+			s.offAt = now // detached by this plan, on its own link
 			s.allow = math.Inf(1)
+			s.group = 0
 		}
 	}
 }
@@ -440,6 +507,9 @@ func (g *governor) armed(i int, now time.Time) {
 	s.armed, s.armedAt = true, now
 	s.offDone, s.detachAt = time.Time{}, time.Time{}
 	s.spent = 0
+	if !s.sampled {
+		s.group = 0
+	}
 	if s.sampled {
 		s.offAt = now.Add(s.window)
 		s.checkAt = time.Time{}

@@ -1189,15 +1189,16 @@ func (u *uprobes) Close() error {
 // Close is lost.
 func (u *uprobes) teardownLocked() {
 	u.stopping = true // tick must not re-arm anything from here on
-	// Detaches the governor started finish first.
-	u.mu.Unlock()
-	u.detaches.Wait()
-	u.mu.Lock()
+	// Every link closes in parallel, with the detaches the governor
+	// started (sites attached together share a link: closed once).
 	var wg sync.WaitGroup
+	closing := map[link.Link]bool{}
 	for _, s := range u.sites {
-		if s.link == nil {
+		if s.link == nil || closing[s.link] {
+			s.link = nil
 			continue
 		}
+		closing[s.link] = true
 		wg.Add(1)
 		go func(l link.Link) {
 			defer wg.Done()
@@ -1205,7 +1206,10 @@ func (u *uprobes) teardownLocked() {
 		}(s.link)
 		s.link = nil
 	}
+	u.mu.Unlock()
 	wg.Wait()
+	u.detaches.Wait()
+	u.mu.Lock()
 	if u.wakeReader != nil {
 		u.wakeReader.Close() // the governor goroutine returns
 		if u.wakeDone != nil {
