@@ -414,6 +414,12 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 		}
 		u.wakeAt = next
 		u.mu.Unlock()
+		if !next.IsZero() {
+			// The reader waits whole milliseconds, rounded down: without
+			// this it would return at once up to a millisecond early, and
+			// the waker would spin until next.
+			next = next.Add(time.Millisecond)
+		}
 		r.SetDeadline(next) // zero: no deadline
 		err := r.ReadInto(&rec)
 		switch {
