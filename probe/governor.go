@@ -271,7 +271,7 @@ func (g *governor) shares() {
 // detaches a group's sites together. It calls armed when a group is
 // attached, and disarmed for each site when its detach has finished.
 //
-// Sampled sites' windows open on beats (multiples of windowBeat), with
+// Sampled sites' windows open on beats (whole periods since start), with
 // lengths rounded down to a power of two milliseconds, so that the sites
 // whose windows open together and are about as long share a link.
 //
@@ -328,7 +328,7 @@ func (g *governor) plan(now time.Time) (attach, detach [][]int) {
 				s.window = min(s.window, g.shortestWindow(s))
 			}
 			s.window = bucket(s.window)
-			s.nextOn = g.onBeat(now.Add(s.period))
+			s.nextOn = g.nextBeat(now, s.period)
 			opening[s.window] = append(opening[s.window], i)
 		}
 	}
@@ -363,12 +363,20 @@ func (g *governor) ended(s *govSite, now time.Time) {
 	s.detachAt, s.detachHits = now, s.hits
 }
 
-// windowBeat is the grid sampled sites' windows open on.
-const windowBeat = 50 * time.Millisecond
+// windowBeat is the grid sampled sites' windows open on: every window
+// opens on a whole period since the governor started, so that all the
+// windows of one length share a link.
+const windowBeat = samplePeriod
 
-// onBeat is t rounded down to a beat since the governor started (no
-// earlier than a beat before t).
-func (g *governor) onBeat(t time.Time) time.Time {
+// nextBeat is when a window opened now with period opens next: every
+// period, on a beat (the beat at most a period from now), where the
+// period is the sampling period; windows spaced out to pay for themselves
+// keep their period, off the beat.
+func (g *governor) nextBeat(now time.Time, period time.Duration) time.Time {
+	t := now.Add(period)
+	if period > samplePeriod {
+		return t
+	}
 	return t.Add(-t.Sub(g.start) % windowBeat)
 }
 
