@@ -114,33 +114,37 @@ func (s *govSite) inWindow() bool {
 
 // governor is the cost governor. It is not safe for concurrent use.
 type governor struct {
-	budget  float64       // share of one CPU
-	burst   float64       // CPU ns that may be spent at once
-	tokens  float64       // CPU ns that may still be spent
-	cycle   float64       // CPU ns to attach and then detach one site
-	latency time.Duration // wall time a detach takes; a site is not re-attached meanwhile
-	tail    time.Duration // time traps go on once a detach began
-	kernel  float64       // the kernel's running cost sum at the last account
-	extra   float64       // CPU ns spent outside hits since start
-	last    time.Time     // last account
-	start   time.Time
-	flushed time.Time // last scale
-	groups  int       // the last group given out
-	sites   []govSite
+	budget float64 // share of one CPU
+	burst  float64 // CPU ns that may be spent at once
+	tokens float64 // CPU ns that may still be spent
+	cycle  float64 // CPU ns to attach and then detach one link
+	// linkShare is the links opened per sampled window lately (windows
+	// that open together with one length share a link), from 1 down.
+	linkShare float64
+	latency   time.Duration // wall time a detach takes; a site is not re-attached meanwhile
+	tail      time.Duration // time traps go on once a detach began
+	kernel    float64       // the kernel's running cost sum at the last account
+	extra     float64       // CPU ns spent outside hits since start
+	last      time.Time     // last account
+	start     time.Time
+	flushed   time.Time // last scale
+	groups    int       // the last group given out
+	sites     []govSite
 }
 
 // newGovernor returns a governor for sites with the given per-hit costs
 // (ns), all attached exactly at now, with a full burst.
 func newGovernor(budget float64, costs []float64, cycle float64, latency time.Duration, now time.Time) *governor {
 	g := &governor{
-		budget:  budget,
-		cycle:   cycle,
-		latency: latency,
-		tail:    min(initialTail, latency),
-		last:    now,
-		start:   now,
-		flushed: now,
-		sites:   make([]govSite, len(costs)),
+		budget:    budget,
+		cycle:     cycle,
+		latency:   latency,
+		tail:      min(initialTail, latency),
+		linkShare: 1,
+		last:      now,
+		start:     now,
+		flushed:   now,
+		sites:     make([]govSite, len(costs)),
 	}
 	g.burst = max(budget*burstSeconds*1e9, 10*cycle)
 	g.tokens = g.burst
@@ -241,7 +245,8 @@ func (g *governor) measureTail(s *govSite) {
 
 // shares divides what the windows may cost among the sampled sites,
 // setting each one's share (of one CPU). The windows share what the exact
-// sites leave of the budget (at least 1-exactShare of it), max-min fairly:
+// sites leave of the budget (at least 1-exactShare of it; more while
+// tokens are left over), max-min fairly:
 // a site whose windows need less than an equal part (attached the whole
 // period at its peak rate) gets what it needs, the others split the rest
 // equally.
@@ -255,8 +260,12 @@ func (g *governor) shares() {
 			exactLoad += g.sites[i].load()
 		}
 	}
-	left := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare) * float64(samplePeriod)
-	demand := func(i int) float64 { return g.sites[i].peakLoad()*float64(samplePeriod) + g.cycle }
+	// Tokens left over (windows cut short, periods rounded up to a beat,
+	// links shared) raise the shares, up to twice: the token bucket still
+	// bounds the spend.
+	boost := 1 + min(max(g.tokens, 0)/g.burst, 1)
+	left := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare) * boost * float64(samplePeriod)
+	demand := func(i int) float64 { return g.sites[i].peakLoad()*float64(samplePeriod) + g.siteCycle() }
 	slices.SortFunc(sampled, func(a, b int) int { return cmp.Compare(demand(a), demand(b)) })
 	for k, i := range sampled {
 		give := min(demand(i), left/float64(len(sampled)-k))
@@ -272,7 +281,7 @@ func (g *governor) shares() {
 // attached, and disarmed for each site when its detach has finished.
 //
 // Sampled sites' windows open on beats (whole periods since start), with
-// lengths rounded down to a power of two milliseconds, so that the sites
+// lengths rounded down to a power of four milliseconds, so that the sites
 // whose windows open together and are about as long share a link.
 //
 // A window ends at its planned end, or sooner: as soon as what it spent,
@@ -347,15 +356,24 @@ func (g *governor) plan(now time.Time) (attach, detach [][]int) {
 			detach = append(detach, sites)
 		}
 	}
+	windows := 0
 	for _, w := range slices.Sorted(maps.Keys(opening)) {
 		g.groups++
 		for _, i := range opening[w] {
 			g.sites[i].group = g.groups
 		}
 		attach = append(attach, opening[w])
+		windows += len(opening[w])
+	}
+	if windows > 0 {
+		g.linkShare = (g.linkShare + float64(len(opening))/float64(windows)) / 2
 	}
 	return attach, detach
 }
+
+// siteCycle is what attaching and detaching costs one sampled window: its
+// share of a link.
+func (g *governor) siteCycle() float64 { return g.cycle * g.linkShare }
 
 // ended records that s's window ends now: its detach begins.
 func (g *governor) ended(s *govSite, now time.Time) {
@@ -368,27 +386,30 @@ func (g *governor) ended(s *govSite, now time.Time) {
 // windows of one length share a link.
 const windowBeat = samplePeriod
 
-// nextBeat is when a window opened now with period opens next: every
-// period, on a beat (the beat at most a period from now), where the
-// period is the sampling period; windows spaced out to pay for themselves
-// keep their period, off the beat.
+// nextBeat is when a window opened now with period opens next: on a beat
+// (a whole sampling period since start), the beat at most a period from
+// now where the period is the sampling period (a window every period),
+// else the beat at least a period from now (windows spaced out to pay for
+// themselves stay at least that far apart).
 func (g *governor) nextBeat(now time.Time, period time.Duration) time.Time {
 	t := now.Add(period)
-	if period > samplePeriod {
-		return t
+	off := t.Sub(g.start) % windowBeat
+	if off == 0 || period <= samplePeriod {
+		return t.Add(-off)
 	}
-	return t.Add(-t.Sub(g.start) % windowBeat)
+	return t.Add(windowBeat - off)
 }
 
-// bucket rounds a window down to a power of two milliseconds (a whole
-// period stays whole), so that windows opening together can share a link.
+// bucket rounds a window down to a power of four milliseconds (a whole
+// period stays whole), so that windows opening together can share a link:
+// a few lengths, a few links a beat.
 func bucket(w time.Duration) time.Duration {
-	if w >= samplePeriod || w < 2*time.Millisecond {
+	if w >= samplePeriod || w < 4*time.Millisecond {
 		return w
 	}
 	b := time.Millisecond
-	for b*2 <= w {
-		b *= 2
+	for b*4 <= w {
+		b *= 4
 	}
 	return b
 }
@@ -408,7 +429,7 @@ func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
 	// What the window can still pay for at the peak rate, its detach's
 	// tail included.
 	load := s.peakLoad()
-	left := s.allow - g.cycle - s.spent - load*float64(g.tail)
+	left := s.allow - g.siteCycle() - s.spent - load*float64(g.tail)
 	if left <= 0 {
 		return true
 	}
@@ -477,10 +498,10 @@ func (g *governor) windowFor(s *govSite, share float64) (window, period time.Dur
 		return samplePeriod, samplePeriod
 	}
 	allowed := share * float64(samplePeriod) // ns of CPU per period
-	w := (allowed-g.cycle)/load - float64(g.tail)
+	w := (allowed-g.siteCycle())/load - float64(g.tail)
 	if shortest := g.shortestWindow(s); w < float64(shortest) {
 		// Even the shortest window each period is too dear: space them out.
-		cost := load*float64(shortest+g.tail) + g.cycle
+		cost := load*float64(shortest+g.tail) + g.siteCycle()
 		return shortest, time.Duration(min(cost/share, float64(time.Hour)))
 	}
 	return time.Duration(min(w, float64(samplePeriod))), samplePeriod
@@ -582,7 +603,7 @@ func (g *governor) limit() float64 {
 		s := &g.sites[i]
 		if s.inWindow() && !math.IsInf(s.allow, 1) {
 			open = true
-			windows += max(s.allow-g.cycle-s.spent-s.peakLoad()*float64(g.tail), 0)
+			windows += max(s.allow-g.siteCycle()-s.spent-s.peakLoad()*float64(g.tail), 0)
 		}
 	}
 	if open {

@@ -37,7 +37,7 @@ type sim struct {
 const (
 	simSlice = 100 * time.Microsecond
 	simTail  = 200 * time.Microsecond
-	simCycle = 135_000 // ns, one site's link, as measured (linkCost(1))
+	simCycle = 1_035_000 // ns, one site's link, as measured (linkCost(1))
 )
 
 func newSim(budget float64, rates, costs []float64, latency time.Duration) *sim {
@@ -137,9 +137,10 @@ func (s *sim) tick() {
 	s.limit = s.g.limit()
 }
 
-// linkCost is what attaching and detaching one link of n sites costs, as
-// measured on the project's VM (about 100 us, and 35 us a site).
-func linkCost(n int) float64 { return 100_000 + 35_000*float64(n) }
+// linkCost is what attaching and detaching one link of n sites costs the
+// process, as measured on the project's VM with nothing else running
+// (about 1 ms, most of it not on the attaching thread, and 35 us a site).
+func linkCost(n int) float64 { return 1_000_000 + 35_000*float64(n) }
 
 func (s *sim) book(ns float64) {
 	s.extra += ns
@@ -334,9 +335,9 @@ func TestGovernorRateJumpInWindow(t *testing.T) {
 }
 
 // Many sampled sites at service-like rates (single-stepped and emulated,
-// 50 to 20k hits a second): each gets a window every second where the
-// budget pays for one (at most every 2 s here), and the spend, link
-// costs included, stays within the budget.
+// 50 to 20k hits a second): each gets a window as often as the budget
+// pays for (at least every 2 s here), windows share links, and the spend,
+// link costs included, stays within the budget.
 func TestGovernorServiceMix(t *testing.T) {
 	const budget = 0.01
 	rates := []float64{20_000, 10_000, 8_000, 5_000, 3_000, 2_000, 1_000, 500, 400, 200, 100, 50, 10_000, 2_000, 100}
@@ -356,19 +357,11 @@ func TestGovernorServiceMix(t *testing.T) {
 	if share > budget*1.05 {
 		t.Errorf("spent %.4f of a CPU, budget %.4f", share, budget)
 	}
-	// The budget pays a window every second for the cooler sites; the
-	// hottest ones' shortest windows are spaced out a little, never more
-	// than 2 s.
+	// With a link costing the process about 1 ms, a 1% budget cannot pay
+	// a window a second for each of 15 hot sites: they are spaced out, but
+	// never by more than 2 s.
 	for i := range rates {
-		st := s.g.sites[i]
-		if !st.sampled {
-			continue
-		}
-		limit := 2 * samplePeriod
-		if st.period == samplePeriod {
-			limit = samplePeriod + 100*time.Millisecond
-		}
-		if s.maxGap[i] > limit {
+		if st := s.g.sites[i]; st.sampled && s.maxGap[i] > 2*samplePeriod+100*time.Millisecond {
 			t.Errorf("site %d (%v/s) went %v without a window (period %v)", i, rates[i], s.maxGap[i], st.period)
 		}
 	}

@@ -86,7 +86,8 @@ type BudgetStats struct {
 	// program, at an instruction the kernel single-steps and at one it
 	// emulates, as last measured on this machine (at Start, then every
 	// minute); Calibrations counts the measurements. LinkCost is the CPU
-	// time of attaching and detaching one probe.
+	// time of attaching and detaching one probe link, the whole process's
+	// (the attaching thread's, and what the cycle costs the others).
 	StepCost, EmulatedCost, LinkCost time.Duration
 	Calibrations                     int
 	// Spent is the CPU time the probes cost since Start, as accounted:

@@ -72,6 +72,7 @@ type uprobes struct {
 	stepCost     time.Duration
 	emuCost      time.Duration
 	linkCost     time.Duration // CPU time to attach and detach one link
+	linkOthers   time.Duration // the part of linkCost not on the attaching thread
 	lastCalib    time.Time
 	calibrations int
 	extra        time.Duration // CPU time spent attaching and detaching since the last tick
