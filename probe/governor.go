@@ -146,7 +146,7 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 		flushed:   now,
 		sites:     make([]govSite, len(costs)),
 	}
-	g.burst = max(budget*burstSeconds*1e9, 10*cycle)
+	g.burst = max(budget*burstSeconds*1e9, 2*cycle)
 	g.tokens = g.burst
 	for i, c := range costs {
 		g.sites[i] = govSite{cost: c, armed: true, armedAt: now}
