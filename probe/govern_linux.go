@@ -424,7 +424,7 @@ func (u *uprobes) startWakerLocked() error {
 // closed. Its name is in mapguard.GoroutineFunctions.
 func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 	defer close(u.wakeDone)
-	cpu := startCPUMeter(&u.ownCPU)
+	cpu := startCPUMeter(&u.ownCPU, false)
 	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
 	var rec ringbuf.Record
 	for {
@@ -496,22 +496,24 @@ func (u *uprobes) budgetStatsLocked(now time.Time) *BudgetStats {
 type cpuMeter struct {
 	last time.Duration
 	own  *atomic.Int64
+	skip bool // the next delta is Start's (the canary's first decode), not booked
 }
 
 // startCPUMeter locks the calling goroutine to its thread and starts
-// measuring it into own. The thread ends with the goroutine.
-func startCPUMeter(own *atomic.Int64) cpuMeter {
+// measuring it into own; with startup, what it does until its first book
+// is part of Start, not booked. The thread ends with the goroutine.
+func startCPUMeter(own *atomic.Int64, startup bool) cpuMeter {
 	runtime.LockOSThread()
-	return cpuMeter{last: threadCPU(), own: own}
+	return cpuMeter{last: threadCPU(), own: own, skip: startup}
 }
 
 // book adds the CPU time the goroutine used since the last call.
 func (m *cpuMeter) book() {
 	now := threadCPU()
-	if d := now - m.last; d > 0 {
+	if d := now - m.last; d > 0 && !m.skip {
 		m.own.Add(int64(d))
 	}
-	m.last = now
+	m.last, m.skip = now, false
 }
 
 // processCPU is the CPU time of the whole process so far (user and

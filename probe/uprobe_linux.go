@@ -857,7 +857,7 @@ func (u *uprobes) hasSite(kind decode.Kind, fn string) bool {
 // each poll.
 func (u *uprobes) run(ready chan<- error) {
 	defer close(u.done)
-	cpu := startCPUMeter(&u.ownCPU)
+	cpu := startCPUMeter(&u.ownCPU, true)
 	// Start holds u.mu and set u.ignore before starting this goroutine.
 	if err := u.ignoreLocked(rt.GoID()); err != nil {
 		ready <- err
@@ -899,7 +899,7 @@ func (u *uprobes) run(ready chan<- error) {
 // default ones. Its name is in mapguard.GoroutineFunctions.
 func (u *uprobes) runDeep(ready chan<- error) {
 	defer close(u.deepDone)
-	cpu := startCPUMeter(&u.ownCPU)
+	cpu := startCPUMeter(&u.ownCPU, false)
 	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
 	var (
 		rec ringbuf.Record
