@@ -372,3 +372,44 @@ func TestGovernorServiceMix(t *testing.T) {
 	t.Logf("spent %.4f of a CPU (links %.4f: %d links for %d site windows); %d kernel wakeups",
 		share, s.links/float64(s.now.Sub(time.Unix(1000, 0))), s.attaches, s.arms, s.wakeups)
 }
+
+// Windows are rounded down to powers of four milliseconds (never up: a
+// window costs at most what it was sized for), and open on whole periods
+// since start, spaced-out ones no sooner than their period.
+func TestGovernorBeatsAndBuckets(t *testing.T) {
+	for _, c := range []struct{ in, want time.Duration }{
+		{time.Millisecond, time.Millisecond},
+		{3 * time.Millisecond, 3 * time.Millisecond},
+		{5 * time.Millisecond, 4 * time.Millisecond},
+		{63 * time.Millisecond, 16 * time.Millisecond},
+		{64 * time.Millisecond, 64 * time.Millisecond},
+		{999 * time.Millisecond, 256 * time.Millisecond},
+		{samplePeriod, samplePeriod},
+	} {
+		if got := bucket(c.in); got != c.want {
+			t.Errorf("bucket(%v) = %v, want %v", c.in, got, c.want)
+		}
+	}
+	start := time.Unix(1000, 0)
+	g := newGovernor(0.01, []float64{1000}, simCycle, 30*time.Millisecond, start)
+	for _, c := range []struct{ now, period, want time.Duration }{
+		{0, samplePeriod, samplePeriod},
+		{1500 * time.Millisecond, samplePeriod, 2 * samplePeriod},     // at most a period on
+		{2001 * time.Millisecond, samplePeriod, 3 * samplePeriod},     // a tick late: still the next beat
+		{2 * samplePeriod, 1500 * time.Millisecond, 4 * samplePeriod}, // spaced: no sooner than the period
+		{2100 * time.Millisecond, 2 * samplePeriod, 5 * samplePeriod}, // rounded up
+		{3 * samplePeriod, 2 * samplePeriod, 5 * samplePeriod},        // on a beat already
+		{3 * samplePeriod, 2*samplePeriod + time.Nanosecond, 6 * samplePeriod},
+	} {
+		got := g.nextBeat(start.Add(c.now), c.period).Sub(start)
+		if got != c.want {
+			t.Errorf("nextBeat(%v, %v) = %v, want %v", c.now, c.period, got, c.want)
+		}
+		if c.period <= samplePeriod && (got <= c.now || got > c.now+c.period) {
+			t.Errorf("nextBeat(%v, %v) = %v: not within a period", c.now, c.period, got)
+		}
+		if c.period > samplePeriod && got < c.now+c.period {
+			t.Errorf("nextBeat(%v, %v) = %v: sooner than the period", c.now, c.period, got)
+		}
+	}
+}
