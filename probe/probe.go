@@ -87,12 +87,16 @@ type BudgetStats struct {
 	// program, at an instruction the kernel single-steps and at one it
 	// emulates, as last measured on this machine (at Start, then every
 	// minute); Calibrations counts the measurements. LinkCost is the CPU
-	// time of attaching and detaching one probe.
+	// time of attaching and detaching one probe link, the whole process's
+	// (the attaching thread's, and what the cycle costs the others).
 	StepCost, EmulatedCost, LinkCost time.Duration
 	Calibrations                     int
 	// Spent is the CPU time the probes cost since Start, as accounted:
 	// each hit at its site's cost (SiteStats.Cost), plus attaching,
-	// detaching and calibrating. Overhead is Spent / Elapsed.
+	// detaching, recalibrating and the Guard's own goroutines (reading,
+	// decoding and delivering events, running the governor; measured on
+	// their threads). Start's first calibration and Stats calls are not
+	// in it. Overhead is Spent / Elapsed.
 	Spent, Elapsed time.Duration
 	Overhead       float64
 	// Sampled counts the sites being sampled now.

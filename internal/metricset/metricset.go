@@ -77,7 +77,7 @@ var (
 	Overhead = &Desc{Name: "mapguard_overhead_ratio", Type: Gauge, Unit: "1",
 		Help: "Share of one CPU the probes have cost since Start, as the governor accounts it."}
 	Spent = &Desc{Name: "mapguard_cpu_seconds_total", Type: Counter, Unit: "s",
-		Help: "CPU time the probes have cost: every hit at its site's measured cost, plus attaching, detaching and calibrating."}
+		Help: "CPU time the probes have cost: every hit at its site's measured cost, plus attaching, detaching, recalibrating and the Guard's own goroutines."}
 	TrapCost = &Desc{Name: "mapguard_trap_cost_seconds", Type: Gauge, Unit: "s", Labels: []string{"instruction"},
 		Help: "What one trap costs on this machine with an empty program, at a single-stepped or an emulated instruction, as last calibrated."}
 )

@@ -2,6 +2,7 @@ package uprobe
 
 import (
 	"cmp"
+	"maps"
 	"math"
 	"slices"
 	"time"
@@ -41,29 +42,57 @@ const (
 	burstSeconds = 0.5
 	// rateWeight is the weight of the newest measurement in a site's rate.
 	rateWeight = 0.5
-	// minRateSpan is the least attached time a rate is measured over.
+	// minRateSpan is the least attached time a rate is measured over,
+	// unless minRateHits hits came sooner (at least a millisecond): a rate
+	// from three hits in 128 us says nothing.
 	minRateSpan = 5 * time.Millisecond
+	minRateHits = 16
+	// peakHalfLife: a site's peak rate (what its windows are sized from,
+	// since a rate measured while the program was quiet is no bound on
+	// the next burst) halves this often.
+	peakHalfLife = 10 * time.Second
+	// initialTail is what a detach is assumed to let through until one was
+	// measured: the time from the start of a detach until the kernel has
+	// removed the breakpoints (under 0.2 ms for uprobe_multi on 6.18; the
+	// RCU grace period the close then waits for is not paid in traps).
+	initialTail = time.Millisecond
 )
 
 // govSite is the governor's view of one probe site.
 type govSite struct {
-	cost    float64 // CPU ns one hit costs
-	hits    uint64  // the site's hit counter at the last account
-	rate    float64 // hits per second while attached (moving average)
+	cost float64 // CPU ns one hit costs
+	hits uint64  // the site's hit counter at the last account
+	rate float64 // hits per second while attached (moving average)
+	// peak is the highest rate measured lately (decaying by peakHalfLife
+	// from peakAt): windows are sized from it.
+	peak    float64
+	peakAt  time.Time
 	sampled bool
 	armed   bool      // attached, or being detached (its traps go on)
 	armedAt time.Time // start of the current attachment
 	offDone time.Time // armed: when its detach finished (booked at the next account)
 	offAt   time.Time // sampled and armed: end of the window
 	nextOn  time.Time // sampled and not armed: start of the next window
+	checkAt time.Time // sampled and armed: when plan looks at the window again
 	window  time.Duration
 	period  time.Duration
+	// allow is what the current window may cost (CPU ns: its hits, those
+	// let through by its detach, and the attach and detach themselves);
+	// spent what its hits cost so far. detachHits is the hit counter when
+	// its detach began, to measure what a detach lets through.
+	allow, spent float64
+	share        float64 // of one CPU, what its windows may cost
+	detachHits   uint64
+	detachAt     time.Time
 	// watched is the time attached since Start; span the time attached
 	// since the last rate measurement and spanHits the hits in it;
 	// flushWatched the time attached since the last scale.
 	watched, span, flushWatched time.Duration
 	spanHits                    uint64
 	disabled                    bool // never attached (e.g. failed to attach)
+	// group: the sampled sites attached together (one link) share one;
+	// 0 for a site on a link of its own.
+	group int
 	// pinned: never sampled, since its cost is bounded by the work that
 	// makes it fire (a large map's table splitting: thousands of entries
 	// rehashed per hit); its hits are still spent from the budget.
@@ -73,34 +102,51 @@ type govSite struct {
 // load is the share of one CPU the site costs while attached.
 func (s *govSite) load() float64 { return s.rate * s.cost / 1e9 }
 
+// peakLoad is load at the site's recent peak rate: what its windows are
+// sized from.
+func (s *govSite) peakLoad() float64 { return max(s.rate, s.peak) * s.cost / 1e9 }
+
+// inWindow reports whether s is a sampled site in a window that has not
+// begun to be detached.
+func (s *govSite) inWindow() bool {
+	return s.sampled && s.armed && s.offDone.IsZero() && !s.offAt.IsZero()
+}
+
 // governor is the cost governor. It is not safe for concurrent use.
 type governor struct {
-	budget  float64       // share of one CPU
-	burst   float64       // CPU ns that may be spent at once
-	tokens  float64       // CPU ns that may still be spent
-	cycle   float64       // CPU ns to attach and then detach one site
-	latency time.Duration // wall time a detach takes; traps go on meanwhile
-	kernel  float64       // the kernel's running cost sum at the last account
-	extra   float64       // CPU ns spent outside hits since start
-	last    time.Time     // last account
-	start   time.Time
-	flushed time.Time // last scale
-	sites   []govSite
+	budget float64 // share of one CPU
+	burst  float64 // CPU ns that may be spent at once
+	tokens float64 // CPU ns that may still be spent
+	cycle  float64 // CPU ns to attach and then detach one link
+	// linkShare is the links opened per sampled window lately (windows
+	// that open together with one length share a link), from 1 down.
+	linkShare float64
+	latency   time.Duration // wall time a detach takes; a site is not re-attached meanwhile
+	tail      time.Duration // time traps go on once a detach began
+	kernel    float64       // the kernel's running cost sum at the last account
+	extra     float64       // CPU ns spent outside hits since start
+	last      time.Time     // last account
+	start     time.Time
+	flushed   time.Time // last scale
+	groups    int       // the last group given out
+	sites     []govSite
 }
 
 // newGovernor returns a governor for sites with the given per-hit costs
 // (ns), all attached exactly at now, with a full burst.
 func newGovernor(budget float64, costs []float64, cycle float64, latency time.Duration, now time.Time) *governor {
 	g := &governor{
-		budget:  budget,
-		cycle:   cycle,
-		latency: latency,
-		last:    now,
-		start:   now,
-		flushed: now,
-		sites:   make([]govSite, len(costs)),
+		budget:    budget,
+		cycle:     cycle,
+		latency:   latency,
+		tail:      min(initialTail, latency),
+		linkShare: 1,
+		last:      now,
+		start:     now,
+		flushed:   now,
+		sites:     make([]govSite, len(costs)),
 	}
-	g.burst = max(budget*burstSeconds*1e9, 10*cycle)
+	g.burst = max(budget*burstSeconds*1e9, 2*cycle)
 	g.tokens = g.burst
 	for i, c := range costs {
 		g.sites[i] = govSite{cost: c, armed: true, armedAt: now}
@@ -117,7 +163,7 @@ func (g *governor) setCost(i int, cost float64) { g.sites[i].cost = cost }
 // account books what happened since the last call: spent is the kernel's
 // running sum of what the probes' hits cost (CPU ns),
 // hits the sites' hit counters, extra CPU ns spent otherwise (attaching,
-// detaching, calibrating).
+// detaching, recalibrating, the Guard's own goroutines).
 func (g *governor) account(now time.Time, spent float64, hits []uint64, extra float64) {
 	dt := now.Sub(g.last)
 	if dt < 0 {
@@ -137,10 +183,14 @@ func (g *governor) account(now time.Time, spent float64, hits []uint64, extra fl
 		if !s.armed {
 			continue
 		}
-		end := now
+		s.spent += float64(d) * s.cost
+		// The site traps from its attach until a little after its detach
+		// began (the kernel removes the breakpoints first, then waits for a
+		// grace period without traps).
+		end := g.trapsUntil(s, now)
 		if !s.offDone.IsZero() {
-			end = s.offDone // detached since: book its last hits, then stop
-			s.armed, s.offDone = false, time.Time{}
+			g.measureTail(s)
+			s.armed, s.offDone, s.detachAt = false, time.Time{}, time.Time{}
 		}
 		att := end.Sub(later(s.armedAt, now.Add(-dt)))
 		if att < 0 {
@@ -150,39 +200,105 @@ func (g *governor) account(now time.Time, spent float64, hits []uint64, extra fl
 		s.flushWatched += att
 		s.span += att
 		s.spanHits += d
-		if s.span >= minRateSpan {
+		if s.span >= minRateSpan || (s.span >= time.Millisecond && s.spanHits >= minRateHits) {
 			r := float64(s.spanHits) / s.span.Seconds()
 			if s.rate == 0 {
 				s.rate = r
 			} else {
 				s.rate = rateWeight*r + (1-rateWeight)*s.rate
 			}
+			s.notePeak(r, now)
 			s.span, s.spanHits = 0, 0
 		}
 	}
 }
 
-// plan returns the sites to attach and to detach now. The probe attaches
-// and then calls armed; it starts detaching and calls disarmed when the
-// detach has finished.
-func (g *governor) plan(now time.Time) (attach, detach []int) {
-	if g.tokens < 0 {
-		g.demote(now)
+// trapsUntil is when s stops trapping, as far as now: its detach's start
+// plus the tail, or now.
+func (g *governor) trapsUntil(s *govSite, now time.Time) time.Time {
+	if !s.detachAt.IsZero() {
+		if t := s.detachAt.Add(g.tail); t.Before(now) {
+			return t
+		}
 	}
-	// The windows of sampled sites share what the exact ones leave of the
-	// budget (at least 1-exactShare of it), equally.
-	nSampled, exactLoad := 0, 0.0
+	return now
+}
+
+// notePeak records a rate measured at now in s's decaying peak.
+func (s *govSite) notePeak(r float64, now time.Time) {
+	if !s.peakAt.IsZero() {
+		s.peak *= math.Exp2(-float64(now.Sub(s.peakAt)) / float64(peakHalfLife))
+	}
+	s.peakAt = now
+	s.peak = max(s.peak, r)
+}
+
+// measureTail updates the time traps go on once a detach began from the
+// hits s took since then, where enough were expected to tell.
+func (g *governor) measureTail(s *govSite) {
+	if s.detachHits == 0 || s.hits < s.detachHits || s.rate*g.latency.Seconds() < 4*minRateHits {
+		return
+	}
+	t := time.Duration(float64(s.hits-s.detachHits) / s.rate * 1e9)
+	g.tail = min(max((3*g.tail+t)/4, 50*time.Microsecond), g.latency)
+}
+
+// shares divides what the windows may cost among the sampled sites,
+// setting each one's share (of one CPU). The windows share what the exact
+// sites leave of the budget (at least 1-exactShare of it; more while
+// tokens are left over), max-min fairly:
+// a site whose windows need less than an equal part (attached the whole
+// period at its peak rate) gets what it needs, the others split the rest
+// equally.
+func (g *governor) shares() {
+	exactLoad := 0.0
+	var sampled []int
 	for i := range g.sites {
 		if g.sites[i].sampled {
-			nSampled++
+			sampled = append(sampled, i)
 		} else if g.sites[i].armed {
 			exactLoad += g.sites[i].load()
 		}
 	}
-	share := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare)
-	if nSampled > 0 {
-		share /= float64(nSampled)
+	// Tokens left over (windows cut short, periods rounded up to a beat,
+	// links shared) raise the shares, up to twice: the token bucket still
+	// bounds the spend.
+	boost := 1 + min(max(g.tokens, 0)/g.burst, 1)
+	left := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare) * boost * float64(samplePeriod)
+	demand := func(i int) float64 { return g.sites[i].peakLoad()*float64(samplePeriod) + g.siteCycle() }
+	slices.SortFunc(sampled, func(a, b int) int { return cmp.Compare(demand(a), demand(b)) })
+	for k, i := range sampled {
+		give := min(demand(i), left/float64(len(sampled)-k))
+		g.sites[i].share = give / float64(samplePeriod)
+		left -= give
 	}
+}
+
+// plan returns the sites to attach and to detach now, in groups: the
+// probe attaches each group with one link where it can (one attach and one
+// detach for all of them: a link's CPU cost is mostly per link), and
+// detaches a group's sites together. It calls armed when a group is
+// attached, and disarmed for each site when its detach has finished.
+//
+// Sampled sites' windows open on beats (whole periods since start), with
+// lengths rounded down to a power of four milliseconds, so that the sites
+// whose windows open together and are about as long share a link.
+//
+// A window ends at its planned end, or sooner: as soon as what it spent,
+// plus what it would spend until its end at the site's peak rate, plus
+// what its detach lets through, exceeds what it may cost (a burst during
+// the window raises the peak rate at the next look, and the kernel wakes
+// the governor when the windows' allowances are spent, see limit); and
+// in debt (tokens below zero) no window runs longer than the shortest
+// one. When one site's window in a group ends, the group's does.
+func (g *governor) plan(now time.Time) (attach, detach [][]int) {
+	debt := g.tokens < 0
+	if debt {
+		g.demote(now)
+	}
+	g.shares()
+	opening := map[time.Duration][]int{} // window -> sites
+	ending := map[int]bool{}             // groups
 	for i := range g.sites {
 		s := &g.sites[i]
 		if s.disabled {
@@ -190,28 +306,156 @@ func (g *governor) plan(now time.Time) (attach, detach []int) {
 		}
 		if !s.sampled {
 			if !s.armed {
-				attach = append(attach, i)
+				attach = append(attach, []int{i})
 			}
 			continue
 		}
-		if g.tokens > g.burst/2 && s.rate > 0 && s.load() < g.budget*promoteShare {
-			s.sampled = false // quiet again: count it exactly
+		// Quiet again (its recent rate, not its peak: a burst after this is
+		// paid from the tokens, and the kernel wakes the governor when they
+		// are spent): count it exactly, on a link of its own.
+		if s.load() < g.budget*promoteShare && g.tokens > g.burst/2 && (!s.armed || s.group == 0) {
+			s.sampled = false
+			s.offAt, s.checkAt = time.Time{}, time.Time{}
 			if !s.armed {
-				attach = append(attach, i)
+				attach = append(attach, []int{i})
 			}
 			continue
 		}
 		switch {
-		case s.armed && s.offDone.IsZero() && !s.offAt.IsZero() && !now.Before(s.offAt):
-			detach = append(detach, i)
-			s.offAt = time.Time{}
-		case !s.armed && s.offDone.IsZero() && !now.Before(s.nextOn):
-			s.window, s.period = g.windowFor(s, share)
-			s.nextOn = now.Add(s.period)
-			attach = append(attach, i)
+		case s.inWindow():
+			if g.endWindow(s, now, debt) {
+				ending[s.group] = true
+				if s.group == 0 {
+					detach = append(detach, []int{i})
+					g.ended(s, now)
+				}
+			}
+		case !s.armed && !now.Before(s.nextOn):
+			s.window, s.period = g.windowFor(s, s.share)
+			s.allow = s.share * float64(s.period)
+			if debt {
+				s.window = min(s.window, g.shortestWindow(s))
+			}
+			s.window = bucket(s.window)
+			s.nextOn = g.nextBeat(now, s.period)
+			opening[s.window] = append(opening[s.window], i)
 		}
 	}
+	for gr := range ending {
+		if gr == 0 {
+			continue
+		}
+		var sites []int
+		for i := range g.sites {
+			if s := &g.sites[i]; s.group == gr && s.inWindow() {
+				sites = append(sites, i)
+				g.ended(s, now)
+			}
+		}
+		if len(sites) > 0 {
+			detach = append(detach, sites)
+		}
+	}
+	windows := 0
+	for _, w := range slices.Sorted(maps.Keys(opening)) {
+		g.groups++
+		for _, i := range opening[w] {
+			g.sites[i].group = g.groups
+		}
+		attach = append(attach, opening[w])
+		windows += len(opening[w])
+	}
+	if windows > 0 {
+		g.linkShare = (g.linkShare + float64(len(opening))/float64(windows)) / 2
+	}
 	return attach, detach
+}
+
+// siteCycle is what attaching and detaching costs one sampled window: its
+// share of a link.
+func (g *governor) siteCycle() float64 { return g.cycle * g.linkShare }
+
+// ended records that s's window ends now: its detach begins.
+func (g *governor) ended(s *govSite, now time.Time) {
+	s.offAt, s.checkAt = time.Time{}, time.Time{}
+	s.detachAt, s.detachHits = now, s.hits
+}
+
+// windowBeat is the grid sampled sites' windows open on: every window
+// opens on a whole period since the governor started, so that all the
+// windows of one length share a link.
+const windowBeat = samplePeriod
+
+// nextBeat is when a window opened now with period opens next: on a beat
+// (a whole sampling period since start), the beat at most a period from
+// now where the period is the sampling period (a window every period),
+// else the beat at least a period from now (windows spaced out to pay for
+// themselves stay at least that far apart).
+func (g *governor) nextBeat(now time.Time, period time.Duration) time.Time {
+	t := now.Add(period)
+	off := t.Sub(g.start) % windowBeat
+	if off == 0 || period <= samplePeriod {
+		return t.Add(-off)
+	}
+	return t.Add(windowBeat - off)
+}
+
+// bucket rounds a window down to a power of four milliseconds (a whole
+// period stays whole), so that windows opening together can share a link:
+// a few lengths, a few links a beat.
+func bucket(w time.Duration) time.Duration {
+	if w >= samplePeriod || w < 4*time.Millisecond {
+		return w
+	}
+	b := time.Millisecond
+	for b*4 <= w {
+		b *= 4
+	}
+	return b
+}
+
+// endWindow reports whether s's window must end now, else brings its end
+// forward to what it can still pay for and sets when to look again.
+func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
+	if !now.Before(s.offAt) {
+		return true
+	}
+	if debt {
+		if now.Sub(s.armedAt) >= g.shortestWindow(s) {
+			return true
+		}
+		s.offAt = minTime(s.offAt, s.armedAt.Add(g.shortestWindow(s)))
+	}
+	// What the window can still pay for at the peak rate, its detach's
+	// tail included.
+	load := s.peakLoad()
+	left := s.allow - g.siteCycle() - s.spent - load*float64(g.tail)
+	if left <= 0 {
+		return true
+	}
+	if load > 0 {
+		if d := time.Duration(min(left/load, float64(time.Hour))); now.Add(d).Before(s.offAt) {
+			s.offAt = now.Add(d)
+		}
+	}
+	// Look again halfway, once a rate can be measured.
+	s.checkAt = time.Time{}
+	if half := s.offAt.Sub(now) / 2; half >= minRateSpan {
+		s.checkAt = now.Add(half)
+	}
+	return false
+}
+
+// shortestWindow is the shortest window s is attached for: long enough
+// to take about minRateHits hits at its peak rate (a few are enough to
+// see that a misuse goes on, and each costs), between a millisecond and
+// minWindow.
+func (g *governor) shortestWindow(s *govSite) time.Duration {
+	r := max(s.rate, s.peak)
+	if r <= 0 {
+		return minWindow
+	}
+	return min(max(time.Duration(minRateHits/r*1e9), time.Millisecond), minWindow)
 }
 
 // demote samples the costliest sites counted exactly until those left use
@@ -237,31 +481,34 @@ func (g *governor) demote(now time.Time) {
 		s.window, s.period = g.windowFor(s, g.budget*(1-exactShare))
 		s.nextOn = now.Add(min(s.period, samplePeriod))
 		if s.armed {
-			s.offAt = now // detached by this plan
+			s.offAt = now // detached by this plan, on its own link
+			s.allow = math.Inf(1)
+			s.group = 0
 		}
 	}
 }
 
-// windowFor sizes a sampled site's window and period so that one window
-// (its hits, those taken while it is being detached, and the attach and
-// detach themselves) costs at most share of the budget over the period.
+// windowFor sizes a sampled site's window and period, at its peak rate,
+// so that one window (its hits, those its detach lets through, and the
+// attach and detach themselves) costs at most share of the budget over
+// the period.
 func (g *governor) windowFor(s *govSite, share float64) (window, period time.Duration) {
-	load := s.load()
+	load := s.peakLoad()
 	if load <= 0 {
 		return samplePeriod, samplePeriod
 	}
 	allowed := share * float64(samplePeriod) // ns of CPU per period
-	w := (allowed-g.cycle)/load - float64(g.latency)
-	if w >= float64(minWindow) {
-		return min(time.Duration(w), samplePeriod), samplePeriod
+	w := (allowed-g.siteCycle())/load - float64(g.tail)
+	if shortest := g.shortestWindow(s); w < float64(shortest) {
+		// Even the shortest window each period is too dear: space them out.
+		cost := load*float64(shortest+g.tail) + g.siteCycle()
+		return shortest, time.Duration(min(cost/share, float64(time.Hour)))
 	}
-	// Even the shortest window each period is too dear: space them out.
-	cost := load*float64(minWindow+g.latency) + g.cycle
-	return minWindow, time.Duration(math.Min(cost/share, float64(time.Hour)))
+	return time.Duration(min(w, float64(samplePeriod))), samplePeriod
 }
 
-// next is when plan must run again at the latest: the end of a window or
-// the start of one (zero if none is due).
+// next is when plan must run again at the latest: the end of a window, a
+// look into one, or the start of one (zero if none is due).
 func (g *governor) next() time.Time {
 	var t time.Time
 	for i := range g.sites {
@@ -272,6 +519,9 @@ func (g *governor) next() time.Time {
 		at := s.nextOn
 		if s.armed {
 			at = s.offAt
+			if !s.checkAt.IsZero() && (at.IsZero() || s.checkAt.Before(at)) {
+				at = s.checkAt
+			}
 		}
 		if !at.IsZero() && (t.IsZero() || at.Before(t)) {
 			t = at
@@ -284,9 +534,17 @@ func (g *governor) next() time.Time {
 func (g *governor) armed(i int, now time.Time) {
 	s := &g.sites[i]
 	s.armed, s.armedAt = true, now
-	s.span, s.spanHits = 0, 0
+	s.offDone, s.detachAt = time.Time{}, time.Time{}
+	s.spent = 0
+	if !s.sampled {
+		s.group = 0
+	}
 	if s.sampled {
 		s.offAt = now.Add(s.window)
+		s.checkAt = time.Time{}
+		if half := s.window / 2; half >= minRateSpan {
+			s.checkAt = now.Add(half)
+		}
 	}
 }
 
@@ -313,7 +571,7 @@ func (g *governor) scale(now time.Time, i int) (float64, bool) {
 	elapsed := now.Sub(g.flushed)
 	w := s.flushWatched
 	if s.armed {
-		w += now.Sub(later(s.armedAt, g.last))
+		w += max(g.trapsUntil(s, now).Sub(later(s.armedAt, g.last)), 0)
 	}
 	if !s.sampled && w >= elapsed {
 		return 1, false
@@ -334,14 +592,36 @@ func (g *governor) flush(now time.Time) {
 
 // limit is the kernel's running cost sum at which the governor must be
 // woken: when the tokens left are spent, or, in debt, when another tick's
-// worth of budget has been spent on top.
+// worth of budget has been spent on top; and, while sampled sites are in
+// a window, when what their windows may still cost is spent (a burst in a
+// window then ends it at once, rather than at its planned end).
 func (g *governor) limit() float64 {
-	return g.kernel + max(g.tokens, 0) + g.budget*float64(pollInterval) + 1
+	slack := g.budget * float64(pollInterval)
+	lim := max(g.tokens, 0) + slack
+	windows, open := 0.0, false
+	for i := range g.sites {
+		s := &g.sites[i]
+		if s.inWindow() && !math.IsInf(s.allow, 1) {
+			open = true
+			windows += max(s.allow-g.siteCycle()-s.spent-s.peakLoad()*float64(g.tail), 0)
+		}
+	}
+	if open {
+		lim = min(lim, windows+slack)
+	}
+	return g.kernel + lim + 1
 }
 
-// spentTotal is the CPU ns accounted since start: hits, attaching,
-// detaching and calibrating.
+// spentTotal is the CPU ns accounted since start: hits, and the extra
+// (attaching, detaching, recalibrating, the Guard's goroutines).
 func (g *governor) spentTotal() float64 { return g.kernel + g.extra }
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
 
 func later(a, b time.Time) time.Time {
 	if a.After(b) {

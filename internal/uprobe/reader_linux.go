@@ -22,6 +22,7 @@ import (
 // each poll.
 func (u *uprobes) run(ready chan<- error) {
 	defer close(u.done)
+	cpu := startCPUMeter(&u.ownCPU, true)
 	// Start holds u.mu and set u.ignore before starting this goroutine.
 	if err := u.ignoreLocked(rt.GoID()); err != nil {
 		ready <- err
@@ -40,6 +41,7 @@ func (u *uprobes) run(ready chan<- error) {
 		case err == nil:
 			u.handle(rec.RawSample, &ev)
 		case errors.Is(err, os.ErrDeadlineExceeded):
+			cpu.book()
 			u.tick(time.Now())
 			u.reader.SetDeadline(time.Now().Add(pollInterval))
 		case errors.Is(err, ringbuf.ErrFlushed):
@@ -62,6 +64,7 @@ func (u *uprobes) run(ready chan<- error) {
 // default ones. Its name is in mapguard.GoroutineFunctions.
 func (u *uprobes) runDeep(ready chan<- error) {
 	defer close(u.deepDone)
+	cpu := startCPUMeter(&u.ownCPU, false)
 	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
 	var (
 		rec ringbuf.Record
@@ -74,6 +77,7 @@ func (u *uprobes) runDeep(ready chan<- error) {
 		case err == nil:
 			u.handleWith(u.deepDecoder, rec.RawSample, &ev)
 		case errors.Is(err, os.ErrDeadlineExceeded):
+			cpu.book()
 		default:
 			return // flushed at Close, or closed
 		}

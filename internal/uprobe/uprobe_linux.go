@@ -68,9 +68,11 @@ type uprobes struct {
 	stepCost     time.Duration
 	emuCost      time.Duration
 	linkCost     time.Duration // CPU time to attach and detach one link
+	linkOthers   time.Duration // the part of linkCost not on the attaching thread
 	lastCalib    time.Time
 	calibrations int
 	extra        time.Duration // CPU time spent attaching and detaching since the last tick
+	ownCPU       atomic.Int64  // ns of CPU the Guard's goroutines used since the last tick (cpuMeter)
 	detaching    int
 	detaches     sync.WaitGroup
 	sampled      []atomic.Bool // per site, as of the last tick; read by the reader
@@ -350,15 +352,16 @@ func (u *uprobes) Close() error {
 // Close is lost.
 func (u *uprobes) teardownLocked() {
 	u.stopping = true // tick must not re-arm anything from here on
-	// Detaches the governor started finish first.
-	u.mu.Unlock()
-	u.detaches.Wait()
-	u.mu.Lock()
+	// Every link closes in parallel, with the detaches the governor
+	// started (sites attached together share a link: closed once).
 	var wg sync.WaitGroup
+	closing := map[link.Link]bool{}
 	for _, s := range u.sites {
-		if s.link == nil {
+		if s.link == nil || closing[s.link] {
+			s.link = nil
 			continue
 		}
+		closing[s.link] = true
 		wg.Add(1)
 		go func(l link.Link) {
 			defer wg.Done()
@@ -366,7 +369,10 @@ func (u *uprobes) teardownLocked() {
 		}(s.link)
 		s.link = nil
 	}
+	u.mu.Unlock()
 	wg.Wait()
+	u.detaches.Wait()
+	u.mu.Lock()
 	if u.wakeReader != nil {
 		u.wakeReader.Close() // the governor goroutine returns
 		if u.wakeDone != nil {

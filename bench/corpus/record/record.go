@@ -38,6 +38,8 @@ type Record struct {
 	// record was written: on "started", what start-up and Guard.Start
 	// cost, so that the harness can compare the CPU spent after it.
 	CPU time.Duration `json:"cpu,omitempty"`
+	// Close is how long Guard.Close took, on "stats".
+	Close time.Duration `json:"close,omitempty"`
 }
 
 // Options returns the Guard options of a mode, and false for Off or an
@@ -106,9 +108,11 @@ func Start(mode, path string) (stop func()) {
 	return func() {
 		once.Do(func() {
 			ops := len(g.OpStats())
+			t0 := time.Now()
 			g.Close()
+			closed := time.Since(t0)
 			st := g.Stats()
-			write(Record{Type: "stats", Stats: &st, OpStats: ops})
+			write(Record{Type: "stats", Stats: &st, OpStats: ops, Close: closed})
 			f.Close()
 		})
 	}
