@@ -301,8 +301,9 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 			b.Fatal("a child ended before it was ready (see its output above)")
 		}
 	}
+	// onWall is the wall time of the "on" child's paired slices.
 	onWall := func() (d time.Duration) {
-		for _, s := range res.on {
+		for _, s := range res.on[:min(len(res.off), len(res.on))] {
 			d += s.wall
 		}
 		return d
@@ -359,6 +360,15 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 	for _, s := range res.stats.sites {
 		b.Logf("  site %s", s)
 	}
+	if os.Getenv("MAPGUARD_BENCH_PAIRED_LOG") == "1" {
+		for i := range res.on {
+			on, off := res.on[i], res.off[i]
+			b.Logf("  pair %2d: off %v cpu / %v wall, on %v cpu / %v wall: extra %.3f%% of a CPU",
+				i, off.cpu.Round(time.Millisecond), off.wall.Round(time.Millisecond),
+				on.cpu.Round(time.Millisecond), on.wall.Round(time.Millisecond),
+				100*(on.cpu-off.cpu).Seconds()/on.wall.Seconds())
+		}
+	}
 	return res
 }
 
@@ -394,6 +404,25 @@ func calibrateWork(work func(int), d time.Duration) int {
 		}
 		n *= 2
 	}
+}
+
+// meanSE returns the mean of vs and its standard error.
+func meanSE(vs []float64) (mean, se float64) {
+	if len(vs) == 0 {
+		return math.NaN(), math.NaN()
+	}
+	for _, v := range vs {
+		mean += v
+	}
+	mean /= float64(len(vs))
+	if len(vs) < 2 {
+		return mean, math.NaN()
+	}
+	var ss float64
+	for _, v := range vs {
+		ss += (v - mean) * (v - mean)
+	}
+	return mean, math.Sqrt(ss/float64(len(vs)-1)) / math.Sqrt(float64(len(vs)))
 }
 
 // pairedSeconds is MAPGUARD_BENCH_PAIRED_SECONDS, or def.
