@@ -15,18 +15,20 @@ package mapguard_test
 // Both run the same loop in slices of a fixed amount of work, and each
 // measures every slice itself: its process CPU time (getrusage, user and
 // system, all threads: the work, the traps and BPF programs it takes, the
-// Guard's goroutines, the garbage collector) and wall time. Slice i of "on"
-// is paired with slice i of "off", and the benchmark reports medians and
-// quartiles over the pairs, so that a burst of someone else's load spoils a
-// few pairs, not the result.
+// Guard's goroutines, the garbage collector) and wall time. Each slice of
+// "on" is paired with what the same work cost "off" at the same time, and
+// the benchmark reports medians and quartiles over the pairs, so that a
+// burst of someone else's load spoils a few pairs, not the result.
 //
 // Schedule (MAPGUARD_BENCH_PAIRED):
 //   - "concurrent" (the default): both children run their slices at the
-//     same time, continuously, so slice i of each sees the same machine, and
-//     the Guard sees a steadily busy program, as in production. Their CPU
-//     time per slice is compared, never their wall time.
+//     same time, continuously, so the Guard sees a steadily busy program,
+//     as in production. Their CPU time per slice is compared, never their
+//     wall time. The two drift apart (the same work takes different wall
+//     times in each), so a slice of "on" is paired with the "off" slices
+//     that ran at the same time, weighted by overlap (alignSlices).
 //   - "alternate": one child at a time, in the order off, on, on, off, off,
-//     on, ... (each pair adjacent, and neither child always first). The
+//     on, ... (slice i of each paired: adjacent, neither always first). The
 //     child that waits is idle, and so is its Guard's governor: its token
 //     bucket refills (at most half a second's budget) and the windows of
 //     sampled sites that fall in the idle time see no hits, so the budget's
@@ -44,11 +46,14 @@ import (
 	"math"
 	"os"
 	"os/exec"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/mapguard/mapguard"
 	"github.com/mapguard/mapguard/internal/testutil"
@@ -74,8 +79,13 @@ var pairedGuards = map[string]func() mapguard.Options{
 	},
 }
 
-// pairedSlice is what a child measured over one slice of work.
-type pairedSlice struct{ cpu, wall time.Duration }
+// pairedSlice is what a child measured over one slice of work: process
+// CPU and wall time, when it started and ended on CLOCK_MONOTONIC (one
+// clock for both children), and the CPU time of the thread that did the
+// work (the traps and BPF programs its map operations hit run there; the
+// rest of cpu is other threads: the Guard's goroutines, attaching and
+// detaching probes, the garbage collector).
+type pairedSlice struct{ cpu, wall, start, end, thread time.Duration }
 
 // pairedStats is what the "on" child's Guard said at the end.
 type pairedStats struct {
@@ -87,7 +97,7 @@ type pairedStats struct {
 }
 
 type pairedResult struct {
-	off, on []pairedSlice // the first min(len) of each are paired
+	off, on []pairedSlice // on[i] is paired with off[i]
 	stats   pairedStats
 	wall    time.Duration // of the whole measurement
 }
@@ -114,6 +124,7 @@ func TestPairedChild(t *testing.T) {
 		fmt.Fprintf(out, format+"\n", args...)
 		out.Flush()
 	}
+	runtime.LockOSThread() // the work runs on this thread (threadCPU)
 	work := mk()
 	work(max(n/10, 1)) // warm up: maps made, caches filled
 	var g *mapguard.Guard
@@ -137,9 +148,10 @@ func TestPairedChild(t *testing.T) {
 		close(cmds)
 	}()
 	slice := func() {
-		c0, w0 := processCPU(), time.Now()
+		c0, t0, m0 := processCPU(), threadCPU(), monotonic()
 		work(n)
-		reply("slice %d %d", int64(processCPU()-c0), int64(time.Since(w0)))
+		c1, t1, m1 := processCPU(), threadCPU(), monotonic()
+		reply("slice %d %d %d %d %d", int64(c1-c0), int64(m1-m0), int64(m0), int64(m1), int64(t1-t0))
 	}
 	reply("ready")
 loop:
@@ -273,9 +285,11 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 		case "ready":
 			ready++
 		case "slice":
-			cpu, _ := strconv.ParseInt(f[1], 10, 64)
-			wall, _ := strconv.ParseInt(f[2], 10, 64)
-			s := pairedSlice{time.Duration(cpu), time.Duration(wall)}
+			var v [5]int64
+			for i := range v {
+				v[i], _ = strconv.ParseInt(f[1+i], 10, 64)
+			}
+			s := pairedSlice{time.Duration(v[0]), time.Duration(v[1]), time.Duration(v[2]), time.Duration(v[3]), time.Duration(v[4])}
 			if m.child == 0 {
 				res.off = append(res.off, s)
 			} else {
@@ -349,12 +363,15 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 	for ended < 2 {
 		next()
 	}
-	k := min(len(res.off), len(res.on))
-	res.off, res.on = res.off[:k], res.on[:k]
-	mode := "concurrent"
+	mode := "alternate"
 	if alternate {
-		mode = "alternate"
+		k := min(len(res.off), len(res.on))
+		res.off, res.on = res.off[:k], res.on[:k] // adjacent in time
+	} else {
+		mode = "concurrent"
+		res.on, res.off = alignSlices(res.on, res.off)
 	}
+	k := len(res.on)
 	b.Logf("%s, %s Guard, %s: %d pairs of %d units, %v of slices on, %v in all",
 		loop, guard, mode, k, n, onWall().Round(time.Millisecond), res.wall.Round(time.Millisecond))
 	for _, s := range res.stats.sites {
@@ -363,13 +380,66 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 	if os.Getenv("MAPGUARD_BENCH_PAIRED_LOG") == "1" {
 		for i := range res.on {
 			on, off := res.on[i], res.off[i]
-			b.Logf("  pair %2d: off %v cpu / %v wall, on %v cpu / %v wall: extra %.3f%% of a CPU",
-				i, off.cpu.Round(time.Millisecond), off.wall.Round(time.Millisecond),
-				on.cpu.Round(time.Millisecond), on.wall.Round(time.Millisecond),
-				100*(on.cpu-off.cpu).Seconds()/on.wall.Seconds())
+			b.Logf("  pair %2d: off %v cpu (thread %v) / %v wall, on %v cpu (thread %v) / %v wall: extra %.3f%% of a CPU (thread %.3f%%)",
+				i, off.cpu.Round(time.Millisecond), off.thread.Round(time.Millisecond), off.wall.Round(time.Millisecond),
+				on.cpu.Round(time.Millisecond), on.thread.Round(time.Millisecond), on.wall.Round(time.Millisecond),
+				100*(on.cpu-off.cpu).Seconds()/on.wall.Seconds(), 100*(on.thread-off.thread).Seconds()/on.wall.Seconds())
 		}
 	}
 	return res
+}
+
+// alignSlices pairs each slice of on with what the same work cost off at
+// the same time: the children's slices drift apart (the same work takes
+// different wall times in each), so slice i of one may run while slice
+// i+3 of the other does. For each slice of on, the off slices that
+// overlapped it in time give its pair: their CPU and wall time averaged,
+// weighted by how long each overlapped (each did the same work, so that is
+// the CPU the work cost off then). Slices of on not wholly covered by off
+// slices (at the ends) are dropped.
+func alignSlices(on, off []pairedSlice) (alignedOn, alignedOff []pairedSlice) {
+	if len(off) == 0 {
+		return nil, nil
+	}
+	for _, s := range on {
+		if s.start < off[0].start || s.end > off[len(off)-1].end {
+			continue
+		}
+		var w, cpu, wall, thread float64
+		for _, o := range off {
+			ov := min(s.end, o.end) - max(s.start, o.start)
+			if ov <= 0 {
+				continue
+			}
+			w += float64(ov)
+			cpu += float64(ov) * float64(o.cpu)
+			wall += float64(ov) * float64(o.wall)
+			thread += float64(ov) * float64(o.thread)
+		}
+		if w == 0 {
+			continue
+		}
+		alignedOn = append(alignedOn, s)
+		alignedOff = append(alignedOff, pairedSlice{
+			cpu: time.Duration(cpu / w), wall: time.Duration(wall / w), start: s.start, end: s.end,
+			thread: time.Duration(thread / w),
+		})
+	}
+	return alignedOn, alignedOff
+}
+
+// threadCPU is the CPU time of the calling thread so far.
+func threadCPU() time.Duration {
+	var ru unix.Rusage
+	unix.Getrusage(unix.RUSAGE_THREAD, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// monotonic is CLOCK_MONOTONIC, the same clock in every process.
+func monotonic() time.Duration {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return time.Duration(ts.Nano())
 }
 
 // quartiles returns the 25th, 50th and 75th percentiles of vs
