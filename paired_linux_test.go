@@ -36,7 +36,8 @@ package mapguard_test
 //     cross-check the default Guard, where little is sampled.
 //
 // MAPGUARD_BENCH_PAIRED_CONTROL=1 runs no Guard in either child: the spread
-// of that A/A run is the method's own noise.
+// of that A/A run is the method's own noise. MAPGUARD_BENCH_PAIRED_PROFILE=file
+// writes a CPU profile of the "on" child (from its first slice to Close).
 
 import (
 	"bufio"
@@ -47,6 +48,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -93,7 +95,7 @@ type pairedStats struct {
 	spent, elapsed   time.Duration
 	sampled          int
 	hits             uint64
-	sites            []string // sites that took hits, one line each
+	sites            []string // sites that took hits and threads' CPU, one line each
 }
 
 type pairedResult struct {
@@ -153,6 +155,17 @@ func TestPairedChild(t *testing.T) {
 		c1, t1, m1 := processCPU(), threadCPU(), monotonic()
 		reply("slice %d %d %d %d %d", int64(c1-c0), int64(m1-m0), int64(m0), int64(m1), int64(t1-t0))
 	}
+	if path := os.Getenv("MAPGUARD_BENCH_PAIRED_PROFILE"); path != "" && g != nil {
+		// A CPU profile of the "on" child's slices (and of its Guard).
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
 	reply("ready")
 loop:
 	for cmd := range cmds {
@@ -172,6 +185,27 @@ loop:
 			break loop
 		}
 	}
+	// Where the process's CPU went, thread by thread (the work ran on this
+	// one): user and system ticks, time on a CPU, times switched out.
+	self := strconv.Itoa(unix.Gettid())
+	ents, _ := os.ReadDir("/proc/self/task")
+	for _, e := range ents {
+		dir := "/proc/self/task/" + e.Name()
+		stat, _ := os.ReadFile(dir + "/stat")
+		sched, _ := os.ReadFile(dir + "/schedstat")
+		status, _ := os.ReadFile(dir + "/status")
+		f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+		onCPU := strings.Fields(string(sched))
+		ctx := ""
+		for _, l := range strings.Split(string(status), "\n") {
+			if strings.HasSuffix(strings.Fields(l + " x")[0], "ctxt_switches:") {
+				ctx += " " + strings.Join(strings.Fields(l), "=")
+			}
+		}
+		if len(f) > 12 && len(onCPU) > 0 && onCPU[0] != "0" {
+			reply("thread guard=%s tid=%s work=%v utime=%s stime=%s oncpu=%sns%s", guardName, e.Name(), e.Name() == self, f[11], f[12], onCPU[0], ctx)
+		}
+	}
 	if g != nil {
 		st := g.Stats()
 		var hits uint64
@@ -188,6 +222,7 @@ loop:
 		}
 		g.Close()
 	}
+	pprof.StopCPUProfile()
 	reply("end")
 	out.Flush()
 	os.Exit(0) // no PASS line, no leak checks: the parent reads fd 3 only
@@ -305,8 +340,8 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 			st.elapsed = time.Duration(v)
 			st.sampled, _ = strconv.Atoi(f[5])
 			st.hits, _ = strconv.ParseUint(f[6], 10, 64)
-		case "site":
-			res.stats.sites = append(res.stats.sites, strings.Join(f[1:], " "))
+		case "site", "thread":
+			res.stats.sites = append(res.stats.sites, strings.Join(f, " "))
 		}
 		return m.child, f[0]
 	}
@@ -375,7 +410,7 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 	b.Logf("%s, %s Guard, %s: %d pairs of %d units, %v of slices on, %v in all",
 		loop, guard, mode, k, n, onWall().Round(time.Millisecond), res.wall.Round(time.Millisecond))
 	for _, s := range res.stats.sites {
-		b.Logf("  site %s", s)
+		b.Logf("  %s", s)
 	}
 	if os.Getenv("MAPGUARD_BENCH_PAIRED_LOG") == "1" {
 		for i := range res.on {
