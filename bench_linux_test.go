@@ -85,6 +85,13 @@ func BenchmarkMapHeavy(b *testing.B) {
 	b.Run("paired=default", func(b *testing.B) { benchCPURatio(b, "map-heavy") })
 }
 
+// BenchmarkIdleCost is what a Guard costs a loop that does no map
+// operation at all (no probe fires): its fixed cost, in process CPU from
+// paired slices (cpu-ratio and extra-cpu-%, as in BenchmarkMapHeavy).
+func BenchmarkIdleCost(b *testing.B) {
+	b.Run("paired=default", func(b *testing.B) { benchCPURatio(b, "no-maps") })
+}
+
 // BenchmarkDetection is the cost of one detected misuse: a nil-map write and
 // its recovered panic, without and with the Guard.
 func BenchmarkDetection(b *testing.B) {

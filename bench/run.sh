@@ -11,10 +11,11 @@ go test -run '^$' -bench '^Benchmark(MapHeavy|ReflectJSON)$/^guard=' -benchmem -
 go test -run '^$' -bench 'Detection|MissCost|StartClose|Delivery' -benchmem -count "$count" . >>"$out"
 go test -run '^$' -bench 'HitCost' -benchmem -count "$count" ./internal/uprobe >>"$out"
 go test -run '^$' -bench 'Decode' -benchmem -count "$count" ./internal/wire >>"$out"
-# The default Guard's process CPU on the two loops, from paired slices in two
+# The default Guard's process CPU on the two loops (and on one without map
+# operations: its fixed cost), from paired slices in two
 # child processes side by side (MAPGUARD_BENCH_PAIRED_SECONDS of slices each,
 # default 10, at least 20 pairs): one run, its medians and quartiles.
-go test -run '^$' -bench '^Benchmark(MapHeavy|ReflectJSON)$/^paired=' -benchtime 1x -timeout 30m . >>"$out"
+go test -run '^$' -bench '^Benchmark(MapHeavy|ReflectJSON|IdleCost)$/^paired=' -benchtime 1x -timeout 30m . >>"$out"
 # The budget's real cost needs a long run (at least 30 s of slices with the
 # Guard, paired with as many without): only with MAPGUARD_BENCH_BUDGET=1.
 if [ "${MAPGUARD_BENCH_BUDGET:-0}" = 1 ]; then

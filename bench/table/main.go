@@ -99,11 +99,13 @@ func main() {
 		p75, _ := r.median(name, "cpu-ratio-p75")
 		extra, _ := r.median(name, "extra-cpu-%")
 		busy, _ := r.median(name, "off-cpu-%")
-		row(fmt.Sprintf("%s (p25-p75 %.3f-%.3f; loop had %.0f%% of a CPU)", what, p25, p75, busy),
+		other, _ := r.median(name, "other-threads-cpu-%")
+		row(fmt.Sprintf("%s (p25-p75 %.3f-%.3f; loop had %.0f%% of a CPU; other threads %.2f%%)", what, p25, p75, busy, other),
 			fmt.Sprintf("%.2f%% of a CPU", extra), fmt.Sprintf("%.3fx", v))
 	}
 	cpuRatio("map-heavy loop, default Guard, process CPU, paired", "BenchmarkMapHeavy/paired=default")
 	cpuRatio("reflect/JSON loop, default Guard, process CPU, paired", "BenchmarkReflectJSON/paired=default")
+	cpuRatio("loop without map operations, default Guard (its fixed cost), paired", "BenchmarkIdleCost/paired=default")
 
 	// perHit prints per-hit rows of one benchmark: (probe - none), and the
 	// ratio to the floor (the empty program at the same instruction).
