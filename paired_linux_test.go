@@ -285,7 +285,7 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 			"MAPGUARD_PAIRED_CHILD="+loop+","+g,
 			"MAPGUARD_PAIRED_WORK="+strconv.Itoa(n))
 		cmd.ExtraFiles = []*os.File{w}
-		cmd.Stderr = os.Stderr
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr // a failing child says why
 		stdin, err := cmd.StdinPipe()
 		if err != nil {
 			b.Fatal(err)
