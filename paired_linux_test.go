@@ -445,9 +445,9 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 // different wall times in each), so slice i of one may run while slice
 // i+3 of the other does. For each slice of on, the off slices that
 // overlapped it in time give its pair: their CPU and wall time averaged,
-// weighted by how long each overlapped (each did the same work, so that is
-// the CPU the work cost off then). Slices of on not wholly covered by off
-// slices (at the ends) are dropped.
+// each weighted by the share of its work done while s ran (each did the
+// same work, so that is what the work cost off then). Slices of on not
+// wholly covered by off slices (at the ends) are dropped.
 func alignSlices(on, off []pairedSlice) (alignedOn, alignedOff []pairedSlice) {
 	if len(off) == 0 {
 		return nil, nil
@@ -459,13 +459,17 @@ func alignSlices(on, off []pairedSlice) (alignedOn, alignedOff []pairedSlice) {
 		var w, cpu, wall, thread float64
 		for _, o := range off {
 			ov := min(s.end, o.end) - max(s.start, o.start)
-			if ov <= 0 {
+			if ov <= 0 || o.wall <= 0 {
 				continue
 			}
-			w += float64(ov)
-			cpu += float64(ov) * float64(o.cpu)
-			wall += float64(ov) * float64(o.wall)
-			thread += float64(ov) * float64(o.thread)
+			// The share of o's work done during s: weighting by the
+			// overlap alone would favour long slices, which are the
+			// slow, costly ones on a loaded machine.
+			f := float64(ov) / float64(o.wall)
+			w += f
+			cpu += f * float64(o.cpu)
+			wall += f * float64(o.wall)
+			thread += f * float64(o.thread)
 		}
 		if w == 0 {
 			continue
