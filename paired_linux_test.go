@@ -35,6 +35,15 @@ package mapguard_test
 //     cost per slice differs from a steady program's. Use it to
 //     cross-check the default Guard, where little is sampled.
 //
+// Left to the scheduler, two identical children each tend to keep to one
+// CPU, and the CPUs differ (interrupts, other work): A/A runs on a loaded
+// VM read up to 1-4% of a CPU in favour of one of them, on the work
+// thread (its CPU time for the same work varies with the load; the other
+// threads' does not). MAPGUARD_BENCH_PAIRED_PIN=1 makes the parent pin the
+// two work threads to different CPUs and swap them every 250 ms: that
+// removed the bias in one A/A run but widened the quartiles, so it is not
+// the default.
+//
 // MAPGUARD_BENCH_PAIRED_CONTROL=1 runs no Guard in either child: the spread
 // of that A/A run is the method's own noise. MAPGUARD_BENCH_PAIRED_PROFILE=file
 // writes a CPU profile of the "on" child (from its first slice to Close).
@@ -182,7 +191,7 @@ func TestPairedChild(t *testing.T) {
 		}
 		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
-	reply("ready")
+	reply("ready %d", unix.Gettid())
 loop:
 	for cmd := range cmds {
 		switch cmd {
@@ -318,6 +327,7 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 	}
 
 	var res pairedResult
+	var tids [2]int // the children's work threads
 	ended := 0
 	ready := 0
 	// next reads the next message, records a slice or the stats, and
@@ -335,6 +345,9 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 		switch f[0] {
 		case "ready":
 			ready++
+			if len(f) > 1 {
+				tids[m.child], _ = strconv.Atoi(f[1])
+			}
 		case "slice":
 			var v [5]int64
 			for i := range v {
@@ -395,6 +408,28 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 			}
 		}
 	} else {
+		stopPin := make(chan struct{})
+		pinned := make(chan struct{})
+		go func() {
+			defer close(pinned)
+			if runtime.NumCPU() < 2 || os.Getenv("MAPGUARD_BENCH_PAIRED_PIN") != "1" {
+				return
+			}
+			tick := time.NewTicker(250 * time.Millisecond)
+			defer tick.Stop()
+			for k := 0; ; k++ {
+				for i, tid := range tids {
+					var set unix.CPUSet
+					set.Set((k + i) % 2)
+					unix.SchedSetaffinity(tid, &set) // fails only once the child is gone
+				}
+				select {
+				case <-stopPin:
+					return
+				case <-tick.C:
+				}
+			}
+		}()
 		for _, c := range children {
 			if err := c.send("run"); err != nil {
 				b.Fatal(err)
@@ -405,6 +440,8 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 				b.Fatalf("%s child ended", children[from].name)
 			}
 		}
+		close(stopPin)
+		<-pinned
 	}
 	res.wall = time.Since(t0)
 	for _, c := range children {
