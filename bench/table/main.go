@@ -79,6 +79,33 @@ func main() {
 	} else {
 		na("map-heavy loop")
 	}
+	const json = "BenchmarkReflectJSON/guard="
+	if base, ok := r.median(json+"none", "ns/op"); ok {
+		row("reflect/JSON loop, no Guard", fmt.Sprintf("%.0f ns/op", base), "1.00x")
+		if v, ok := r.median(json+"default", "ns/op"); ok {
+			row("reflect/JSON loop, default Guard", fmt.Sprintf("%.0f ns/op", v), fmt.Sprintf("%.2fx", v/base))
+		}
+	}
+	// cpuRatio prints a paired benchmark's process CPU with the default
+	// Guard / without: median of paired slices, its quartiles, and the
+	// extra as a share of one CPU (what the budget limits).
+	cpuRatio := func(what, name string) {
+		v, ok := r.median(name, "cpu-ratio")
+		if !ok {
+			na(what)
+			return
+		}
+		p25, _ := r.median(name, "cpu-ratio-p25")
+		p75, _ := r.median(name, "cpu-ratio-p75")
+		extra, _ := r.median(name, "extra-cpu-%")
+		busy, _ := r.median(name, "off-cpu-%")
+		other, _ := r.median(name, "other-threads-cpu-%")
+		row(fmt.Sprintf("%s (p25-p75 %.3f-%.3f; loop had %.0f%% of a CPU; other threads %.2f%%)", what, p25, p75, busy, other),
+			fmt.Sprintf("%.2f%% of a CPU", extra), fmt.Sprintf("%.3fx", v))
+	}
+	cpuRatio("map-heavy loop, default Guard, process CPU, paired", "BenchmarkMapHeavy/paired=default")
+	cpuRatio("reflect/JSON loop, default Guard, process CPU, paired", "BenchmarkReflectJSON/paired=default")
+	cpuRatio("loop without map operations, default Guard (its fixed cost), paired", "BenchmarkIdleCost/paired=default")
 
 	// perHit prints per-hit rows of one benchmark: (probe - none), and the
 	// ratio to the floor (the empty program at the same instruction).
@@ -119,7 +146,17 @@ func main() {
 		row("a deep hit as the governor accounts it (trap + measured program)", fmt.Sprintf("%.2f us/hit", v/1000), "")
 	}
 	if v, ok := r.median("BenchmarkBudget", "extra-cpu-x-budget"); ok {
-		row("deep watching at 1% for 30 s: real extra process CPU / budget", fmt.Sprintf("%.2fx", v), "")
+		p25, _ := r.median("BenchmarkBudget", "extra-cpu-x-budget-p25")
+		p75, _ := r.median("BenchmarkBudget", "extra-cpu-x-budget-p75")
+		secs, _ := r.median("BenchmarkBudget", "guard-on-s")
+		row(fmt.Sprintf("deep watching at 1%%, %.0f s: extra process CPU / budget, paired (p25-p75 %.2f-%.2f)", secs, p25, p75),
+			fmt.Sprintf("%.2fx", v), "")
+		if v, ok := r.median("BenchmarkBudget", "run-extra-cpu-x-budget"); ok {
+			row("deep watching at 1%: the same from the sums over the run", fmt.Sprintf("%.2fx", v), "")
+		}
+		if v, ok := r.median("BenchmarkBudget", "governor-x-budget"); ok {
+			row("deep watching at 1%: the governor's own account / budget", fmt.Sprintf("%.2fx", v), "")
+		}
 	}
 
 	if base, ok := r.median("BenchmarkMissCost/guard=none", "ns/op"); ok {
