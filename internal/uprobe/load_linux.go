@@ -111,6 +111,14 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		return fmt.Errorf("start probe: load BPF: %w", err)
 	}
 	u.coll = coll
+	if v := u.log.V(4); v.Enabled() {
+		for name, p := range coll.Programs {
+			if info, err := p.Info(); err == nil {
+				insns, _ := info.VerifiedInstructions()
+				v.Info("BPF program loaded", "program", name, "verifiedInstructions", insns)
+			}
+		}
+	}
 	u.stats = coll.Variables[mapguardVarStats]
 	u.costVar = coll.Variables[mapguardVarSiteCost]
 	u.spentVar = coll.Variables[mapguardVarSpentNs]

@@ -154,6 +154,14 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	u.started = true
 	u.sink = sink
 	begin := time.Now()
+	// Wall time per step, for the V(4) log.
+	var steps []any
+	last := begin
+	step := func(name string) {
+		now := time.Now()
+		steps = append(steps, name, now.Sub(last))
+		last = now
+	}
 
 	defer func() {
 		if err != nil {
@@ -186,15 +194,18 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 		return err
 	}
 	u.multi = haveUprobeMulti() && !forceSingleLinks
+	step("checks")
 
 	bin, err := symbols.OpenSelf()
 	if err != nil {
 		return fmt.Errorf("start probe: read own symbols: %w: %w", probe.ErrNotSupported, err)
 	}
 	defer bin.Close()
+	step("symbols")
 	if err := u.chooseSites(bin); err != nil {
 		return err
 	}
+	step("sites")
 	if err := u.checkKinds(); err != nil {
 		u.log.Error(err, "kind not watchable")
 		return err
@@ -218,9 +229,11 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 			u.crashUnavailableLocked(err)
 		}
 	}
+	step("crash")
 	if err := u.load(offsets); err != nil {
 		return err
 	}
+	step("load")
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
@@ -228,6 +241,7 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := u.startReadersLocked(offsets, clock); err != nil {
 		return err
 	}
+	step("readers")
 
 	if err := ctxErr(ctx); err != nil {
 		return err
@@ -235,10 +249,12 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := u.armDefaultLocked(); err != nil {
 		return err
 	}
+	step("arm")
 
 	if err := u.checkCanaryLocked(ctx); err != nil {
 		return err
 	}
+	step("canary")
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
@@ -251,9 +267,10 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := u.startGovernorLocked(time.Now()); err != nil {
 		return fmt.Errorf("start probe: cost governor: %w", err)
 	}
+	step("governor")
 	u.running = true
-	u.log.V(4).Info("probe started", "sites", len(u.sites), "inactive", len(u.inactive),
-		"uprobeMulti", u.multi, "took", time.Since(begin))
+	u.log.V(4).Info("probe started", append([]any{"sites", len(u.sites), "inactive", len(u.inactive),
+		"uprobeMulti", u.multi, "took", time.Since(begin)}, steps...)...)
 	return nil
 }
 
