@@ -247,7 +247,11 @@ static __always_inline __u64 arg_reg(const struct args *a, __u8 reg)
 // group), else the sum of the capacities of its distinct tables (a table of
 // local depth l fills 2^(globalDepth-l) directory entries). Past
 // MG_MAX_TABLES tables the rest is extrapolated.
-static __always_inline __u64 map_capacity(__u64 m)
+//
+// A global function: the verifier checks it once, on its own, rather than
+// once for every path of the program that reaches it (its loop is most of
+// what it would explore otherwise).
+__attribute__((noinline)) __u64 map_capacity(__u64 m)
 {
 	__s64 dir_len = (__s64)read_u64(m + map_dir_len_offset);
 	if (dir_len <= 0)
