@@ -187,27 +187,27 @@ static __always_inline __u64 read_size(__u64 n, __u64 max)
 	return (n & (max - 1)) + 1;
 }
 
+// read_u64, read_u16 and read_u8 read user memory, 0 where it cannot be
+// read: the helper zeroes its buffer on failure, and testing its result
+// would only add a branch for the verifier to explore at every read.
 static __always_inline __u64 read_u64(__u64 addr)
 {
-	__u64 v = 0;
-	if (bpf_probe_read_user(&v, sizeof(v), (const void *)addr) < 0)
-		return 0;
+	__u64 v;
+	bpf_probe_read_user(&v, sizeof(v), (const void *)addr);
 	return v;
 }
 
 static __always_inline __u64 read_u16(__u64 addr)
 {
-	__u16 v = 0;
-	if (bpf_probe_read_user(&v, sizeof(v), (const void *)addr) < 0)
-		return 0;
+	__u16 v;
+	bpf_probe_read_user(&v, sizeof(v), (const void *)addr);
 	return v;
 }
 
 static __always_inline __u64 read_u8(__u64 addr)
 {
-	__u8 v = 0;
-	if (bpf_probe_read_user(&v, sizeof(v), (const void *)addr) < 0)
-		return 0;
+	__u8 v;
+	bpf_probe_read_user(&v, sizeof(v), (const void *)addr);
 	return v;
 }
 
