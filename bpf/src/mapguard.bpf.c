@@ -367,6 +367,25 @@ static __always_inline __u64 map_type(__u64 typ)
 	return typ;
 }
 
+// key_hash is the salted FNV-1a hash of the first n (at most MG_KEY_HASHED)
+// bytes of this CPU's key buffer. A global function: the verifier checks
+// its loop once, not on every path of the program that hashes a key.
+__attribute__((noinline)) __u64 key_hash(__u64 n)
+{
+	__u32 zero = 0;
+	struct keybuf *kb = bpf_map_lookup_elem(&keys, &zero);
+	if (!kb)
+		return 0;
+	__u64 h = 14695981039346656037ULL ^ key_salt;
+	for (int i = 0; i < MG_KEY_HASHED; i++) {
+		if (i >= n)
+			break;
+		h ^= (__u8)kb->b[i];
+		h *= 1099511628211ULL;
+	}
+	return h;
+}
+
 // read_key hashes the key a delete site was given (salted FNV-1a over its
 // first MG_KEY_HASHED bytes) and, only if capture_keys is set, keeps its
 // first MG_KEY_PREFIX bytes in p. Without capture_keys no key byte is
@@ -417,14 +436,7 @@ static __always_inline void read_key(const struct args *a, __u8 mode, __u64 typ,
 	}
 	if (mode == MG_KEY_U32 || mode == MG_KEY_U64)
 		p->key_len = (__u32)n;
-	__u64 h = 14695981039346656037ULL ^ key_salt;
-	for (int i = 0; i < MG_KEY_HASHED; i++) {
-		if (i >= n)
-			break;
-		h ^= (__u8)kb->b[i];
-		h *= 1099511628211ULL;
-	}
-	p->key_hash = h;
+	p->key_hash = key_hash(n);
 	if (capture_keys) {
 		__builtin_memcpy(p->prefix, kb->b, MG_KEY_PREFIX);
 		p->prefix_len = (__u32)(n < MG_KEY_PREFIX ? n : MG_KEY_PREFIX);
