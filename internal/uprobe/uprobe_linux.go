@@ -254,7 +254,7 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := u.checkCanaryLocked(ctx); err != nil {
 		return err
 	}
-	step("canary")
+	step("selfcheck")
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
