@@ -102,14 +102,18 @@ type BudgetStats struct {
 	Budget float64
 	// StepCost and EmulatedCost are what one trap costs with an empty BPF
 	// program, at an instruction the kernel single-steps and at one it
-	// emulates, as last measured on this machine (at Start, then every
-	// minute); Calibrations counts the measurements. LinkCost is the CPU
-	// time of attaching and detaching one probe.
+	// emulates, as last measured on this machine (just after Start
+	// returns, then every minute); Calibrations counts the measurements.
+	// LinkCost is the CPU time of attaching and detaching one probe.
+	// While Calibrations is 0 (not calibrated yet: the first takes tens of
+	// ms, in the background), the costs are assumed high, 50 us for every
+	// trap, so that the budget is not under-counted meanwhile.
 	StepCost, EmulatedCost, LinkCost time.Duration
 	Calibrations                     int
 	// Spent is the CPU time the probes cost since Start, as accounted:
 	// each hit at its site's cost (SiteStats.Cost), plus attaching,
-	// detaching and calibrating. Overhead is Spent / Elapsed.
+	// detaching and recalibrating (the first calibration is Start's
+	// cost). Overhead is Spent / Elapsed.
 	Spent, Elapsed time.Duration
 	Overhead       float64
 	// Sampled counts the sites being sampled now.

@@ -175,12 +175,11 @@ func (u *uprobes) siteCost(s *site) float64 {
 	return float64(u.floor(s)) + prog
 }
 
-// startGovernorLocked calibrates, attaches every site and starts the
-// governor with a full burst.
+// startGovernorLocked attaches every site and starts the governor with a
+// full burst, at assumed costs until the first calibration (the
+// governor's first tick, once Start has returned).
 func (u *uprobes) startGovernorLocked(now time.Time) error {
-	if _, err := u.calibrateLocked(); err != nil {
-		return err
-	}
+	u.assumeCostsLocked()
 	costs := make([]float64, len(u.sites))
 	for i, s := range u.sites {
 		costs[i] = u.siteCost(s)
@@ -247,8 +246,12 @@ func (u *uprobes) governLocked(now time.Time) {
 	if now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0 {
 		if d, err := u.calibrateLocked(); err != nil {
 			u.log.V(1).Info("recalibrate", "error", err.Error())
+			u.lastCalib = now // not again at every tick
 		} else {
-			extra += d
+			if u.calibrations > 1 {
+				extra += d // the first is start-up's cost, not the probes'
+			}
+			u.gov.cycle = float64(u.linkCost) // the first was assumed
 		}
 	}
 	u.gov.account(now, float64(spent), hits, float64(extra))

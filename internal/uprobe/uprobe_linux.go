@@ -267,6 +267,8 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := u.startGovernorLocked(time.Now()); err != nil {
 		return fmt.Errorf("start probe: cost governor: %w", err)
 	}
+	// The waker's first tick calibrates, once Start has returned.
+	u.wakeReader.Flush()
 	step("governor")
 	u.running = true
 	u.log.V(4).Info("probe started", append([]any{"sites", len(u.sites), "inactive", len(u.inactive),
@@ -435,6 +437,26 @@ func (u *uprobes) teardownLocked() {
 	u.coll, u.reader, u.ignore, u.stats, u.done, u.aggs, u.crash = nil, nil, nil, nil, nil, nil, nil
 }
 
+// Until the first calibration, which the governor's first tick runs just
+// after Start returns (it takes tens of ms, mostly waiting for the kernel
+// to detach its probes), every site's trap is taken to cost
+// assumedTrapCost: about twice the high end of a single-stepped trap
+// measured on the project's VMs (FACTS.md: 22-25 us; 27 us under load), so
+// that the budget is never under-counted meanwhile. assumedLinkCost is
+// the CPU time of attaching and detaching one link until then (measured:
+// 0.26-0.33 ms).
+const (
+	assumedTrapCost = 50 * time.Microsecond
+	assumedLinkCost = 500 * time.Microsecond
+)
+
+// assumeCostsLocked sets the assumed costs, before any calibration.
+func (u *uprobes) assumeCostsLocked() {
+	if u.calibrations == 0 {
+		u.stepCost, u.emuCost, u.linkCost = assumedTrapCost, assumedTrapCost, assumedLinkCost
+	}
+}
+
 // ctxErr is ctx's error as Start returns it, checked between its steps.
 func ctxErr(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
@@ -489,11 +511,11 @@ func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) erro
 }
 
 // armDefaultLocked attaches the always-on sites; the deep ones are armed
-// by the governor after the canary and the calibration.
+// by the governor after the canary.
 func (u *uprobes) armDefaultLocked() error {
 	for _, s := range u.sites {
 		if s.deep {
-			continue // armed after the canary and the calibration
+			continue // armed after the canary
 		}
 		if err := u.armLocked(s); err != nil {
 			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
