@@ -25,6 +25,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/go-logr/logr/funcr"
+
 	"github.com/mapguard/mapguard"
 )
 
@@ -90,7 +92,11 @@ func run() error {
 		}
 	}
 
-	g, err := mapguard.New(mapguard.Options{})
+	var opts mapguard.Options
+	if os.Getenv("MAPGUARD_BENCH_LOG") != "" {
+		opts.Logger = funcr.New(func(prefix, args string) { fmt.Fprintln(os.Stderr, prefix, args) }, funcr.Options{Verbosity: 4})
+	}
+	g, err := mapguard.New(opts)
 	if err != nil {
 		return err
 	}
