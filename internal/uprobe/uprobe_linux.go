@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -194,13 +195,40 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 		return err
 	}
 	u.multi = haveUprobeMulti() && !forceSingleLinks
+	u.deep = u.cfg.deep()
 	step("checks")
+
+	clock, err := newClock()
+	if err != nil {
+		return fmt.Errorf("start probe: %w", err)
+	}
+	if slices.Contains(u.cfg.kinds(), decode.ConcurrentMisuse) && !u.cfg.NoCrashRecord {
+		bias, err := selfLoadBias()
+		if err == nil {
+			u.own, err = newOwnBinary(bias, offsets, clock)
+		}
+		if err != nil {
+			u.crashUnavailableLocked(err)
+		}
+	}
+	// The kernel verifies the BPF programs on another core while the
+	// symbols are read and the sites chosen.
+	loading, err := u.startLoadLocked(offsets)
+	if err != nil {
+		return err
+	}
+	defer loading.discard() // a collection not taken below
+	step("crash")
 
 	bin, err := symbols.OpenSelf()
 	if err != nil {
 		return fmt.Errorf("start probe: read own symbols: %w: %w", probe.ErrNotSupported, err)
 	}
 	defer bin.Close()
+	if u.own != nil && u.own.bias != bin.LoadBias() {
+		return fmt.Errorf("start probe: load bias %#x from the auxiliary vector, %#x from the symbols: %w",
+			u.own.bias, bin.LoadBias(), probe.ErrLayoutMismatch)
+	}
 	step("symbols")
 	if err := u.chooseSites(bin); err != nil {
 		return err
@@ -220,17 +248,11 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
-	clock, err := newClock()
+	coll, err := loading.wait()
 	if err != nil {
-		return fmt.Errorf("start probe: %w", err)
+		return err
 	}
-	if u.watched[decode.ConcurrentMisuse] && !u.cfg.NoCrashRecord {
-		if u.own, err = newOwnBinary(bin, offsets, clock); err != nil {
-			u.crashUnavailableLocked(err)
-		}
-	}
-	step("crash")
-	if err := u.load(offsets); err != nil {
+	if err := u.finishLoadLocked(coll); err != nil {
 		return err
 	}
 	step("load")
