@@ -48,19 +48,23 @@ type loading struct {
 	err  error
 }
 
-// startLoadLocked prepares the collection (the crash store, every
-// variable, the sizes) and starts loading it.
-func (u *uprobes) startLoadLocked(o *rt.Offsets) (*loading, error) {
-	spec, opts, err := u.prepareLoadLocked(o)
-	if err != nil {
-		return nil, err
-	}
+// startLoadLocked starts preparing the collection (the crash store,
+// every variable, the sizes) and loading it. Until wait or discard has
+// returned, the loading goroutine owns the crash fields of u (crash,
+// crashPath, pending, crashDamaged, crashErr, own) and Start must not
+// touch them; it reads only the configuration and what Start set before.
+func (u *uprobes) startLoadLocked(o *rt.Offsets) *loading {
 	l := &loading{done: make(chan struct{})}
 	go func() {
 		defer close(l.done)
+		spec, opts, err := u.prepareLoadLocked(o)
+		if err != nil {
+			l.err = err
+			return
+		}
 		l.coll, l.err = loadCollection(spec, opts)
 	}()
-	return l, nil
+	return l
 }
 
 // wait returns the loaded collection, which the caller then owns.

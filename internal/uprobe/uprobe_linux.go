@@ -202,32 +202,34 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err != nil {
 		return fmt.Errorf("start probe: %w", err)
 	}
+	var bias uint64 // the crash store's, before the symbols are read
+	haveBias := false
 	if slices.Contains(u.cfg.kinds(), decode.ConcurrentMisuse) && !u.cfg.NoCrashRecord {
-		bias, err := selfLoadBias()
+		bias, err = selfLoadBias()
 		if err == nil {
+			haveBias = true
 			u.own, err = newOwnBinary(bias, offsets, clock)
 		}
 		if err != nil {
 			u.crashUnavailableLocked(err)
 		}
 	}
-	// The kernel verifies the BPF programs on another core while the
-	// symbols are read and the sites chosen.
-	loading, err := u.startLoadLocked(offsets)
-	if err != nil {
-		return err
-	}
+	// The BPF collection is prepared and loaded (the kernel verifies the
+	// programs) on another core while the symbols are read and the sites
+	// chosen. Its deferred discard runs before the teardown, which reads
+	// what it set.
+	loading := u.startLoadLocked(offsets)
 	defer loading.discard() // a collection not taken below
-	step("crash")
+	step("begin load")
 
 	bin, err := symbols.OpenSelf()
 	if err != nil {
 		return fmt.Errorf("start probe: read own symbols: %w: %w", probe.ErrNotSupported, err)
 	}
 	defer bin.Close()
-	if u.own != nil && u.own.bias != bin.LoadBias() {
+	if haveBias && bias != bin.LoadBias() {
 		return fmt.Errorf("start probe: load bias %#x from the auxiliary vector, %#x from the symbols: %w",
-			u.own.bias, bin.LoadBias(), probe.ErrLayoutMismatch)
+			bias, bin.LoadBias(), probe.ErrLayoutMismatch)
 	}
 	step("symbols")
 	if err := u.chooseSites(bin); err != nil {
