@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 )
 
 // openFile opens and indexes path. If trustSection is set and no base for
@@ -198,6 +199,20 @@ func moduledataText(r io.ReaderAt, ef *elf.File, tab *pclntab, size uint64) (uin
 // scanChunk is the size of the buffer sections are scanned through.
 const scanChunk = 256 << 10
 
+// chunks recycles the read buffers of section scans and of the function
+// table's windows (scanChunk = windowSize bytes each): opening a binary
+// used four or five, which were garbage right after.
+var chunks sync.Pool
+
+// getChunk returns a buffer of scanChunk bytes, to be put back in chunks.
+func getChunk() *[]byte {
+	if bp, ok := chunks.Get().(*[]byte); ok {
+		return bp
+	}
+	b := make([]byte, scanChunk)
+	return &b
+}
+
 // scanSection calls fn with the section's file-backed bytes, in chunks of
 // at most scanChunk bytes that overlap by overlap bytes, so that a record
 // of that size is whole in one of them. Chunks start at multiples of 8
@@ -208,7 +223,9 @@ func scanSection(r io.ReaderAt, s *elf.Section, fileSize uint64, overlap int, fn
 		return
 	}
 	step := uint64(scanChunk-overlap) &^ 7
-	buf := make([]byte, scanChunk)
+	bp := getChunk()
+	defer chunks.Put(bp)
+	buf := *bp
 	for off := uint64(0); off < s.FileSize; off += step {
 		d := buf[:min(uint64(scanChunk), s.FileSize-off)]
 		if _, err := r.ReadAt(d, int64(s.Offset+off)); err != nil {

@@ -23,6 +23,8 @@ func (b *Binary) index() error {
 	le := binary.LittleEndian
 	funcs := window{r: b.file, start: b.tab.off, end: b.tab.off + b.tab.size}
 	names := window{r: b.file, start: b.tab.off, end: b.tab.off + b.tab.size}
+	defer funcs.release()
+	defer names.release()
 	keys := make([]uint64, h.nfunc)
 	prev := uint64(0)
 	for i := range keys {
@@ -383,9 +385,19 @@ type window struct {
 	start, end uint64 // in the file
 	base       uint64 // offset of buf from start
 	buf        []byte
+	bp         *[]byte // buf's buffer, from chunks
 }
 
-const windowSize = 256 << 10
+const windowSize = scanChunk
+
+// release returns the window's buffer to chunks; nothing read through the
+// window may be used afterwards.
+func (w *window) release() {
+	if w.bp != nil {
+		chunks.Put(w.bp)
+	}
+	w.buf, w.bp = nil, nil
+}
 
 // at returns n <= windowSize bytes at offset off from the window's start.
 func (w *window) at(off, n uint64) ([]byte, error) {
@@ -424,7 +436,8 @@ func (w *window) fill(off uint64) error {
 		return fmt.Errorf("%w: pclntab offset %#x out of bounds", ErrFormat, off)
 	}
 	if w.buf == nil {
-		w.buf = make([]byte, windowSize)
+		w.bp = getChunk()
+		w.buf = *w.bp
 	}
 	w.buf = w.buf[:min(windowSize, w.end-w.start-off)]
 	if _, err := w.r.ReadAt(w.buf, int64(w.start+off)); err != nil {
