@@ -11,8 +11,10 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sync/atomic"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 
@@ -85,11 +87,33 @@ func (u *uprobes) setupCalibrationLocked(bin *symbols.Binary) error {
 	return nil
 }
 
-// calibrateLocked measures, with the empty program, what one trap costs at
-// a single-stepped and at an emulated instruction (the least of a few
-// runs: noise only adds), and the CPU time of attaching and detaching one
-// link. It returns the CPU time it spent.
+// calibrateLocked measures the trap costs again (measureTraps) and keeps
+// them. It returns the CPU time it spent.
 func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
+	c, err := u.measureTraps(u.coll.Programs[mapguardProgMapguardEmpty], nil)
+	if err != nil {
+		return 0, err
+	}
+	u.keepCalibrationLocked(c)
+	return c.spent, nil
+}
+
+// trapCosts is what one calibration measured.
+type trapCosts struct {
+	step, emu time.Duration // one trap
+	link      time.Duration // CPU time to attach and detach one link
+	spent     time.Duration // CPU time the calibration took
+}
+
+// errCalibrationStopped: the probe is being closed.
+var errCalibrationStopped = errors.New("calibration stopped: the probe is closing")
+
+// measureTraps measures, with the empty program prog, what one trap costs
+// at a single-stepped and at an emulated instruction (the least of a few
+// runs: noise only adds), and the CPU time of attaching and detaching one
+// link. It takes no lock: it uses only what Start set up (the calibration
+// sites, the executable). Once stop is set it attaches nothing more.
+func (u *uprobes) measureTraps(prog *ebpf.Program, stop *atomic.Bool) (c trapCosts, err error) {
 	m := map[int]int{}
 	// CPU time of this thread, not wall time: a trap is handled on the
 	// thread that took it, and a busy machine's preemptions do not count.
@@ -118,14 +142,17 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	c0 := threadCPU()
-	defer func() { spent = threadCPU() - c0 }()
+	defer func() { c.spent = threadCPU() - c0 }()
 	// One attachment per instruction kind (each detach waits for the
 	// kernel: ~30 ms for uprobe_multi, ~100 ms for a perf-event uprobe):
 	// the least of a few runs without, then with it.
 	measure := func(s *site, calls int) (time.Duration, error) {
 		base := least(calls)
+		if stop != nil && stop.Load() {
+			return 0, errCalibrationStopped
+		}
 		a0 := threadCPU()
-		l, err := u.attach(s, u.coll.Programs[mapguardProgMapguardEmpty])
+		l, err := u.attach(s, prog)
 		if err != nil {
 			return 0, err
 		}
@@ -133,8 +160,8 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 		with := least(calls)
 		a2 := threadCPU()
 		l.Close()
-		if c := a1 - a0 + threadCPU() - a2; u.linkCost == 0 || c < u.linkCost {
-			u.linkCost = c
+		if lc := a1 - a0 + threadCPU() - a2; c.link == 0 || lc < c.link {
+			c.link = lc
 		}
 		d := with.cpu - base.cpu
 		if d <= 0 {
@@ -142,18 +169,24 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 		}
 		return max(d/time.Duration(calls), time.Nanosecond), nil
 	}
-	step, err := measure(u.calib.step, calibrationStepCalls)
-	if err != nil {
-		return 0, fmt.Errorf("calibrate a single-stepped trap: %w", err)
+	if c.step, err = measure(u.calib.step, calibrationStepCalls); err != nil {
+		return c, fmt.Errorf("calibrate a single-stepped trap: %w", err)
 	}
-	emu, err := measure(u.calib.emu, calibrationEmuCalls)
-	if err != nil {
-		return 0, fmt.Errorf("calibrate an emulated trap: %w", err)
+	if c.emu, err = measure(u.calib.emu, calibrationEmuCalls); err != nil {
+		return c, fmt.Errorf("calibrate an emulated trap: %w", err)
 	}
-	u.stepCost, u.emuCost = step, emu
+	return c, nil
+}
+
+// keepCalibrationLocked keeps what a calibration measured; the link cost
+// is the least measured (the first replaces the assumed one).
+func (u *uprobes) keepCalibrationLocked(c trapCosts) {
+	u.stepCost, u.emuCost = c.step, c.emu
+	if u.calibrations == 0 || c.link < u.linkCost {
+		u.linkCost = c.link
+	}
 	u.lastCalib = time.Now()
 	u.calibrations++
-	return 0, nil
 }
 
 // floor is what a trap costs at s's instruction, as last calibrated.
@@ -243,15 +276,12 @@ func (u *uprobes) governLocked(now time.Time) {
 	}
 	extra := u.extra
 	u.extra = 0
-	if now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0 {
+	// The first calibration is the waker's, off u.mu (calibrateFirst).
+	if !u.lastCalib.IsZero() && now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0 {
 		if d, err := u.calibrateLocked(); err != nil {
 			u.log.V(1).Info("recalibrate", "error", err.Error())
-			u.lastCalib = now // not again at every tick
 		} else {
-			if u.calibrations > 1 {
-				extra += d // the first is start-up's cost, not the probes'
-			}
-			u.gov.cycle = float64(u.linkCost) // the first was assumed
+			extra += d
 		}
 	}
 	u.gov.account(now, float64(spent), hits, float64(extra))
@@ -355,6 +385,7 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 		switch {
 		case err == nil, errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, ringbuf.ErrFlushed):
 			u.tickFrom(time.Now(), false)
+			u.calibrateFirst() // once, after Start (uprobe_linux.go)
 		default:
 			return // closed
 		}

@@ -71,6 +71,8 @@ type uprobes struct {
 	linkCost     time.Duration // CPU time to attach and detach one link
 	lastCalib    time.Time
 	calibrations int
+	calibrating  bool          // the first calibration is under way (calibrateFirst)
+	calibStop    atomic.Bool   // set by teardown: the first calibration attaches nothing more
 	extra        time.Duration // CPU time spent attaching and detaching since the last tick
 	detaching    int
 	detaches     sync.WaitGroup
@@ -394,6 +396,7 @@ func (u *uprobes) Close() error {
 // Close is lost.
 func (u *uprobes) teardownLocked() {
 	u.stopping = true // tick must not re-arm anything from here on
+	u.calibStop.Store(true)
 	// Detaches the governor started finish first.
 	u.mu.Unlock()
 	u.detaches.Wait()
@@ -478,6 +481,45 @@ const (
 func (u *uprobes) assumeCostsLocked() {
 	if u.calibrations == 0 {
 		u.stepCost, u.emuCost, u.linkCost = assumedTrapCost, assumedTrapCost, assumedLinkCost
+	}
+}
+
+// calibrateFirst runs the first calibration, once, on the waker's
+// goroutine after Start has returned, without u.mu: it waits tens of ms
+// for the kernel to detach its probes, which neither Stats nor the reader
+// should wait for, and a Close meanwhile waits at most for the detach in
+// flight (calibStop; teardown waits for the waker before it frees the
+// program). Its CPU time is start-up's, not charged to the budget. If it
+// fails, the assumed costs stay until the next calibration, a minute on.
+func (u *uprobes) calibrateFirst() {
+	u.mu.Lock()
+	if !u.running || u.stopping || u.calibrating || !u.lastCalib.IsZero() || u.coll == nil {
+		u.mu.Unlock()
+		return
+	}
+	u.calibrating = true
+	prog := u.coll.Programs[mapguardProgMapguardEmpty]
+	u.mu.Unlock()
+
+	c, err := u.measureTraps(prog, &u.calibStop)
+
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.calibrating = false
+	if u.stopping {
+		return
+	}
+	if err != nil {
+		u.log.V(1).Info("calibrate trap costs; assumed costs kept", "error", err.Error())
+		u.lastCalib = time.Now()
+		return
+	}
+	u.keepCalibrationLocked(c)
+	if u.gov != nil {
+		u.gov.cycle = float64(u.linkCost) // the assumed one until now
+		if err := u.pushCostsLocked(false); err != nil {
+			u.log.V(1).Info("set probe costs", "error", err.Error())
+		}
 	}
 }
 
