@@ -246,20 +246,55 @@ func symbolValues(r io.ReaderAt, ef *elf.File, fileSize uint64, names ...string)
 		return nil
 	}
 	strtab := ef.Sections[symtab.Link]
+	if len(names) == 0 {
+		return nil
+	}
 	longest := 0
 	for _, n := range names {
 		longest = max(longest, len(n)+2)
 	}
+	pats := make([][]byte, len(names))
+	for k, n := range names {
+		pats[k] = []byte("\x00" + n + "\x00")
+	}
+	// One search for what the patterns start with ("\x00runtime." for the
+	// names openFile wants), then each pattern at its hits: one pass over
+	// a large program's string table rather than one per name.
+	prefix := pats[0]
+	for _, p := range pats[1:] {
+		n := 0
+		for n < len(prefix) && n < len(p) && prefix[n] == p[n] {
+			n++
+		}
+		prefix = prefix[:n]
+	}
+	if len(prefix) < 4 {
+		prefix = nil // too common to search for: each pattern on its own
+	}
 	byOff := map[uint64]string{}
 	scanSection(r, strtab, fileSize, longest, func(d []byte, off uint64) bool {
-		for _, n := range names {
-			pat := "\x00" + n + "\x00"
+		if prefix != nil {
 			for i := 0; ; {
-				j := bytes.Index(d[i:], []byte(pat))
+				j := bytes.Index(d[i:], prefix)
 				if j < 0 {
 					break
 				}
-				byOff[off+uint64(i+j+1)] = n
+				for k, p := range pats {
+					if bytes.HasPrefix(d[i+j:], p) {
+						byOff[off+uint64(i+j+1)] = names[k]
+					}
+				}
+				i += j + 1
+			}
+			return false
+		}
+		for k, p := range pats {
+			for i := 0; ; {
+				j := bytes.Index(d[i:], p)
+				if j < 0 {
+					break
+				}
+				byOff[off+uint64(i+j+1)] = names[k]
 				i += j + 1
 			}
 		}
