@@ -136,6 +136,13 @@ func (u *uprobes) prepareLoadLocked(o *rt.Offsets) (*ebpf.CollectionSpec, ebpf.C
 	}
 	if !u.deep {
 		delete(spec.Programs, mapguardProgMapguardDeep)
+		// Only the deep program writes these (the site program looks up
+		// a crash's peer in two of them, which then stay empty): one
+		// entry each rather than the kernel preallocating thousands,
+		// about 3 ms of a Start.
+		for _, name := range []string{mapguardMapDeletes, mapguardMapMapWriters, mapguardMapGoidMap} {
+			spec.Maps[name].MaxEntries = 1
+		}
 	}
 	if u.multi {
 		for _, p := range spec.Programs {
