@@ -28,6 +28,7 @@ type startupResult struct {
 	RSSClosed   int64 `json:"rss_closed"`
 	RSSClosedGC int64 `json:"rss_closed_gc"`
 	ExeBytes    int64 `json:"exe_bytes"`
+	StartAlloc  int64 `json:"start_alloc_bytes"`
 }
 
 // BenchmarkStartup measures Start and Close with the default options in a
@@ -43,7 +44,9 @@ type startupResult struct {
 // peak-MB, the most resident memory Start added (VmHWM, reset before
 // Start, minus VmRSS before); started-MB, what it holds once started;
 // closed-MB, what is left right after Close; closed-gc-MB, what is left
-// after a GC and debug.FreeOSMemory. ns/op is the whole child process.
+// after a GC and debug.FreeOSMemory; start-alloc-MB, the heap Start
+// allocated (garbage included: the heap grows by it until the collector
+// runs). ns/op is the whole child process.
 //
 // With MAPGUARD_BENCH_BASELINE set to another checkout of mapguard (for
 // example a git archive of main), each program is also built against it
@@ -70,6 +73,7 @@ func BenchmarkStartup(b *testing.B) {
 					sum.RSSClosed += r.RSSClosed - r.RSSBefore
 					sum.RSSClosedGC += r.RSSClosedGC - r.RSSBefore
 					sum.ExeBytes = r.ExeBytes
+					sum.StartAlloc += r.StartAlloc
 				}
 				n := float64(b.N)
 				const ms, mb = 1e6, 1 << 20
@@ -82,6 +86,7 @@ func BenchmarkStartup(b *testing.B) {
 				b.ReportMetric(float64(sum.RSSClosed)/n/mb, "closed-MB")
 				b.ReportMetric(float64(sum.RSSClosedGC)/n/mb, "closed-gc-MB")
 				b.ReportMetric(float64(sum.ExeBytes)/mb, "exe-MB")
+				b.ReportMetric(float64(sum.StartAlloc)/n/mb, "start-alloc-MB")
 			})
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 )
 
 // openFile opens and indexes path. If trustSection is set and no base for
@@ -198,6 +199,20 @@ func moduledataText(r io.ReaderAt, ef *elf.File, tab *pclntab, size uint64) (uin
 // scanChunk is the size of the buffer sections are scanned through.
 const scanChunk = 256 << 10
 
+// chunks recycles the read buffers of section scans and of the function
+// table's windows (scanChunk = windowSize bytes each): opening a binary
+// used four or five, which were garbage right after.
+var chunks sync.Pool
+
+// getChunk returns a buffer of scanChunk bytes, to be put back in chunks.
+func getChunk() *[]byte {
+	if bp, ok := chunks.Get().(*[]byte); ok {
+		return bp
+	}
+	b := make([]byte, scanChunk)
+	return &b
+}
+
 // scanSection calls fn with the section's file-backed bytes, in chunks of
 // at most scanChunk bytes that overlap by overlap bytes, so that a record
 // of that size is whole in one of them. Chunks start at multiples of 8
@@ -208,7 +223,9 @@ func scanSection(r io.ReaderAt, s *elf.Section, fileSize uint64, overlap int, fn
 		return
 	}
 	step := uint64(scanChunk-overlap) &^ 7
-	buf := make([]byte, scanChunk)
+	bp := getChunk()
+	defer chunks.Put(bp)
+	buf := *bp
 	for off := uint64(0); off < s.FileSize; off += step {
 		d := buf[:min(uint64(scanChunk), s.FileSize-off)]
 		if _, err := r.ReadAt(d, int64(s.Offset+off)); err != nil {
@@ -229,20 +246,55 @@ func symbolValues(r io.ReaderAt, ef *elf.File, fileSize uint64, names ...string)
 		return nil
 	}
 	strtab := ef.Sections[symtab.Link]
+	if len(names) == 0 {
+		return nil
+	}
 	longest := 0
 	for _, n := range names {
 		longest = max(longest, len(n)+2)
 	}
+	pats := make([][]byte, len(names))
+	for k, n := range names {
+		pats[k] = []byte("\x00" + n + "\x00")
+	}
+	// One search for what the patterns start with ("\x00runtime." for the
+	// names openFile wants), then each pattern at its hits: one pass over
+	// a large program's string table rather than one per name.
+	prefix := pats[0]
+	for _, p := range pats[1:] {
+		n := 0
+		for n < len(prefix) && n < len(p) && prefix[n] == p[n] {
+			n++
+		}
+		prefix = prefix[:n]
+	}
+	if len(prefix) < 4 {
+		prefix = nil // too common to search for: each pattern on its own
+	}
 	byOff := map[uint64]string{}
 	scanSection(r, strtab, fileSize, longest, func(d []byte, off uint64) bool {
-		for _, n := range names {
-			pat := "\x00" + n + "\x00"
+		if prefix != nil {
 			for i := 0; ; {
-				j := bytes.Index(d[i:], []byte(pat))
+				j := bytes.Index(d[i:], prefix)
 				if j < 0 {
 					break
 				}
-				byOff[off+uint64(i+j+1)] = n
+				for k, p := range pats {
+					if bytes.HasPrefix(d[i+j:], p) {
+						byOff[off+uint64(i+j+1)] = names[k]
+					}
+				}
+				i += j + 1
+			}
+			return false
+		}
+		for k, p := range pats {
+			for i := 0; ; {
+				j := bytes.Index(d[i:], p)
+				if j < 0 {
+					break
+				}
+				byOff[off+uint64(i+j+1)] = names[k]
 				i += j + 1
 			}
 		}

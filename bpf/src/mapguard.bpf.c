@@ -187,27 +187,27 @@ static __always_inline __u64 read_size(__u64 n, __u64 max)
 	return (n & (max - 1)) + 1;
 }
 
+// read_u64, read_u16 and read_u8 read user memory, 0 where it cannot be
+// read: the helper zeroes its buffer on failure, and testing its result
+// would only add a branch for the verifier to explore at every read.
 static __always_inline __u64 read_u64(__u64 addr)
 {
-	__u64 v = 0;
-	if (bpf_probe_read_user(&v, sizeof(v), (const void *)addr) < 0)
-		return 0;
+	__u64 v;
+	bpf_probe_read_user(&v, sizeof(v), (const void *)addr);
 	return v;
 }
 
 static __always_inline __u64 read_u16(__u64 addr)
 {
-	__u16 v = 0;
-	if (bpf_probe_read_user(&v, sizeof(v), (const void *)addr) < 0)
-		return 0;
+	__u16 v;
+	bpf_probe_read_user(&v, sizeof(v), (const void *)addr);
 	return v;
 }
 
 static __always_inline __u64 read_u8(__u64 addr)
 {
-	__u8 v = 0;
-	if (bpf_probe_read_user(&v, sizeof(v), (const void *)addr) < 0)
-		return 0;
+	__u8 v;
+	bpf_probe_read_user(&v, sizeof(v), (const void *)addr);
 	return v;
 }
 
@@ -247,7 +247,11 @@ static __always_inline __u64 arg_reg(const struct args *a, __u8 reg)
 // group), else the sum of the capacities of its distinct tables (a table of
 // local depth l fills 2^(globalDepth-l) directory entries). Past
 // MG_MAX_TABLES tables the rest is extrapolated.
-static __always_inline __u64 map_capacity(__u64 m)
+//
+// A global function: the verifier checks it once, on its own, rather than
+// once for every path of the program that reaches it (its loop is most of
+// what it would explore otherwise).
+__attribute__((noinline)) __u64 map_capacity(__u64 m)
 {
 	__s64 dir_len = (__s64)read_u64(m + map_dir_len_offset);
 	if (dir_len <= 0)
@@ -363,6 +367,25 @@ static __always_inline __u64 map_type(__u64 typ)
 	return typ;
 }
 
+// key_hash is the salted FNV-1a hash of the first n (at most MG_KEY_HASHED)
+// bytes of this CPU's key buffer. A global function: the verifier checks
+// its loop once, not on every path of the program that hashes a key.
+__attribute__((noinline)) __u64 key_hash(__u64 n)
+{
+	__u32 zero = 0;
+	struct keybuf *kb = bpf_map_lookup_elem(&keys, &zero);
+	if (!kb)
+		return 0;
+	__u64 h = 14695981039346656037ULL ^ key_salt;
+	for (int i = 0; i < MG_KEY_HASHED; i++) {
+		if (i >= n)
+			break;
+		h ^= (__u8)kb->b[i];
+		h *= 1099511628211ULL;
+	}
+	return h;
+}
+
 // read_key hashes the key a delete site was given (salted FNV-1a over its
 // first MG_KEY_HASHED bytes) and, only if capture_keys is set, keeps its
 // first MG_KEY_PREFIX bytes in p. Without capture_keys no key byte is
@@ -413,14 +436,7 @@ static __always_inline void read_key(const struct args *a, __u8 mode, __u64 typ,
 	}
 	if (mode == MG_KEY_U32 || mode == MG_KEY_U64)
 		p->key_len = (__u32)n;
-	__u64 h = 14695981039346656037ULL ^ key_salt;
-	for (int i = 0; i < MG_KEY_HASHED; i++) {
-		if (i >= n)
-			break;
-		h ^= (__u8)kb->b[i];
-		h *= 1099511628211ULL;
-	}
-	p->key_hash = h;
+	p->key_hash = key_hash(n);
 	if (capture_keys) {
 		__builtin_memcpy(p->prefix, kb->b, MG_KEY_PREFIX);
 		p->prefix_len = (__u32)(n < MG_KEY_PREFIX ? n : MG_KEY_PREFIX);

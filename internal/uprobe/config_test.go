@@ -45,6 +45,25 @@ func TestDefaultKindsAreNotDeep(t *testing.T) {
 	}
 }
 
+// Config.deep decides, before the sites are chosen, whether the deep
+// program is loaded: a deep kind or operation statistics.
+func TestConfigDeep(t *testing.T) {
+	for _, tc := range []struct {
+		c    Config
+		want bool
+	}{
+		{Config{}, false},
+		{Config{Kinds: []decode.Kind{decode.NilMapWrite}}, false},
+		{Config{Kinds: []decode.Kind{decode.NilMapWrite, decode.SharedWriters}}, true},
+		{Config{Kinds: []decode.Kind{decode.MissingKeyDelete}}, true},
+		{Config{OpStats: true}, true},
+	} {
+		if got := tc.c.deep(); got != tc.want {
+			t.Errorf("%+v: deep() = %v, want %v", tc.c, got, tc.want)
+		}
+	}
+}
+
 func TestRingSize(t *testing.T) {
 	for _, tc := range []struct {
 		events int

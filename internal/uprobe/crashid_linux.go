@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"debug/elf"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"hash/fnv"
 	"os"
@@ -131,6 +132,29 @@ func mainPackage() string {
 		return bi.Path
 	}
 	return ""
+}
+
+// selfLoadBias is the difference between this process's runtime and
+// link-time addresses, AT_ENTRY less the ELF entry point, as
+// symbols.OpenSelf finds it (Start checks that the two agree): the crash
+// store needs it before the symbols are read.
+func selfLoadBias() (uint64, error) {
+	const atEntry = 9
+	f, err := elf.Open(selfExe)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	auxv, err := unix.Auxv()
+	if err != nil {
+		return 0, fmt.Errorf("read auxiliary vector: %w", err)
+	}
+	for _, kv := range auxv {
+		if kv[0] == atEntry {
+			return uint64(kv[1]) - f.Entry, nil
+		}
+	}
+	return 0, errors.New("read auxiliary vector: no AT_ENTRY")
 }
 
 // buildID identifies the build of the executable at path: a hash of its Go

@@ -179,7 +179,9 @@ type ownBinary struct {
 	dec   *wire.Decoder
 }
 
-func newOwnBinary(bin *symbols.Binary, o *rt.Offsets, clock wire.Clock) (*ownBinary, error) {
+// newOwnBinary describes this binary, loaded at bias from its link-time
+// addresses.
+func newOwnBinary(bias uint64, o *rt.Offsets, clock wire.Clock) (*ownBinary, error) {
 	id, err := buildID(selfExe)
 	if err != nil {
 		return nil, err
@@ -187,7 +189,7 @@ func newOwnBinary(bin *symbols.Binary, o *rt.Offsets, clock wire.Clock) (*ownBin
 	cfg := decoderConfig(o, clock)
 	cfg.StackDepth = decode.MaxFrames
 	cfg.Scope, cfg.MissScope = nil, nil
-	return &ownBinary{bias: bin.LoadBias(), exeID: id, dec: wire.NewDecoder(cfg)}, nil
+	return &ownBinary{bias: bias, exeID: id, dec: wire.NewDecoder(cfg)}, nil
 }
 
 func openOwnBinary() (*ownBinary, error) {
@@ -204,7 +206,7 @@ func openOwnBinary() (*ownBinary, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newOwnBinary(bin, o, clock)
+	return newOwnBinary(bin.LoadBias(), o, clock)
 }
 
 // check returns why the addresses in a crash record of this build cannot

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
@@ -88,11 +89,34 @@ func (u *uprobes) setupCalibrationLocked(bin *symbols.Binary) error {
 	return nil
 }
 
-// calibrateLocked measures, with the empty program, what one trap costs at
-// a single-stepped and at an emulated instruction (the least of a few
-// runs: noise only adds), and the CPU time of attaching and detaching one
-// link. It returns the CPU time it spent.
+// calibrateLocked measures the trap costs again (measureTraps) and keeps
+// them. It returns the CPU time it spent.
 func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
+	c, err := u.measureTraps(u.coll.Programs[mapguardProgMapguardEmpty], nil)
+	if err != nil {
+		return 0, err
+	}
+	u.keepCalibrationLocked(c)
+	return c.spent, nil
+}
+
+// trapCosts is what one calibration measured.
+type trapCosts struct {
+	step, emu time.Duration // one trap
+	link      time.Duration // CPU time to attach and detach one link, on the attaching thread
+	others    time.Duration // what the cycle costs the rest of the process
+	spent     time.Duration // CPU time the calibration took
+}
+
+// errCalibrationStopped: the probe is being closed.
+var errCalibrationStopped = errors.New("calibration stopped: the probe is closing")
+
+// measureTraps measures, with the empty program prog, what one trap costs
+// at a single-stepped and at an emulated instruction (the least of a few
+// runs: noise only adds), and the CPU time of attaching and detaching one
+// link. It takes no lock: it uses only what Start set up (the calibration
+// sites, the executable). Once stop is set it attaches nothing more.
+func (u *uprobes) measureTraps(prog *ebpf.Program, stop *atomic.Bool) (c trapCosts, err error) {
 	m := map[int]int{}
 	// CPU time of this thread, not wall time: a trap is handled on the
 	// thread that took it, and a busy machine's preemptions do not count.
@@ -121,7 +145,7 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	c0 := threadCPU()
-	defer func() { spent = threadCPU() - c0 }()
+	defer func() { c.spent = threadCPU() - c0 }()
 	// One attachment per instruction kind (each detach waits for the
 	// kernel: ~30 ms for uprobe_multi, ~100 ms for a perf-event uprobe):
 	// the least of a few runs without, then with it.
@@ -133,11 +157,13 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 	// process's CPU around the cycle, less this thread's, is that share;
 	// the least seen since Start is kept (other work of the process only
 	// adds to it).
-	var threadLink time.Duration
 	measure := func(s *site, calls int) (time.Duration, error) {
 		base := least(calls)
+		if stop != nil && stop.Load() {
+			return 0, errCalibrationStopped
+		}
 		a0, p0 := threadCPU(), processCPU()
-		l, err := u.attach(s, u.coll.Programs[mapguardProgMapguardEmpty])
+		l, err := u.attach(s, prog)
 		if err != nil {
 			return 0, err
 		}
@@ -146,11 +172,11 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 		a2 := threadCPU()
 		l.Close()
 		a3, p3 := threadCPU(), processCPU()
-		if c := a1 - a0 + a3 - a2; threadLink == 0 || c < threadLink {
-			threadLink = c
+		if lc := a1 - a0 + a3 - a2; c.link == 0 || lc < c.link {
+			c.link = lc
 		}
-		if o := max(p3-p0-(a3-a0), 0); u.calibrations == 0 || o < u.linkOthers {
-			u.linkOthers = o
+		if o := max(p3-p0-(a3-a0), 0); c.others == 0 || o < c.others {
+			c.others = o
 		}
 		d := with.cpu - base.cpu
 		if d <= 0 {
@@ -158,22 +184,31 @@ func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
 		}
 		return max(d/time.Duration(calls), time.Nanosecond), nil
 	}
-	step, err := measure(u.calib.step, calibrationStepCalls)
-	if err != nil {
-		return 0, fmt.Errorf("calibrate a single-stepped trap: %w", err)
+	if c.step, err = measure(u.calib.step, calibrationStepCalls); err != nil {
+		return c, fmt.Errorf("calibrate a single-stepped trap: %w", err)
 	}
-	emu, err := measure(u.calib.emu, calibrationEmuCalls)
-	if err != nil {
-		return 0, fmt.Errorf("calibrate an emulated trap: %w", err)
+	if c.emu, err = measure(u.calib.emu, calibrationEmuCalls); err != nil {
+		return c, fmt.Errorf("calibrate an emulated trap: %w", err)
 	}
-	u.stepCost, u.emuCost = step, emu
-	u.linkCost = threadLink + u.linkOthers
+	return c, nil
+}
+
+// keepCalibrationLocked keeps what a calibration measured; the link cost
+// is the least measured (the first replaces the assumed one).
+func (u *uprobes) keepCalibrationLocked(c trapCosts) {
+	u.stepCost, u.emuCost = c.step, c.emu
+	if u.calibrations == 0 || c.link < u.linkThread {
+		u.linkThread = c.link
+	}
+	if u.calibrations == 0 || c.others < u.linkOthers {
+		u.linkOthers = c.others
+	}
+	u.linkCost = u.linkThread + u.linkOthers
 	if u.gov != nil {
 		u.gov.cycle = float64(u.linkCost)
 	}
 	u.lastCalib = time.Now()
 	u.calibrations++
-	return 0, nil
 }
 
 // floor is what a trap costs at s's instruction, as last calibrated.
@@ -195,12 +230,11 @@ func (u *uprobes) siteCost(s *site) float64 {
 	return float64(u.floor(s)) + prog
 }
 
-// startGovernorLocked calibrates, attaches every site and starts the
-// governor with a full burst.
+// startGovernorLocked attaches every site and starts the governor with a
+// full burst, at assumed costs until the first calibration (the
+// governor's first tick, once Start has returned).
 func (u *uprobes) startGovernorLocked(now time.Time) error {
-	if _, err := u.calibrateLocked(); err != nil {
-		return err
-	}
+	u.assumeCostsLocked()
 	costs := make([]float64, len(u.sites))
 	for i, s := range u.sites {
 		costs[i] = u.siteCost(s)
@@ -267,7 +301,9 @@ func (u *uprobes) governLocked(now time.Time) {
 	// their own and book theirs in u.extra.
 	extra := u.extra + time.Duration(u.ownCPU.Swap(0))
 	u.extra = 0
-	if now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0 {
+	// The first calibration is the waker's, off u.mu (calibrateFirst); a
+	// recalibration runs here, on a metered thread (its CPU is in ownCPU).
+	if !u.lastCalib.IsZero() && now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0 {
 		if _, err := u.calibrateLocked(); err != nil {
 			u.log.V(1).Info("recalibrate", "error", err.Error())
 		}
@@ -448,6 +484,10 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 		case err == nil, errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, ringbuf.ErrFlushed):
 			cpu.book()
 			u.tickFrom(time.Now(), false)
+			if u.calibrateFirst() { // once, after Start (uprobe_linux.go)
+				cpu.book()      // the tick's share
+				cpu.skip = true // the first calibration is start-up's cost, not the budget's
+			}
 		default:
 			return // closed
 		}

@@ -38,12 +38,63 @@ func decoderConfig(o *rt.Offsets, clock wire.Clock) wire.Config {
 	}
 }
 
-// load is long because it sets every variable the BPF program reads,
-// in one place, next to the checks of each.
-func (u *uprobes) load(o *rt.Offsets) error {
+// loading is the BPF collection being loaded, on a goroutine of its own:
+// the kernel's verifier takes most of what loading costs, and it needs
+// neither the symbols nor the sites, which Start reads and chooses
+// meanwhile.
+type loading struct {
+	done chan struct{}
+	coll *ebpf.Collection
+	err  error
+}
+
+// startLoadLocked starts preparing the collection (the crash store,
+// every variable, the sizes) and loading it. Until wait or discard has
+// returned, the loading goroutine owns the crash fields of u (crash,
+// crashPath, pending, crashDamaged, crashErr, own) and Start must not
+// touch them; it reads only the configuration and what Start set before.
+func (u *uprobes) startLoadLocked(o *rt.Offsets) *loading {
+	l := &loading{done: make(chan struct{})}
+	go func() {
+		defer close(l.done)
+		spec, opts, err := u.prepareLoadLocked(o)
+		if err != nil {
+			l.err = err
+			return
+		}
+		l.coll, l.err = loadCollection(spec, opts)
+	}()
+	return l
+}
+
+// wait returns the loaded collection, which the caller then owns.
+func (l *loading) wait() (*ebpf.Collection, error) {
+	<-l.done
+	coll := l.coll
+	l.coll = nil
+	return coll, l.err
+}
+
+// discard waits for the load to end and closes the collection unless wait
+// took it, so that a Start that fails leaves nothing behind.
+func (l *loading) discard() {
+	if l == nil {
+		return
+	}
+	<-l.done
+	if l.coll != nil {
+		l.coll.Close()
+		l.coll = nil
+	}
+}
+
+// prepareLoadLocked is long because it sets every variable the BPF program
+// reads, in one place, next to the checks of each.
+func (u *uprobes) prepareLoadLocked(o *rt.Offsets) (*ebpf.CollectionSpec, ebpf.CollectionOptions, error) {
+	var opts ebpf.CollectionOptions
 	spec, err := loadMapguard()
 	if err != nil {
-		return fmt.Errorf("start probe: %w", err)
+		return nil, opts, fmt.Errorf("start probe: %w", err)
 	}
 	if u.own != nil {
 		take, err := acquireCrashStore(spec.Maps[mapguardMapCrashes], u.own, u.log)
@@ -76,7 +127,7 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		mapguardVarTypeSizeOffset:        o.TypeSize,
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
-			return fmt.Errorf("start probe: set %s: %w", name, err)
+			return nil, opts, fmt.Errorf("start probe: set %s: %w", name, err)
 		}
 	}
 	spec.Maps[mapguardMapEvents].MaxEntries = ringSize(u.cfg.bufferSize())
@@ -85,32 +136,56 @@ func (u *uprobes) load(o *rt.Offsets) error {
 	}
 	if !u.deep {
 		delete(spec.Programs, mapguardProgMapguardDeep)
+		// Only the deep program writes these (the site program looks up
+		// a crash's peer in two of them, which then stay empty): one
+		// entry each rather than the kernel preallocating thousands,
+		// about 3 ms of a Start.
+		for _, name := range []string{mapguardMapDeletes, mapguardMapMapWriters, mapguardMapGoidMap} {
+			spec.Maps[name].MaxEntries = 1
+		}
 	}
 	if u.multi {
 		for _, p := range spec.Programs {
 			p.AttachType = ebpf.AttachTraceUprobeMulti
 		}
 	}
-
-	var opts ebpf.CollectionOptions
 	if u.crash != nil {
 		opts.MapReplacements = map[string]*ebpf.Map{mapguardMapCrashes: u.crash.m}
 	}
+	return spec, opts, nil
+}
 
+// loadCollection creates the maps and loads the programs; the kernel
+// verifies each program.
+func loadCollection(spec *ebpf.CollectionSpec, opts ebpf.CollectionOptions) (*ebpf.Collection, error) {
 	coll, err := ebpf.NewCollectionWithOptions(spec, opts)
 	if err != nil {
 		var verr *ebpf.VerifierError
 		if !errors.As(err, &verr) && (errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES)) {
-			return fmt.Errorf("start probe: load BPF: %w: %w", probe.ErrPermission, err)
+			return nil, fmt.Errorf("start probe: load BPF: %w: %w", probe.ErrPermission, err)
 		}
 		if errors.As(err, &verr) {
 			// The kernel's verifier rejected the program: this kernel cannot
 			// run it (not a privilege, though the errno says EACCES).
-			return fmt.Errorf("start probe: load BPF: the kernel's verifier rejected the program: %w: %w", probe.ErrNotSupported, err)
+			return nil, fmt.Errorf("start probe: load BPF: the kernel's verifier rejected the program: %w: %w", probe.ErrNotSupported, err)
 		}
-		return fmt.Errorf("start probe: load BPF: %w", err)
+		return nil, fmt.Errorf("start probe: load BPF: %w", err)
 	}
+	return coll, nil
+}
+
+// finishLoadLocked takes the loaded collection and configures the sites
+// chosen meanwhile.
+func (u *uprobes) finishLoadLocked(coll *ebpf.Collection) error {
 	u.coll = coll
+	if v := u.log.V(4); v.Enabled() {
+		for name, p := range coll.Programs {
+			if info, err := p.Info(); err == nil {
+				insns, _ := info.VerifiedInstructions()
+				v.Info("BPF program loaded", "program", name, "verifiedInstructions", insns)
+			}
+		}
+	}
 	u.stats = coll.Variables[mapguardVarStats]
 	u.costVar = coll.Variables[mapguardVarSiteCost]
 	u.spentVar = coll.Variables[mapguardVarSpentNs]
@@ -128,6 +203,7 @@ func (u *uprobes) load(o *rt.Offsets) error {
 		}
 	}
 
+	var err error
 	u.ex, err = link.OpenExecutable(selfExe)
 	if err != nil {
 		return fmt.Errorf("start probe: %w", err)

@@ -42,8 +42,7 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 			continue
 		}
 		if decode.IsDeep(kind) {
-			u.watched[kind] = true
-			u.deep = true
+			u.watched[kind] = true // u.deep is set (Config.deep)
 			continue
 		}
 		ts, ok := targets[kind]
@@ -111,9 +110,6 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 				u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: w.kind, fn: fn, found: f})
 			}
 		}
-	}
-	if u.cfg.OpStats {
-		u.deep = true
 	}
 	if u.deep {
 		return u.chooseDeepSites(bin, callee, wraps)

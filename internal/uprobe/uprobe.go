@@ -2,6 +2,7 @@ package uprobe
 
 import (
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -79,6 +80,12 @@ func (c Config) kinds() []decode.Kind {
 		return DefaultKinds()
 	}
 	return c.Kinds
+}
+
+// deep reports whether deep sites are wanted: a deep kind, or operation
+// statistics.
+func (c Config) deep() bool {
+	return c.OpStats || slices.ContainsFunc(c.kinds(), decode.IsDeep)
 }
 
 func (c Config) bufferSize() int {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -68,9 +69,12 @@ type uprobes struct {
 	stepCost     time.Duration
 	emuCost      time.Duration
 	linkCost     time.Duration // CPU time to attach and detach one link
+	linkThread   time.Duration // the part of linkCost on the attaching thread (least calibrated)
 	linkOthers   time.Duration // the part of linkCost not on the attaching thread
 	lastCalib    time.Time
 	calibrations int
+	calibrating  bool          // the first calibration is under way (calibrateFirst)
+	calibStop    atomic.Bool   // set by teardown: the first calibration attaches nothing more
 	extra        time.Duration // CPU time spent attaching and detaching since the last tick
 	ownCPU       atomic.Int64  // ns of CPU the Guard's goroutines used since the last tick (cpuMeter)
 	detaching    int
@@ -155,6 +159,14 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	u.started = true
 	u.sink = sink
 	begin := time.Now()
+	// Wall time per step, for the V(4) log.
+	var steps []any
+	last := begin
+	step := func(name string) {
+		now := time.Now()
+		steps = append(steps, name, now.Sub(last))
+		last = now
+	}
 
 	defer func() {
 		if err != nil {
@@ -187,15 +199,47 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 		return err
 	}
 	u.multi = haveUprobeMulti() && !forceSingleLinks
+	u.deep = u.cfg.deep()
+	step("checks")
+
+	clock, err := newClock()
+	if err != nil {
+		return fmt.Errorf("start probe: %w", err)
+	}
+	var bias uint64 // the crash store's, before the symbols are read
+	haveBias := false
+	if slices.Contains(u.cfg.kinds(), decode.ConcurrentMisuse) && !u.cfg.NoCrashRecord {
+		bias, err = selfLoadBias()
+		if err == nil {
+			haveBias = true
+			u.own, err = newOwnBinary(bias, offsets, clock)
+		}
+		if err != nil {
+			u.crashUnavailableLocked(err)
+		}
+	}
+	// The BPF collection is prepared and loaded (the kernel verifies the
+	// programs) on another core while the symbols are read and the sites
+	// chosen. Its deferred discard runs before the teardown, which reads
+	// what it set.
+	loading := u.startLoadLocked(offsets)
+	defer loading.discard() // a collection not taken below
+	step("begin load")
 
 	bin, err := symbols.OpenSelf()
 	if err != nil {
 		return fmt.Errorf("start probe: read own symbols: %w: %w", probe.ErrNotSupported, err)
 	}
 	defer bin.Close()
+	if haveBias && bias != bin.LoadBias() {
+		return fmt.Errorf("start probe: load bias %#x from the auxiliary vector, %#x from the symbols: %w",
+			bias, bin.LoadBias(), probe.ErrLayoutMismatch)
+	}
+	step("symbols")
 	if err := u.chooseSites(bin); err != nil {
 		return err
 	}
+	step("sites")
 	if err := u.checkKinds(); err != nil {
 		u.log.Error(err, "kind not watchable")
 		return err
@@ -210,18 +254,14 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
-	clock, err := newClock()
+	coll, err := loading.wait()
 	if err != nil {
-		return fmt.Errorf("start probe: %w", err)
-	}
-	if u.watched[decode.ConcurrentMisuse] && !u.cfg.NoCrashRecord {
-		if u.own, err = newOwnBinary(bin, offsets, clock); err != nil {
-			u.crashUnavailableLocked(err)
-		}
-	}
-	if err := u.load(offsets); err != nil {
 		return err
 	}
+	if err := u.finishLoadLocked(coll); err != nil {
+		return err
+	}
+	step("load")
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
@@ -229,6 +269,7 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := u.startReadersLocked(offsets, clock); err != nil {
 		return err
 	}
+	step("readers")
 
 	if err := ctxErr(ctx); err != nil {
 		return err
@@ -236,10 +277,12 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := u.armDefaultLocked(); err != nil {
 		return err
 	}
+	step("arm")
 
 	if err := u.checkCanaryLocked(ctx); err != nil {
 		return err
 	}
+	step("selfcheck")
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
@@ -252,9 +295,12 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := u.startGovernorLocked(time.Now()); err != nil {
 		return fmt.Errorf("start probe: cost governor: %w", err)
 	}
+	// The waker's first tick calibrates, once Start has returned.
+	u.wakeReader.Flush()
+	step("governor")
 	u.running = true
-	u.log.V(4).Info("probe started", "sites", len(u.sites), "inactive", len(u.inactive),
-		"uprobeMulti", u.multi, "took", time.Since(begin))
+	u.log.V(4).Info("probe started", append([]any{"sites", len(u.sites), "inactive", len(u.inactive),
+		"uprobeMulti", u.multi, "took", time.Since(begin)}, steps...)...)
 	return nil
 }
 
@@ -352,6 +398,7 @@ func (u *uprobes) Close() error {
 // Close is lost.
 func (u *uprobes) teardownLocked() {
 	u.stopping = true // tick must not re-arm anything from here on
+	u.calibStop.Store(true)
 	// Every link closes in parallel, with the detaches the governor
 	// started (sites attached together share a link: closed once).
 	var wg sync.WaitGroup
@@ -423,6 +470,67 @@ func (u *uprobes) teardownLocked() {
 	u.coll, u.reader, u.ignore, u.stats, u.done, u.aggs, u.crash = nil, nil, nil, nil, nil, nil, nil
 }
 
+// Until the first calibration, which the governor's first tick runs just
+// after Start returns (it takes tens of ms, mostly waiting for the kernel
+// to detach its probes), every site's trap is taken to cost
+// assumedTrapCost: about twice the high end of a single-stepped trap
+// measured on the project's VMs (FACTS.md: 22-25 us; 27 us under load), so
+// that the budget is never under-counted meanwhile. assumedLinkCost is
+// what attaching and detaching one link costs the process until then
+// (measured: 0.26-0.33 ms on the attaching thread, 1.1-1.4 ms for the
+// whole process).
+const (
+	assumedTrapCost = 50 * time.Microsecond
+	assumedLinkCost = 1500 * time.Microsecond
+)
+
+// assumeCostsLocked sets the assumed costs, before any calibration.
+func (u *uprobes) assumeCostsLocked() {
+	if u.calibrations == 0 {
+		u.stepCost, u.emuCost, u.linkCost = assumedTrapCost, assumedTrapCost, assumedLinkCost
+	}
+}
+
+// calibrateFirst runs the first calibration, once, on the waker's
+// goroutine after Start has returned, without u.mu: it waits tens of ms
+// for the kernel to detach its probes, which neither Stats nor the reader
+// should wait for, and a Close meanwhile waits at most for the detach in
+// flight (calibStop; teardown waits for the waker before it frees the
+// program). Its CPU time is start-up's, not charged to the budget. If it
+// fails, the assumed costs stay until the next calibration, a minute on.
+func (u *uprobes) calibrateFirst() (ran bool) {
+	u.mu.Lock()
+	if !u.running || u.stopping || u.calibrating || !u.lastCalib.IsZero() || u.coll == nil {
+		u.mu.Unlock()
+		return false
+	}
+	u.calibrating = true
+	prog := u.coll.Programs[mapguardProgMapguardEmpty]
+	u.mu.Unlock()
+
+	c, err := u.measureTraps(prog, &u.calibStop)
+
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.calibrating = false
+	if u.stopping {
+		return true
+	}
+	if err != nil {
+		u.log.V(1).Info("calibrate trap costs; assumed costs kept", "error", err.Error())
+		u.lastCalib = time.Now()
+		return true
+	}
+	u.keepCalibrationLocked(c)
+	if u.gov != nil {
+		u.gov.cycle = float64(u.linkCost) // the assumed one until now
+		if err := u.pushCostsLocked(false); err != nil {
+			u.log.V(1).Info("set probe costs", "error", err.Error())
+		}
+	}
+	return true
+}
+
 // ctxErr is ctx's error as Start returns it, checked between its steps.
 func ctxErr(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
@@ -477,11 +585,11 @@ func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) erro
 }
 
 // armDefaultLocked attaches the always-on sites; the deep ones are armed
-// by the governor after the canary and the calibration.
+// by the governor after the canary.
 func (u *uprobes) armDefaultLocked() error {
 	for _, s := range u.sites {
 		if s.deep {
-			continue // armed after the canary and the calibration
+			continue // armed after the canary
 		}
 		if err := u.armLocked(s); err != nil {
 			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {

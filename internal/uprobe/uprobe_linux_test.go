@@ -85,3 +85,35 @@ func TestSitesChosen(t *testing.T) {
 		}
 	}
 }
+
+// Start returns before the trap costs are calibrated: until then every
+// site is costed at the assumed (high) trap cost, and the governor's first
+// tick calibrates soon after.
+func TestCalibrationAfterStart(t *testing.T) {
+	p, _ := startProbe(t, Config{})
+	b := p.Stats().Budget
+	if b == nil {
+		t.Fatal("no budget stats")
+	}
+	if b.Calibrations == 0 && (b.StepCost != assumedTrapCost || b.EmulatedCost != assumedTrapCost) {
+		t.Errorf("not calibrated yet, but costs %v single-stepped, %v emulated; want %v for both", b.StepCost, b.EmulatedCost, assumedTrapCost)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for b.Calibrations == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+		b = p.Stats().Budget
+	}
+	if b.Calibrations == 0 {
+		t.Fatal("not calibrated 10 s after Start")
+	}
+	if b.EmulatedCost <= 0 || b.EmulatedCost >= b.StepCost || b.LinkCost <= 0 {
+		t.Errorf("calibrated: %v single-stepped, %v emulated, %v a link", b.StepCost, b.EmulatedCost, b.LinkCost)
+	}
+	st := p.Stats()
+	for _, s := range st.Sites {
+		if s.Emulated && s.Cost >= assumedTrapCost {
+			t.Errorf("site %s+%#x still costed at %v after calibration (emulated trap %v)", s.Function, s.Offset, s.Cost, b.EmulatedCost)
+		}
+	}
+	t.Logf("calibrated %+v", *b)
+}

@@ -104,6 +104,7 @@ func MissSites(code []byte, entry uint64, callee func(uint64) string) (zeroVal u
 	if err != nil {
 		return 0, nil, err
 	}
+	defer sxRelease(insts)
 	f := sxNewFunc(insts)
 	start, ok := f.boundary(int64(nilSite.Offset))
 	if !ok {
@@ -161,6 +162,7 @@ func WrapperCall(code []byte, entry uint64, callee func(uint64) string) (target 
 	if err != nil {
 		return "", 0, err
 	}
+	defer sxRelease(insts)
 	if p.FrameSet == 0 {
 		return "", 0, sxReject("wrapper: no frame set-up")
 	}
@@ -343,6 +345,7 @@ func CallSites(code []byte, entry uint64, callee func(uint64) string, target str
 	if err != nil {
 		return nil, err
 	}
+	defer sxRelease(insts)
 	f := sxNewFunc(insts)
 	lo, hi, tail := sxTail(&f, &p)
 	var sites []Site
@@ -430,6 +433,7 @@ func CallArgType(code []byte, entry uint64, ret uint64) (uint64, bool) {
 	if err != nil {
 		return 0, false
 	}
+	defer sxRelease(insts)
 	f := sxNewFunc(insts)
 	end := ret - entry
 	c, ok := f.index[end] // the instruction after the CALL
@@ -503,6 +507,7 @@ func GuardedCallSite(code []byte, call Site) (Site, string, error) {
 	if err != nil {
 		return Site{}, "", err
 	}
+	defer sxRelease(insts)
 	f := sxNewFunc(insts)
 	ci, ok := f.boundary(int64(call.Offset))
 	if !ok || insts[ci].Op != x86asm.CALL {

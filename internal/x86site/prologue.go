@@ -152,6 +152,7 @@ func sxDecodeFunc(code []byte) ([]Inst, sxPrologue, error) {
 	}
 	p, err := sxParsePrologue(insts)
 	if err != nil {
+		sxRelease(insts)
 		return nil, sxPrologue{}, err
 	}
 	return insts, p, nil
@@ -165,5 +166,6 @@ func EntrySite(code []byte) (Site, error) {
 	if err != nil {
 		return Site{}, err
 	}
+	defer sxRelease(insts)
 	return sxSite(&insts[p.after], false), nil
 }

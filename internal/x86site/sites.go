@@ -97,6 +97,7 @@ func NilMapSite(code []byte, entry uint64, op MapOp, callee func(addr uint64) st
 	if err != nil {
 		return Site{}, err
 	}
+	defer sxRelease(insts)
 	if p.FrameSet == 0 {
 		return Site{}, sxReject("no frame pointer set-up after the stack check")
 	}

@@ -20,10 +20,13 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"runtime/pprof"
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/go-logr/logr/funcr"
 
 	"github.com/mapguard/mapguard"
 )
@@ -45,6 +48,10 @@ type Result struct {
 	RSSClosedGC int64 `json:"rss_closed_gc"`
 	// Size of the executable.
 	ExeBytes int64 `json:"exe_bytes"`
+	// Heap bytes Start allocated (live or not): what the garbage
+	// collector must take back, and what makes the heap grow until it
+	// does.
+	StartAllocBytes int64 `json:"start_alloc_bytes"`
 }
 
 // Main measures one Start and one Close of a Guard with the default
@@ -90,16 +97,21 @@ func run() error {
 		}
 	}
 
-	g, err := mapguard.New(mapguard.Options{})
+	var opts mapguard.Options
+	if os.Getenv("MAPGUARD_BENCH_LOG") != "" {
+		opts.Logger = funcr.New(func(prefix, args string) { fmt.Fprintln(os.Stderr, prefix, args) }, funcr.Options{Verbosity: 4})
+	}
+	g, err := mapguard.New(opts)
 	if err != nil {
 		return err
 	}
-	c0, t0 := cpuTime(), time.Now()
+	a0, c0, t0 := heapAllocs(), cpuTime(), time.Now()
 	if err := g.Start(context.Background()); err != nil {
 		return err
 	}
 	r.StartNs = int64(time.Since(t0))
 	r.StartCPUNs = cpuTime() - c0
+	r.StartAllocBytes = heapAllocs() - a0
 	if profDir != "" {
 		pprof.StopCPUProfile()
 	}
@@ -141,6 +153,13 @@ func run() error {
 		printGrowth("closed-gc", before, mappingRSS())
 	}
 	return json.NewEncoder(os.Stdout).Encode(r)
+}
+
+// heapAllocs returns the bytes allocated on the heap so far.
+func heapAllocs() int64 {
+	s := []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}}
+	metrics.Read(s)
+	return int64(s[0].Value.Uint64())
 }
 
 // cpuTime returns the process's user and system CPU time in nanoseconds.
