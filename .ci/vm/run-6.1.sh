@@ -33,6 +33,8 @@ TEST_TIMEOUT=480s
 #   has busybox's unshare, which has no time namespaces.
 #   TestNextGo: builds with the newest Go toolchain, like TestBuildMatrix.
 #   TestRealMapGrowthDefault: grows a map to 2M entries (skips in -short).
+#   TestPairedChild: the child process of the paired benchmarks (skips
+#   unless a benchmark starts it).
 ROOT_SKIP='^TestBuildMatrix$|^TestCrashRecordTimeNamespace$|^TestNextGo$|^TestRealMapGrowthDefault$'
 EXTRA_SKIP=${MAPGUARD_VM_SKIP:-}
 # Skips the log may contain: on 6.1, TestMultiLinks must skip (no
