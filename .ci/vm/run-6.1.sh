@@ -35,7 +35,7 @@ TEST_TIMEOUT=480s
 #   TestRealMapGrowthDefault: grows a map to 2M entries (skips in -short).
 #   TestPairedChild: the child process of the paired benchmarks (skips
 #   unless a benchmark starts it).
-ROOT_SKIP='^TestBuildMatrix$|^TestCrashRecordTimeNamespace$|^TestNextGo$|^TestRealMapGrowthDefault$'
+ROOT_SKIP='^TestBuildMatrix$|^TestCrashRecordTimeNamespace$|^TestNextGo$|^TestRealMapGrowthDefault$|^TestPairedChild$'
 EXTRA_SKIP=${MAPGUARD_VM_SKIP:-}
 # Skips the log may contain: on 6.1, TestMultiLinks must skip (no
 # uprobe_multi: the fallback is what ran), and so must
