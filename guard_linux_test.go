@@ -376,6 +376,11 @@ func TestRealSampling(t *testing.T) {
 	}
 	actual := misses.Load() - m0
 	t.Logf("estimated %d misses, %d happened; longest silence %v; budget %+v", estimated, actual, maxGap, g.Stats().Budget)
+	for _, s := range g.Stats().Sites {
+		if s.Hits > 0 {
+			t.Logf("site %s+%#x kind %v hits %d agg %d sampled %v window %v period %v watched %v rate %.0f", s.Function, s.Offset, s.Kind, s.Hits, s.Aggregated, s.Sampled, s.Window, s.Period, s.Watched, s.Rate)
+		}
+	}
 	if estimated == 0 || last.IsZero() {
 		t.Fatal("no counts while sampled")
 	}

@@ -85,14 +85,13 @@ type BudgetStats struct {
 	Budget float64
 	// StepCost and EmulatedCost are what one trap costs with an empty BPF
 	// program, at an instruction the kernel single-steps and at one it
-	// emulates, as last measured on this machine (just after Start
-	// returns, then every minute); Calibrations counts the measurements.
+	// emulates, as last measured on this machine (in Start, then every
+	// minute); Calibrations counts the measurements.
 	// LinkCost is the CPU time of attaching and detaching one probe link,
 	// the whole process's (the attaching thread's, and what the cycle
 	// costs the others). While Calibrations is 0 (not calibrated yet: the
-	// first takes tens of ms, in the background), the costs are assumed
-	// high, 50 us for every trap, so that the budget is not under-counted
-	// meanwhile.
+	// first calibration failed), the costs are assumed high, 50 us for
+	// every trap, so that the budget is not under-counted meanwhile.
 	StepCost, EmulatedCost, LinkCost time.Duration
 	Calibrations                     int
 	// Spent is the CPU time the probes cost since Start, as accounted:

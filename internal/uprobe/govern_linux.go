@@ -158,11 +158,16 @@ func (u *uprobes) measureTraps(prog *ebpf.Program, stop *atomic.Bool) (c trapCos
 	// the least seen since Start is kept (other work of the process only
 	// adds to it).
 	measure := func(s *site, calls int) (time.Duration, error) {
+		// The rest of the process keeps working meanwhile (the
+		// calibration runs after Start, in a live program): its rate,
+		// measured over the base runs, is taken out of the cycle's share.
+		b0, q0, w0 := threadCPU(), processCPU(), time.Now()
 		base := least(calls)
+		otherRate := float64(max(processCPU()-q0-(threadCPU()-b0), 0)) / float64(max(time.Since(w0), time.Microsecond))
 		if stop != nil && stop.Load() {
 			return 0, errCalibrationStopped
 		}
-		a0, p0 := threadCPU(), processCPU()
+		a0, p0, t0 := threadCPU(), processCPU(), time.Now()
 		l, err := u.attach(s, prog)
 		if err != nil {
 			return 0, err
@@ -175,7 +180,8 @@ func (u *uprobes) measureTraps(prog *ebpf.Program, stop *atomic.Bool) (c trapCos
 		if lc := a1 - a0 + a3 - a2; c.link == 0 || lc < c.link {
 			c.link = lc
 		}
-		if o := max(p3-p0-(a3-a0), 0); c.others == 0 || o < c.others {
+		busy := time.Duration(otherRate * float64(time.Since(t0)))
+		if o := max(p3-p0-(a3-a0)-busy, 0); c.others == 0 || o < c.others {
 			c.others = o
 		}
 		d := with.cpu - base.cpu
@@ -234,7 +240,15 @@ func (u *uprobes) siteCost(s *site) float64 {
 // full burst, at assumed costs until the first calibration (the
 // governor's first tick, once Start has returned).
 func (u *uprobes) startGovernorLocked(now time.Time) error {
-	u.assumeCostsLocked()
+	// Calibrated here, in Start, before the program's own work competes
+	// with it: measured after Start, under a busy program, a link's cost
+	// to the rest of the process came out 2-3x too high and starved the
+	// sampled sites' windows. If it fails, the assumed costs stand until
+	// the next calibration (calibrateFirst, on the waker).
+	if _, err := u.calibrateLocked(); err != nil {
+		u.log.V(1).Info("calibrate trap costs; assumed costs used", "error", err.Error())
+		u.assumeCostsLocked()
+	}
 	costs := make([]float64, len(u.sites))
 	for i, s := range u.sites {
 		costs[i] = u.siteCost(s)
@@ -449,7 +463,12 @@ func (u *uprobes) startWakerLocked() error {
 	if err != nil {
 		return err
 	}
-	u.wakeReader = r
+	f, err := pollFile(u.coll.Maps[mapguardMapWakeups].FD(), "mapguard-wakeups")
+	if err != nil {
+		r.Close()
+		return err
+	}
+	u.wakeReader, u.wakeFile = r, f
 	u.wakeDone = make(chan struct{})
 	ready := make(chan error, 1)
 	go u.runWaker(r, ready)
@@ -457,12 +476,23 @@ func (u *uprobes) startWakerLocked() error {
 }
 
 // runWaker runs the governor whenever the BPF program asks (the budget is
-// spent) and whenever a sampled site's window opens or closes, until r is
-// closed. Its name is in mapguard.GoroutineFunctions.
+// spent: a record in the wakeups ring, submitted with a wake-up) and
+// whenever a sampled site's window opens or closes (the read deadline),
+// until the probe closes. It waits in Go's netpoller on the ring's file
+// descriptor, not in a system call (poll_linux.go). Its name is in
+// mapguard.GoroutineFunctions.
 func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 	defer close(u.wakeDone)
 	cpu := startCPUMeter(&u.ownCPU, false)
 	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
+	u.mu.Lock()
+	f := u.wakeFile
+	u.mu.Unlock()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		u.log.Error(err, "governor waker")
+		return
+	}
 	var rec ringbuf.Record
 	for {
 		u.mu.Lock()
@@ -471,25 +501,31 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 			next = u.gov.next()
 		}
 		u.wakeAt = next
-		u.mu.Unlock()
 		if !next.IsZero() {
-			// The reader waits whole milliseconds, rounded down: without
-			// this it would return at once up to a millisecond early, and
-			// the waker would spin until next.
+			// Rounded up a millisecond, as a ring buffer's wait would be.
 			next = next.Add(time.Millisecond)
 		}
-		r.SetDeadline(next) // zero: no deadline
-		err := r.ReadInto(&rec)
-		switch {
-		case err == nil, errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, ringbuf.ErrFlushed):
-			cpu.book()
-			u.tickFrom(time.Now(), false)
-			if u.calibrateFirst() { // once, after Start (uprobe_linux.go)
-				cpu.book()      // the tick's share
-				cpu.skip = true // the first calibration is start-up's cost, not the budget's
+		f.SetReadDeadline(next) // zero: no deadline
+		u.mu.Unlock()
+		// Wait until the ring has a record or the deadline passes
+		// (rescheduleLocked moves it earlier).
+		err := rc.Read(func(uintptr) bool { return r.AvailableBytes() > 0 })
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			if !errors.Is(err, os.ErrClosed) {
+				// Not in the netpoller: the reader's ticks still run the
+				// governor, every poll interval.
+				u.log.Error(err, "governor waker: cannot wait on the wakeups ring")
 			}
-		default:
-			return // closed
+			return
+		}
+		if !drain(r, &rec, func([]byte) {}) {
+			return
+		}
+		cpu.book()
+		u.tickFrom(time.Now(), false)
+		if u.calibrateFirst() { // once, after Start (uprobe_linux.go)
+			cpu.book()      // the tick's share
+			cpu.skip = true // the first calibration is start-up's cost, not the budget's
 		}
 	}
 }
@@ -498,11 +534,11 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 // the waker's deadline (a window was scheduled).
 func (u *uprobes) rescheduleLocked() {
 	next := u.gov.next()
-	if u.wakeReader == nil || next.IsZero() || (!u.wakeAt.IsZero() && !next.Before(u.wakeAt)) {
+	if u.wakeFile == nil || next.IsZero() || (!u.wakeAt.IsZero() && !next.Before(u.wakeAt)) {
 		return
 	}
 	u.wakeAt = next
-	u.wakeReader.Flush() // ReadInto returns ErrFlushed; the waker loops
+	u.wakeFile.SetReadDeadline(next.Add(time.Millisecond)) // the waker's wait ends then
 }
 
 // budgetStatsLocked describes the governor.

@@ -10,7 +10,7 @@ import (
 
 // The cost governor keeps every probe site, always-on and deep alike,
 // under one CPU budget, from what hits cost on this machine: the trap at
-// the site's instruction (calibrated just after Start, and again from time to
+// the site's instruction (calibrated in Start, and again from time to
 // time) plus the BPF program's run time (measured in the kernel on one
 // hit in 16). It is plain arithmetic on a clock and counters, so that it
 // can be tested without a kernel; the probe executes what it decides.

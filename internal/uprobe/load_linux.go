@@ -228,13 +228,16 @@ func (u *uprobes) checkCanaryLocked(ctx context.Context) error {
 		return fmt.Errorf("start probe: canary function %s not probed: %w", canaryFunc, probe.ErrNotSupported)
 	}
 	goid := make(chan uint64, 1)
-	reader := u.reader
+	wake := u.readerWake
 	go func() {
 		goid <- rt.GoID()
 		canaryWrite()
 		// The record is in the ring now: wake the reader rather than wait
 		// for its next poll (records are submitted without a wake-up).
-		reader.Flush()
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
 	}()
 	want := <-goid
 

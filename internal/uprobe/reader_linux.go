@@ -4,7 +4,6 @@ package uprobe
 
 import (
 	"errors"
-	"os"
 	"strings"
 	"time"
 
@@ -17,9 +16,10 @@ import (
 )
 
 // run is the reader goroutine: it drains the ring buffer every poll
-// interval (records are submitted without a wake-up) or when Start flushes
-// it for the canary, decodes and delivers, and runs the cost governor on
-// each poll.
+// interval (records are submitted without a wake-up), or at once when
+// Start asks for the canary (readerWake), decodes and delivers, and runs
+// the cost governor on each poll. It waits on a timer, never in a system
+// call (poll_linux.go).
 func (u *uprobes) run(ready chan<- error) {
 	defer close(u.done)
 	cpu := startCPUMeter(&u.ownCPU, true)
@@ -34,26 +34,24 @@ func (u *uprobes) run(ready chan<- error) {
 		rec ringbuf.Record
 		ev  decode.Event
 	)
-	u.reader.SetDeadline(time.Now().Add(pollInterval))
+	handle := func(raw []byte) { u.handle(raw, &ev) }
+	timer := time.NewTimer(pollInterval)
+	defer timer.Stop()
 	for {
-		err := u.reader.ReadInto(&rec)
-		switch {
-		case err == nil:
-			u.handle(rec.RawSample, &ev)
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			cpu.book()
-			u.tick(time.Now())
-			u.reader.SetDeadline(time.Now().Add(pollInterval))
-		case errors.Is(err, ringbuf.ErrFlushed):
-			// The ring is drained. A flush is a wake-up (the canary's)
-			// unless teardown asked the reader to stop.
-			if u.readerQuit.Load() {
+		select {
+		case <-timer.C:
+			if !drain(u.reader, &rec, handle) {
 				return
 			}
-		case errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
-			return
-		default:
-			u.log.Error(err, "read ring buffer")
+			cpu.book()
+			u.tick(time.Now())
+			timer.Reset(pollInterval)
+		case <-u.readerWake:
+			if !drain(u.reader, &rec, handle) {
+				return
+			}
+		case <-u.readerStop:
+			drain(u.reader, &rec, handle) // what is left, then stop
 			return
 		}
 	}
@@ -70,16 +68,19 @@ func (u *uprobes) runDeep(ready chan<- error) {
 		rec ringbuf.Record
 		ev  decode.Event
 	)
+	handle := func(raw []byte) { u.handleWith(u.deepDecoder, raw, &ev) }
+	ticker := time.NewTicker(pollInterval)
+	defer ticker.Stop()
 	for {
-		u.deepReader.SetDeadline(time.Now().Add(pollInterval))
-		err := u.deepReader.ReadInto(&rec)
-		switch {
-		case err == nil:
-			u.handleWith(u.deepDecoder, rec.RawSample, &ev)
-		case errors.Is(err, os.ErrDeadlineExceeded):
+		select {
+		case <-ticker.C:
+			if !drain(u.deepReader, &rec, handle) {
+				return
+			}
 			cpu.book()
-		default:
-			return // flushed at Close, or closed
+		case <-u.deepStop:
+			drain(u.deepReader, &rec, handle)
+			return
 		}
 	}
 }

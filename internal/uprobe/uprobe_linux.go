@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"slices"
 	"sync"
@@ -47,10 +48,10 @@ type uprobes struct {
 	canary   chan decode.Event // receives the canary event during Start
 	sink     probe.Sink
 	done     chan struct{} // closed when the reader goroutine exits
-	// readerQuit tells the reader that a flush of the ring buffer is
-	// teardown's, not a wake-up.
-	readerQuit atomic.Bool
-	ignore     *ebpf.Map
+	// readerWake makes the reader drain its ring now (the canary);
+	// closing readerStop makes it drain what is left and return.
+	readerWake, readerStop chan struct{}
+	ignore                 *ebpf.Map
 	// The first ignored goroutines, compared in BPF without a map lookup.
 	ignoredVar  *ebpf.Variable
 	ignoredMore *ebpf.Variable
@@ -119,6 +120,8 @@ type uprobes struct {
 	wakeAt      time.Time // the waker's deadline
 	deepReader  *ringbuf.Reader
 	deepDone    chan struct{}
+	deepStop    chan struct{} // closed: the deep reader drains and returns
+	wakeFile    *os.File      // the wakeups ring's fd, in the netpoller (poll_linux.go)
 	deepDecoder *wire.Decoder // the deep reader's own
 	statsDec    *wire.Decoder // OpStats' own decoder, under mu
 	lastDropped uint64
@@ -296,7 +299,7 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 		return fmt.Errorf("start probe: cost governor: %w", err)
 	}
 	// The waker's first tick calibrates, once Start has returned.
-	u.wakeReader.Flush()
+	u.wakeFile.SetReadDeadline(past)
 	step("governor")
 	u.running = true
 	u.log.V(4).Info("probe started", append([]any{"sites", len(u.sites), "inactive", len(u.inactive),
@@ -421,17 +424,20 @@ func (u *uprobes) teardownLocked() {
 	u.detaches.Wait()
 	u.mu.Lock()
 	if u.wakeReader != nil {
-		u.wakeReader.Close() // the governor goroutine returns
+		if u.wakeFile != nil {
+			u.wakeFile.Close() // the waker's wait ends
+		}
+		u.wakeReader.Close() // and its drain: the governor goroutine returns
 		if u.wakeDone != nil {
 			u.mu.Unlock()
 			<-u.wakeDone // it may be waiting for u.mu
 			u.mu.Lock()
 		}
-		u.wakeReader, u.wakeDone = nil, nil
+		u.wakeReader, u.wakeDone, u.wakeFile = nil, nil, nil
 	}
 	if u.deepReader != nil {
 		if u.deepDone != nil {
-			u.deepReader.Flush()
+			close(u.deepStop)
 			u.mu.Unlock()
 			<-u.deepDone
 			u.mu.Lock()
@@ -441,8 +447,7 @@ func (u *uprobes) teardownLocked() {
 	}
 	if u.reader != nil {
 		if u.done != nil {
-			u.readerQuit.Store(true)
-			u.reader.Flush() // the reader drains the ring, then returns on ErrFlushed
+			close(u.readerStop) // the reader drains the ring, then returns
 			u.mu.Unlock()
 			<-u.done // the reader may be waiting for u.mu in tick
 			u.mu.Lock()
@@ -470,9 +475,9 @@ func (u *uprobes) teardownLocked() {
 	u.coll, u.reader, u.ignore, u.stats, u.done, u.aggs, u.crash = nil, nil, nil, nil, nil, nil, nil
 }
 
-// Until the first calibration, which the governor's first tick runs just
-// after Start returns (it takes tens of ms, mostly waiting for the kernel
-// to detach its probes), every site's trap is taken to cost
+// Until a calibration succeeds (Start runs the first; if it fails, the
+// governor's waker tries again after Start), every site's trap is taken
+// to cost
 // assumedTrapCost: about twice the high end of a single-stepped trap
 // measured on the project's VMs (FACTS.md: 22-25 us; 27 us under load), so
 // that the budget is never under-counted meanwhile. assumedLinkCost is
@@ -565,13 +570,14 @@ func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) erro
 	u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
 	u.canary = make(chan decode.Event, 1)
 	u.done = make(chan struct{})
+	u.readerWake, u.readerStop = make(chan struct{}, 1), make(chan struct{})
 	ready := make(chan error, 1)
 	go u.run(ready)
 	if err := <-ready; err != nil {
 		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
 	}
 	if u.deepReader != nil {
-		u.deepDone = make(chan struct{})
+		u.deepDone, u.deepStop = make(chan struct{}), make(chan struct{})
 		ready := make(chan error, 1)
 		go u.runDeep(ready)
 		if err := <-ready; err != nil {
