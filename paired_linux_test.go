@@ -379,15 +379,17 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 			b.Fatal("a child ended before it was ready (see its output above)")
 		}
 	}
-	// onWall is the wall time of the "on" child's paired slices.
-	onWall := func() (d time.Duration) {
-		for _, s := range res.on[:min(len(res.off), len(res.on))] {
-			d += s.wall
+	// paired returns the "on" child's slices that have a pair so far.
+	paired := func() []pairedSlice {
+		if alternate {
+			return res.on[:min(len(res.off), len(res.on))]
 		}
-		return d
+		on, _ := alignSlices(res.on, res.off)
+		return on
 	}
 	enough := func() bool {
-		return onWall().Seconds() >= seconds && min(len(res.off), len(res.on)) >= minPairs
+		on := paired()
+		return len(on) >= minPairs && sumWall(on).Seconds() >= seconds
 	}
 	t0 := time.Now()
 	if alternate {
@@ -461,7 +463,7 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 	}
 	k := len(res.on)
 	b.Logf("%s, %s Guard, %s: %d pairs of %d units, %v of slices on, %v in all",
-		loop, guard, mode, k, n, onWall().Round(time.Millisecond), res.wall.Round(time.Millisecond))
+		loop, guard, mode, k, n, sumWall(res.on).Round(time.Millisecond), res.wall.Round(time.Millisecond))
 	for _, s := range res.stats.sites {
 		b.Logf("  %s", s)
 	}
@@ -475,6 +477,14 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 		}
 	}
 	return res
+}
+
+// sumWall is the wall time of slices.
+func sumWall(ss []pairedSlice) (d time.Duration) {
+	for _, s := range ss {
+		d += s.wall
+	}
+	return d
 }
 
 // alignSlices pairs each slice of on with what the same work cost off at
