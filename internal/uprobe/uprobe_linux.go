@@ -425,14 +425,14 @@ func (u *uprobes) teardownLocked() {
 	u.mu.Lock()
 	if u.wakeReader != nil {
 		if u.wakeFile != nil {
-			u.wakeFile.Close() // the waker's wait ends
+			u.wakeFile.Close() // the waker's wait ends: it returns
 		}
-		u.wakeReader.Close() // and its drain: the governor goroutine returns
 		if u.wakeDone != nil {
 			u.mu.Unlock()
 			<-u.wakeDone // it may be waiting for u.mu
 			u.mu.Lock()
 		}
+		u.wakeReader.Close() // once the waker no longer reads it
 		u.wakeReader, u.wakeDone, u.wakeFile = nil, nil, nil
 	}
 	if u.deepReader != nil {
