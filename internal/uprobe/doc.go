@@ -4,18 +4,21 @@
 //
 // Data flows one way: the binary's functions (package symbols) give the
 // probe sites (internal/x86site decodes each function from its first byte
-// and picks instructions on its boundaries; sites.go says which instruction
-// serves which kind), the sites are attached with the BPF program (load.go,
-// attach.go), the kernel writes records to ring buffers, the reader
-// (reader.go) hands each record to internal/wire's decoder, and the event
+// and picks instructions on its boundaries; sites_linux.go says which instruction
+// serves which kind), the sites are attached with the BPF program (load_linux.go,
+// attach_linux.go), the kernel writes records to ring buffers, the reader
+// (reader_linux.go) hands each record to internal/wire's decoder, and the event
 // goes to the sink. Beside that path:
 //
-//   - the cost governor (governor.go, pure arithmetic; govern_linux.go, its
-//     execution: calibrating traps, attaching and detaching sites) keeps
-//     every site within one CPU budget;
-//   - the crash record (crash_linux.go) pins what a fatal concurrent map
+//   - the cost governor (governor.go and governor_window.go, pure
+//     arithmetic; govern_linux.go, its execution: attaching and detaching
+//     sites, the waker; calibrate_linux.go, what a trap and a link cost on
+//     this machine) keeps every site within one CPU budget;
+//   - the Guard's goroutines never wait in a blocking system call
+//     (poll_linux.go): the Go runtime's sysmon would spin for them;
+//   - the crash record (crash_linux.go, crashid_linux.go, crashread_linux.go) pins what a fatal concurrent map
 //     misuse left in the kernel, for the next Start;
-//   - checks.go turns the kernel's refusals into the typed errors of
+//   - checks_linux.go turns the kernel's refusals into the typed errors of
 //     package probe.
 //
 // Probes never block the goroutine that hit them: the BPF program writes to

@@ -1,7 +1,6 @@
 package uprobe
 
 import (
-	"cmp"
 	"maps"
 	"math"
 	"slices"
@@ -243,37 +242,6 @@ func (g *governor) measureTail(s *govSite) {
 	g.tail = min(max((3*g.tail+t)/4, 50*time.Microsecond), g.latency)
 }
 
-// shares divides what the windows may cost among the sampled sites,
-// setting each one's share (of one CPU). The windows share what the exact
-// sites leave of the budget (at least 1-exactShare of it; more while
-// tokens are left over), max-min fairly:
-// a site whose windows need less than an equal part (attached the whole
-// period at its peak rate) gets what it needs, the others split the rest
-// equally.
-func (g *governor) shares() {
-	exactLoad := 0.0
-	var sampled []int
-	for i := range g.sites {
-		if g.sites[i].sampled {
-			sampled = append(sampled, i)
-		} else if g.sites[i].armed {
-			exactLoad += g.sites[i].load()
-		}
-	}
-	// Tokens left over (windows cut short, periods rounded up to a beat,
-	// links shared) raise the shares, up to twice: the token bucket still
-	// bounds the spend.
-	boost := 1 + min(max(g.tokens, 0)/g.burst, 1)
-	left := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare) * boost * float64(samplePeriod)
-	demand := func(i int) float64 { return g.sites[i].peakLoad()*float64(samplePeriod) + g.siteCycle() }
-	slices.SortFunc(sampled, func(a, b int) int { return cmp.Compare(demand(a), demand(b)) })
-	for k, i := range sampled {
-		give := min(demand(i), left/float64(len(sampled)-k))
-		g.sites[i].share = give / float64(samplePeriod)
-		left -= give
-	}
-}
-
 // plan returns the sites to attach and to detach now, in groups: the
 // probe attaches each group with one link where it can (one attach and one
 // detach for all of them: a link's CPU cost is mostly per link), and
@@ -369,142 +337,6 @@ func (g *governor) plan(now time.Time) (attach, detach [][]int) {
 		g.linkShare = (g.linkShare + float64(len(opening))/float64(windows)) / 2
 	}
 	return attach, detach
-}
-
-// siteCycle is what attaching and detaching costs one sampled window: its
-// share of a link.
-func (g *governor) siteCycle() float64 { return g.cycle * g.linkShare }
-
-// ended records that s's window ends now: its detach begins.
-func (g *governor) ended(s *govSite, now time.Time) {
-	s.offAt, s.checkAt = time.Time{}, time.Time{}
-	s.detachAt, s.detachHits = now, s.hits
-}
-
-// windowBeat is the grid sampled sites' windows open on: every window
-// opens on a whole period since the governor started, so that all the
-// windows of one length share a link.
-const windowBeat = samplePeriod
-
-// nextBeat is when a window opened now with period opens next: on a beat
-// (a whole sampling period since start), the beat at most a period from
-// now where the period is the sampling period (a window every period),
-// else the beat at least a period from now (windows spaced out to pay for
-// themselves stay at least that far apart).
-func (g *governor) nextBeat(now time.Time, period time.Duration) time.Time {
-	t := now.Add(period)
-	off := t.Sub(g.start) % windowBeat
-	if off == 0 || period <= samplePeriod {
-		return t.Add(-off)
-	}
-	return t.Add(windowBeat - off)
-}
-
-// bucket rounds a window down to a power of four milliseconds (a whole
-// period stays whole), so that windows opening together can share a link:
-// a few lengths, a few links a beat.
-func bucket(w time.Duration) time.Duration {
-	if w >= samplePeriod || w < 4*time.Millisecond {
-		return w
-	}
-	b := time.Millisecond
-	for b*4 <= w {
-		b *= 4
-	}
-	return b
-}
-
-// endWindow reports whether s's window must end now, else brings its end
-// forward to what it can still pay for and sets when to look again.
-func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
-	if !now.Before(s.offAt) {
-		return true
-	}
-	if debt {
-		if now.Sub(s.armedAt) >= g.shortestWindow(s) {
-			return true
-		}
-		s.offAt = minTime(s.offAt, s.armedAt.Add(g.shortestWindow(s)))
-	}
-	// What the window can still pay for at the peak rate, its detach's
-	// tail included.
-	load := s.peakLoad()
-	left := s.allow - g.siteCycle() - s.spent - load*float64(g.tail)
-	if left <= 0 {
-		return true
-	}
-	if load > 0 {
-		if d := time.Duration(min(left/load, float64(time.Hour))); now.Add(d).Before(s.offAt) {
-			s.offAt = now.Add(d)
-		}
-	}
-	// Look again halfway, once a rate can be measured.
-	s.checkAt = time.Time{}
-	if half := s.offAt.Sub(now) / 2; half >= minRateSpan {
-		s.checkAt = now.Add(half)
-	}
-	return false
-}
-
-// shortestWindow is the shortest window s is attached for: long enough
-// to take about minRateHits hits at its peak rate (a few are enough to
-// see that a misuse goes on, and each costs), between a millisecond and
-// minWindow.
-func (g *governor) shortestWindow(s *govSite) time.Duration {
-	r := max(s.rate, s.peak)
-	if r <= 0 {
-		return minWindow
-	}
-	return min(max(time.Duration(minRateHits/r*1e9), time.Millisecond), minWindow)
-}
-
-// demote samples the costliest sites counted exactly until those left use
-// at most exactShare of the budget.
-func (g *governor) demote(now time.Time) {
-	var exact []int
-	load := 0.0
-	for i := range g.sites {
-		s := &g.sites[i]
-		if !s.sampled && !s.disabled && !s.pinned {
-			exact = append(exact, i)
-			load += s.load()
-		}
-	}
-	slices.SortFunc(exact, func(a, b int) int { return cmp.Compare(g.sites[b].load(), g.sites[a].load()) })
-	for _, i := range exact {
-		s := &g.sites[i]
-		if load <= g.budget*exactShare || s.load() == 0 {
-			break
-		}
-		load -= s.load()
-		s.sampled = true
-		s.window, s.period = g.windowFor(s, g.budget*(1-exactShare))
-		s.nextOn = now.Add(min(s.period, samplePeriod))
-		if s.armed {
-			s.offAt = now // detached by this plan, on its own link
-			s.allow = math.Inf(1)
-			s.group = 0
-		}
-	}
-}
-
-// windowFor sizes a sampled site's window and period, at its peak rate,
-// so that one window (its hits, those its detach lets through, and the
-// attach and detach themselves) costs at most share of the budget over
-// the period.
-func (g *governor) windowFor(s *govSite, share float64) (window, period time.Duration) {
-	load := s.peakLoad()
-	if load <= 0 {
-		return samplePeriod, samplePeriod
-	}
-	allowed := share * float64(samplePeriod) // ns of CPU per period
-	w := (allowed-g.siteCycle())/load - float64(g.tail)
-	if shortest := g.shortestWindow(s); w < float64(shortest) {
-		// Even the shortest window each period is too dear: space them out.
-		cost := load*float64(shortest+g.tail) + g.siteCycle()
-		return shortest, time.Duration(min(cost/share, float64(time.Hour)))
-	}
-	return time.Duration(min(w, float64(samplePeriod))), samplePeriod
 }
 
 // next is when plan must run again at the latest: the end of a window, a

@@ -4,7 +4,9 @@ package uprobe
 
 import (
 	"errors"
+	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -302,4 +304,50 @@ func (u *uprobes) commaOK(pc uintptr) bool {
 	}
 	u.commaOKs[pc] = ok
 	return ok
+}
+
+// startReadersLocked builds the decoders and starts the readers (each
+// ignores itself before any probe is armed) and the governor's waker.
+func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) error {
+	u.notOwned = make([]atomic.Uint64, len(u.sites))
+	u.sampled = make([]atomic.Bool, len(u.sites)) // before the readers start
+	u.outOfScope = make([]atomic.Uint64, len(u.sites))
+	u.aggSeen = make(map[mapguardAggKey]uint64)
+	u.notNested = make(map[mapguardAggKey]bool)
+	probes := make([]string, len(u.sites))
+	for i, s := range u.sites {
+		probes[i] = s.fn.Name
+	}
+	dcfg := decoderConfig(offsets, clock)
+	dcfg.StackDepth = u.cfg.StackDepth
+	dcfg.Probes = probes
+	dcfg.Redact = u.cfg.CaptureKeys
+	if len(u.cfg.MissingKeyScope) > 0 {
+		miss := wire.NewScope(u.cfg.MissingKeyScope...)
+		dcfg.MissScope = &miss
+	}
+	u.decoder = wire.NewDecoder(dcfg)
+	u.deepDecoder = wire.NewDecoder(dcfg)
+	// The reader ignores itself before any probe is armed.
+	u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
+	u.canary = make(chan decode.Event, 1)
+	u.done = make(chan struct{})
+	u.readerWake, u.readerStop = make(chan struct{}, 1), make(chan struct{})
+	ready := make(chan error, 1)
+	go u.run(ready)
+	if err := <-ready; err != nil {
+		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
+	}
+	if u.deepReader != nil {
+		u.deepDone, u.deepStop = make(chan struct{}), make(chan struct{})
+		ready := make(chan error, 1)
+		go u.runDeep(ready)
+		if err := <-ready; err != nil {
+			return fmt.Errorf("start probe: ignore deep reader goroutine: %w", err)
+		}
+	}
+	if err := u.startWakerLocked(); err != nil {
+		return fmt.Errorf("start probe: waker: %w", err)
+	}
+	return nil
 }

@@ -330,60 +330,6 @@ func (u *uprobes) ignoreLocked(goid uint64) error {
 	return u.ignoredMore.Set(uint32(1))
 }
 
-func (u *uprobes) Stats() probe.Stats {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	now := time.Now()
-	st := probe.Stats{Inactive: append([]probe.Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
-		CrashRecordsDamaged: u.crashDamaged, Budget: u.budgetStatsLocked(now)}
-	st.CallSites, st.CallSitesOverflow = u.calls.snapshot()
-	if u.coll != nil {
-		u.readCounters()
-	}
-	for _, s := range u.sites {
-		ss := probe.SiteStats{
-			Kind:     s.kind,
-			Deep:     s.deep,
-			Function: s.fn.Name,
-			Offset:   s.at.Offset,
-			Inst:     s.at.Inst,
-			Emulated: s.at.Emulated,
-			Armed:    s.link != nil,
-		}
-		if u.gov != nil {
-			g := &u.gov.sites[s.index]
-			ss.Cost = time.Duration(g.cost)
-			ss.Rate = g.rate
-			ss.Watched = g.watched
-			if g.armed && !g.armedAt.After(now) {
-				ss.Watched += now.Sub(later(g.armedAt, u.gov.last))
-			}
-			if g.sampled {
-				ss.Sampled, ss.Window, ss.Period = true, g.window, g.period
-			}
-		}
-		if int(s.index) < len(u.notOwned) {
-			ss.NotOwned = u.notOwned[s.index].Load()
-			ss.OutOfScope = u.outOfScope[s.index].Load()
-		}
-		c := s.final
-		if u.coll != nil {
-			c = u.counters[s.index]
-		}
-		ss.Hits, ss.Events, ss.Dropped, ss.Filtered, ss.Ignored, ss.Aggregated = c.Hits, c.Events, c.Dropped, c.Filtered, c.Ignored, c.Agg
-		if s.deep {
-			// Deep hits that end in the kernel are not counted there, to
-			// save an atomic add on a hot path: they are the rest.
-			if done := c.Events + c.Dropped + c.Ignored; c.Hits >= done {
-				ss.Aggregated = c.Hits - done
-			}
-		}
-		st.Dropped += ss.Dropped
-		st.Sites = append(st.Sites, ss)
-	}
-	return st
-}
-
 func (u *uprobes) Close() error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -475,117 +421,10 @@ func (u *uprobes) teardownLocked() {
 	u.coll, u.reader, u.ignore, u.stats, u.done, u.aggs, u.crash = nil, nil, nil, nil, nil, nil, nil
 }
 
-// Until a calibration succeeds (Start runs the first; if it fails, the
-// governor's waker tries again after Start), every site's trap is taken
-// to cost
-// assumedTrapCost: about twice the high end of a single-stepped trap
-// measured on the project's VMs (FACTS.md: 22-25 us; 27 us under load), so
-// that the budget is never under-counted meanwhile. assumedLinkCost is
-// what attaching and detaching one link costs the process until then
-// (measured: 0.26-0.33 ms on the attaching thread, 1.1-1.4 ms for the
-// whole process).
-const (
-	assumedTrapCost = 50 * time.Microsecond
-	assumedLinkCost = 1500 * time.Microsecond
-)
-
-// assumeCostsLocked sets the assumed costs, before any calibration.
-func (u *uprobes) assumeCostsLocked() {
-	if u.calibrations == 0 {
-		u.stepCost, u.emuCost, u.linkCost = assumedTrapCost, assumedTrapCost, assumedLinkCost
-	}
-}
-
-// calibrateFirst runs the first calibration, once, on the waker's
-// goroutine after Start has returned, without u.mu: it waits tens of ms
-// for the kernel to detach its probes, which neither Stats nor the reader
-// should wait for, and a Close meanwhile waits at most for the detach in
-// flight (calibStop; teardown waits for the waker before it frees the
-// program). Its CPU time is start-up's, not charged to the budget. If it
-// fails, the assumed costs stay until the next calibration, a minute on.
-func (u *uprobes) calibrateFirst() (ran bool) {
-	u.mu.Lock()
-	if !u.running || u.stopping || u.calibrating || !u.lastCalib.IsZero() || u.coll == nil {
-		u.mu.Unlock()
-		return false
-	}
-	u.calibrating = true
-	prog := u.coll.Programs[mapguardProgMapguardEmpty]
-	u.mu.Unlock()
-
-	c, err := u.measureTraps(prog, &u.calibStop)
-
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	u.calibrating = false
-	if u.stopping {
-		return true
-	}
-	if err != nil {
-		u.log.V(1).Info("calibrate trap costs; assumed costs kept", "error", err.Error())
-		u.lastCalib = time.Now()
-		return true
-	}
-	u.keepCalibrationLocked(c)
-	if u.gov != nil {
-		u.gov.cycle = float64(u.linkCost) // the assumed one until now
-		if err := u.pushCostsLocked(false); err != nil {
-			u.log.V(1).Info("set probe costs", "error", err.Error())
-		}
-	}
-	return true
-}
-
 // ctxErr is ctx's error as Start returns it, checked between its steps.
 func ctxErr(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("start probe: %w", err)
-	}
-	return nil
-}
-
-// startReadersLocked builds the decoders and starts the readers (each
-// ignores itself before any probe is armed) and the governor's waker.
-func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) error {
-	u.notOwned = make([]atomic.Uint64, len(u.sites))
-	u.sampled = make([]atomic.Bool, len(u.sites)) // before the readers start
-	u.outOfScope = make([]atomic.Uint64, len(u.sites))
-	u.aggSeen = make(map[mapguardAggKey]uint64)
-	u.notNested = make(map[mapguardAggKey]bool)
-	probes := make([]string, len(u.sites))
-	for i, s := range u.sites {
-		probes[i] = s.fn.Name
-	}
-	dcfg := decoderConfig(offsets, clock)
-	dcfg.StackDepth = u.cfg.StackDepth
-	dcfg.Probes = probes
-	dcfg.Redact = u.cfg.CaptureKeys
-	if len(u.cfg.MissingKeyScope) > 0 {
-		miss := wire.NewScope(u.cfg.MissingKeyScope...)
-		dcfg.MissScope = &miss
-	}
-	u.decoder = wire.NewDecoder(dcfg)
-	u.deepDecoder = wire.NewDecoder(dcfg)
-	// The reader ignores itself before any probe is armed.
-	u.canaryT = uintptr(rt.TypeOf(map[canaryKey]uint8(nil)))
-	u.canary = make(chan decode.Event, 1)
-	u.done = make(chan struct{})
-	u.readerWake, u.readerStop = make(chan struct{}, 1), make(chan struct{})
-	ready := make(chan error, 1)
-	go u.run(ready)
-	if err := <-ready; err != nil {
-		return fmt.Errorf("start probe: ignore reader goroutine: %w", err)
-	}
-	if u.deepReader != nil {
-		u.deepDone, u.deepStop = make(chan struct{}), make(chan struct{})
-		ready := make(chan error, 1)
-		go u.runDeep(ready)
-		if err := <-ready; err != nil {
-			return fmt.Errorf("start probe: ignore deep reader goroutine: %w", err)
-		}
-	}
-	if err := u.startWakerLocked(); err != nil {
-		return fmt.Errorf("start probe: waker: %w", err)
 	}
 	return nil
 }
