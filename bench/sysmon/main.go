@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -23,8 +24,6 @@ import (
 
 	"golang.org/x/sys/unix"
 )
-
-var sink int
 
 func main() {
 	n := flag.Int("n", 3, "goroutines waiting")
@@ -75,7 +74,7 @@ func child(mode string, n int, d time.Duration) {
 			x += j
 		}
 	}
-	sink = x
+	runtime.KeepAlive(x)
 	type thread struct {
 		tid           string
 		onCPU, wakeup int64
