@@ -346,6 +346,8 @@ func (h *Handler) crashReports() Crashes {
 // filters by kind; ?since=<duration> first replays the kept events of that
 // age or younger. A stream dropped for being slow ends with an event named
 // "dropped".
+//
+// events is one server-sent-events stream: setup, replay, then the live loop; split, the stream's state would be scattered.
 func (h *Handler) events(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	var filter map[mapguard.Kind]bool

@@ -256,6 +256,7 @@ func median(d []time.Duration) time.Duration {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
+// reportSuite prints one suite's table section by section; the sections read in the order they print.
 func (j *judge) reportSuite(p *prepared, runs []*run) {
 	fmt.Printf("\n== %s (%s@%s)\n", p.Name, p.Module, p.Version)
 	rw := row{suite: p.Name, tests: "equal", cpu: map[string]string{}, cpuAfter: map[string]string{}, events: map[string]string{}, verdict: map[string]string{}}

@@ -165,6 +165,8 @@ type window struct {
 // long): orders, a share bugs of them seeded bugs (a coupon that hits the
 // nil-map write, a missing region), and records per-second throughput, p99
 // and the server's CPU.
+//
+// load is one load run: start, drive, sample each second, stop; kept together so the timing reads whole.
 func load(s *server, n, conc int, bugs float64, limit time.Duration) loadResult {
 	tr := &http.Transport{MaxIdleConnsPerHost: conc, MaxConnsPerHost: conc}
 	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}

@@ -55,6 +55,7 @@ func (r results) median(name, unit string) (float64, bool) {
 	return (vs[len(vs)/2-1] + vs[len(vs)/2]) / 2, true
 }
 
+// main prints the cost table row by row, in the README's order.
 func main() {
 	r := parse()
 	row := func(what, value, ratio string) { fmt.Printf("| %-62s | %16s | %10s |\n", what, value, ratio) }

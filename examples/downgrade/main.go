@@ -40,6 +40,7 @@ import (
 	"github.com/mapguard/mapguard/debughttp"
 )
 
+// main wires the demo service together in one place (Guard, breaker, handlers, metrics).
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8080", "listen address")
 	debugAddr := flag.String("debug-addr", "127.0.0.1:6060", "debug listen address (/metrics, /debug/mapguard/); keep it off public interfaces")

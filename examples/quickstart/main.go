@@ -26,6 +26,7 @@ import (
 //lint:ignore U1000 a sink: what is assigned to it is not optimised away
 var sink int
 
+// main is long on purpose: a demo read top to bottom, one provocation per kind, in order.
 func main() {
 	if os.Getenv("QUICKSTART_RACE_CHILD") == "1" {
 		raceChild()

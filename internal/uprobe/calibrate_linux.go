@@ -91,6 +91,8 @@ var errCalibrationStopped = errors.New("calibration stopped: the probe is closin
 // runs: noise only adds), and the CPU time of attaching and detaching one
 // link. It takes no lock: it uses only what Start set up (the calibration
 // sites, the executable). Once stop is set it attaches nothing more.
+//
+// measureTraps is one measurement with its helpers as closures, which share its clocks.
 func (u *uprobes) measureTraps(prog *ebpf.Program, stop *atomic.Bool) (c trapCosts, err error) {
 	m := map[int]int{}
 	// CPU time of this thread, not wall time: a trap is handled on the

@@ -63,6 +63,7 @@ func Main() {
 	}
 }
 
+// run is one measured Start and Close, step by step, in the order they happen.
 func run() error {
 	var r Result
 	if st, err := os.Stat("/proc/self/exe"); err == nil {
