@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 
+	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/rt"
 	"github.com/mapguard/mapguard/probe"
 )
@@ -55,10 +56,18 @@ func (u *uprobes) startGovernorLocked(now time.Time) error {
 	}
 	u.gov = newGovernor(u.cfg.budget(), costs, float64(u.linkCost), initialLatency, now)
 	for i, s := range u.sites {
-		if s.flags&siteGrowth != 0 {
+		switch {
+		case s.flags&siteGrowth != 0:
 			// A table split rehashes about a thousand entries: the trap is a
 			// few percent of the work that makes it fire, and sampling it
 			// would miss the crossing of the growth threshold.
+			u.gov.pin(i)
+		case !s.deep && (s.kind == decode.NilMapWrite || s.kind == decode.UnhashableKey || s.kind == decode.ConcurrentMisuse):
+			// Every hit is a bug that panics (or kills the process): each
+			// is an event, and the panic's own cost bounds how often it can
+			// happen. Sampled, such a site (its rate misread from a single
+			// hit, the canary's) missed a nil-map write for seconds on the
+			// slow 6.1 VM. Its hits are still spent from the budget.
 			u.gov.pin(i)
 		}
 	}
