@@ -331,7 +331,7 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 			return
 		}
 		cpu.book()
-		u.tickFrom(time.Now(), false)
+		u.wake(time.Now())
 		if u.calibrateFirst() { // once, after Start (uprobe_linux.go)
 			cpu.book()      // the tick's share
 			cpu.skip = true // the first calibration is start-up's cost, not the budget's

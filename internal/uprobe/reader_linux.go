@@ -163,28 +163,26 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 	u.sink(ev)
 }
 
-// tick runs the cost governor and the periodic work of the reader.
-func (u *uprobes) tick(now time.Time) { u.tickFrom(now, true) }
-
-// tickFrom is tick; only the reader (reader true) calls the sink, which
-// must be called from one goroutine at a time. The waker runs the rest.
-func (u *uprobes) tickFrom(now time.Time, reader bool) {
+// tick is the reader's periodic work: crash reports not yet delivered and
+// the per-call-site counts (both go to the sink, which only the reader
+// calls), then the governor.
+func (u *uprobes) tick(now time.Time) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.stopping || u.coll == nil {
 		return
 	}
-	u.lastTick = now
-	if reader && len(u.pending) > 0 && u.running {
+	if len(u.pending) > 0 && u.running {
 		u.deliverCrashesLocked()
 	}
 	u.readCounters()
 	// Counts go out only once the ring buffer is drained, so that the
 	// first occurrence at a call site, an event of its own, comes first.
-	if reader && now.Sub(u.lastAgg) >= aggInterval && u.reader.AvailableBytes() == 0 {
+	if now.Sub(u.lastAgg) >= aggInterval && u.reader.AvailableBytes() == 0 {
 		u.lastAgg = now
 		u.flushAggsLocked()
 	}
+	u.lastTick = now
 	u.governLocked(now)
 	var dropped uint64
 	for _, s := range u.sites {
@@ -195,6 +193,18 @@ func (u *uprobes) tickFrom(now time.Time, reader bool) {
 			"dropped", dropped-u.lastDropped, "total", dropped)
 		u.lastDropped = dropped
 	}
+}
+
+// wake is the waker's work: the governor only (it never calls the sink).
+func (u *uprobes) wake(now time.Time) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.stopping || u.coll == nil {
+		return
+	}
+	u.readCounters()
+	u.lastTick = now
+	u.governLocked(now)
 }
 
 // flushAggsLocked reports, per call site, the occurrences counted in BPF
