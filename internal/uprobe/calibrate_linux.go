@@ -225,11 +225,18 @@ type cpuMeter struct {
 
 // startCPUMeter locks the calling goroutine to its thread and starts
 // measuring it into own; with startup, what it does until its first book
-// is part of Start, not booked. The thread ends with the goroutine.
+// is part of Start, not booked. The goroutine calls stop before it ends.
 func startCPUMeter(own *atomic.Int64, startup bool) cpuMeter {
 	runtime.LockOSThread()
 	return cpuMeter{last: threadCPU(), own: own, skip: startup}
 }
+
+// stop unlocks the thread, so that it outlives the goroutine: a goroutine
+// that ends locked takes its thread down with it, and the Guard's three
+// would do so at every Close. Exiting threads of a process with uprobes
+// attached are the prime suspect of the crashes seen on the 6.1 VM (they
+// began with the locked goroutines), and threads are not churned anyway.
+func (m *cpuMeter) stop() { runtime.UnlockOSThread() }
 
 // book adds the CPU time the goroutine used since the last call.
 func (m *cpuMeter) book() {

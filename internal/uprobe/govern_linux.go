@@ -293,6 +293,7 @@ func (u *uprobes) startWakerLocked() error {
 func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 	defer close(u.wakeDone)
 	cpu := startCPUMeter(&u.ownCPU, false)
+	defer cpu.stop()
 	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
 	u.mu.Lock()
 	f := u.wakeFile

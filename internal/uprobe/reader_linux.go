@@ -25,6 +25,7 @@ import (
 func (u *uprobes) run(ready chan<- error) {
 	defer close(u.done)
 	cpu := startCPUMeter(&u.ownCPU, true)
+	defer cpu.stop()
 	// Start holds u.mu and set u.ignore before starting this goroutine.
 	if err := u.ignoreLocked(rt.GoID()); err != nil {
 		ready <- err
@@ -65,6 +66,7 @@ func (u *uprobes) run(ready chan<- error) {
 func (u *uprobes) runDeep(ready chan<- error) {
 	defer close(u.deepDone)
 	cpu := startCPUMeter(&u.ownCPU, false)
+	defer cpu.stop()
 	ready <- u.ignoreLocked(rt.GoID()) // Start holds u.mu
 	var (
 		rec ringbuf.Record
