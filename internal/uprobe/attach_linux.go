@@ -32,25 +32,25 @@ func (u *uprobes) armLocked(s *site) error {
 // attach attaches prog at s, filtered to this process, with s's index as
 // the cookie.
 func (u *uprobes) attach(s *site, prog *ebpf.Program) (link.Link, error) {
+	return attachSite(u.ex, u.multi, s, prog)
+}
+
+// attachSite attaches prog at s in ex, for this process only, with a
+// uprobe_multi link where multi, else a perf-event uprobe.
+func attachSite(ex *link.Executable, multi bool, s *site, prog *ebpf.Program) (link.Link, error) {
 	off := s.fn.FileOffset + s.at.Offset
-	var (
-		l   link.Link
-		err error
-	)
-	if u.multi {
-		l, err = u.ex.UprobeMulti(nil, prog, &link.UprobeMultiOptions{
+	if multi {
+		return ex.UprobeMulti(nil, prog, &link.UprobeMultiOptions{
 			Addresses: []uint64{off},
 			Cookies:   []uint64{uint64(s.index)},
 			PID:       uint32(os.Getpid()),
 		})
-	} else {
-		l, err = u.ex.Uprobe("", prog, &link.UprobeOptions{
-			Address: off,
-			Cookie:  uint64(s.index),
-			PID:     os.Getpid(),
-		})
 	}
-	return l, err
+	return ex.Uprobe("", prog, &link.UprobeOptions{
+		Address: off,
+		Cookie:  uint64(s.index),
+		PID:     os.Getpid(),
+	})
 }
 
 // forceSingleLinks makes Start use perf-event uprobes even where

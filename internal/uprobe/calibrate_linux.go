@@ -5,61 +5,186 @@ package uprobe
 import (
 	"errors"
 	"fmt"
+	"os"
+	"reflect"
 	"runtime"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/mapguard/mapguard/internal/x86site"
 	"github.com/mapguard/mapguard/symbols"
 )
 
-// calibrationSink keeps calibrationTarget's cold branch alive.
+// calibrationSink keeps the calibration targets' cold branches alive.
 //
-//lint:ignore U1000 a sink that keeps calibrationTarget's cold branch
+//lint:ignore U1000 a sink that keeps the targets' cold branches
 var calibrationSink string
 
-// calibrationTarget is what the cost calibration probes: a function with a
-// stack check and a frame, so that its first instruction (the stack check's
-// compare) is single-stepped by the kernel and the one after the check
-// (PUSHQ BP) is emulated, as at the two kinds of probe site.
+// calibrationStep and calibrationEmu are what the cost calibration probes:
+// functions with a stack check and a frame. calibrationStep is probed at
+// its first instruction (the stack check's compare), which the kernel
+// single-steps; calibrationEmu at the instruction after the check (PUSHQ
+// BP), which it emulates: the two kinds of probe site. Two functions, so
+// that both probes are attached at once and each loop hits only its own.
 //
 //go:noinline
-func calibrationTarget(m map[int]int, n int) int {
+func calibrationStep(m map[int]int, n int) int {
 	if n < 0 {
 		calibrationSink = fmt.Sprint(m)
 	}
 	return n + 1
 }
 
-// calibration holds the two probe sites of calibrationTarget.
+//go:noinline
+func calibrationEmu(m map[int]int, n int) int {
+	if n < 0 {
+		calibrationSink = fmt.Sprint(m, n)
+	}
+	return n + 1
+}
+
+// calibration holds the two probe sites.
 type calibration struct {
 	step, emu *site
 }
 
-// setupCalibrationLocked finds calibrationTarget's two sites.
-func (u *uprobes) setupCalibrationLocked(bin *symbols.Binary) error {
-	fn, ok := bin.Func(calibrationFunc)
-	if !ok {
-		return errors.New("calibration function not in binary")
+// liveCalibration finds the two sites from the running process alone, so
+// that the calibration can run while Start reads the symbols: each
+// function's entry from its func value, its end from the runtime's
+// function table, its file offset from /proc/self/maps, its code from the
+// executable (not from memory, where another Guard's probe may sit).
+// verifyCalibration checks the result against the symbols.
+func liveCalibration() (calibration, error) {
+	maps, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		return calibration{}, err
 	}
+	exe, err := os.Open(selfExe)
+	if err != nil {
+		return calibration{}, err
+	}
+	defer exe.Close()
+	find := func(f func(map[int]int, int) int, name string) (symbols.Func, []byte, error) {
+		entry := reflect.ValueOf(f).Pointer()
+		rf := runtime.FuncForPC(entry)
+		if rf == nil || rf.Entry() != entry || rf.Name() != name {
+			return symbols.Func{}, nil, fmt.Errorf("calibration function %s not at its func value", name)
+		}
+		end := entry
+		for end-entry < 4096 && runtime.FuncForPC(end) != nil && runtime.FuncForPC(end).Entry() == entry {
+			end++
+		}
+		off, ok := fileOffset(maps, uint64(entry))
+		if !ok {
+			return symbols.Func{}, nil, fmt.Errorf("calibration function %s: %#x not in a mapping of the executable", name, entry)
+		}
+		code := make([]byte, end-entry)
+		if _, err := exe.ReadAt(code, int64(off)); err != nil {
+			return symbols.Func{}, nil, err
+		}
+		return symbols.Func{Name: name, Entry: uint64(entry), End: uint64(end), FileOffset: off}, code, nil
+	}
+	step, _, err := find(calibrationStep, calibrationStepFunc)
+	if err != nil {
+		return calibration{}, err
+	}
+	emu, code, err := find(calibrationEmu, calibrationEmuFunc)
+	if err != nil {
+		return calibration{}, err
+	}
+	at, err := x86site.EntrySite(code)
+	if err != nil {
+		return calibration{}, err
+	}
+	if !at.Emulated {
+		return calibration{}, fmt.Errorf("calibration site %s is not emulated", at.Inst)
+	}
+	return calibration{
+		step: &site{index: calibIndex, fn: step, found: found{at: x86site.Site{Offset: 0, Inst: "entry"}}},
+		emu:  &site{index: calibIndex, fn: emu, found: found{at: at}},
+	}, nil
+}
+
+// fileOffset maps the address addr of this process to its offset in the
+// executable, from the text of /proc/self/maps.
+func fileOffset(maps []byte, addr uint64) (uint64, bool) {
+	for _, line := range strings.Split(string(maps), "\n") {
+		var lo, hi, off uint64
+		var perms, dev string
+		var inode uint64
+		var path string
+		if n, _ := fmt.Sscanf(line, "%x-%x %s %x %s %d %s", &lo, &hi, &perms, &off, &dev, &inode, &path); n < 7 {
+			continue
+		}
+		if addr >= lo && addr < hi && strings.Contains(perms, "x") {
+			return addr - lo + off, true
+		}
+	}
+	return 0, false
+}
+
+// calibrationFromSymbols finds the two sites from the symbols, where
+// liveCalibration failed; the calibration then runs after Start
+// (calibrateFirst).
+func calibrationFromSymbols(bin *symbols.Binary) (calibration, error) {
+	var c calibration
+	for _, name := range []string{calibrationStepFunc, calibrationEmuFunc} {
+		fn, ok := bin.Func(name)
+		if !ok {
+			return c, fmt.Errorf("calibration function %s not in binary", name)
+		}
+		if name == calibrationStepFunc {
+			c.step = &site{index: calibIndex, fn: fn, found: found{at: x86site.Site{Offset: 0, Inst: "entry"}}}
+			continue
+		}
+		code, err := bin.Code(fn)
+		if err != nil {
+			return c, err
+		}
+		at, err := x86site.EntrySite(code)
+		if err != nil {
+			return c, err
+		}
+		if !at.Emulated {
+			return c, fmt.Errorf("calibration site %s is not emulated", at.Inst)
+		}
+		c.emu = &site{index: calibIndex, fn: fn, found: found{at: at}}
+	}
+	return c, nil
+}
+
+// verifyCalibration checks the live sites against the symbols: the same
+// file offsets, and the same emulated instruction found in the code the
+// symbols give.
+func verifyCalibration(c calibration, bin *symbols.Binary) error {
+	for _, s := range []*site{c.step, c.emu} {
+		fn, ok := bin.Func(s.fn.Name)
+		if !ok {
+			return fmt.Errorf("calibration function %s not in the symbols", s.fn.Name)
+		}
+		if fn.FileOffset != s.fn.FileOffset || fn.End-fn.Entry > s.fn.End-s.fn.Entry {
+			return fmt.Errorf("calibration function %s: file offset %#x and size %d from the process, %#x and %d from the symbols",
+				s.fn.Name, s.fn.FileOffset, s.fn.End-s.fn.Entry, fn.FileOffset, fn.End-fn.Entry)
+		}
+	}
+	fn, _ := bin.Func(c.emu.fn.Name)
 	code, err := bin.Code(fn)
 	if err != nil {
 		return err
 	}
-	emu, err := x86site.EntrySite(code)
+	at, err := x86site.EntrySite(code)
 	if err != nil {
 		return err
 	}
-	if !emu.Emulated {
-		return fmt.Errorf("calibration site %s is not emulated", emu.Inst)
-	}
-	step := x86site.Site{Offset: 0, Inst: "entry"}
-	u.calib = calibration{
-		step: &site{index: calibIndex, fn: fn, found: found{at: step}},
-		emu:  &site{index: calibIndex, fn: fn, found: found{at: emu}},
+	if at.Offset != c.emu.at.Offset {
+		return fmt.Errorf("calibration site at +%#x from the process, +%#x from the symbols", c.emu.at.Offset, at.Offset)
 	}
 	return nil
 }
@@ -67,12 +192,85 @@ func (u *uprobes) setupCalibrationLocked(bin *symbols.Binary) error {
 // calibrateLocked measures the trap costs again (measureTraps) and keeps
 // them. It returns the CPU time it spent.
 func (u *uprobes) calibrateLocked() (spent time.Duration, err error) {
-	c, err := u.measureTraps(u.coll.Programs[mapguardProgMapguardEmpty], nil)
+	c, err := measureTraps(u.ex, u.multi, u.coll.Programs[mapguardProgMapguardEmpty], u.calib, nil, nil)
 	if err != nil {
 		return 0, err
 	}
 	u.keepCalibrationLocked(c)
 	return c.spent, nil
+}
+
+// calibrating is Start's calibration, running on a goroutine of its own
+// (startCalibration) while Start reads the symbols, chooses the sites and
+// loads the programs: its probes, trap loops and detaches (a detach waits
+// tens of ms for the kernel) are off Start's path.
+type calibrating struct {
+	idle  chan struct{} // closed when Start waits for the result
+	stop  atomic.Bool   // set when Start fails: attach nothing more
+	done  chan struct{}
+	calib calibration
+	costs trapCosts
+	err   error
+}
+
+// startCalibration starts the calibration with an empty program and an
+// executable handle of its own; it needs nothing else of Start's.
+func (u *uprobes) startCalibration() *calibrating {
+	c := &calibrating{idle: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		if c.calib, c.err = liveCalibration(); c.err != nil {
+			return
+		}
+		prog, err := emptyProgram(u.multi)
+		if err != nil {
+			c.err = err
+			return
+		}
+		defer prog.Close()
+		ex, err := link.OpenExecutable(selfExe)
+		if err != nil {
+			c.err = err
+			return
+		}
+		c.costs, c.err = measureTraps(ex, u.multi, prog, c.calib, &c.stop, c.idle)
+	}()
+	return c
+}
+
+// wait tells the calibration that Start is idle (its detaches are then
+// measured without Start's own work) and returns what it measured.
+func (c *calibrating) wait() (calibration, trapCosts, error) {
+	close(c.idle)
+	<-c.done
+	return c.calib, c.costs, c.err
+}
+
+// abandon stops the calibration (Start failed) and waits for it to
+// detach what it attached.
+func (c *calibrating) abandon() {
+	c.stop.Store(true)
+	select {
+	case <-c.idle:
+	default:
+		close(c.idle)
+	}
+	<-c.done
+}
+
+// emptyProgram loads a program that returns at once: the calibration's
+// traps cost what the kernel's uprobe path costs, nothing of ours.
+func emptyProgram(multi bool) (*ebpf.Program, error) {
+	spec := &ebpf.ProgramSpec{
+		Name:         "mapguard_calib",
+		Type:         ebpf.Kprobe,
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+		License:      "GPL",
+	}
+	if multi {
+		spec.AttachType = ebpf.AttachTraceUprobeMulti
+	}
+	return ebpf.NewProgram(spec)
 }
 
 // trapCosts is what one calibration measured.
@@ -89,90 +287,111 @@ var errCalibrationStopped = errors.New("calibration stopped: the probe is closin
 // measureTraps measures, with the empty program prog, what one trap costs
 // at a single-stepped and at an emulated instruction (the least of a few
 // runs: noise only adds), and the CPU time of attaching and detaching one
-// link. It takes no lock: it uses only what Start set up (the calibration
-// sites, the executable). Once stop is set it attaches nothing more.
+// link. It takes no lock: it uses only its arguments. Once stop is set it
+// attaches nothing more. Both probes are attached at once; their detaches
+// wait until idle is closed (nil: at once), so that what a detach costs
+// the rest of the process is measured while Start does nothing else, and
+// run in parallel (each waits for the kernel).
 //
 // measureTraps is one measurement with its helpers as closures, which share its clocks.
-func (u *uprobes) measureTraps(prog *ebpf.Program, stop *atomic.Bool) (c trapCosts, err error) {
+func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calibration, stop *atomic.Bool, idle <-chan struct{}) (c trapCosts, err error) {
 	m := map[int]int{}
 	// CPU time of this thread, not wall time: a trap is handled on the
 	// thread that took it, and a busy machine's preemptions do not count.
 	// Where the thread clock is too coarse to see the difference (an
 	// emulated VM), wall time is used instead.
 	type sample struct{ cpu, wall time.Duration }
-	run := func(calls int) sample {
+	run := func(f func(map[int]int, int) int, calls int) sample {
 		t0, w0 := threadCPU(), time.Now()
 		n := 0
 		for i := 0; i < calls; i++ {
-			n = calibrationTarget(m, n)
+			n = f(m, n)
 		}
 		if n != calls {
 			panic("calibration")
 		}
 		return sample{threadCPU() - t0, time.Since(w0)}
 	}
-	least := func(calls int) sample {
+	least := func(f func(map[int]int, int) int, calls int) sample {
 		best := sample{1<<63 - 1, 1<<63 - 1}
 		for r := 0; r < calibrationRuns; r++ {
-			x := run(calls)
+			x := run(f, calls)
 			best = sample{min(best.cpu, x.cpu), min(best.wall, x.wall)}
 		}
 		return best
 	}
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	c0 := threadCPU()
-	defer func() { c.spent = threadCPU() - c0 }()
-	// One attachment per instruction kind (each detach waits for the
-	// kernel: ~30 ms for uprobe_multi, ~100 ms for a perf-event uprobe):
-	// the least of a few runs without, then with it.
-	// A link's cost is not all on the thread that attaches and closes it:
-	// the rest of the process pays too (about 1 ms a cycle on the
-	// project's VM with nothing else running, against 0.1-0.4 ms on the
-	// thread: the Go runtime's sysmon spins after each long system call,
-	// and the kernel rewrites the probed pages under every thread). The
-	// process's CPU around the cycle, less this thread's, is that share;
-	// the least seen since Start is kept (other work of the process only
-	// adds to it).
-	measure := func(s *site, calls int) (time.Duration, error) {
-		// The rest of the process keeps working meanwhile (the
-		// calibration runs after Start, in a live program): its rate,
-		// measured over the base runs, is taken out of the cycle's share.
-		b0, q0, w0 := threadCPU(), processCPU(), time.Now()
-		base := least(calls)
-		otherRate := float64(max(processCPU()-q0-(threadCPU()-b0), 0)) / float64(max(time.Since(w0), time.Microsecond))
-		if stop != nil && stop.Load() {
-			return 0, errCalibrationStopped
-		}
-		a0, p0, t0 := threadCPU(), processCPU(), time.Now()
-		l, err := u.attach(s, prog)
-		if err != nil {
-			return 0, err
-		}
-		a1 := threadCPU()
-		with := least(calls)
-		a2 := threadCPU()
-		l.Close()
-		a3, p3 := threadCPU(), processCPU()
-		if lc := a1 - a0 + a3 - a2; c.link == 0 || lc < c.link {
-			c.link = lc
-		}
-		busy := time.Duration(otherRate * float64(time.Since(t0)))
-		if o := max(p3-p0-(a3-a0)-busy, 0); c.others == 0 || o < c.others {
-			c.others = o
-		}
+	per := func(base, with sample, calls int) time.Duration {
 		d := with.cpu - base.cpu
 		if d <= 0 {
 			d = with.wall - base.wall
 		}
-		return max(d/time.Duration(calls), time.Nanosecond), nil
+		return max(d/time.Duration(calls), time.Nanosecond)
 	}
-	if c.step, err = measure(u.calib.step, calibrationStepCalls); err != nil {
-		return c, fmt.Errorf("calibrate a single-stepped trap: %w", err)
+	stopped := func() bool { return stop != nil && stop.Load() }
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	c0 := threadCPU()
+	defer func() { c.spent = threadCPU() - c0 }()
+
+	baseStep := least(calibrationStep, calibrationStepCalls)
+	baseEmu := least(calibrationEmu, calibrationEmuCalls)
+	if stopped() {
+		return c, errCalibrationStopped
 	}
-	if c.emu, err = measure(u.calib.emu, calibrationEmuCalls); err != nil {
-		return c, fmt.Errorf("calibrate an emulated trap: %w", err)
+	a0 := threadCPU()
+	var links []link.Link
+	closeAll := func() {
+		for _, l := range links {
+			l.Close()
+		}
 	}
+	for _, s := range []*site{cal.step, cal.emu} {
+		l, err := attachSite(ex, multi, s, prog)
+		if err != nil {
+			closeAll()
+			return c, fmt.Errorf("calibrate %s: %w", s.at.Inst, err)
+		}
+		links = append(links, l)
+	}
+	attachCPU := threadCPU() - a0
+	c.step = per(baseStep, least(calibrationStep, calibrationStepCalls), calibrationStepCalls)
+	c.emu = per(baseEmu, least(calibrationEmu, calibrationEmuCalls), calibrationEmuCalls)
+	if idle != nil {
+		<-idle
+	}
+	// A link's cost is not all on the thread that attaches and closes it:
+	// the rest of the process pays too (the Go runtime's sysmon spins
+	// after each long system call, and the kernel rewrites the probed
+	// pages under every thread). The process's CPU around the detaches,
+	// less the detaching threads', less what the process was doing just
+	// before (its rate over a short look), is that share; the least seen
+	// since Start is kept (other work of the process only adds to it).
+	q0, w0 := processCPU(), time.Now()
+	time.Sleep(time.Millisecond)
+	otherRate := float64(processCPU()-q0) / float64(max(time.Since(w0), time.Microsecond))
+	p0, t0 := processCPU(), time.Now()
+	closeCPU := make([]time.Duration, len(links))
+	var wg sync.WaitGroup
+	for i, l := range links {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			t := threadCPU()
+			l.Close()
+			closeCPU[i] = threadCPU() - t
+		}()
+	}
+	wg.Wait()
+	var closing time.Duration
+	for _, d := range closeCPU {
+		closing += d
+	}
+	n := time.Duration(len(links))
+	c.link = (attachCPU + closing) / n
+	busy := time.Duration(otherRate * float64(time.Since(t0)))
+	c.others = max(processCPU()-p0-closing-busy, 0) / n
 	return c, nil
 }
 
@@ -233,9 +452,7 @@ func startCPUMeter(own *atomic.Int64, startup bool) cpuMeter {
 
 // stop unlocks the thread, so that it outlives the goroutine: a goroutine
 // that ends locked takes its thread down with it, and the Guard's three
-// would do so at every Close. Exiting threads of a process with uprobes
-// attached are the prime suspect of the crashes seen on the 6.1 VM (they
-// began with the locked goroutines), and threads are not churned anyway.
+// would do so at every Close, for nothing.
 func (m *cpuMeter) stop() { runtime.UnlockOSThread() }
 
 // book adds the CPU time the goroutine used since the last call.
@@ -295,7 +512,7 @@ func (u *uprobes) calibrateFirst() (ran bool) {
 	prog := u.coll.Programs[mapguardProgMapguardEmpty]
 	u.mu.Unlock()
 
-	c, err := u.measureTraps(prog, &u.calibStop)
+	c, err := measureTraps(u.ex, u.multi, prog, u.calib, &u.calibStop, nil)
 
 	u.mu.Lock()
 	defer u.mu.Unlock()

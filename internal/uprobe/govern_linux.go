@@ -23,11 +23,12 @@ import (
 )
 
 const (
-	calibrationFunc = "github.com/mapguard/mapguard/internal/uprobe.calibrationTarget"
+	calibrationStepFunc = "github.com/mapguard/mapguard/internal/uprobe.calibrationStep"
+	calibrationEmuFunc  = "github.com/mapguard/mapguard/internal/uprobe.calibrationEmu"
 	// Calls per calibration run: a single-stepped trap costs 6-23 us on
-	// the project's VMs, an emulated one 0.5-1 us.
+	// the project's VMs, an emulated one 0.5-6 us.
 	calibrationStepCalls = 100
-	calibrationEmuCalls  = 1000
+	calibrationEmuCalls  = 300
 	calibrationRuns      = 3
 	// recalibrateEvery: trap costs move from day to day (and with load);
 	// the floors are measured again this often.
@@ -38,16 +39,10 @@ const (
 )
 
 // startGovernorLocked attaches every site and starts the governor with a
-// full burst, at assumed costs until the first calibration (the
-// governor's first tick, once Start has returned).
+// full burst, at the costs Start's calibration measured (assumed ones if
+// it failed, until the waker's first tick calibrates).
 func (u *uprobes) startGovernorLocked(now time.Time) error {
-	// Calibrated here, in Start, before the program's own work competes
-	// with it: measured after Start, under a busy program, a link's cost
-	// to the rest of the process came out 2-3x too high and starved the
-	// sampled sites' windows. If it fails, the assumed costs stand until
-	// the next calibration (calibrateFirst, on the waker).
-	if _, err := u.calibrateLocked(); err != nil {
-		u.log.V(1).Info("calibrate trap costs; assumed costs used", "error", err.Error())
+	if u.calibrations == 0 {
 		u.assumeCostsLocked()
 	}
 	costs := make([]float64, len(u.sites))

@@ -203,6 +203,15 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	}
 	u.multi = haveUprobeMulti() && !forceSingleLinks
 	u.deep = u.cfg.deep()
+	// What a trap and a link cost here is measured on a goroutine of its
+	// own while the rest of Start runs (calibrate_linux.go).
+	cal := u.startCalibration()
+	calJoined := false
+	defer func() {
+		if !calJoined {
+			cal.abandon()
+		}
+	}()
 	step("checks")
 
 	clock, err := newClock()
@@ -291,14 +300,26 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	}
 	u.lastTick = time.Now()
 	u.readCounters()
-	if err := u.setupCalibrationLocked(bin); err != nil {
-		return fmt.Errorf("start probe: cost calibration: %w: %w", probe.ErrNotSupported, err)
+	calib, costs, err := cal.wait()
+	calJoined = true
+	step("calibration")
+	if err == nil {
+		err = verifyCalibration(calib, bin)
 	}
-	// After the canary: the first uprobe on a binary costs extra.
+	if err == nil {
+		u.calib = calib
+		u.keepCalibrationLocked(costs)
+	} else {
+		// The assumed costs stand until the waker's first tick calibrates
+		// (calibrateFirst), at the sites the symbols give.
+		u.log.V(1).Info("calibrate trap costs; assumed costs used", "error", err.Error())
+		if u.calib, err = calibrationFromSymbols(bin); err != nil {
+			return fmt.Errorf("start probe: cost calibration: %w: %w", probe.ErrNotSupported, err)
+		}
+	}
 	if err := u.startGovernorLocked(time.Now()); err != nil {
 		return fmt.Errorf("start probe: cost governor: %w", err)
 	}
-	// The waker's first tick calibrates, once Start has returned.
 	u.wakeFile.SetReadDeadline(past)
 	step("governor")
 	u.running = true
