@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr/funcr"
+
 	"github.com/mapguard/mapguard"
 	"github.com/mapguard/mapguard/internal/testutil"
 )
@@ -362,9 +364,26 @@ func TestRealConcurrentMisuseCrash(t *testing.T) {
 	}
 	checkCrash(t, *rep, pid, stderr)
 
-	// The next Guard delivers it once, then it is gone.
-	g := startReal(t, mapguard.Options{})
-	ev := await(t, g.Events(), func(ev mapguard.Event) bool { return ev.Kind == mapguard.PreviousCrash && ev.PID == pid })
+	// The next Guard delivers it once, then it is gone. Its log
+	// and Stats say why if it does not.
+	log := funcr.New(func(prefix, args string) { t.Logf("log: %s %s", prefix, args) }, funcr.Options{})
+	g := startReal(t, mapguard.Options{Logger: log})
+	var ev mapguard.Event
+	timeout := time.After(10 * time.Second)
+	for found := false; !found; {
+		select {
+		case ev = <-g.Events():
+			found = ev.Kind == mapguard.PreviousCrash && ev.PID == pid
+			if ev.Kind == mapguard.PreviousCrash && !found {
+				t.Logf("a previous-crash event of another process: %v", ev)
+			}
+		case <-timeout:
+			st := g.Stats()
+			left, err := mapguard.ReadCrashReports("")
+			t.Fatalf("no previous-crash event for pid %d within 10s; events %v, dropped by kind %v, crash record %q (error %q, damaged %d); reports still stored: %v (%v)",
+				pid, st.Events, st.DroppedByKind, st.CrashRecord, st.CrashRecordError, st.CrashRecordsDamaged, left, err)
+		}
+	}
 	checkCrash(t, ev, pid, stderr)
 	reports, err = mapguard.ReadCrashReports("")
 	if err != nil {

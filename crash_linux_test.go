@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"reflect"
 	"runtime"
@@ -92,7 +93,20 @@ func crashHelper(mode string) {
 		}
 		raceToDeath()
 	case "cycle":
+		// Until SIGUSR1; then one Guard held (the test kills the process
+		// with it, between two cycles, never between a claim and its
+		// report: a record claimed by a process killed before it
+		// delivers is lost, by design at most once).
+		stop := make(chan os.Signal, 1)
+		signal.Notify(stop, syscall.SIGUSR1)
 		for {
+			select {
+			case <-stop:
+				helperStart(1)
+				fmt.Println("HELD")
+				time.Sleep(time.Hour)
+			default:
+			}
 			helperRun(1, false)
 		}
 	case "hold":
@@ -497,6 +511,10 @@ func TestCrashRecordSiblingClose(t *testing.T) {
 	for i := 0; i < rounds; i++ {
 		crashes = append(crashes, runCrash(t, func() *exec.Cmd { return helperCmd(bin, "crash") }))
 		reports = append(reports, runReport(t, helperCmd(bin, "report")))
+	}
+	cycle.Process.Signal(syscall.SIGUSR1)
+	for deadline := time.Now().Add(time.Minute); !strings.Contains(out.String(), "HELD\n") && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
 	}
 	cycle.Process.Kill()
 	cycle.Wait()

@@ -93,6 +93,32 @@ func TestDropsAreCounted(t *testing.T) {
 	}
 }
 
+// Events delivered before the first call to Events (a PreviousCrash right
+// after Start) wait on the channel; those it had no room for count as
+// channel drops once somebody asks for it, and never for a Guard used only
+// through callbacks.
+func TestEventsBeforeFirstCall(t *testing.T) {
+	g, fake := startFake(t, Options{BufferSize: 4})
+	seen := make(chan struct{}, 16)
+	g.OnEvent(func(Event) { seen <- struct{}{} })
+	for i := 0; i < 6; i++ {
+		fake.Emit(Event{Kind: PreviousCrash, PID: 100 + i})
+		<-seen // the channel send comes before the callbacks
+	}
+	if st := g.Stats(); st.DroppedChannel != 0 || st.Dropped != 0 {
+		t.Fatalf("drops counted before anybody asked for the channel: %+v", st)
+	}
+	ch := g.Events()
+	for i := 0; i < 4; i++ {
+		if ev := <-ch; ev.Kind != PreviousCrash || ev.PID != 100+i {
+			t.Fatalf("early event %d: %v", i, ev)
+		}
+	}
+	if st := g.Stats(); st.DroppedChannel != 2 || st.DroppedByKind[PreviousCrash] != 2 {
+		t.Fatalf("early drops: channel %d, by kind %v; want 2", st.DroppedChannel, st.DroppedByKind)
+	}
+}
+
 func TestLifecycle(t *testing.T) {
 	before := runtime.NumGoroutine()
 	g, fake := startFake(t, Options{})

@@ -38,8 +38,13 @@ type Guard struct {
 	started     bool
 	closed      bool
 	delivering  bool       // the dispatcher runs
-	events      chan Event // created by the first call to Events
+	events      chan Event // made by New: events wait there until the first Events call
+	eventsUsed  bool       // Events was called
 	eventsDone  bool       // events is closed
+	// Events the channel had no room for before anyone asked for it, per
+	// kind: counted as channel drops once Events is called (a Guard used
+	// only through callbacks drops nothing).
+	earlyDropped [256]uint64
 	stopCtx     func() bool
 
 	queue     chan Event // reader -> dispatcher
@@ -99,7 +104,7 @@ func New(opts Options) (*Guard, error) {
 			return nil, fmt.Errorf("new guard: %s configure the eBPF probe and have no effect with a custom Probe: configure that probe instead", strings.Join(set, ", "))
 		}
 	}
-	return &Guard{opts: opts, log: opts.Logger.WithName("mapguard")}, nil
+	return &Guard{opts: opts, log: opts.Logger.WithName("mapguard"), events: make(chan Event, opts.BufferSize)}, nil
 }
 
 // kinds is the set of kinds the built-in probe watches: DefaultKinds plus
@@ -244,12 +249,16 @@ func (g *Guard) dispatch(queue, deep <-chan Event, done chan<- struct{}, goid ch
 			continue // Close has returned: drain without delivering
 		}
 		g.mu.Lock()
-		if g.events != nil && !g.eventsDone {
+		if !g.eventsDone {
 			select {
 			case g.events <- ev:
 			default:
-				g.droppedChannel.Add(1)
-				g.droppedKind[ev.Kind].Add(1)
+				if g.eventsUsed {
+					g.droppedChannel.Add(1)
+					g.droppedKind[ev.Kind].Add(1)
+				} else {
+					g.earlyDropped[ev.Kind]++
+				}
 			}
 		}
 		g.mu.Unlock()
@@ -266,7 +275,7 @@ func (g *Guard) dispatch(queue, deep <-chan Event, done chan<- struct{}, goid ch
 
 // closeEventsLocked closes the Events channel once.
 func (g *Guard) closeEventsLocked() {
-	if g.events != nil && !g.eventsDone {
+	if !g.eventsDone {
 		close(g.events)
 		g.eventsDone = true
 	}
@@ -282,18 +291,24 @@ func (g *Guard) call(fn func(Event), ev Event) {
 	fn(ev)
 }
 
-// Events returns the channel events are sent on. The channel is created on
-// the first call and holds Options.BufferSize events; a send never blocks,
-// and an event that does not fit is counted in Stats.DroppedChannel. It is
-// closed when the Guard closes. Events that arrived before the first call
-// are not sent.
+// Events returns the channel events are sent on. It holds
+// Options.BufferSize events; a send never blocks, and an event that does
+// not fit is counted in Stats.DroppedChannel. It is closed when the Guard
+// closes. It exists from New on, so that events delivered before the first
+// call (a PreviousCrash right after Start, say) wait in it rather than
+// being lost; those it had no room for before that call are counted as
+// drops then (a Guard used only through OnEvent drops nothing).
 func (g *Guard) Events() <-chan Event {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.events == nil {
-		g.events = make(chan Event, g.opts.BufferSize)
-		if g.closed && !g.delivering {
-			g.closeEventsLocked()
+	if !g.eventsUsed {
+		g.eventsUsed = true
+		for k, n := range g.earlyDropped {
+			if n > 0 {
+				g.droppedChannel.Add(n)
+				g.droppedKind[k].Add(n)
+				g.earlyDropped[k] = 0
+			}
 		}
 	}
 	return g.events
