@@ -45,7 +45,7 @@ type Guard struct {
 	// kind: counted as channel drops once Events is called (a Guard used
 	// only through callbacks drops nothing).
 	earlyDropped [256]uint64
-	stopCtx     func() bool
+	stopCtx      func() bool
 
 	queue     chan Event // reader -> dispatcher
 	deepQueue chan Event // the same for deep kinds, so that they cannot crowd out the others
