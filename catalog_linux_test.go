@@ -471,13 +471,30 @@ func raceChild() {
 		os.Exit(3)
 	}
 	m := map[int]int{}
+	// Each writer writes once, in turn, before they race, so that both
+	// are among the map's tracked writers when the runtime catches them:
+	// racing from the first write, the fatal error could come before the
+	// other writer's first write was noted, and the report had no peer
+	// (seen once in CI).
+	first := []chan struct{}{make(chan struct{}), make(chan struct{})}
+	wrote := make(chan struct{})
+	race := make(chan struct{})
 	for w := 0; w < 2; w++ {
 		go func() {
+			<-first[w]
+			raceWrite(m, w)
+			wrote <- struct{}{}
+			<-race
 			for i := 0; ; i++ {
 				raceWrite(m, i)
 			}
 		}()
 	}
+	for w := range first {
+		close(first[w])
+		<-wrote
+	}
+	close(race)
 	time.Sleep(20 * time.Second)
 	os.Exit(4)
 }

@@ -399,11 +399,12 @@ func TestRealSampling(t *testing.T) {
 	}
 	// A window each second, unless the budget cannot pay one that often
 	// (a slow machine, or an emulated one, where traps and links cost far
-	// more): the site's period then says how far apart its windows are,
-	// and a window may fall between two of the storm's bursts (10 ms
-	// apart; an emulated VM's windows are a few ms), so two periods.
+	// more): the site's period then says how far apart its windows are.
+	// A window shorter than the storm's bursts are apart (10 ms; an
+	// emulated VM's windows are a few ms) may fall between two of them:
+	// then two periods.
 	allowed := 2500 * time.Millisecond
-	if period > time.Second {
+	if period > time.Second || site.Window < 10*time.Millisecond {
 		allowed = 2*period + 1500*time.Millisecond
 	}
 	if maxGap > allowed || time.Since(last) > allowed {
