@@ -65,6 +65,16 @@ func newSim(budget float64, rates, costs []float64, latency time.Duration) *sim 
 // total is what the sim's hits and links cost so far (CPU ns).
 func (s *sim) total() float64 { return s.spent + s.links }
 
+// share runs n steps of 100 ms and returns what they cost, as a share of
+// one CPU.
+func (s *sim) share(n int) float64 {
+	start, spent0 := s.now, s.total()
+	for i := 0; i < n; i++ {
+		s.step(100 * time.Millisecond)
+	}
+	return (s.total() - spent0) / float64(s.now.Sub(start))
+}
+
 // step advances the clock by dt, running the governor whenever the
 // kernel or its timer would, then once at the end (the reader's tick).
 func (s *sim) step(dt time.Duration) {
@@ -178,11 +188,7 @@ func TestGovernorStorm(t *testing.T) {
 	if s.g.sites[1].sampled {
 		t.Fatal("the quiet site was sampled")
 	}
-	start, spent0 := s.now, s.total()
-	for i := 0; i < 600; i++ {
-		s.step(100 * time.Millisecond)
-	}
-	share := (s.total() - spent0) / float64(s.now.Sub(start))
+	share := s.share(600)
 	if share > budget*1.05 {
 		t.Errorf("spent %.4f of a CPU over 60 s, budget %.4f", share, budget)
 	}
@@ -222,11 +228,7 @@ func TestGovernorSpacesOutWindows(t *testing.T) {
 	for i := 0; i < 20; i++ {
 		s.step(100 * time.Millisecond)
 	}
-	start, spent0 := s.now, s.total()
-	for i := 0; i < 1200; i++ {
-		s.step(100 * time.Millisecond)
-	}
-	share := (s.total() - spent0) / float64(s.now.Sub(start))
+	share := s.share(1200)
 	if share > budget*1.1 {
 		t.Errorf("spent %.5f of a CPU, budget %.5f", share, budget)
 	}
@@ -247,11 +249,7 @@ func TestGovernorManySites(t *testing.T) {
 	for i := 0; i < 20; i++ {
 		s.step(100 * time.Millisecond)
 	}
-	start, spent0 := s.now, s.total()
-	for i := 0; i < 600; i++ {
-		s.step(100 * time.Millisecond)
-	}
-	if share := (s.total() - spent0) / float64(s.now.Sub(start)); share > budget*1.1 {
+	if share := s.share(600); share > budget*1.1 {
 		t.Errorf("spent %.4f of a CPU, budget %.4f", share, budget)
 	}
 	for i := range rates {
@@ -349,11 +347,7 @@ func TestGovernorServiceMix(t *testing.T) {
 	for i := range s.maxGap {
 		s.maxGap[i] = 0
 	}
-	start, spent0 := s.now, s.total()
-	for i := 0; i < 600; i++ {
-		s.step(100 * time.Millisecond)
-	}
-	share := (s.total() - spent0) / float64(s.now.Sub(start))
+	share := s.share(600)
 	if share > budget*1.05 {
 		t.Errorf("spent %.4f of a CPU, budget %.4f", share, budget)
 	}
