@@ -77,9 +77,12 @@ func liveCalibration() (calibration, error) {
 		if rf == nil || rf.Entry() != entry || rf.Name() != name {
 			return symbols.Func{}, nil, fmt.Errorf("calibration function %s not at its func value", name)
 		}
-		end := entry
-		for end-entry < 4096 && runtime.FuncForPC(end) != nil && runtime.FuncForPC(end).Entry() == entry {
-			end++
+		// End here is where the next function starts (padding included).
+		end := entry + 1
+		for ; end-entry < 4096; end++ {
+			if g := runtime.FuncForPC(end); g == nil || g.Entry() != entry {
+				break
+			}
 		}
 		off, ok := fileOffset(maps, uint64(entry))
 		if !ok {
@@ -246,15 +249,11 @@ func (c *calibrating) wait() (calibration, trapCosts, error) {
 	return c.calib, c.costs, c.err
 }
 
-// abandon stops the calibration (Start failed) and waits for it to
-// detach what it attached.
+// abandon stops the calibration (Start failed, instead of wait) and
+// waits for it to detach what it attached.
 func (c *calibrating) abandon() {
 	c.stop.Store(true)
-	select {
-	case <-c.idle:
-	default:
-		close(c.idle)
-	}
+	close(c.idle)
 	<-c.done
 }
 
