@@ -370,15 +370,17 @@ func (u *uprobes) teardownLocked() {
 	u.stopping = true // tick must not re-arm anything from here on
 	u.calibStop.Store(true)
 	// Every link closes in parallel, with the detaches the governor
-	// started (sites attached together share a link: closed once).
+	// started (sites attached together share a link: closed once). A
+	// slice, not a map: a missing-key read here would hit the Guard's own
+	// probes while they are still attached.
 	var wg sync.WaitGroup
-	closing := map[link.Link]bool{}
+	var closing []link.Link
 	for _, s := range u.sites {
-		if s.link == nil || closing[s.link] {
+		if s.link == nil || slices.Contains(closing, s.link) {
 			s.link = nil
 			continue
 		}
-		closing[s.link] = true
+		closing = append(closing, s.link)
 		wg.Add(1)
 		go func(l link.Link) {
 			defer wg.Done()
