@@ -20,7 +20,8 @@ import (
 // Start it. Its methods are safe for concurrent use.
 //
 // The Guard runs two kinds of goroutine of its own while started: its
-// dispatcher ((*Guard).dispatch) and the probe's reader and governor
+// dispatcher ((*Guard).dispatch; (*Guard).feed too while events wait for
+// the Events channel's reader) and the probe's reader and governor
 // (functions of package github.com/mapguard/mapguard/internal/uprobe). Test suites
 // that check for leaked goroutines (go.uber.org/goleak) around a Guard that
 // lives for the whole test binary can ignore them with
@@ -41,14 +42,20 @@ type Guard struct {
 	events      chan Event // made by New: events wait there until the first Events call
 	eventsUsed  bool       // Events was called
 	eventsDone  bool       // events is closed
+	// out holds the events the Events channel has no room for yet (it is
+	// small: see queue), and a feeder goroutine moves them into it while
+	// any wait. feedStop and feedDone are the last feeder's.
+	out      *queue
+	feedStop chan struct{}
+	feedDone chan struct{}
 	// Events the channel had no room for before anyone asked for it, per
 	// kind: counted as channel drops once Events is called (a Guard used
 	// only through callbacks drops nothing).
 	earlyDropped [256]uint64
 	stopCtx      func() bool
 
-	queue     chan Event // reader -> dispatcher
-	deepQueue chan Event // the same for deep kinds, so that they cannot crowd out the others
+	queue     *queue // reader -> dispatcher
+	deepQueue *queue // the same for deep kinds, so that they cannot crowd out the others
 	done      chan struct{}
 	dispGoid  uint64
 	abandoned atomic.Bool // Close stopped waiting for a blocked callback
@@ -104,7 +111,13 @@ func New(opts Options) (*Guard, error) {
 			return nil, fmt.Errorf("new guard: %s configure the eBPF probe and have no effect with a custom Probe: configure that probe instead", strings.Join(set, ", "))
 		}
 	}
-	return &Guard{opts: opts, log: opts.Logger.WithName("mapguard"), events: make(chan Event, opts.BufferSize)}, nil
+	ch := min(opts.BufferSize, eventsChanSize)
+	return &Guard{
+		opts:   opts,
+		log:    opts.Logger.WithName("mapguard"),
+		events: make(chan Event, ch),
+		out:    newQueue(opts.BufferSize - ch),
+	}, nil
 }
 
 // kinds is the set of kinds the built-in probe watches: DefaultKinds plus
@@ -143,8 +156,8 @@ func (g *Guard) Start(ctx context.Context) error {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	g.starting, g.cancelStart, g.startDone = true, cancel, make(chan struct{})
-	g.queue = make(chan Event, g.opts.BufferSize)
-	g.deepQueue = make(chan Event, g.opts.BufferSize)
+	g.queue = newQueue(g.opts.BufferSize)
+	g.deepQueue = newQueue(g.opts.BufferSize)
 	g.done = make(chan struct{})
 	g.delivering = true
 	g.abandoned.Store(false)
@@ -176,8 +189,8 @@ func (g *Guard) Start(ctx context.Context) error {
 		if g.closed && errors.Is(err, context.Canceled) && ctx.Err() == nil {
 			err = ErrClosed // cancelled by Close, not by the caller
 		}
-		close(g.queue) // no more sink calls: the probe is torn down
-		close(g.deepQueue)
+		g.queue.close() // no more sink calls: the probe is torn down
+		g.deepQueue.close()
 		g.mu.Unlock() // the dispatcher takes g.mu on its way out
 		<-g.done
 		g.mu.Lock()
@@ -198,9 +211,7 @@ func (g *Guard) sink(pev *decode.Event) {
 	if decode.IsDeep(decode.Kind(ev.Kind)) {
 		q = g.deepQueue
 	}
-	select {
-	case q <- ev:
-	default:
+	if !q.push(ev) {
 		g.droppedQueue.Add(1)
 		g.droppedKind[ev.Kind].Add(1)
 	}
@@ -209,7 +220,7 @@ func (g *Guard) sink(pev *decode.Event) {
 // dispatch delivers queued events to the Events channel and the callbacks,
 // on a goroutine of its own that the probe ignores, the default kinds'
 // queue first. It returns when both queues are closed and drained.
-func (g *Guard) dispatch(queue, deep <-chan Event, done chan<- struct{}, goid chan<- uint64) {
+func (g *Guard) dispatch(queue, deep *queue, done chan<- struct{}, goid chan<- uint64) {
 	defer close(done)
 	defer func() {
 		g.mu.Lock()
@@ -220,47 +231,27 @@ func (g *Guard) dispatch(queue, deep <-chan Event, done chan<- struct{}, goid ch
 		g.mu.Unlock()
 	}()
 	goid <- rt.GoID()
-	for queue != nil || deep != nil {
-		var (
-			ev Event
-			ok bool
-		)
-		select {
-		case ev, ok = <-queue:
+	for {
+		ev, ok, done := queue.pop()
+		if !ok {
+			var deepDone bool
+			ev, ok, deepDone = deep.pop()
 			if !ok {
-				queue = nil
+				if done && deepDone {
+					return
+				}
+				select {
+				case <-queue.ready:
+				case <-deep.ready:
+				}
 				continue
-			}
-		default:
-			select {
-			case ev, ok = <-queue:
-				if !ok {
-					queue = nil
-					continue
-				}
-			case ev, ok = <-deep:
-				if !ok {
-					deep = nil
-					continue
-				}
 			}
 		}
 		if g.abandoned.Load() {
 			continue // Close has returned: drain without delivering
 		}
 		g.mu.Lock()
-		if !g.eventsDone {
-			select {
-			case g.events <- ev:
-			default:
-				if g.eventsUsed {
-					g.droppedChannel.Add(1)
-					g.droppedKind[ev.Kind].Add(1)
-				} else {
-					g.earlyDropped[ev.Kind]++
-				}
-			}
-		}
+		g.sendLocked(ev)
 		g.mu.Unlock()
 		if fns := g.callbacks.Load(); fns != nil {
 			for _, fn := range *fns {
@@ -273,12 +264,85 @@ func (g *Guard) dispatch(queue, deep <-chan Event, done chan<- struct{}, goid ch
 	}
 }
 
-// closeEventsLocked closes the Events channel once.
-func (g *Guard) closeEventsLocked() {
-	if !g.eventsDone {
-		close(g.events)
-		g.eventsDone = true
+// eventsChanSize bounds the Events channel's own buffer; the rest of
+// Options.BufferSize waits in Guard.out, taking memory only while it does.
+const eventsChanSize = 32
+
+// sendLocked puts ev on the Events channel, or behind the events already
+// waiting for room there, and counts it as dropped if neither has room.
+func (g *Guard) sendLocked(ev Event) {
+	if g.eventsDone {
+		return
 	}
+	if g.out.len() == 0 {
+		select {
+		case g.events <- ev:
+			return
+		default:
+		}
+	}
+	ok, start := g.out.pushFeed(ev)
+	switch {
+	case !ok:
+		g.dropChannelLocked(ev.Kind)
+	case start:
+		g.feedStop, g.feedDone = make(chan struct{}), make(chan struct{})
+		go g.feed(g.feedStop, g.feedDone)
+	}
+}
+
+// feed moves the events waiting in g.out into the Events channel, in
+// order, as the channel's reader makes room, until none waits or stop is
+// closed. It never takes g.mu, and it runs no user code, so that
+// closeEventsLocked can stop it and wait for it.
+func (g *Guard) feed(stop <-chan struct{}, done chan<- struct{}) {
+	defer close(done)
+	for {
+		ev, ok := g.out.peekFeed()
+		if !ok {
+			return
+		}
+		select {
+		case g.events <- ev:
+			g.out.remove()
+		case <-stop:
+			return
+		}
+	}
+}
+
+// dropChannelLocked counts an event the Events channel had no room for.
+func (g *Guard) dropChannelLocked(k Kind) {
+	if g.eventsUsed {
+		g.droppedChannel.Add(1)
+		g.droppedKind[k].Add(1)
+	} else {
+		g.earlyDropped[k]++
+	}
+}
+
+// closeEventsLocked closes the Events channel once, after stopping the
+// feeder: what it had not moved yet goes into the channel if there is
+// room (a reader still gets it after the close), else counts as dropped.
+func (g *Guard) closeEventsLocked() {
+	if g.eventsDone {
+		return
+	}
+	if g.feedStop != nil {
+		close(g.feedStop)
+		<-g.feedDone
+		g.feedStop, g.feedDone = nil, nil
+	}
+	g.out.close()
+	g.out.drain(func(ev Event) {
+		select {
+		case g.events <- ev:
+		default:
+			g.dropChannelLocked(ev.Kind)
+		}
+	})
+	close(g.events)
+	g.eventsDone = true
 }
 
 func (g *Guard) call(fn func(Event), ev Event) {
@@ -291,10 +355,13 @@ func (g *Guard) call(fn func(Event), ev Event) {
 	fn(ev)
 }
 
-// Events returns the channel events are sent on. It holds
-// Options.BufferSize events; a send never blocks, and an event that does
+// Events returns the channel events are sent on. Up to Options.BufferSize
+// events wait for its reader (at most 32 in the channel's own buffer, the
+// rest in a queue that takes memory only while they wait, moved into the
+// channel as room is made); a send never blocks, and an event that does
 // not fit is counted in Stats.DroppedChannel. It is closed when the Guard
-// closes. It exists from New on, so that events delivered before the first
+// closes, with what waited in the queue moved in if it fits, else counted
+// as dropped. It exists from New on, so that events delivered before the first
 // call (a PreviousCrash right after Start, say) wait in it rather than
 // being lost; those it had no room for before that call are counted as
 // drops then (a Guard used only through OnEvent drops nothing).
@@ -445,8 +512,8 @@ func (g *Guard) Close() error {
 	var err error
 	if started {
 		err = p.Close() // no more sink calls after this
-		close(queue)
-		close(deepQueue)
+		queue.close()
+		deepQueue.close()
 		if rt.GoID() != g.dispGoid {
 			select {
 			case <-done:
@@ -480,6 +547,7 @@ func (g *Guard) Close() error {
 func GoroutineFunctions() []string {
 	return []string{
 		"github.com/mapguard/mapguard.(*Guard).dispatch",
+		"github.com/mapguard/mapguard.(*Guard).feed",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).run",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).runWaker",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).runDeep",

@@ -49,7 +49,8 @@ type Options struct {
 	// BufferSize is how many events may wait between the kernel and
 	// delivery, at each of its stages (kernel ring buffer, dispatch queue,
 	// Events channel). Default 1024. What does not fit is counted in
-	// Stats, never waited for.
+	// Stats, never waited for. The dispatch queue and the Events
+	// channel's backlog take memory only while events wait in them.
 	BufferSize int
 	// StackDepth is how many frames Event.Stack holds, starting at the call
 	// site; 0 (the default) reports the call site only. At most 16.
