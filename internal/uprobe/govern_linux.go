@@ -30,13 +30,14 @@ const (
 	calibrationStepCalls = 100
 	calibrationEmuCalls  = 300
 	calibrationRuns      = 3
-	// recalibrateEvery: trap costs move from day to day (and with load);
-	// the floors are measured again this often.
-	recalibrateEvery = time.Minute
 	// initialLatency is what one detach is assumed to take until one was
 	// measured (uprobe_multi: 28-36 ms on the project's VMs).
 	initialLatency = 30 * time.Millisecond
 )
+
+// recalibrateEvery: trap costs move from day to day (and with load); the
+// floors are measured again this often. A variable for tests.
+var recalibrateEvery = time.Minute
 
 // startGovernorLocked attaches every site and starts the governor with a
 // full burst, at the costs Start's calibration measured (assumed ones if
@@ -119,13 +120,6 @@ func (u *uprobes) governLocked(now time.Time) {
 	// their own and book theirs in u.extra.
 	extra := u.extra + time.Duration(u.ownCPU.Swap(0))
 	u.extra = 0
-	// The first calibration is the waker's, off u.mu (calibrateFirst); a
-	// recalibration runs here, on a metered thread (its CPU is in ownCPU).
-	if !u.lastCalib.IsZero() && now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0 {
-		if _, err := u.calibrateLocked(); err != nil {
-			u.log.V(1).Info("recalibrate", "error", err.Error())
-		}
-	}
 	u.gov.account(now, float64(spent), hits, float64(extra))
 	attach, detach := u.gov.plan(now)
 	for _, group := range attach {
@@ -147,6 +141,11 @@ func (u *uprobes) governLocked(now time.Time) {
 		u.log.V(1).Info("set probe costs", "error", err.Error())
 	}
 	u.rescheduleLocked()
+	if !u.lastCalib.IsZero() && now.Sub(u.lastCalib) >= recalibrateEvery && !u.calibrating && u.wakeFile != nil {
+		// Recalibrations run on the waker, off u.mu (calibrateDue).
+		u.wakeAt = now
+		u.wakeFile.SetReadDeadline(past)
+	}
 }
 
 // attachGroupLocked attaches the sites of one group the governor planned:
@@ -328,9 +327,10 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 		}
 		cpu.book()
 		u.wake(time.Now())
-		if u.calibrateFirst() { // once, after Start (uprobe_linux.go)
-			cpu.book()      // the tick's share
-			cpu.skip = true // the first calibration is start-up's cost, not the budget's
+		cpu.book()
+		if ran, first := u.calibrateDue(time.Now()); ran {
+			cpu.skip = first // the first calibration is start-up's cost, not the budget's
+			cpu.book()
 		}
 	}
 }

@@ -60,34 +60,37 @@ type uprobes struct {
 	// The cost governor (govern_linux.go): per-site costs and the spend
 	// limit in the kernel, the trap costs as calibrated, what attaching
 	// and detaching cost, and the detaches in flight.
-	gov          *governor
-	govStart     time.Time
-	costVar      *ebpf.Variable
-	spentVar     *ebpf.Variable
-	limitVar     *ebpf.Variable
-	costs        [maxSites]uint64
-	calib        calibration
-	stepCost     time.Duration
-	emuCost      time.Duration
-	linkCost     time.Duration // CPU time to attach and detach one link
-	linkThread   time.Duration // the part of linkCost on the attaching thread (least calibrated)
-	linkOthers   time.Duration // the part of linkCost not on the attaching thread
-	lastCalib    time.Time
-	calibrations int
-	calibrating  bool          // the first calibration is under way (calibrateFirst)
-	calibStop    atomic.Bool   // set by teardown: the first calibration attaches nothing more
-	extra        time.Duration // CPU time spent attaching and detaching since the last tick
-	ownCPU       atomic.Int64  // ns of CPU the Guard's goroutines used since the last tick (cpuMeter)
-	detaching    int
-	detaches     sync.WaitGroup
-	sampled      []atomic.Bool // per site, as of the last tick; read by the reader
-	stats        *ebpf.Variable
-	counters     [maxSites]mapguardSiteStats // scratch for stats reads
-	decoder      *wire.Decoder
-	watched      [256]bool // kinds asked for
-	statsOnly    [256]bool // kinds counted per call site, without events
-	calls        callSites
-	commaOKs     map[uintptr]bool // call site -> a comma-ok read; the reader's
+	gov        *governor
+	govStart   time.Time
+	costVar    *ebpf.Variable
+	spentVar   *ebpf.Variable
+	limitVar   *ebpf.Variable
+	costs      [maxSites]uint64
+	calib      calibration
+	stepCost   time.Duration
+	emuCost    time.Duration
+	linkCost   time.Duration // CPU time to attach and detach one link
+	linkThread time.Duration // the part of linkCost on the attaching thread (least calibrated)
+	linkOthers time.Duration // the part of linkCost not on the attaching thread
+	// othersMeasured: linkOthers was measured (by a recalibration), not
+	// derived from linkThread (Start's calibration does not measure it).
+	othersMeasured bool
+	lastCalib      time.Time
+	calibrations   int
+	calibrating    bool          // a calibration is under way (calibrateDue)
+	calibStop      atomic.Bool   // set by teardown: a calibration attaches nothing more
+	extra          time.Duration // CPU time spent attaching and detaching since the last tick
+	ownCPU         atomic.Int64  // ns of CPU the Guard's goroutines used since the last tick (cpuMeter)
+	detaching      int
+	detaches       sync.WaitGroup
+	sampled        []atomic.Bool // per site, as of the last tick; read by the reader
+	stats          *ebpf.Variable
+	counters       [maxSites]mapguardSiteStats // scratch for stats reads
+	decoder        *wire.Decoder
+	watched        [256]bool // kinds asked for
+	statsOnly      [256]bool // kinds counted per call site, without events
+	calls          callSites
+	commaOKs       map[uintptr]bool // call site -> a comma-ok read; the reader's
 	// notNested are the nested-miss aggregates whose first occurrence was
 	// found not to be one (the outer map's elements are not maps of the
 	// inner type): their counts are the nil-map reads they are.
@@ -311,7 +314,7 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 		u.keepCalibrationLocked(costs)
 	} else {
 		// The assumed costs stand until the waker's first tick calibrates
-		// (calibrateFirst), at the sites the symbols give.
+		// (calibrateDue), at the sites the symbols give.
 		u.log.V(1).Info("calibrate trap costs; assumed costs used", "error", err.Error())
 		if u.calib, err = calibrationFromSymbols(bin); err != nil {
 			return fmt.Errorf("start probe: cost calibration: %w: %w", probe.ErrNotSupported, err)

@@ -9,6 +9,7 @@ import (
 
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/testutil"
+	"github.com/mapguard/mapguard/probe"
 )
 
 // startProbe starts real uprobes and returns a channel of their events.
@@ -116,4 +117,32 @@ func TestCalibrationAfterStart(t *testing.T) {
 		}
 	}
 	t.Logf("calibrated %+v", *b)
+}
+
+// Recalibrations run on the governor's waker without the probe's lock, and
+// the first measures what a link costs the rest of the process, which
+// Start's calibration leaves assumed.
+func TestRecalibration(t *testing.T) {
+	old := recalibrateEvery
+	recalibrateEvery = 200 * time.Millisecond
+	t.Cleanup(func() { recalibrateEvery = old })
+	p, _ := startProbe(t, Config{})
+	deadline := time.Now().Add(15 * time.Second)
+	var b *probe.BudgetStats
+	for time.Now().Before(deadline) {
+		if b = p.Stats().Budget; b != nil && b.Calibrations >= 3 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if b == nil || b.Calibrations < 3 {
+		t.Fatalf("calibrations after 15 s at one per 200 ms: %+v", b)
+	}
+	p.mu.Lock()
+	measured, thread, others := p.othersMeasured, p.linkThread, p.linkOthers
+	p.mu.Unlock()
+	if !measured {
+		t.Errorf("a link's cost to the rest of the process still assumed after %d calibrations", b.Calibrations)
+	}
+	t.Logf("link: %v on the thread, %v for the rest; %+v", thread, others, *b)
 }
