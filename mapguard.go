@@ -231,6 +231,14 @@ func (g *Guard) dispatch(queue, deep *queue, done chan<- struct{}, goid chan<- u
 		g.mu.Unlock()
 	}()
 	goid <- rt.GoID()
+	// Once both queues have been empty for trimAfter, their rings go:
+	// memory the host's collector would otherwise scan while nothing waits.
+	// (At most once per trimAfter: a ring trimmed while events still
+	// come is grown again once.)
+	trim := time.NewTimer(time.Hour)
+	trim.Stop()
+	defer trim.Stop()
+	armed := false
 	for {
 		ev, ok, done := queue.pop()
 		if !ok {
@@ -240,9 +248,17 @@ func (g *Guard) dispatch(queue, deep *queue, done chan<- struct{}, goid chan<- u
 				if done && deepDone {
 					return
 				}
+				if !armed && (queue.large() || deep.large()) {
+					trim.Reset(trimAfter)
+					armed = true
+				}
 				select {
 				case <-queue.ready:
 				case <-deep.ready:
+				case <-trim.C:
+					armed = false
+					queue.trim()
+					deep.trim()
 				}
 				continue
 			}
@@ -264,6 +280,10 @@ func (g *Guard) dispatch(queue, deep *queue, done chan<- struct{}, goid chan<- u
 	}
 }
 
+// trimAfter is how long the dispatch queues stay empty before their
+// rings are let go.
+const trimAfter = time.Second
+
 // eventsChanSize bounds the Events channel's own buffer; the rest of
 // Options.BufferSize waits in Guard.out, taking memory only while it does.
 const eventsChanSize = 32
@@ -274,12 +294,19 @@ func (g *Guard) sendLocked(ev Event) {
 	if g.eventsDone {
 		return
 	}
-	if g.out.len() == 0 {
+	if !g.eventsUsed || g.out.len() == 0 {
 		select {
 		case g.events <- ev:
 			return
 		default:
 		}
+	}
+	if !g.eventsUsed {
+		// Nobody has asked for the channel (a Guard used through OnEvent
+		// only, or not yet): what its own buffer holds is kept for a
+		// first call, no more.
+		g.dropChannelLocked(ev.Kind)
+		return
 	}
 	ok, start := g.out.pushFeed(ev)
 	switch {
@@ -361,10 +388,11 @@ func (g *Guard) call(fn func(Event), ev Event) {
 // channel as room is made); a send never blocks, and an event that does
 // not fit is counted in Stats.DroppedChannel. It is closed when the Guard
 // closes, with what waited in the queue moved in if it fits, else counted
-// as dropped. It exists from New on, so that events delivered before the first
-// call (a PreviousCrash right after Start, say) wait in it rather than
-// being lost; those it had no room for before that call are counted as
-// drops then (a Guard used only through OnEvent drops nothing).
+// as dropped. It exists from New on, so that events delivered before the
+// first call (a PreviousCrash right after Start, say) wait in it rather
+// than being lost, as many as its own buffer holds (32, or BufferSize if
+// less); those it had no room for before that call are counted as drops
+// then (a Guard used only through OnEvent drops nothing).
 func (g *Guard) Events() <-chan Event {
 	g.mu.Lock()
 	defer g.mu.Unlock()

@@ -23,8 +23,13 @@ type queue struct {
 	ready chan struct{}
 }
 
-// queueMinSlots is the ring a queue keeps while it is empty.
-const queueMinSlots = 8
+// queueMinSlots is the smallest ring; an empty queue's taker trims a ring
+// larger than queueKeepSlots (16 KiB) once the queue has stayed empty a
+// while (see Guard.dispatch), so that bursts do not allocate one each.
+const (
+	queueMinSlots  = 8
+	queueKeepSlots = 64
+)
 
 func newQueue(max int) *queue {
 	return &queue{max: max, ready: make(chan struct{}, 1)}
@@ -83,6 +88,9 @@ func (q *queue) peekFeed() (Event, bool) {
 	defer q.mu.Unlock()
 	if q.n == 0 {
 		q.taking = false
+		if len(q.buf) > queueKeepSlots {
+			q.buf = nil // a feeder runs only while a backlog lasts
+		}
 		return Event{}, false
 	}
 	return q.buf[q.head], true
@@ -98,11 +106,14 @@ func (q *queue) peek() (Event, bool) {
 	return q.buf[q.head], true
 }
 
-// remove drops the oldest event (the one peek returned), and lets go of a
-// large ring once the queue is empty.
+// remove drops the oldest event (the one peek returned).
 func (q *queue) remove() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	q.removeLocked()
+}
+
+func (q *queue) removeLocked() {
 	if q.n == 0 {
 		return
 	}
@@ -111,23 +122,38 @@ func (q *queue) remove() {
 	q.n--
 	if q.n == 0 {
 		q.head = 0
-		if len(q.buf) > queueMinSlots {
-			q.buf = nil
-		}
 	}
+}
+
+// trim lets go of the ring of an empty queue if it is larger than
+// queueKeepSlots.
+func (q *queue) trim() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.n == 0 && len(q.buf) > queueKeepSlots {
+		q.buf = nil
+	}
+}
+
+// large reports whether the queue holds a ring that trim would take, were
+// it empty.
+func (q *queue) large() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.buf) > queueKeepSlots
 }
 
 // pop removes and returns the oldest event. done is true once the queue
 // is closed and empty.
 func (q *queue) pop() (ev Event, ok, done bool) {
-	ev, ok = q.peek()
-	if ok {
-		q.remove()
-		return ev, true, false
-	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return Event{}, false, q.closed && q.n == 0
+	if q.n == 0 {
+		return Event{}, false, q.closed
+	}
+	ev = q.buf[q.head]
+	q.removeLocked()
+	return ev, true, false
 }
 
 // len is how many events wait.

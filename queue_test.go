@@ -3,6 +3,7 @@ package mapguard
 import (
 	"runtime"
 	"testing"
+	"time"
 )
 
 func TestQueue(t *testing.T) {
@@ -24,10 +25,24 @@ func TestQueue(t *testing.T) {
 			t.Fatalf("pop %d: %v %v %v", i, ev.PID, ok, done)
 		}
 	}
-	// Emptied, it lets go of its ring: an idle Guard's queues are not
-	// scanned by every garbage collection.
+	// Emptied and trimmed, it lets go of its ring: an idle Guard's
+	// queues are not scanned by every garbage collection.
+	if !q.large() {
+		t.Fatal("a ring of 100 slots is not large")
+	}
+	q.trim()
 	if q.buf != nil {
 		t.Fatalf("empty queue keeps %d slots", len(q.buf))
+	}
+	for i := range 20 { // a small burst: its ring is kept
+		q.push(Event{PID: i})
+	}
+	for range 20 {
+		q.pop()
+	}
+	q.trim()
+	if len(q.buf) == 0 || len(q.buf) > queueKeepSlots {
+		t.Fatalf("after a burst of 20, the empty queue keeps %d slots", len(q.buf))
 	}
 	q.push(Event{PID: 1})
 	q.close()
@@ -84,12 +99,14 @@ func TestIdleGuardHeap(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&before)
 	g, fake := startFake(t, Options{})
+	ch := g.Events()
 	for i := range 500 { // a burst, drained
 		fake.Emit(Event{Kind: NilMapWrite, PID: i})
 	}
 	for range 500 {
-		<-g.Events()
+		<-ch
 	}
+	time.Sleep(trimAfter + 200*time.Millisecond) // the dispatcher trims its queues
 	runtime.GC()
 	runtime.ReadMemStats(&after)
 	if grew := int64(after.HeapAlloc) - int64(before.HeapAlloc); grew > 64<<10 {
