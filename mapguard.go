@@ -246,6 +246,8 @@ func (g *Guard) dispatch(queue, deep *queue, done chan<- struct{}, goid chan<- u
 			ev, ok, deepDone = deep.pop()
 			if !ok {
 				if done && deepDone {
+					queue.free()
+					deep.free()
 					return
 				}
 				if !armed && (queue.large() || deep.large()) {
@@ -368,6 +370,7 @@ func (g *Guard) closeEventsLocked() {
 			g.dropChannelLocked(ev.Kind)
 		}
 	})
+	g.out.free()
 	close(g.events)
 	g.eventsDone = true
 }

@@ -135,6 +135,16 @@ func (q *queue) trim() {
 	}
 }
 
+// free lets go of the ring of an empty queue, whatever its size (the
+// queue's taker is done with it).
+func (q *queue) free() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.n == 0 {
+		q.buf, q.head = nil, 0
+	}
+}
+
 // large reports whether the queue holds a ring that trim would take, were
 // it empty.
 func (q *queue) large() bool {
