@@ -46,7 +46,8 @@ package mapguard_test
 //
 // MAPGUARD_BENCH_PAIRED_CONTROL=1 runs no Guard in either child: the spread
 // of that A/A run is the method's own noise. MAPGUARD_BENCH_PAIRED_PROFILE=file
-// writes a CPU profile of the "on" child (from its first slice to Close).
+// writes a CPU profile of the "on" child (from its first slice to Close),
+// and one of the "off" child to file.off.
 
 import (
 	"bufio"
@@ -180,8 +181,12 @@ func TestPairedChild(t *testing.T) {
 		c1, t1, m1 := processCPU(), threadCPU(), monotonic()
 		reply("slice %d %d %d %d %d", int64(c1-c0), int64(m1-m0), int64(m0), int64(m1), int64(t1-t0))
 	}
-	if path := os.Getenv("MAPGUARD_BENCH_PAIRED_PROFILE"); path != "" && g != nil {
-		// A CPU profile of the "on" child's slices (and of its Guard).
+	if path := os.Getenv("MAPGUARD_BENCH_PAIRED_PROFILE"); path != "" {
+		// A CPU profile of the "on" child's slices (and of its Guard), and
+		// one of the "off" child's in path.off.
+		if g == nil {
+			path += ".off"
+		}
 		f, err := os.Create(path)
 		if err != nil {
 			t.Fatal(err)
