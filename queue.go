@@ -6,9 +6,9 @@ import "sync"
 // waits in it. It replaces buffered channels of Options.BufferSize events:
 // an Event holds pointers, so such a channel's buffer (256 KiB at the
 // default 1024) is scanned by every garbage collection of the host,
-// whether anything waits in it or not. On a small service that collects
-// about 40 times a second, three of them cost about 2% of its CPU
-// (bench/README.md, "What an idle Guard costs the host").
+// whether anything waits in it or not. On the corpus service, which
+// collects about 40 times a second, three of them cost about 2% of its CPU
+// (README.md, "Where that service's extra CPU went"; BenchmarkGuardHeap).
 //
 // Any goroutine may push (it never blocks); one goroutine takes.
 type queue struct {
