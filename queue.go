@@ -13,7 +13,7 @@ import "sync"
 // Any goroutine may push (it never blocks); one goroutine takes.
 type queue struct {
 	mu     sync.Mutex
-	buf    []Event // a ring of len(buf) slots; nil when empty and small
+	buf    []Event // a ring of len(buf) slots; nil before the first push, after free, and after trim of a large one
 	head   int     // the oldest event's slot
 	n      int     // events waiting, including one peeked and not yet removed
 	max    int
