@@ -582,5 +582,11 @@ func GoroutineFunctions() []string {
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).run",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).runWaker",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).runDeep",
+		// For tens of ms after Start, and while the governor detaches a
+		// sampled site's probe:
+		"github.com/mapguard/mapguard/internal/uprobe.(*calibrating).run",
+		"github.com/mapguard/mapguard/internal/uprobe.closeTimed",
+		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).finishCalibration",
+		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).detach",
 	}
 }

@@ -52,7 +52,11 @@ type Binary struct {
 	textSource string // where textStart came from, for tests and errors
 
 	ftab   []byte   // the pclntab's function table: nfunc+1 (entry offset, _func offset) pairs
-	byHash []uint64 // hash of each function's name << 32 | its index, sorted
+	byHash []uint64 // hash of each indexed function's name << 32 | its index, sorted
+	// rest is byHash for the functions whose names are not indexed at
+	// Open, built by the first lookup of such a name.
+	restOnce sync.Once
+	rest     []uint64 // nil if the file could not be read
 
 	mu    sync.Mutex
 	known map[uint32]funcRecord // functions already read, by index
@@ -121,13 +125,22 @@ func (b *Binary) LoadBias() uint64 { return b.bias }
 // program never calls. If an ABI wrapper shares the name, Func returns the
 // wrapped function. ok is also false if the file cannot be read and, for a
 // Binary from OpenSelf, if the running program's own function table has no
-// function starting at the same address.
+// function starting at the same address. Names outside the runtime's
+// packages are indexed by the first lookup of one: it reads the whole name
+// table (milliseconds in a large program), which Open reads only for the
+// runtime's names.
 func (b *Binary) Func(name string) (f Func, ok bool) {
-	h := uint64(nameHash([]byte(name)))
-	i, _ := slices.BinarySearch(b.byHash, h<<32)
+	nb := []byte(name)
+	keys := b.byHash
+	if !indexed(nb) {
+		b.restOnce.Do(func() { b.rest, _ = b.hashNames(false) })
+		keys = b.rest
+	}
+	h := uint64(nameHash(nb))
+	i, _ := slices.BinarySearch(keys, h<<32)
 	var bestID uint8
-	for ; i < len(b.byHash) && b.byHash[i]>>32 == h; i++ {
-		r, err := b.record(uint32(b.byHash[i]))
+	for ; i < len(keys) && keys[i]>>32 == h; i++ {
+		r, err := b.record(uint32(keys[i]))
 		if err != nil || r.name != name {
 			continue
 		}

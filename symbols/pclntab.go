@@ -11,8 +11,8 @@ import (
 	"slices"
 )
 
-// index reads the function table and hashes every function's name. It
-// checks that entries are in order.
+// index reads the function table, checks that entries are in order, and
+// hashes the names of the runtime's functions (indexedPrefixes).
 func (b *Binary) index() error {
 	h := b.tab.hdr
 	ftab, err := b.readTab(h.pclnOff, (2*h.nfunc+1)*4)
@@ -20,38 +20,69 @@ func (b *Binary) index() error {
 		return err
 	}
 	b.ftab = ftab
+	keys, err := b.hashNames(true)
+	if err != nil {
+		return err
+	}
+	b.byHash = keys
+	return nil
+}
+
+// indexedPrefixes are the names the index Open builds holds: the runtime's,
+// which is what mapguard's Start looks up (a few dozen among the hundred
+// thousand functions of a large program). Any other name builds the rest
+// of the index on its first lookup (Func).
+var indexedPrefixes = []string{"runtime.", "internal/runtime/"}
+
+// indexed reports whether name has one of indexedPrefixes.
+func indexed(name []byte) bool {
+	for _, p := range indexedPrefixes {
+		if len(name) >= len(p) && string(name[:len(p)]) == p {
+			return true
+		}
+	}
+	return false
+}
+
+// hashNames checks every function's record against the table and returns
+// the sorted keys (name hash << 32 | index) of the functions whose names
+// are indexed (runtime true), or of all the others (false).
+func (b *Binary) hashNames(runtime bool) ([]uint64, error) {
+	h := b.tab.hdr
+	ftab := b.ftab
 	le := binary.LittleEndian
 	funcs := window{r: b.file, start: b.tab.off, end: b.tab.off + b.tab.size}
 	names := window{r: b.file, start: b.tab.off, end: b.tab.off + b.tab.size}
 	defer funcs.release()
 	defer names.release()
-	keys := make([]uint64, h.nfunc)
+	var keys []uint64
 	prev := uint64(0)
-	for i := range keys {
+	for i := range int(h.nfunc) {
 		entry := uint64(le.Uint32(ftab[8*i:]))
 		if entry < prev {
-			return fmt.Errorf("%w: function %d at %#x out of order", ErrFormat, i, entry)
+			return nil, fmt.Errorf("%w: function %d at %#x out of order", ErrFormat, i, entry)
 		}
 		prev = entry
 		d, err := funcs.at(h.pclnOff+uint64(le.Uint32(ftab[8*i+4:])), 8)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if uint64(le.Uint32(d)) != entry {
-			return fmt.Errorf("%w: function %d: entry %#x in the table, %#x in its record", ErrFormat, i, entry, le.Uint32(d))
+			return nil, fmt.Errorf("%w: function %d: entry %#x in the table, %#x in its record", ErrFormat, i, entry, le.Uint32(d))
 		}
 		name, err := names.cstring(h.funcnameOff + uint64(le.Uint32(d[4:])))
 		if err != nil {
-			return err
+			return nil, err
 		}
-		keys[i] = uint64(nameHash(name))<<32 | uint64(i)
+		if indexed(name) == runtime {
+			keys = append(keys, uint64(nameHash(name))<<32|uint64(i))
+		}
 	}
 	if uint64(le.Uint32(ftab[8*h.nfunc:])) < prev {
-		return fmt.Errorf("%w: end of text before the last function", ErrFormat)
+		return nil, fmt.Errorf("%w: end of text before the last function", ErrFormat)
 	}
 	sortKeys(keys)
-	b.byHash = keys
-	return nil
+	return keys, nil
 }
 
 // nameSeed seeds nameHash, once per process: the index lives only in

@@ -167,18 +167,23 @@ func calibrationFromSymbols(bin *symbols.Binary) (calibration, error) {
 // file offsets, and the same emulated instruction found in the code the
 // symbols give.
 func verifyCalibration(c calibration, bin *symbols.Binary) error {
+	var emu symbols.Func
 	for _, s := range []*site{c.step, c.emu} {
-		fn, ok := bin.Func(s.fn.Name)
-		if !ok {
-			return fmt.Errorf("calibration function %s not in the symbols", s.fn.Name)
+		// By address, then by name: the symbols index only the runtime's
+		// names at Open (any other name costs a read of the whole table).
+		fn, ok := bin.FuncAt(s.fn.Entry - bin.LoadBias())
+		if !ok || fn.Name != s.fn.Name {
+			if fn, ok = bin.Func(s.fn.Name); !ok {
+				return fmt.Errorf("calibration function %s not in the symbols", s.fn.Name)
+			}
 		}
 		if fn.FileOffset != s.fn.FileOffset || fn.End-fn.Entry > s.fn.End-s.fn.Entry {
 			return fmt.Errorf("calibration function %s: file offset %#x and size %d from the process, %#x and %d from the symbols",
 				s.fn.Name, s.fn.FileOffset, s.fn.End-s.fn.Entry, fn.FileOffset, fn.End-fn.Entry)
 		}
+		emu = fn
 	}
-	fn, _ := bin.Func(c.emu.fn.Name)
-	code, err := bin.Code(fn)
+	code, err := bin.Code(emu)
 	if err != nil {
 		return err
 	}
@@ -206,32 +211,49 @@ type calibrating struct {
 	calib calibration
 	costs trapCosts
 	err   error
+	// traps is closed once the trap costs are measured (trapped then
+	// holds them, link cost not yet) or the calibration has failed, before
+	// the detaches: Start needs no more.
+	traps     chan struct{}
+	trapsOnce sync.Once
+	trapped   trapCosts
+	trapsOK   bool
 }
 
 // startCalibration starts the calibration with an empty program and an
 // executable handle of its own; it needs nothing else of Start's.
 func (u *uprobes) startCalibration() *calibrating {
-	c := &calibrating{done: make(chan struct{})}
-	go func() {
-		defer close(c.done)
-		defer lowerPriority()()
-		if c.calib, c.err = liveCalibration(); c.err != nil {
-			return
-		}
-		prog, err := emptyProgram(u.multi)
-		if err != nil {
-			c.err = err
-			return
-		}
-		defer prog.Close()
-		ex, err := link.OpenExecutable(selfExe)
-		if err != nil {
-			c.err = err
-			return
-		}
-		c.costs, c.err = measureTraps(ex, u.multi, prog, c.calib, &c.stop, false)
-	}()
+	c := &calibrating{done: make(chan struct{}), traps: make(chan struct{})}
+	go c.run(u.multi)
 	return c
+}
+
+// run is the calibration's goroutine. Its name is in
+// mapguard.GoroutineFunctions: it outlives Start by its detaches.
+func (c *calibrating) run(multi bool) {
+	defer close(c.done)
+	defer c.trapsOnce.Do(func() { close(c.traps) })
+	defer lowerPriority()()
+	if c.calib, c.err = liveCalibration(); c.err != nil {
+		return
+	}
+	prog, err := emptyProgram(multi)
+	if err != nil {
+		c.err = err
+		return
+	}
+	defer prog.Close()
+	ex, err := link.OpenExecutable(selfExe)
+	if err != nil {
+		c.err = err
+		return
+	}
+	c.costs, c.err = measureTraps(ex, multi, prog, c.calib, &c.stop, false, func(t trapCosts) {
+		c.trapsOnce.Do(func() {
+			c.trapped, c.trapsOK = t, true
+			close(c.traps)
+		})
+	})
 }
 
 // calibrationNice is how much lower than the rest of Start the
@@ -261,10 +283,40 @@ func lowerPriority() (restore func()) {
 	}
 }
 
-// wait returns what the calibration measured, once it has detached.
-func (c *calibrating) wait() (calibration, trapCosts, error) {
+// waitTraps returns the trap costs as soon as they are measured, without
+// the link cost (trapCosts.link 0), which the detaches then measure (wait);
+// or what the calibration ended with, if it failed before.
+func (c *calibrating) waitTraps() (calibration, trapCosts, error) {
+	<-c.traps
+	if c.trapsOK {
+		return c.calib, c.trapped, nil
+	}
 	<-c.done
 	return c.calib, c.costs, c.err
+}
+
+// wait returns what the calibration measured, once it has detached.
+func (c *calibrating) wait() (trapCosts, error) {
+	<-c.done
+	return c.costs, c.err
+}
+
+// finishCalibration waits for Start's calibration to detach and keeps the
+// link cost it measured, if Start kept its trap costs (verified). It runs
+// after Start returns, counted in u.detaches (teardown waits for it). Its
+// name is in mapguard.GoroutineFunctions.
+func (u *uprobes) finishCalibration(c *calibrating, verified bool) {
+	defer u.detaches.Done()
+	costs, err := c.wait()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if err != nil || !verified || u.stopping {
+		return
+	}
+	u.keepLinkLocked(costs)
+	if err := u.pushCostsLocked(false); err != nil {
+		u.log.V(1).Info("set probe costs", "error", err.Error())
+	}
 }
 
 // abandon stops the calibration (Start failed, instead of wait) and
@@ -307,9 +359,11 @@ var errCalibrationStopped = errors.New("calibration stopped: the probe is closin
 // attaches nothing more. Both probes are attached at once, and detached in
 // parallel (each waits for the kernel). With others, it also measures what
 // the detaches cost the rest of the process; else trapCosts.others is -1.
+// measured, if not nil, is called with the trap costs as soon as they are
+// known, before the detaches.
 //
 // measureTraps is one measurement with its helpers as closures, which share its clocks.
-func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calibration, stop *atomic.Bool, others bool) (c trapCosts, err error) {
+func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calibration, stop *atomic.Bool, others bool, measured func(trapCosts)) (c trapCosts, err error) {
 	m := map[int]int{}
 	// CPU time of this thread, not wall time: a trap is handled on the
 	// thread that took it, and a busy machine's preemptions do not count.
@@ -371,6 +425,9 @@ func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calib
 	attachCPU := threadCPU() - a0
 	c.step = per(baseStep, least(calibrationStep, calibrationStepCalls), calibrationStepCalls)
 	c.emu = per(baseEmu, least(calibrationEmu, calibrationEmuCalls), calibrationEmuCalls)
+	if measured != nil {
+		measured(trapCosts{step: c.step, emu: c.emu, others: -1})
+	}
 	// A link's cost is not all on the thread that attaches and closes it:
 	// the rest of the process pays too (the Go runtime's sysmon spins
 	// after each long system call, and the kernel rewrites the probed
@@ -389,14 +446,7 @@ func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calib
 	var wg sync.WaitGroup
 	for i, l := range links {
 		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			runtime.LockOSThread()
-			defer runtime.UnlockOSThread()
-			t := threadCPU()
-			l.Close()
-			closeCPU[i] = threadCPU() - t
-		}()
+		go closeTimed(l, &closeCPU[i], &wg)
 	}
 	wg.Wait()
 	var closing time.Duration
@@ -413,15 +463,47 @@ func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calib
 	return c, nil
 }
 
+// closeTimed closes l on a thread of its own and stores the CPU time that
+// took in cpu. Its name is in mapguard.GoroutineFunctions.
+func closeTimed(l link.Link, cpu *time.Duration, wg *sync.WaitGroup) {
+	defer wg.Done()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	t := threadCPU()
+	l.Close()
+	*cpu = threadCPU() - t
+}
+
 // keepCalibrationLocked keeps what a calibration measured; the link cost
 // is the least measured (the first replaces the assumed one).
 func (u *uprobes) keepCalibrationLocked(c trapCosts) {
 	u.stepCost, u.emuCost = c.step, c.emu
-	if u.calibrations == 0 || c.link < u.linkThread {
+	switch {
+	case c.link > 0:
+		u.keepLinkLocked(c)
+	case !u.linkMeasured:
+		// Start's calibration reports its trap costs before its detaches
+		// measure the link cost (finishCalibration): the assumed one until
+		// then.
+		u.linkCost = assumedLinkCost
+		if u.gov != nil {
+			u.gov.cycle = float64(u.linkCost)
+		}
+	}
+	u.lastCalib = time.Now()
+	u.calibrations++
+}
+
+// keepLinkLocked keeps the link cost a calibration measured: the least
+// measured on the attaching thread, and what the rest of the process paid.
+func (u *uprobes) keepLinkLocked(c trapCosts) {
+	first := !u.linkMeasured
+	u.linkMeasured = true
+	if first || c.link < u.linkThread {
 		u.linkThread = c.link
 	}
 	switch {
-	case c.others < 0 && u.calibrations == 0:
+	case c.others < 0 && first:
 		// Start's calibration: until a recalibration measures it, a
 		// link's cost to the rest of the process is taken to equal the
 		// attaching thread's. Measured with the process idle it is less
@@ -436,8 +518,6 @@ func (u *uprobes) keepCalibrationLocked(c trapCosts) {
 	if u.gov != nil {
 		u.gov.cycle = float64(u.linkCost)
 	}
-	u.lastCalib = time.Now()
-	u.calibrations++
 }
 
 // floor is what a trap costs at s's instruction, as last calibrated.
@@ -543,7 +623,7 @@ func (u *uprobes) calibrateDue(now time.Time) (ran, first bool) {
 	prog := u.coll.Programs[mapguardProgMapguardEmpty]
 	u.mu.Unlock()
 
-	c, err := measureTraps(u.ex, u.multi, prog, u.calib, &u.calibStop, true)
+	c, err := measureTraps(u.ex, u.multi, prog, u.calib, &u.calibStop, true, nil)
 
 	u.mu.Lock()
 	defer u.mu.Unlock()

@@ -75,6 +75,7 @@ type uprobes struct {
 	// othersMeasured: linkOthers was measured (by a recalibration), not
 	// derived from linkThread (Start's calibration does not measure it).
 	othersMeasured bool
+	linkMeasured   bool // linkThread was measured, not assumed
 	lastCalib      time.Time
 	calibrations   int
 	calibrating    bool          // a calibration is under way (calibrateDue)
@@ -303,12 +304,15 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	}
 	u.lastTick = time.Now()
 	u.readCounters()
-	calib, costs, err := cal.wait()
+	calib, costs, err := cal.waitTraps()
 	calJoined = true
 	step("calibration")
 	if err == nil {
 		err = verifyCalibration(calib, bin)
 	}
+	// The calibration's detaches go on after Start; teardown waits for them.
+	u.detaches.Add(1)
+	go u.finishCalibration(cal, err == nil)
 	if err == nil {
 		u.calib = calib
 		u.keepCalibrationLocked(costs)
