@@ -315,7 +315,12 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 		// (rescheduleLocked moves it earlier).
 		err := rc.Read(func(uintptr) bool { return r.AvailableBytes() > 0 })
 		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-			if !errors.Is(err, os.ErrClosed) {
+			// Closed by teardown ("use of closed file" when the wait was
+			// under way, which is not os.ErrClosed): no error to log.
+			u.mu.Lock()
+			closing := u.stopping
+			u.mu.Unlock()
+			if !closing && !errors.Is(err, os.ErrClosed) {
 				// Not in the netpoller: the reader's ticks still run the
 				// governor, every poll interval.
 				u.log.Error(err, "governor waker: cannot wait on the wakeups ring")
