@@ -246,8 +246,8 @@ func (g *Guard) dispatch(queue, deep *queue, done chan<- struct{}, goid chan<- u
 			ev, ok, deepDone = deep.pop()
 			if !ok {
 				if done && deepDone {
-					queue.free()
-					deep.free()
+					queue.trim(0)
+					deep.trim(0)
 					return
 				}
 				if !armed && (queue.large() || deep.large()) {
@@ -259,8 +259,8 @@ func (g *Guard) dispatch(queue, deep *queue, done chan<- struct{}, goid chan<- u
 				case <-deep.ready:
 				case <-trim.C:
 					armed = false
-					queue.trim()
-					deep.trim()
+					queue.trim(queueKeepSlots)
+					deep.trim(queueKeepSlots)
 				}
 				continue
 			}
@@ -370,7 +370,7 @@ func (g *Guard) closeEventsLocked() {
 			g.dropChannelLocked(ev.Kind)
 		}
 	})
-	g.out.free()
+	g.out.trim(0)
 	close(g.events)
 	g.eventsDone = true
 }

@@ -13,7 +13,7 @@ import "sync"
 // Any goroutine may push (it never blocks); one goroutine takes.
 type queue struct {
 	mu     sync.Mutex
-	buf    []Event // a ring of len(buf) slots; nil before the first push, after free, and after trim of a large one
+	buf    []Event // a ring of len(buf) slots; nil before the first push and after trim
 	head   int     // the oldest event's slot
 	n      int     // events waiting, including one peeked and not yet removed
 	max    int
@@ -88,9 +88,7 @@ func (q *queue) peekFeed() (Event, bool) {
 	defer q.mu.Unlock()
 	if q.n == 0 {
 		q.taking = false
-		if len(q.buf) > queueKeepSlots {
-			q.buf = nil // a feeder runs only while a backlog lasts
-		}
+		q.trimLocked(queueKeepSlots) // a feeder runs only while a backlog lasts
 		return Event{}, false
 	}
 	return q.buf[q.head], true
@@ -125,27 +123,22 @@ func (q *queue) removeLocked() {
 	}
 }
 
-// trim lets go of the ring of an empty queue if it is larger than
-// queueKeepSlots.
-func (q *queue) trim() {
+// trim lets go of the ring of an empty queue if it has more than keep
+// slots: queueKeepSlots once the queue has stayed empty a while, 0 when its
+// taker is done with it.
+func (q *queue) trim(keep int) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.n == 0 && len(q.buf) > queueKeepSlots {
-		q.buf = nil
-	}
+	q.trimLocked(keep)
 }
 
-// free lets go of the ring of an empty queue, whatever its size (the
-// queue's taker is done with it).
-func (q *queue) free() {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if q.n == 0 {
+func (q *queue) trimLocked(keep int) {
+	if q.n == 0 && len(q.buf) > keep {
 		q.buf, q.head = nil, 0
 	}
 }
 
-// large reports whether the queue holds a ring that trim would take, were
+// large reports whether the queue holds a ring that trim(queueKeepSlots) would take, were
 // it empty.
 func (q *queue) large() bool {
 	q.mu.Lock()

@@ -30,7 +30,7 @@ func TestQueue(t *testing.T) {
 	if !q.large() {
 		t.Fatal("a ring of 100 slots is not large")
 	}
-	q.trim()
+	q.trim(queueKeepSlots)
 	if q.buf != nil {
 		t.Fatalf("empty queue keeps %d slots", len(q.buf))
 	}
@@ -40,7 +40,7 @@ func TestQueue(t *testing.T) {
 	for range 20 {
 		q.pop()
 	}
-	q.trim()
+	q.trim(queueKeepSlots)
 	if len(q.buf) == 0 || len(q.buf) > queueKeepSlots {
 		t.Fatalf("after a burst of 20, the empty queue keeps %d slots", len(q.buf))
 	}

@@ -181,7 +181,9 @@ func verifyCalibration(c calibration, bin *symbols.Binary) error {
 			return fmt.Errorf("calibration function %s: file offset %#x and size %d from the process, %#x and %d from the symbols",
 				s.fn.Name, s.fn.FileOffset, s.fn.End-s.fn.Entry, fn.FileOffset, fn.End-fn.Entry)
 		}
-		emu = fn
+		if s == c.emu {
+			emu = fn
+		}
 	}
 	code, err := bin.Code(emu)
 	if err != nil {
@@ -197,8 +199,6 @@ func verifyCalibration(c calibration, bin *symbols.Binary) error {
 	return nil
 }
 
-// calibrateLocked measures the trap costs again (measureTraps) and keeps
-// them. It returns the CPU time it spent.
 // calibrating is Start's calibration, running on a goroutine of its own
 // (startCalibration) while Start reads the symbols, chooses the sites and
 // loads the programs: its probes, trap loops and detaches (a detach waits
@@ -346,7 +346,6 @@ type trapCosts struct {
 	step, emu time.Duration // one trap
 	link      time.Duration // CPU time to attach and detach one link, on the attaching thread
 	others    time.Duration // what the cycle costs the rest of the process; -1: not measured
-	spent     time.Duration // CPU time the calibration took
 }
 
 // errCalibrationStopped: the probe is being closed.
@@ -399,8 +398,6 @@ func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calib
 	stopped := func() bool { return stop != nil && stop.Load() }
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	c0 := threadCPU()
-	defer func() { c.spent = threadCPU() - c0 }()
 
 	baseStep := least(calibrationStep, calibrationStepCalls)
 	baseEmu := least(calibrationEmu, calibrationEmuCalls)
@@ -474,8 +471,8 @@ func closeTimed(l link.Link, cpu *time.Duration, wg *sync.WaitGroup) {
 	*cpu = threadCPU() - t
 }
 
-// keepCalibrationLocked keeps what a calibration measured; the link cost
-// is the least measured (the first replaces the assumed one).
+// keepCalibrationLocked keeps what a calibration measured: the trap costs,
+// and the link cost if it was measured (keepLinkLocked).
 func (u *uprobes) keepCalibrationLocked(c trapCosts) {
 	u.stepCost, u.emuCost = c.step, c.emu
 	switch {
@@ -602,6 +599,16 @@ func (u *uprobes) assumeCostsLocked() {
 	}
 }
 
+// calibrationDueLocked reports whether calibrateDue has one to run: the
+// first (Start's failed) or a recalibration, none in flight, and no
+// governor detach in flight (its CPU would count as the calibration's).
+func (u *uprobes) calibrationDueLocked(now time.Time) bool {
+	if u.calibrating {
+		return false
+	}
+	return u.lastCalib.IsZero() || (now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0)
+}
+
 // calibrateDue runs a calibration when one is due: the first, once, if
 // Start's failed, and then every recalibrateEvery (trap costs move with the
 // machine's load). It runs on the waker's goroutine without u.mu: it waits
@@ -613,8 +620,7 @@ func (u *uprobes) assumeCostsLocked() {
 // it would have replaced stay until the next, a minute on.
 func (u *uprobes) calibrateDue(now time.Time) (ran, first bool) {
 	u.mu.Lock()
-	due := u.lastCalib.IsZero() || (now.Sub(u.lastCalib) >= recalibrateEvery && u.detaching == 0)
-	if !due || !u.running || u.stopping || u.calibrating || u.coll == nil {
+	if !u.calibrationDueLocked(now) || !u.running || u.stopping || u.coll == nil {
 		u.mu.Unlock()
 		return false, false
 	}

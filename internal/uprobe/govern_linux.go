@@ -141,7 +141,7 @@ func (u *uprobes) governLocked(now time.Time) {
 		u.log.V(1).Info("set probe costs", "error", err.Error())
 	}
 	u.rescheduleLocked()
-	if !u.lastCalib.IsZero() && now.Sub(u.lastCalib) >= recalibrateEvery && !u.calibrating && u.wakeFile != nil {
+	if !u.lastCalib.IsZero() && u.calibrationDueLocked(now) && u.wakeFile != nil {
 		// Recalibrations run on the waker, off u.mu (calibrateDue).
 		u.wakeAt = now
 		u.wakeFile.SetReadDeadline(past)
