@@ -19,6 +19,8 @@ package x86site
 import (
 	"errors"
 	"fmt"
+	"math"
+	"strings"
 
 	"golang.org/x/arch/x86/x86asm"
 )
@@ -539,4 +541,235 @@ func GuardedCallSite(code []byte, call Site) (Site, string, error) {
 	}
 	name := [...]string{"AX", "CX", "DX", "BX", "SP", "BP", "SI", "DI", "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"}[reg]
 	return sxSite(&insts[j], true), name, nil
+}
+
+// sxMaxNestedWalk bounds the instructions NestedRead looks back from the
+// inner CALL for the outer one.
+const sxMaxNestedWalk = 64
+
+// NestedRead reports whether the map read whose CALL returns to ret is the
+// inner read of an expression m[a][b]: its map argument (RBX at the CALL)
+// is the value that an earlier plain read (a CALL of runtime.mapaccess1*,
+// whose result in RAX points at the element, or at runtime.zeroVal for a
+// missing key) returned a pointer to. outerRet is that earlier CALL's
+// return address: the outer read's call site. The inner CALL must target
+// runtime.mapaccess1* too (a comma-ok read of a nil inner map, _, ok :=
+// m[a][b], is an idiom). code is the whole calling function from its
+// entry (callee names direct call targets; see CallArgType for what a
+// truncated body misses).
+//
+// Between the two CALLs, the pass tracks which registers and stack slots
+// (RSP-relative, 8 bytes) hold the outer result and which hold the 8-byte
+// value loaded through it (MOVQ 0(R), R2), through plain 64-bit moves and
+// spills; any other write of a register or slot forgets what it held.
+// Calls between them (the race detector's raceread, string concatenation
+// for the inner key) forget the registers, and the slots too if a slot's
+// address was taken. The answer is false if another map function is
+// called between them, if a jump or return comes between them, if an
+// instruction between them (or the one after the outer CALL) is the
+// target of a branch, if the code holds an indirect jump, on an
+// instruction whose effects this package does not know, or if the outer
+// CALL is more than 64 instructions back. NestedRead never panics.
+func NestedRead(code []byte, entry, ret uint64, callee func(uint64) string) (outerRet uint64, ok bool) {
+	if ret <= entry || ret-entry > uint64(len(code)) {
+		return 0, false
+	}
+	insts, err := sxDecode(code, false)
+	if err != nil {
+		return 0, false
+	}
+	defer sxRelease(insts)
+	f := sxNewFunc(insts)
+	end := ret - entry
+	c, ok := f.index[end]
+	if !ok {
+		if end != f.size {
+			return 0, false
+		}
+		c = len(insts)
+	}
+	c-- // the inner CALL
+	if c < 1 {
+		return 0, false
+	}
+	target := func(in *Inst) (string, bool) {
+		t, ok := sxPlainBranch(in, x86asm.CALL)
+		if !ok {
+			return "", false
+		}
+		return callee(uint64(int64(entry) + t)), true
+	}
+	isMap := func(name string) bool {
+		return strings.HasPrefix(name, "runtime.map") || strings.HasPrefix(name, "internal/runtime/maps.")
+	}
+	if name, ok := target(&insts[c]); !ok || !strings.HasPrefix(name, "runtime.mapaccess1") {
+		return 0, false
+	}
+	o := -1
+	for i := c - 1; i >= 0 && i >= c-sxMaxNestedWalk; i-- {
+		in := &insts[i]
+		if in.Op == x86asm.CALL {
+			name, ok := target(in)
+			if !ok {
+				return 0, false
+			}
+			if strings.HasPrefix(name, "runtime.mapaccess1") {
+				o = i
+				break
+			}
+			if isMap(name) || name == "" {
+				return 0, false
+			}
+			continue
+		}
+		if sxControl(in.Op) {
+			return 0, false
+		}
+	}
+	if o < 0 {
+		return 0, false
+	}
+	for i := range insts {
+		in := &insts[i]
+		if (in.Op == x86asm.JMP || in.Op == x86asm.LJMP) && !sxIsRel(in) {
+			return 0, false // indirect jump: unknown targets
+		}
+		if t, ok := sxRel(in); ok {
+			if in.legacy {
+				return 0, false
+			}
+			if _, ok := f.boundary(t); !ok && t >= 0 && uint64(t) < f.size {
+				return 0, false // the decoding is not the one control flow sees
+			}
+			if t > int64(insts[o].Offset) && t <= int64(insts[c].Offset) {
+				return 0, false // control can arrive with other values
+			}
+		}
+	}
+
+	const (
+		none = iota
+		ptr  // the outer read's result: a pointer to the element
+		elem // the element it points at (the inner map)
+	)
+	var regs [16]uint8
+	slots := map[int64]uint8{}
+	var escaped []int64 // frame offsets whose address was taken
+	regs[sxRAX] = ptr
+	gpr := func(a x86asm.Arg) (int, bool) {
+		r, ok := a.(x86asm.Reg)
+		if !ok {
+			return 0, false
+		}
+		i, _, ok := sxGPR(r)
+		return i, ok
+	}
+	for i := o + 1; i < c; i++ {
+		in := &insts[i]
+		x := &in.x
+		if in.vex != nil || !in.direct || x.Op != in.Op || sxHasLock(x) {
+			return 0, false
+		}
+		if in.Op == x86asm.CALL {
+			// A callee may write the frame from an address taken in it:
+			// a tmpBuf (32 bytes) for the runtime's string builders,
+			// anything above it otherwise.
+			name, _ := target(in)
+			size := int64(math.MaxInt32)
+			if sxTmpBufCallee(name) {
+				size = 32
+			}
+			for _, e := range escaped {
+				for d := range slots {
+					if d+8 > e && d < e+size {
+						delete(slots, d)
+					}
+				}
+			}
+			regs = [16]uint8{}
+			continue
+		}
+		if sxNoWrite[in.Op] {
+			continue
+		}
+		if !sxWritesDst[in.Op] || (in.Op == x86asm.IMUL && x.Args[1] == nil) {
+			return 0, false
+		}
+		if in.Op == x86asm.LEA {
+			if m, ok := x.Args[1].(x86asm.Mem); ok && (m.Base == x86asm.RSP || m.Index == x86asm.RSP) {
+				if m.Index != 0 {
+					m.Disp = math.MinInt32 // anywhere
+				}
+				escaped = append(escaped, m.Disp)
+			}
+		}
+		// What a full-width MOVQ copies; anything else writes none.
+		v := uint8(none)
+		if in.Op == x86asm.MOV && x.DataSize == 64 {
+			switch src := x.Args[1].(type) {
+			case x86asm.Reg:
+				if r, ok := gpr(src); ok {
+					v = regs[r]
+				}
+			case x86asm.Mem:
+				if x.MemBytes != 8 || src.Index != 0 || src.Segment != 0 {
+					break
+				}
+				if src.Base == x86asm.RSP {
+					v = slots[src.Disp]
+				} else if r, ok := gpr(src.Base); ok && regs[r] == ptr && src.Disp == 0 {
+					v = elem
+				}
+			}
+		}
+		switch dst := x.Args[0].(type) {
+		case x86asm.Reg:
+			r, ok := gpr(dst)
+			if !ok {
+				continue // a vector register: not tracked
+			}
+			if r == sxRSP {
+				return 0, false
+			}
+			regs[r] = v
+		case x86asm.Mem:
+			if dst.Base != x86asm.RSP || dst.Index != 0 {
+				if r, ok := gpr(dst.Base); ok && regs[r] == ptr {
+					return 0, false // a store into the element itself
+				}
+				if len(escaped) > 0 {
+					clear(slots) // it may point into the frame
+				}
+				continue
+			}
+			for d := range slots {
+				if d < dst.Disp+int64(x.MemBytes) && dst.Disp < d+8 {
+					delete(slots, d)
+				}
+			}
+			if x.MemBytes == 8 && v != none {
+				slots[dst.Disp] = v
+			}
+		default:
+			return 0, false
+		}
+	}
+	if regs[sxRBX] != elem {
+		return 0, false
+	}
+	return entry + insts[o].Offset + uint64(insts[o].Len), true
+}
+
+// sxTmpBufCallee reports whether name is a runtime function whose pointer
+// argument into the caller's frame is a *tmpBuf (32 bytes) or smaller: the
+// string builders the compiler calls for b+c, string(bytes) and the like.
+func sxTmpBufCallee(name string) bool {
+	switch name {
+	case "runtime.concatstring2", "runtime.concatstring3", "runtime.concatstring4", "runtime.concatstring5",
+		"runtime.concatstrings", "runtime.slicebytetostring", "runtime.slicerunetostring", "runtime.intstring",
+		"runtime.stringtoslicebyte", "runtime.stringtoslicerune", "runtime.concatbyte2", "runtime.concatbyte3",
+		"runtime.concatbyte4", "runtime.concatbyte5", "runtime.concatbytes":
+		return true
+	}
+	return false
 }

@@ -566,6 +566,36 @@ func getE(m map[any]int, k any) int { return m[k] }
 //go:noinline
 func getA(m map[[2]any]int, k [2]any) int { return m[k] }
 
+//go:noinline
+func nestS(m map[string]map[string]int, a, b string) int { return m[a][b] }
+
+//go:noinline
+func nest64(m map[string]map[int64]bool, a string, b int64) bool { return m[a][b] }
+
+//go:noinline
+func nestK(m map[int32]map[[2]int]string, a int32, b [2]int) string { return m[a][b] }
+
+//go:noinline
+func nestCat(m map[string]map[string]int, a, b, c string) int { return m[a][b+c] }
+
+//go:noinline
+func nestG[K comparable](m map[K]map[K]int, a, b K) int { return m[a][b] }
+
+//go:noinline
+func notNestTwo(m1, m2 map[string]int, a, b string) int { return m1[a] + m2[b] }
+
+//go:noinline
+func notNestOK(m map[string]map[string]int, a, b string) int {
+	inner, ok := m[a]
+	if !ok {
+		return -1
+	}
+	return inner[b]
+}
+
+//go:noinline
+func notNestCommaOK(m map[string]map[string]int, a, b string) bool { _, ok := m[a][b]; return ok }
+
 func typeWord(v any) uintptr { return uintptr((*[2]unsafe.Pointer)(unsafe.Pointer(&v))[0]) }
 
 func main() {
@@ -581,6 +611,10 @@ func main() {
 	setK(mks, key{})
 	delS(ms, "b")
 	delS(ms, "a")
+	nm := map[string]map[string]int{"a": {"b": 1}}
+	use(nestS(nm, "a", "b"), nest64(map[string]map[int64]bool{}, "x", 1), nestK(nil, 1, [2]int{}),
+		nestCat(nm, "a", "b", ""), nestG(map[int]map[int]int{}, 1, 2), nestG(nm, "a", "b"),
+		notNestTwo(ms, ms, "a", "b"), notNestOK(nm, "a", "b"), notNestCommaOK(nm, "a", "b"))
 	use(getS(ms, "a"), v, ok, get64(m64, 1), get32(m32, 1), getK(mk, key{}), getI(mi, impl(2)), getE(me, 2), getA(ma, [2]any{1, 2}))
 	for name, f := range map[string]any{"getS": getS, "get2S": get2S, "get64": get64, "get32": get32, "getK": getK,
 		"setK": setK, "delS": delS, "getI": getI, "getE": getE, "getA": getA} {
@@ -601,6 +635,18 @@ var sxtCallsGetters = map[string]string{
 	"main.get32": "map[int32]int", "main.getK": "map[main.key]int", "main.setK": "map[main.key]string",
 	"main.delS": "map[string]int", "main.getI": "map[main.iface]int", "main.getE": "map[interface {}]int",
 	"main.getA": "map[[2]interface {}]int",
+}
+
+// sxtNestedFuncs lists the nest* and notNest* functions of sxtCallsSrc in
+// b (the generic one by its shape instantiations' names).
+func sxtNestedFuncs(b *symbols.Binary) []string {
+	names := []string{"main.nestS", "main.nest64", "main.nestK", "main.nestCat", "main.notNestTwo", "main.notNestOK", "main.notNestCommaOK"}
+	for _, g := range []string{"main.nestG[go.shape.int]", "main.nestG[go.shape.string]"} {
+		if _, ok := b.Func(g); ok {
+			names = append(names, g)
+		}
+	}
+	return names
 }
 
 // sxtCallsBinary is one build of sxtCallsSrc.
@@ -927,6 +973,39 @@ func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResu
 		want := offsets(f, sxtObjAddrs(obj[c.fn], "CALL "+c.target+"(SB)"))
 		if got := siteOffsets(sites); !slices.Equal(got, want) {
 			t.Errorf("%s: sites %#x, objdump's CALL %s at %#x", c.fn, got, c.target, want)
+		}
+	}
+
+	// NestedRead: the second map read of each nest* function is the inner
+	// read of m[a][b]; no other map call there, or in the notNest*
+	// functions, is.
+	for _, fn := range sxtNestedFuncs(b) {
+		f, code := code(fn)
+		insts, err := Decode(code)
+		if err != nil {
+			t.Fatalf("%s: %v", fn, err)
+		}
+		var rets []uint64 // of the map reads
+		for i := range insts {
+			in := &insts[i]
+			tg, ok := sxRel(in)
+			if !ok || in.Op != x86asm.CALL || !strings.HasPrefix(callee(f.Entry+uint64(tg)), "runtime.mapaccess") {
+				continue
+			}
+			rets = append(rets, f.Entry+in.Offset+uint64(in.Len))
+		}
+		nested := !strings.HasPrefix(fn, "main.notNest")
+		if len(rets) != 2 {
+			t.Errorf("%s: %d map reads, want 2", fn, len(rets))
+			continue
+		}
+		for i, ret := range rets {
+			got, ok := NestedRead(code, f.Entry, ret, callee)
+			want := nested && i == 1
+			fmt.Fprintf(table, "%-18s %-36s map read %d: NestedRead %v (outer %#x)\n", bin.name(), fn, i, ok, got)
+			if ok != want || (ok && got != rets[0]) {
+				t.Errorf("%s: map read %d (ret %#x): NestedRead = %#x, %v; want %v (outer %#x)", fn, i, ret, got, ok, want, rets[0])
+			}
 		}
 	}
 
