@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 
 	"golang.org/x/arch/x86/x86asm"
@@ -588,8 +589,90 @@ func NestedRead(code []byte, entry, ret uint64, callee func(uint64) string) (out
 		}
 		c = len(insts)
 	}
-	c-- // the inner CALL
-	if c < 1 {
+	targets, ok := sxBranchTargets(&f)
+	if !ok {
+		return 0, false
+	}
+	o, ok := sxNestedAt(insts, c-1, entry, callee, targets)
+	if !ok {
+		return 0, false
+	}
+	return entry + insts[o].Offset + uint64(insts[o].Len), true
+}
+
+// Nested is the inner read of an expression m[a][b] (see NestedRead).
+type Nested struct {
+	Call  Site   // the inner read's CALL (an emulated instruction)
+	Ret   uint64 // its return address: the inner read's call site
+	Outer uint64 // the outer read's return address
+}
+
+// NestedReads returns every inner read of an m[a][b] expression in one
+// function, whole from its entry, as NestedRead finds them, with the
+// inner CALL as the site: a probe there sees the inner map in RBX before
+// the call, and is emulated. Only CALLs after the frame set-up are
+// returned. Every error wraps ErrUnrecognized.
+func NestedReads(code []byte, entry uint64, callee func(uint64) string) ([]Nested, error) {
+	insts, p, err := sxDecodeFunc(code)
+	if err != nil {
+		return nil, err
+	}
+	defer sxRelease(insts)
+	f := sxNewFunc(insts)
+	targets, ok := sxBranchTargets(&f)
+	if !ok {
+		return nil, sxReject("an indirect jump, or a branch into an instruction")
+	}
+	var out []Nested
+	for c := range insts {
+		in := &insts[c]
+		if in.Op != x86asm.CALL || p.FrameSet == 0 || in.Offset < p.FrameSet || !in.Emulated {
+			continue
+		}
+		o, ok := sxNestedAt(insts, c, entry, callee, targets)
+		if !ok {
+			continue
+		}
+		out = append(out, Nested{
+			Call:  sxSite(in, true),
+			Ret:   entry + in.Offset + uint64(in.Len),
+			Outer: entry + insts[o].Offset + uint64(insts[o].Len),
+		})
+	}
+	return out, nil
+}
+
+// sxBranchTargets returns the targets of the function's relative branches
+// (function-relative, sorted); false if it holds an indirect jump, a
+// prefixed branch, or a branch into the middle of an instruction.
+func sxBranchTargets(f *sxFunc) ([]int64, bool) {
+	var targets []int64
+	for i := range f.insts {
+		in := &f.insts[i]
+		if (in.Op == x86asm.JMP || in.Op == x86asm.LJMP) && !sxIsRel(in) {
+			return nil, false // indirect jump: unknown targets
+		}
+		if in.Op == x86asm.CALL {
+			continue // calls return to the next instruction
+		}
+		if t, ok := sxRel(in); ok {
+			if in.legacy {
+				return nil, false
+			}
+			if _, ok := f.boundary(t); !ok && t >= 0 && uint64(t) < f.size {
+				return nil, false // the decoding is not the one control flow sees
+			}
+			targets = append(targets, t)
+		}
+	}
+	slices.Sort(targets)
+	return targets, true
+}
+
+// sxNestedAt is NestedRead for the CALL insts[c], given the function's
+// branch targets: it returns the index of the outer CALL.
+func sxNestedAt(insts []Inst, c int, entry uint64, callee func(uint64) string, targets []int64) (int, bool) {
+	if c < 1 || c >= len(insts) {
 		return 0, false
 	}
 	target := func(in *Inst) (string, bool) {
@@ -629,22 +712,10 @@ func NestedRead(code []byte, entry, ret uint64, callee func(uint64) string) (out
 	if o < 0 {
 		return 0, false
 	}
-	for i := range insts {
-		in := &insts[i]
-		if (in.Op == x86asm.JMP || in.Op == x86asm.LJMP) && !sxIsRel(in) {
-			return 0, false // indirect jump: unknown targets
-		}
-		if t, ok := sxRel(in); ok {
-			if in.legacy {
-				return 0, false
-			}
-			if _, ok := f.boundary(t); !ok && t >= 0 && uint64(t) < f.size {
-				return 0, false // the decoding is not the one control flow sees
-			}
-			if t > int64(insts[o].Offset) && t <= int64(insts[c].Offset) {
-				return 0, false // control can arrive with other values
-			}
-		}
+	// No branch lands after the outer CALL, up to the inner one.
+	lo, hi := int64(insts[o].Offset), int64(insts[c].Offset)
+	if j, _ := slices.BinarySearch(targets, lo+1); j < len(targets) && targets[j] <= hi {
+		return 0, false
 	}
 
 	const (
@@ -757,7 +828,7 @@ func NestedRead(code []byte, entry, ret uint64, callee func(uint64) string) (out
 	if regs[sxRBX] != elem {
 		return 0, false
 	}
-	return entry + insts[o].Offset + uint64(insts[o].Len), true
+	return o, true
 }
 
 // sxTmpBufCallee reports whether name is a runtime function whose pointer

@@ -999,6 +999,16 @@ func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResu
 			t.Errorf("%s: %d map reads, want 2", fn, len(rets))
 			continue
 		}
+		all, err := NestedReads(code, f.Entry, callee)
+		switch {
+		case err != nil:
+			t.Errorf("%s: NestedReads: %v", fn, err)
+		case !nested && len(all) != 0:
+			t.Errorf("%s: NestedReads = %+v, want none", fn, all)
+		case nested && (len(all) != 1 || all[0].Ret != rets[1] || all[0].Outer != rets[0] || !all[0].Call.Emulated || !all[0].Call.Framed ||
+			f.Entry+all[0].Call.Offset+5 != rets[1]):
+			t.Errorf("%s: NestedReads = %+v, want the CALL returning to %#x (outer %#x)", fn, all, rets[1], rets[0])
+		}
 		for i, ret := range rets {
 			got, ok := NestedRead(code, f.Entry, ret, callee)
 			want := nested && i == 1
@@ -1160,6 +1170,22 @@ func sxtFuzzCalls(t *testing.T, code []byte, insts []Inst, decErr error, entry u
 	}
 	if err == nil && len(ms) == 0 {
 		t.Fatalf("MissSites = %#x and no sites, no error", zv)
+	}
+
+	ns, err := NestedReads(code, entry, callee)
+	nsites := make([]Site, len(ns))
+	for i, n := range ns {
+		nsites[i] = n.Call
+	}
+	for i, in := range list("NestedReads", nsites, err) {
+		tg, ok := sxRel(in)
+		if in.Op != x86asm.CALL || !ok || !strings.HasPrefix(callee(uint64(int64(entry)+tg)), "runtime.mapaccess1") || !in.Emulated ||
+			ns[i].Ret != entry+in.Offset+uint64(in.Len) || ns[i].Outer >= ns[i].Ret || ns[i].Outer <= entry {
+			t.Fatalf("NestedReads: %+v: not an emulated CALL of a mapaccess1 after its outer read", ns[i])
+		}
+		if o, ok := NestedRead(code, entry, ns[i].Ret, callee); !ok || o != ns[i].Outer {
+			t.Fatalf("NestedReads: %+v, but NestedRead = %#x, %v", ns[i], o, ok)
+		}
 	}
 
 	cs, err := CallSites(code, entry, callee, "runtime.gopanic")
