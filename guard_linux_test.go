@@ -834,3 +834,56 @@ func TestRealIdiomsAreStatistics(t *testing.T) {
 		}
 	}
 }
+
+// A nested read is told from its caller's code, without the outer miss:
+// m[a][b] where m[a] holds a nil map (no miss to pair with), and where it
+// is missing (the kernel pairs the two reads), at one call site, give one
+// nested-map-miss event and then counts, every occurrence counted once,
+// and no nil-map-read statistics there (the outer read's misses are
+// missing-key-read statistics).
+func TestRealNestedFromCode(t *testing.T) {
+	g := startReal(t, mapguard.Options{Budget: 1})
+	events := g.Events()
+	const n = 10
+	goid, line := provoke(func() (line int) {
+		m := map[string]map[string]int{"nil": nil, "full": {"b": 1}}
+		for i := 0; i < n; i++ {
+			key := "nil"
+			if i%2 == 1 {
+				key = "absent"
+			}
+			line = here() + 1
+			sink = m[key]["b"]
+		}
+		return line
+	})
+	ev := await(t, events, func(ev mapguard.Event) bool { return ev.Goroutine == goid })
+	if ev.Kind != mapguard.NestedMapMiss || ev.Site.Line != line || ev.Peer == nil || ev.Peer.Site.Line != line {
+		t.Fatalf("first event %v (peer %+v), want nested-map-miss at line %d, the outer read there too", ev, ev.Peer, line)
+	}
+	total := uint64(ev.Count)
+	deadline := time.After(2500 * time.Millisecond) // past an aggregation interval
+	for total < n {
+		select {
+		case ev := <-events:
+			if ev.Site.Line != line || !strings.HasSuffix(ev.Site.File, "guard_linux_test.go") {
+				continue
+			}
+			if ev.Kind != mapguard.NestedMapMiss || ev.Count < 1 {
+				t.Errorf("event %v (count %d), want nested-map-miss counts", ev, ev.Count)
+			}
+			total += uint64(ev.Count)
+		case <-deadline:
+			t.Fatalf("%d of %d nested misses counted", total, n)
+		}
+	}
+	if total != n {
+		t.Errorf("%d nested misses counted, want %d", total, n)
+	}
+	for _, c := range g.Stats().CallSites {
+		// The outer read's misses are missing-key reads (statistics).
+		if c.Site.Line == line && strings.HasSuffix(c.Site.File, "guard_linux_test.go") && c.Kind != mapguard.MissingKeyRead {
+			t.Errorf("call-site statistics for the nested read: %+v", c)
+		}
+	}
+}

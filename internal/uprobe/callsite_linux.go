@@ -70,3 +70,66 @@ func callTarget(pc uintptr) string {
 	}
 	return target.Name()
 }
+
+// nestedOuter returns, for a map read that returns to pc, the return
+// address of the outer read when the call is the inner read of m[a][b]
+// (see x86site.NestedRead): the map it reads is the value an earlier
+// plain read in the same function returned a pointer to. Where both
+// reads' static map types are known, the outer map's elements must be
+// maps of the inner read's type.
+func nestedOuter(o *rt.Offsets, pc uintptr) (uintptr, bool) {
+	f := runtime.FuncForPC(pc - 1)
+	if f == nil {
+		return 0, false
+	}
+	entry := f.Entry()
+	if pc <= entry || pc-entry > maxCallerCode {
+		return 0, false
+	}
+	end := funcEnd(entry, pc)
+	code := unsafe.Slice((*byte)(*(*unsafe.Pointer)(unsafe.Pointer(&entry))), end-entry)
+	callee := func(addr uint64) string {
+		if g := runtime.FuncForPC(uintptr(addr)); g != nil && uint64(g.Entry()) == addr {
+			return g.Name()
+		}
+		return ""
+	}
+	outer, ok := x86site.NestedRead(code, uint64(entry), uint64(pc), callee)
+	if !ok {
+		return 0, false
+	}
+	ot, it := callSiteType(o, uintptr(outer)), callSiteType(o, pc)
+	if ot != 0 && it != 0 && rt.MapElem(ot) != it {
+		return 0, false
+	}
+	return uintptr(outer), true
+}
+
+// funcEnd returns the end of the function at entry that holds pc (where
+// the next function's code begins, or pc+maxCallerCode), from the
+// runtime's function table: it grows a step until the step's end is in
+// another function, then halves it.
+func funcEnd(entry, pc uintptr) uintptr {
+	in := func(a uintptr) bool {
+		f := runtime.FuncForPC(a)
+		return f != nil && f.Entry() == entry
+	}
+	lo, step := pc, uintptr(256) // lo is in the function
+	for in(lo+step) {
+		lo += step
+		if lo-entry >= maxCallerCode {
+			return entry + maxCallerCode
+		}
+		step *= 2
+	}
+	hi := lo + step // not in it
+	for hi-lo > 1 {
+		mid := lo + (hi-lo)/2
+		if in(mid) {
+			lo = mid
+		} else {
+			hi = mid
+		}
+	}
+	return hi
+}

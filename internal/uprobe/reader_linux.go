@@ -133,12 +133,31 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 		}
 		return
 	}
-	if ev.Kind == decode.NestedMapMiss && !u.nestedLocked(h, ev) {
+	byCode := false
+	if (ev.Kind == decode.NilMapRead || ev.Kind == decode.NestedMapMiss) && u.watched[decode.NestedMapMiss] {
+		// The caller's code tells a nested read without the outer miss
+		// (a sampled miss site need not be attached at the time).
+		if outer, ok := u.nestedOuter(h.PC); ok {
+			ev.Kind, byCode = decode.NestedMapMiss, true
+			ev.Peer = &decode.Peer{Goroutine: ev.Goroutine, Site: dec.SiteOf(outer)}
+		}
+	}
+	if ev.Kind == decode.NestedMapMiss && !byCode && !u.nestedLocked(h, ev) {
 		// Two reads close together, but the first did not return the
 		// map the second read: a plain nil-map read, and so are its later
 		// occurrences that the kernel counts as nested.
 		ev.Kind, ev.Peer = decode.NilMapRead, nil
 		u.notNested[mapguardAggKey{Site: h.Site | aggNested, Pc: uint64(h.PC)}] = true
+	}
+	if ev.Kind == decode.NestedMapMiss && u.watched[ev.Kind] {
+		// A call site's nested misses have two aggregates in the kernel
+		// (paired with the outer miss, and not): the first event of the
+		// second is a count for the next report, not a new call site.
+		if seen, _ := u.nestedSeen[h.PC]; seen {
+			u.nestedLate[mapguardAggKey{Site: h.Site, Pc: uint64(h.PC)}]++
+			return
+		}
+		u.nestedSeen[h.PC] = true
 	}
 	if !u.watched[ev.Kind] {
 		return // the canary's site, its kind not watched
@@ -222,6 +241,21 @@ func (u *uprobes) flushAggsLocked() {
 		return
 	}
 	now := time.Now()
+	// One report per (site, kind, call site): a nested miss's two kernel
+	// aggregates (paired with the outer miss, and told from the code)
+	// are one.
+	type report struct {
+		count   uint64
+		sampled bool
+	}
+	reports := map[mapguardAggKey]report{} // Site: the site index | the kind << 24
+	add := func(index uint32, kind decode.Kind, pc uint64, count uint64, sampled bool) {
+		k := mapguardAggKey{Site: index | uint32(kind)<<24, Pc: pc}
+		r, _ := reports[k] // comma-ok: see aggSeen
+		r.count += count
+		r.sampled = r.sampled || sampled
+		reports[k] = r
+	}
 	it := u.aggs.Iterate()
 	for it.Next(&key, &val) {
 		seen, _ := u.aggSeen[key] // comma-ok: a plain read that misses would hit our own probe
@@ -234,6 +268,11 @@ func (u *uprobes) flushAggsLocked() {
 		if nn, _ := u.notNested[key]; key.Site&aggNested == 0 || nn {
 			kind = s.kind // counted as nested in the kernel, but found not to be
 		}
+		if kind == decode.NilMapRead && u.watched[decode.NestedMapMiss] {
+			if _, ok := u.nestedOuter(uintptr(key.Pc)); ok {
+				kind = decode.NestedMapMiss // told from the caller's code
+			}
+		}
 		if !u.watched[kind] {
 			continue // a site probed for another kind (nested misses)
 		}
@@ -245,24 +284,32 @@ func (u *uprobes) flushAggsLocked() {
 			f, sampled = u.gov.scale(now, int(index))
 			count = uint64(float64(count)*f + 0.5)
 		}
-		rec := wire.Rec{Kind: kind, Site: index, Mono: uint64(clock.Mono), Count: count, NPCs: 1}
-		rec.PCs[0] = uintptr(key.Pc)
+		add(index, kind, key.Pc, count, sampled)
+	}
+	if err := it.Err(); err != nil {
+		u.log.V(1).Info("read aggregates", "error", err.Error())
+	}
+	for k, n := range u.nestedLate {
+		add(k.Site, decode.NestedMapMiss, k.Pc, n, false)
+	}
+	clear(u.nestedLate)
+	for k, r := range reports {
+		index, kind := k.Site&(1<<24-1), decode.Kind(k.Site>>24)
+		rec := wire.Rec{Kind: kind, Site: index, Mono: uint64(clock.Mono), Count: r.count, NPCs: 1}
+		rec.PCs[0] = uintptr(k.Pc)
 		if err := u.decoder.DecodeRec(&rec, &ev); err != nil {
 			continue
 		}
 		ev.Time = clock.Wall
-		ev.Sampled = sampled
+		ev.Sampled = r.sampled
 		if decode.IsStatistic(ev.Kind) {
-			commaOK := u.commaOK(uintptr(key.Pc))
-			u.calls.add(uintptr(key.Pc), commaOK, &ev, count, sampled)
+			commaOK := u.commaOK(uintptr(k.Pc))
+			u.calls.add(uintptr(k.Pc), commaOK, &ev, r.count, r.sampled)
 			if u.statsOnly[ev.Kind] || commaOK {
 				continue
 			}
 		}
 		u.sink(&ev)
-	}
-	if err := it.Err(); err != nil {
-		u.log.V(1).Info("read aggregates", "error", err.Error())
 	}
 	if u.gov != nil {
 		u.gov.flush(now)
@@ -302,6 +349,22 @@ func (u *uprobes) nestedLocked(h wire.Header, ev *decode.Event) bool {
 	return rt.MapElem(outer) == h.Typ
 }
 
+// nestedOuter is the package's nestedOuter, cached per call site.
+func (u *uprobes) nestedOuter(pc uintptr) (uintptr, bool) {
+	if pc == 0 {
+		return 0, false
+	}
+	if outer, seen := u.nestedAt[pc]; seen {
+		return outer, outer != 0
+	}
+	outer, _ := nestedOuter(u.offsets, pc)
+	if u.nestedAt == nil || len(u.nestedAt) >= 4096 {
+		u.nestedAt = make(map[uintptr]uintptr)
+	}
+	u.nestedAt[pc] = outer
+	return outer, outer != 0
+}
+
 // commaOK reports whether the map call returning to pc is a comma-ok read
 // (v, ok := m[k]): the CALL before pc targets runtime.mapaccess2*. (On Go
 // 1.27 the probe sits in mapaccess2* for both forms, and a plain read's
@@ -326,6 +389,8 @@ func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) erro
 	u.outOfScope = make([]atomic.Uint64, len(u.sites))
 	u.aggSeen = make(map[mapguardAggKey]uint64)
 	u.notNested = make(map[mapguardAggKey]bool)
+	u.nestedSeen = make(map[uintptr]bool)
+	u.nestedLate = make(map[mapguardAggKey]uint64)
 	probes := make([]string, len(u.sites))
 	for i, s := range u.sites {
 		probes[i] = s.fn.Name

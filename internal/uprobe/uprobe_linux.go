@@ -96,6 +96,15 @@ type uprobes struct {
 	// found not to be one (the outer map's elements are not maps of the
 	// inner type): their counts are the nil-map reads they are.
 	notNested map[mapguardAggKey]bool
+	// nestedAt caches, per call site, the outer read's return address
+	// when the caller's code shows the call is the inner read of m[a][b]
+	// (0 if it is not); nestedSeen are the call sites whose first nested
+	// miss went out as an event, and nestedLate the occurrences that came
+	// as another first event after it (their kernel aggregate, paired or
+	// not, is another key), added to the next counts. The reader's.
+	nestedAt   map[uintptr]uintptr
+	nestedSeen map[uintptr]bool
+	nestedLate map[mapguardAggKey]uint64
 	// notOwned counts, per site, events the runtime caused on its own
 	// maps and nil-map reads in the standard library; written by the
 	// reader, read by Stats.

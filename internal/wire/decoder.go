@@ -434,6 +434,10 @@ func (d *Decoder) symbolize(n int) (site decode.Frame, stack []decode.Frame, pc 
 	return site, st, pc, false
 }
 
+// SiteOf returns the call site of the map call that returns to pc: its
+// first frame outside the map code.
+func (d *Decoder) SiteOf(pc uintptr) decode.Frame { return d.siteOf(pc) }
+
 // siteOf returns the first frame of pc outside the map code.
 func (d *Decoder) siteOf(pc uintptr) decode.Frame {
 	fs := d.pcFrames(pc)
