@@ -1,6 +1,8 @@
 package symbols
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -224,4 +226,46 @@ func (b *Binary) fileOffset(vaddr, size uint64) (uint64, bool) {
 		}
 	}
 	return 0, false
+}
+
+// CallsTo calls fn with the address (link-time) of every direct call
+// (CALL rel32, opcode 0xE8) in the executable segments whose target is one
+// of targets, in address order. It scans the bytes, not decoded code: an
+// 0xE8 inside another instruction whose next four bytes happen to point at
+// a target is reported too, so callers must decode the function around
+// each address before they trust it. The file is read in 1 MiB chunks.
+func (b *Binary) CallsTo(targets []uint64, fn func(call uint64)) error {
+	if len(targets) == 0 {
+		return nil
+	}
+	lo, hi := slices.Min(targets), slices.Max(targets)
+	const chunk = 1 << 20
+	buf := make([]byte, chunk+4)
+	for _, s := range b.segs {
+		for off := uint64(0); off < s.filesz; off += chunk {
+			n := min(chunk+4, s.filesz-off)
+			p := buf[:n]
+			if _, err := b.file.ReadAt(p, int64(s.off+off)); err != nil {
+				return fmt.Errorf("scan calls: %w", err)
+			}
+			for i := 0; i+5 <= len(p) && uint64(i) < chunk; {
+				j := bytes.IndexByte(p[i:], 0xe8)
+				if j < 0 {
+					break
+				}
+				i += j
+				if i+5 > len(p) || uint64(i) >= chunk {
+					break
+				}
+				at := s.vaddr + off + uint64(i)
+				rel := int64(int32(binary.LittleEndian.Uint32(p[i+1:])))
+				t := uint64(int64(at) + 5 + rel)
+				if t >= lo && t <= hi && slices.Contains(targets, t) {
+					fn(at)
+				}
+				i++
+			}
+		}
+	}
+	return nil
 }
