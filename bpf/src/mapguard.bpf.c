@@ -305,7 +305,7 @@ static __always_inline int growth_due(__u64 m)
 	return 1;
 }
 
-static __always_inline void walk_frames(struct pt_regs *ctx, __u8 framed, struct event *e)
+static __always_inline void walk_frames(struct pt_regs *ctx, __u32 flags, __u64 pc0, struct event *e)
 {
 	__u64 fp = ctx->rbp;
 	__u64 pc;
@@ -313,7 +313,11 @@ static __always_inline void walk_frames(struct pt_regs *ctx, __u8 framed, struct
 	// At a framed site this function's own frame is set up: its return
 	// address is at [BP+8] and [BP] is the caller's frame pointer. Before
 	// PUSHQ BP the return address is at [SP] and BP is still the caller's.
-	if (framed) {
+	// At a site in the caller (MG_SITE_CALLER), the first frame is the
+	// call site itself and BP the caller's frame.
+	if (flags & MG_SITE_CALLER) {
+		pc = pc0;
+	} else if (flags & MG_SITE_FRAMED) {
 		pc = read_u64(fp + 8);
 		fp = read_u64(fp);
 	} else {
@@ -563,7 +567,9 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 		return 0;
 	}
 
-	__u64 pc0 = (flags & MG_SITE_FRAMED) ? read_u64(ctx->rbp + 8) : read_u64(ctx->rsp);
+	__u64 pc0 = (flags & MG_SITE_CALLER)   ? conf->wrap_ret[0]
+		    : (flags & MG_SITE_FRAMED) ? read_u64(ctx->rbp + 8)
+					       : read_u64(ctx->rsp);
 	// Go 1.27's mapaccess1* only call mapaccess2*: a call from one of them
 	// is a plain read whose user is the wrapper's caller (the wrapper's
 	// frame is framed: its return address is at [its BP+8]); any other call
@@ -581,6 +587,12 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 	__u32 agg_site = index;
 	__u64 peer_goid = 0, peer_pc = 0;
 
+	// The inner read of m[a][b], probed at its CALL: the outer read is
+	// known from the code.
+	if (!deep && (flags & MG_SITE_CALLER)) {
+		peer_goid = goid;
+		peer_pc = conf->wrap_ret[1];
+	}
 	// A nil-map read just after the same goroutine's miss, in the same
 	// expression, is the inner read of m[a][b]: a nested-map miss.
 	if (!deep && (conf->kind == MG_KIND_MISSING_KEY_READ || conf->kind == MG_KIND_NIL_MAP_READ)) {
@@ -698,7 +710,7 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 		e->detail_len = pd.prefix_len < MG_KEY_PREFIX ? pd.prefix_len : MG_KEY_PREFIX;
 	}
 
-	walk_frames(ctx, flags & MG_SITE_FRAMED, e);
+	walk_frames(ctx, flags, pc0, e);
 
 	if (!deep && (flags & MG_SITE_CRASH)) {
 		crash_peer(goid, e);

@@ -131,6 +131,11 @@ enum mg_site_flag {
 	MG_SITE_DEL_DONE = 8192, // a delete ended: report if the entries did not change since DEL_ENTRY
 	MG_SITE_UNWRAP = 32768, // called through a wrapper (return address in wrap_ret): the call site is the wrapper's caller
 	MG_SITE_WRAPPED = 65536, // report only calls through a wrapper (Go 1.27: plain reads, not comma-ok ones)
+	// In the caller's code, at the CALL of a map read whose map argument
+	// the outer read of m[a][b] returned (the inner read): the call site is
+	// wrap_ret[0] (the CALL's return address), the outer read's wrap_ret[1];
+	// the frame pointer is the caller's own.
+	MG_SITE_CALLER = 131072,
 };
 
 
@@ -141,7 +146,8 @@ struct site_conf {
 	__u8 key_mode; // enum mg_key
 	__u32 flags;
 	// MG_SITE_UNWRAP: the return addresses of the calls of this function
-	// by the wrappers it serves (0: none).
+	// by the wrappers it serves (0: none). MG_SITE_CALLER: the call site
+	// and the outer read's.
 	__u64 wrap_ret[2];
 };
 

@@ -115,7 +115,7 @@ func funcEnd(entry, pc uintptr) uintptr {
 		return f != nil && f.Entry() == entry
 	}
 	lo, step := pc, uintptr(256) // lo is in the function
-	for in(lo+step) {
+	for in(lo + step) {
 		lo += step
 		if lo-entry >= maxCallerCode {
 			return entry + maxCallerCode
@@ -132,4 +132,15 @@ func funcEnd(entry, pc uintptr) uintptr {
 		}
 	}
 	return hi
+}
+
+// sameCode reports whether the running code at addr holds want (bytes read
+// from the executable file): a site is probed only where the process runs
+// the code it was found in.
+func sameCode(want []byte, addr uintptr) bool {
+	if addr == 0 || len(want) == 0 {
+		return false
+	}
+	p := *(*unsafe.Pointer)(unsafe.Pointer(&addr))
+	return string(unsafe.Slice((*byte)(p), len(want))) == string(want)
 }

@@ -30,6 +30,7 @@ var (
 	_ = [1]struct{}{}[siteDelDone-mapguardMgSiteFlagMG_SITE_DEL_DONE]
 	_ = [1]struct{}{}[siteUnwrap-mapguardMgSiteFlagMG_SITE_UNWRAP]
 	_ = [1]struct{}{}[siteWrapped-mapguardMgSiteFlagMG_SITE_WRAPPED]
+	_ = [1]struct{}{}[siteCaller-mapguardMgSiteFlagMG_SITE_CALLER]
 	_ = [1]struct{}{}[keyNone-mapguardMgKeyMG_KEY_NONE]
 	_ = [1]struct{}{}[keyU32-mapguardMgKeyMG_KEY_U32]
 	_ = [1]struct{}{}[keyU64-mapguardMgKeyMG_KEY_U64]

@@ -143,6 +143,7 @@ const (
 	mapguardMgSiteFlagMG_SITE_DEL_DONE  mapguardMgSiteFlag = 8192
 	mapguardMgSiteFlagMG_SITE_UNWRAP    mapguardMgSiteFlag = 32768
 	mapguardMgSiteFlagMG_SITE_WRAPPED   mapguardMgSiteFlag = 65536
+	mapguardMgSiteFlagMG_SITE_CALLER    mapguardMgSiteFlag = 131072
 )
 
 type mapguardPendingDelete struct {

@@ -149,6 +149,11 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 		ev.Kind, ev.Peer = decode.NilMapRead, nil
 		u.notNested[mapguardAggKey{Site: h.Site | aggNested, Pc: uint64(h.PC)}] = true
 	}
+	if ev.Kind == decode.NestedMapMiss && int(h.Site) < len(u.sites) && u.sites[h.Site].flags&siteCaller == 0 {
+		if _, probed := u.callerNested[uint64(h.PC)]; probed {
+			return // counted at its own site, in the caller's code
+		}
+	}
 	if ev.Kind == decode.NestedMapMiss && u.watched[ev.Kind] {
 		// A call site's nested misses have two aggregates in the kernel
 		// (paired with the outer miss, and not): the first event of the
@@ -241,17 +246,21 @@ func (u *uprobes) flushAggsLocked() {
 		return
 	}
 	now := time.Now()
-	// One report per (site, kind, call site): a nested miss's two kernel
-	// aggregates (paired with the outer miss, and told from the code)
-	// are one.
+	// One report per (kind, call site): a nested miss's kernel aggregates
+	// (paired with the outer miss, told from the code, at more than one
+	// site) are one.
 	type report struct {
+		index   uint32 // the first site counted
 		count   uint64
 		sampled bool
 	}
-	reports := map[mapguardAggKey]report{} // Site: the site index | the kind << 24
+	reports := map[mapguardAggKey]report{} // Site: the kind
 	add := func(index uint32, kind decode.Kind, pc uint64, count uint64, sampled bool) {
-		k := mapguardAggKey{Site: index | uint32(kind)<<24, Pc: pc}
-		r, _ := reports[k] // comma-ok: see aggSeen
+		k := mapguardAggKey{Site: uint32(kind), Pc: pc}
+		r, ok := reports[k] // comma-ok: see aggSeen
+		if !ok {
+			r.index = index
+		}
 		r.count += count
 		r.sampled = r.sampled || sampled
 		reports[k] = r
@@ -276,6 +285,9 @@ func (u *uprobes) flushAggsLocked() {
 		if !u.watched[kind] {
 			continue // a site probed for another kind (nested misses)
 		}
+		if _, probed := u.callerNested[key.Pc]; probed && kind == decode.NestedMapMiss && s.flags&siteCaller == 0 {
+			continue // counted at its own site, in the caller's code
+		}
 		count, sampled := val.Count-seen, false
 		if u.gov != nil {
 			// A sampled site's counts are scaled by the time it was
@@ -294,7 +306,7 @@ func (u *uprobes) flushAggsLocked() {
 	}
 	clear(u.nestedLate)
 	for k, r := range reports {
-		index, kind := k.Site&(1<<24-1), decode.Kind(k.Site>>24)
+		index, kind := r.index, decode.Kind(k.Site)
 		rec := wire.Rec{Kind: kind, Site: index, Mono: uint64(clock.Mono), Count: r.count, NPCs: 1}
 		rec.PCs[0] = uintptr(k.Pc)
 		if err := u.decoder.DecodeRec(&rec, &ev); err != nil {
@@ -354,6 +366,9 @@ func (u *uprobes) nestedOuter(pc uintptr) (uintptr, bool) {
 	if pc == 0 {
 		return 0, false
 	}
+	if outer, probed := u.callerNested[uint64(pc)]; probed {
+		return uintptr(outer), true
+	}
 	if outer, seen := u.nestedAt[pc]; seen {
 		return outer, outer != 0
 	}
@@ -394,6 +409,9 @@ func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) erro
 	probes := make([]string, len(u.sites))
 	for i, s := range u.sites {
 		probes[i] = s.fn.Name
+		if s.flags&siteCaller != 0 {
+			probes[i] = callTarget(uintptr(s.wrapRet[0])) // the map function called there
+		}
 	}
 	dcfg := decoderConfig(offsets, clock)
 	dcfg.StackDepth = u.cfg.StackDepth

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/wire"
 	"github.com/mapguard/mapguard/internal/x86site"
 	"github.com/mapguard/mapguard/probe"
 	"github.com/mapguard/mapguard/symbols"
@@ -112,9 +113,95 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 		}
 	}
 	if u.deep {
-		return u.chooseDeepSites(bin, callee, wraps)
+		if err := u.chooseDeepSites(bin, callee, wraps); err != nil {
+			return err
+		}
+	}
+	if u.watched[decode.NestedMapMiss] {
+		u.chooseNestedSites(bin, callee)
 	}
 	return nil
+}
+
+// maxNestedSites bounds the inner reads of m[a][b] probed in the
+// program's own code.
+const maxNestedSites = 32
+
+// nestedSpan is how far apart (in code bytes) the two CALLs of a nested
+// read may be for the scan to look at them (the race detector's
+// instrumentation and a concatenated key put 40-90 bytes between them).
+const nestedSpan = 256
+
+// chooseNestedSites adds a site at the CALL of every inner read of an
+// expression m[a][b] in the program's own code (the decoder's scope: not
+// the runtime's or the standard library's), up to maxNestedSites: an
+// emulated trap, taken only where such an expression runs, that sees the
+// inner map in RBX and reports a nested-map miss when it is nil. So the
+// nested miss is counted without the runtime's miss and nil-map sites,
+// which every lookup of the program traps at (net/http's header lookups
+// among them) and which the governor samples under load. Candidates come
+// from a scan of the text for two calls of runtime.mapaccess1* close
+// together; each is kept only if decoding its function from the entry
+// shows the nested read (x86site.NestedReads) and the running code holds
+// the same CALL. Nothing here fails Start: a function that does not
+// decode is skipped, the rest is logged.
+func (u *uprobes) chooseNestedSites(bin *symbols.Binary, callee func(uint64) string) {
+	var targets []uint64
+	for _, name := range []string{"runtime.mapaccess1", "runtime.mapaccess1_fast32", "runtime.mapaccess1_fast64", "runtime.mapaccess1_faststr"} {
+		if f, ok := bin.Func(name); ok {
+			targets = append(targets, f.Entry)
+		}
+	}
+	var prev uint64
+	var cands []uint64 // inner CALLs, in address order
+	err := bin.CallsTo(targets, func(call uint64) {
+		if prev != 0 && call-prev <= nestedSpan {
+			cands = append(cands, call)
+		}
+		prev = call
+	})
+	if err != nil {
+		u.log.V(1).Info("nested reads not probed in the program's code", "error", err.Error())
+		return
+	}
+	scope := wire.ProgramScope()
+	done := map[uint64]bool{} // functions decoded
+	added := 0
+	for _, call := range cands {
+		fn, ok := bin.FuncAt(call)
+		if !ok || done[fn.Entry] || !scope.Own(fn.Name) {
+			continue
+		}
+		done[fn.Entry] = true
+		code, err := bin.Code(fn)
+		if err != nil {
+			continue
+		}
+		nested, err := x86site.NestedReads(code, fn.Entry, callee)
+		if err != nil {
+			u.log.V(2).Info("function not probed for nested reads", "function", fn.Name, "reason", err.Error())
+			continue
+		}
+		for _, n := range nested {
+			if added == maxNestedSites || len(u.sites) >= calibIndex {
+				u.inactive = append(u.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: fn.Name,
+					Reason: fmt.Sprintf("more than %d nested reads in the program", maxNestedSites)})
+				return
+			}
+			bias := bin.LoadBias()
+			if !sameCode(code[n.Call.Offset:n.Call.Offset+5], uintptr(fn.Entry+bias+n.Call.Offset)) {
+				continue // the running code is not the file's
+			}
+			f := found{at: n.Call, flags: siteCaller | siteNilOnly | siteAgg, mapReg: regBX, typReg: regAX,
+				wrapRet: [2]uint64{n.Ret + bias, n.Outer + bias}}
+			u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: decode.NestedMapMiss, fn: fn, found: f})
+			if u.callerNested == nil {
+				u.callerNested = make(map[uint64]uint64)
+			}
+			u.callerNested[f.wrapRet[0]] = f.wrapRet[1]
+			added++
+		}
+	}
 }
 
 // checkKinds refuses a kind asked for whose runtime functions are in the

@@ -147,6 +147,7 @@ const (
 	siteDelDone = 8192
 	siteUnwrap  = 32768
 	siteWrapped = 65536
+	siteCaller  = 131072
 
 	// enum mg_key
 	keyNone = 0

@@ -102,7 +102,15 @@ type uprobes struct {
 	// miss went out as an event, and nestedLate the occurrences that came
 	// as another first event after it (their kernel aggregate, paired or
 	// not, is another key), added to the next counts. The reader's.
-	nestedAt   map[uintptr]uintptr
+	nestedAt map[uintptr]uintptr
+	// callerNested maps the call sites of the inner reads probed in the
+	// program's code (siteCaller) to their outer reads: their nested
+	// misses are counted there only. (The code in memory holds the
+	// probes' breakpoints, so it is not decoded again.) Set by Start,
+	// read-only after.
+	callerNested map[uint64]uint64
+	// limit is the spend limit last set in the kernel (see overLimit).
+	limit      atomic.Uint64
 	nestedSeen map[uintptr]bool
 	nestedLate map[mapguardAggKey]uint64
 	// notOwned counts, per site, events the runtime caused on its own

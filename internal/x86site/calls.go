@@ -613,11 +613,21 @@ type Nested struct {
 // the call, and is emulated. Only CALLs after the frame set-up are
 // returned. Every error wraps ErrUnrecognized.
 func NestedReads(code []byte, entry uint64, callee func(uint64) string) ([]Nested, error) {
-	insts, p, err := sxDecodeFunc(code)
+	insts, err := sxDecode(code, false)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", ErrUnrecognized, err)
 	}
 	defer sxRelease(insts)
+	// The frame set-up: PUSHQ BP; MOVQ SP, BP (whatever stack check comes
+	// before it; a function that calls has a frame).
+	var frameSet uint64
+	for i := 1; i < len(insts) && frameSet == 0; i++ {
+		in, prev := &insts[i], &insts[i-1]
+		if in.Op == x86asm.MOV && in.direct && in.x.Args[0] == x86asm.RBP && in.x.Args[1] == x86asm.RSP &&
+			prev.Op == x86asm.PUSH && prev.x.Args[0] == x86asm.RBP {
+			frameSet = in.Offset + uint64(in.Len)
+		}
+	}
 	f := sxNewFunc(insts)
 	targets, ok := sxBranchTargets(&f)
 	if !ok {
@@ -626,7 +636,7 @@ func NestedReads(code []byte, entry uint64, callee func(uint64) string) ([]Neste
 	var out []Nested
 	for c := range insts {
 		in := &insts[c]
-		if in.Op != x86asm.CALL || p.FrameSet == 0 || in.Offset < p.FrameSet || !in.Emulated {
+		if in.Op != x86asm.CALL || frameSet == 0 || in.Offset < frameSet || !in.Emulated {
 			continue
 		}
 		o, ok := sxNestedAt(insts, c, entry, callee, targets)
