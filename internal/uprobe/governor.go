@@ -33,6 +33,10 @@ const (
 	// windowShare is the share of what the exact sites leave that the
 	// windows use; the rest pays back a debt (a storm's first burst).
 	windowShare = 0.8
+	// prioShare is the share of the windows' budget that the sampled
+	// sites serving events (see prioritize) may take before the sites
+	// serving statistics share the rest.
+	prioShare = 0.8
 	// promoteShare: a sampled site whose load is below this share of the
 	// budget is counted exactly again (while tokens are plentiful).
 	promoteShare = 0.1
@@ -96,6 +100,9 @@ type govSite struct {
 	// makes it fire (a large map's table splitting: thousands of entries
 	// rehashed per hit); its hits are still spent from the budget.
 	pinned bool
+	// prio: its hits are events (a nested-map miss), not statistics: when
+	// sampled, its windows are paid for before the statistics' sites'.
+	prio bool
 }
 
 // load is the share of one CPU the site costs while attached.
@@ -128,7 +135,10 @@ type governor struct {
 	start     time.Time
 	flushed   time.Time // last scale
 	groups    int       // the last group given out
-	sites     []govSite
+	// pressureAt is when the tokens last fell below half the burst
+	// (zero once they are full again): see storm.
+	pressureAt time.Time
+	sites      []govSite
 }
 
 // newGovernor returns a governor for sites with the given per-hit costs
@@ -156,6 +166,9 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 // pin keeps site i attached whatever the budget (see govSite.pinned).
 func (g *governor) pin(i int) { g.sites[i].pinned = true }
 
+// prioritize gives site i's windows precedence (see govSite.prio).
+func (g *governor) prioritize(i int) { g.sites[i].prio = true }
+
 // setCost updates site i's cost per hit (ns).
 func (g *governor) setCost(i int, cost float64) { g.sites[i].cost = cost }
 
@@ -170,6 +183,12 @@ func (g *governor) account(now time.Time, spent float64, hits []uint64, extra fl
 	}
 	g.last = now
 	g.tokens = min(g.burst, g.tokens+g.budget*float64(dt)) - (spent - g.kernel) - extra
+	switch {
+	case g.tokens < g.burst/2 && g.pressureAt.IsZero():
+		g.pressureAt = now
+	case g.tokens >= g.burst:
+		g.pressureAt = time.Time{}
+	}
 	g.kernel = spent
 	g.extra += extra
 	for i := range g.sites {
@@ -301,7 +320,10 @@ func (g *governor) plan(now time.Time) (attach, detach [][]int) {
 		case !s.armed && !now.Before(s.nextOn):
 			s.window, s.period = g.windowFor(s, s.share)
 			s.allow = s.share * float64(s.period)
-			if debt {
+			if debt && !s.prio {
+				// In debt, windows are the shortest, except those of the
+				// sites serving events (their share is a fifth of the
+				// budget at most: the rest pays the debt back).
 				s.window = min(s.window, g.shortestWindow(s))
 			}
 			s.window = bucket(s.window)
@@ -421,6 +443,20 @@ func (g *governor) flush(now time.Time) {
 		g.sites[i].flushWatched = 0
 	}
 }
+
+// stormPoll is how often the waker looks at the spend, whatever the
+// kernel's wake-ups, while storm reports pressure on the budget.
+const stormPoll = 10 * time.Millisecond
+
+// storm reports whether a storm has begun lately: less than half the
+// burst is left, for at most stormSpan since it fell there (once the hot
+// sites are sampled, their windows run on timers).
+func (g *governor) storm(now time.Time) bool {
+	return g.tokens < g.burst/2 && !g.pressureAt.IsZero() && now.Sub(g.pressureAt) < stormSpan
+}
+
+// stormSpan bounds how long storm reports one storm.
+const stormSpan = time.Second
 
 // limit is the kernel's running cost sum at which the governor must be
 // woken: when the tokens left are spent, or, in debt, when another tick's

@@ -16,12 +16,15 @@ import (
 // equally.
 func (g *governor) shares() {
 	exactLoad := 0.0
-	var sampled []int
+	var prio, rest []int
 	for i := range g.sites {
-		if g.sites[i].sampled {
-			sampled = append(sampled, i)
-		} else if g.sites[i].armed {
-			exactLoad += g.sites[i].load()
+		switch s := &g.sites[i]; {
+		case s.sampled && s.prio:
+			prio = append(prio, i)
+		case s.sampled:
+			rest = append(rest, i)
+		case s.armed:
+			exactLoad += s.load()
 		}
 	}
 	// Tokens left over (windows cut short, periods rounded up to a beat,
@@ -30,12 +33,27 @@ func (g *governor) shares() {
 	boost := 1 + min(max(g.tokens, 0)/g.burst, 1)
 	left := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare) * boost * float64(samplePeriod)
 	demand := func(i int) float64 { return g.sites[i].peakLoad()*float64(samplePeriod) + g.siteCycle() }
-	slices.SortFunc(sampled, func(a, b int) int { return cmp.Compare(demand(a), demand(b)) })
-	for k, i := range sampled {
-		give := min(demand(i), left/float64(len(sampled)-k))
-		g.sites[i].share = give / float64(samplePeriod)
-		left -= give
+	// Each site gets its demand or an equal part of what is left, the
+	// least demanding first (what one does not use goes to the next);
+	// the sites that serve events take up to prioShare first, and the
+	// statistics' sites share the rest.
+	give := func(sites []int, left float64) float64 {
+		slices.SortFunc(sites, func(a, b int) int { return cmp.Compare(demand(a), demand(b)) })
+		for k, i := range sites {
+			give := min(demand(i), left/float64(len(sites)-k))
+			g.sites[i].share = give / float64(samplePeriod)
+			left -= give
+		}
+		return left
 	}
+	if len(prio) > 0 {
+		p := left * prioShare
+		if len(rest) == 0 {
+			p = left
+		}
+		left -= p - give(prio, p)
+	}
+	give(rest, left)
 }
 
 // siteCycle is what attaching and detaching costs one sampled window: its
@@ -87,7 +105,7 @@ func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
 	if !now.Before(s.offAt) {
 		return true
 	}
-	if debt {
+	if debt && !s.prio {
 		if now.Sub(s.armedAt) >= g.shortestWindow(s) {
 			return true
 		}
