@@ -67,16 +67,19 @@ const (
 	// positive: list its type or site in Options.SharedExclude.
 	SharedWriters = Kind(decode.SharedWriters)
 
-	// NestedMapMiss: m[a][b] where m[a] was missing (or m nil), so the
-	// inner read is of a nil map: the silent zero value of a two-level
-	// lookup, a classic bug (the code meant to create m[a] first, or to
-	// check it). Site is the expression, MapType the inner map's type, Peer
-	// the outer read. A default kind, with no probe of its own: the
-	// kernel pairs a goroutine's miss with its nil-map read a few
-	// instructions later, and the Guard checks that the outer map's
-	// elements are maps of the inner type. The first occurrence at a call
-	// site is an event; later ones arrive about once a second as one event
-	// whose Count is the number since.
+	// NestedMapMiss: m[a][b] where m[a] was missing or held a nil map (or
+	// m was nil), so the inner read is of a nil map: the silent zero value
+	// of a two-level lookup, a classic bug (the code meant to create m[a]
+	// first, or to check it). Site is the expression, MapType the inner
+	// map's type, Peer the outer read. A default kind. Start finds such
+	// expressions in the program's code and probes each inner read's CALL
+	// (emulated, and taken only where the expression runs); elsewhere the
+	// runtime's miss and nil-map sites see it (the kernel pairs a miss with
+	// the same goroutine's nil-map read a few instructions later, or the
+	// caller's code shows the nested read), and the Guard checks that the
+	// outer map's elements are maps of the inner type. The first
+	// occurrence at a call site is an event; later ones arrive about once
+	// a second as one event whose Count is the number since.
 	NestedMapMiss = Kind(decode.NestedMapMiss)
 )
 

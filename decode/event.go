@@ -56,9 +56,9 @@ const (
 	// is the precursor of "concurrent map writes", or a map guarded by a
 	// mutex (a false positive: exclude it). Deep watching.
 	SharedWriters Kind = 11
-	// NestedMapMiss is m[a][b] (or m[a][b] = v's read side) where m[a] was
-	// missing: the outer read missed (or read a nil map) and returned a nil
-	// inner map, which the same expression then read. Site is the
+	// NestedMapMiss is m[a][b] where m[a] was missing or held a nil map:
+	// the outer read missed (or read a nil map, or found a nil map) and
+	// returned a nil inner map, which the same expression then read. Site is the
 	// expression; MapType the inner map's type. The first occurrence at a
 	// call site is an event, later ones arrive about once a second as one
 	// event whose Count is the number since.

@@ -230,11 +230,13 @@ func (b *Binary) fileOffset(vaddr, size uint64) (uint64, bool) {
 
 // CallsTo calls fn with the address (link-time) of every direct call
 // (CALL rel32, opcode 0xE8) in the executable segments whose target is one
-// of targets, in address order. It scans the bytes, not decoded code: an
-// 0xE8 inside another instruction whose next four bytes happen to point at
-// a target is reported too, so callers must decode the function around
-// each address before they trust it. The file is read in 1 MiB chunks.
-func (b *Binary) CallsTo(targets []uint64, fn func(call uint64)) error {
+// of targets, in address order, and with the bytes read before it, up to
+// the call's end (from the start of the chunk read; at most 1 MiB, valid
+// only during the call). It scans the bytes, not decoded code: an 0xE8
+// inside another instruction whose next four bytes happen to point at a
+// target is reported too, so callers must decode the function around each
+// address before they trust it. The file is read in 1 MiB chunks.
+func (b *Binary) CallsTo(targets []uint64, fn func(call uint64, upto []byte)) error {
 	if len(targets) == 0 {
 		return nil
 	}
@@ -261,7 +263,7 @@ func (b *Binary) CallsTo(targets []uint64, fn func(call uint64)) error {
 				rel := int64(int32(binary.LittleEndian.Uint32(p[i+1:])))
 				t := uint64(int64(at) + 5 + rel)
 				if t >= lo && t <= hi && slices.Contains(targets, t) {
-					fn(at)
+					fn(at, p[:i+5])
 				}
 				i++
 			}

@@ -117,10 +117,17 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 			return err
 		}
 	}
-	if u.watched[decode.NestedMapMiss] {
-		u.chooseNestedSites(bin, callee)
-	}
 	return nil
+}
+
+// symbolsCallee names a direct call's target, for the site finders.
+func symbolsCallee(bin *symbols.Binary) func(uint64) string {
+	return func(addr uint64) string {
+		if f, ok := bin.FuncAt(addr); ok && f.Entry == addr {
+			return f.Name
+		}
+		return ""
+	}
 }
 
 // maxNestedSites bounds the inner reads of m[a][b] probed in the
@@ -132,20 +139,33 @@ const maxNestedSites = 32
 // instrumentation and a concatenated key put 40-90 bytes between them).
 const nestedSpan = 256
 
-// chooseNestedSites adds a site at the CALL of every inner read of an
+// nestedReads are the inner reads of m[a][b] in the program's code that
+// findNestedReads found, as sites, with what it could not probe.
+type nestedReads struct {
+	sites    []*site // index unset
+	inactive []probe.Inactive
+}
+
+// findNestedReads finds a site at the CALL of every inner read of an
 // expression m[a][b] in the program's own code (the decoder's scope: not
 // the runtime's or the standard library's), up to maxNestedSites: an
 // emulated trap, taken only where such an expression runs, that sees the
 // inner map in RBX and reports a nested-map miss when it is nil. So the
 // nested miss is counted without the runtime's miss and nil-map sites,
 // which every lookup of the program traps at (net/http's header lookups
-// among them) and which the governor samples under load. Candidates come
-// from a scan of the text for two calls of runtime.mapaccess1* close
-// together; each is kept only if decoding its function from the entry
-// shows the nested read (x86site.NestedReads) and the running code holds
-// the same CALL. Nothing here fails Start: a function that does not
-// decode is skipped, the rest is logged.
-func (u *uprobes) chooseNestedSites(bin *symbols.Binary, callee func(uint64) string) {
+// among them) and which the governor samples under load.
+//
+// Candidates come from a scan of the text for two calls of
+// runtime.mapaccess1* close together; the stretch between them is
+// decoded first (x86site.NestedCandidate: most such pairs are two reads
+// of their own), and a candidate is kept only if decoding its whole
+// function from the entry shows the nested read (x86site.NestedReads)
+// and the running code holds the same CALL. On the 91 MB program of
+// BenchmarkStartup: 1,650 calls, 349 close pairs, 6 candidates, 5
+// functions decoded. Nothing here fails Start: what cannot be read or
+// decoded is skipped. It runs beside chooseSites (bin is safe for
+// concurrent use) and touches nothing of u.
+func findNestedReads(bin *symbols.Binary, callee func(uint64) string) (out nestedReads) {
 	var targets []uint64
 	for _, name := range []string{"runtime.mapaccess1", "runtime.mapaccess1_fast32", "runtime.mapaccess1_fast64", "runtime.mapaccess1_faststr"} {
 		if f, ok := bin.Func(name); ok {
@@ -153,22 +173,34 @@ func (u *uprobes) chooseNestedSites(bin *symbols.Binary, callee func(uint64) str
 		}
 	}
 	var prev uint64
-	var cands []uint64 // inner CALLs, in address order
-	err := bin.CallsTo(targets, func(call uint64) {
+	var cands [][2]uint64 // outer and inner CALLs, in address order
+	err := bin.CallsTo(targets, func(call uint64, upto []byte) {
+		// The stretch between two close calls first (a few dozen bytes):
+		// decoding every close pair's whole function would cost Start
+		// tens of ms on a large program.
 		if prev != 0 && call-prev <= nestedSpan {
-			cands = append(cands, call)
+			n := int(call - prev + 5)
+			var window []byte
+			if n <= len(upto) {
+				window = upto[len(upto)-n:]
+			} else if w, err := bin.Code(symbols.Func{Name: "nested read candidate", Entry: prev, End: call + 5}); err == nil {
+				window = w // across two reads of the file
+			}
+			if window != nil && x86site.NestedCandidate(window, prev, callee) {
+				cands = append(cands, [2]uint64{prev, call})
+			}
 		}
 		prev = call
 	})
 	if err != nil {
-		u.log.V(1).Info("nested reads not probed in the program's code", "error", err.Error())
-		return
+		out.inactive = append(out.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: "(program code)", Reason: err.Error()})
+		return out
 	}
 	scope := wire.ProgramScope()
 	done := map[uint64]bool{} // functions decoded
-	added := 0
-	for _, call := range cands {
-		fn, ok := bin.FuncAt(call)
+	bias := bin.LoadBias()
+	for _, c := range cands {
+		fn, ok := bin.FuncAt(c[1])
 		if !ok || done[fn.Entry] || !scope.Own(fn.Name) {
 			continue
 		}
@@ -179,28 +211,41 @@ func (u *uprobes) chooseNestedSites(bin *symbols.Binary, callee func(uint64) str
 		}
 		nested, err := x86site.NestedReads(code, fn.Entry, callee)
 		if err != nil {
-			u.log.V(2).Info("function not probed for nested reads", "function", fn.Name, "reason", err.Error())
+			out.inactive = append(out.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: fn.Name, Reason: err.Error()})
 			continue
 		}
 		for _, n := range nested {
-			if added == maxNestedSites || len(u.sites) >= calibIndex {
-				u.inactive = append(u.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: fn.Name,
+			if len(out.sites) == maxNestedSites {
+				out.inactive = append(out.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: fn.Name,
 					Reason: fmt.Sprintf("more than %d nested reads in the program", maxNestedSites)})
-				return
+				return out
 			}
-			bias := bin.LoadBias()
 			if !sameCode(code[n.Call.Offset:n.Call.Offset+5], uintptr(fn.Entry+bias+n.Call.Offset)) {
 				continue // the running code is not the file's
 			}
 			f := found{at: n.Call, flags: siteCaller | siteNilOnly | siteAgg, mapReg: regBX, typReg: regAX,
 				wrapRet: [2]uint64{n.Ret + bias, n.Outer + bias}}
-			u.sites = append(u.sites, &site{index: uint32(len(u.sites)), kind: decode.NestedMapMiss, fn: fn, found: f})
-			if u.callerNested == nil {
-				u.callerNested = make(map[uint64]uint64)
-			}
-			u.callerNested[f.wrapRet[0]] = f.wrapRet[1]
-			added++
+			out.sites = append(out.sites, &site{kind: decode.NestedMapMiss, fn: fn, found: f})
 		}
+	}
+	return out
+}
+
+// addNestedReads adds the sites findNestedReads found, as far as the
+// site table has room.
+func (u *uprobes) addNestedReads(n nestedReads) {
+	u.inactive = append(u.inactive, n.inactive...)
+	for _, s := range n.sites {
+		if len(u.sites) >= calibIndex {
+			u.inactive = append(u.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: s.fn.Name, Reason: "no room in the site table"})
+			continue
+		}
+		s.index = uint32(len(u.sites))
+		u.sites = append(u.sites, s)
+		if u.callerNested == nil {
+			u.callerNested = make(map[uint64]uint64)
+		}
+		u.callerNested[s.wrapRet[0]] = s.wrapRet[1]
 	}
 }
 

@@ -269,6 +269,24 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 			bias, bin.LoadBias(), probe.ErrLayoutMismatch)
 	}
 	step("symbols")
+	// The program's nested reads are looked for beside the runtime's
+	// sites (a scan of the whole text).
+	var nested chan nestedReads
+	if slices.Contains(u.cfg.kinds(), decode.NestedMapMiss) {
+		nested = make(chan nestedReads, 1)
+		go func() { nested <- findNestedReads(bin, symbolsCallee(bin)) }()
+	}
+	joinNested := func() {
+		if nested != nil {
+			u.addNestedReads(<-nested)
+			nested = nil
+		}
+	}
+	defer func() {
+		if nested != nil {
+			<-nested // before bin closes
+		}
+	}()
 	if err := u.chooseSites(bin); err != nil {
 		return err
 	}
@@ -281,7 +299,11 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if !u.multi {
 		perSite = 2 // a perf event and its link
 	}
-	if err := checkFiles(32 + perSite*len(u.sites)); err != nil {
+	pending := 0
+	if nested != nil {
+		pending = maxNestedSites
+	}
+	if err := checkFiles(32 + perSite*(len(u.sites)+pending)); err != nil {
 		return err
 	}
 	if err := ctxErr(ctx); err != nil {
@@ -291,6 +313,8 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err != nil {
 		return err
 	}
+	joinNested() // it ran while the kernel verified the programs
+	step("nested reads")
 	if err := u.finishLoadLocked(coll); err != nil {
 		return err
 	}

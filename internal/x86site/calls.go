@@ -652,6 +652,28 @@ func NestedReads(code []byte, entry uint64, callee func(uint64) string) ([]Neste
 	return out, nil
 }
 
+// NestedCandidate is a cheap first test for NestedReads, on the bytes of
+// a stretch of code alone: window starts with a CALL (at address at) and
+// ends with another, both of runtime.mapaccess1*, and the pass of
+// NestedRead, run on the instructions between them, finds the second
+// reading the map the first returned. Decoding from a CALL found by a
+// byte scan need not be the decoding the function's entry gives, and a
+// branch from elsewhere into the window is not seen: a candidate must be
+// confirmed by NestedReads on the whole function before it is probed.
+func NestedCandidate(window []byte, at uint64, callee func(uint64) string) bool {
+	insts, err := sxDecode(window, false)
+	if err != nil || len(insts) < 2 {
+		return false
+	}
+	defer sxRelease(insts)
+	last := len(insts) - 1
+	if insts[0].Op != x86asm.CALL || insts[last].Op != x86asm.CALL || insts[last].Offset+uint64(insts[last].Len) != uint64(len(window)) {
+		return false
+	}
+	o, ok := sxNestedAt(insts, last, at, callee, nil)
+	return ok && o == 0
+}
+
 // sxBranchTargets returns the targets of the function's relative branches
 // (function-relative, sorted); false if it holds an indirect jump, a
 // prefixed branch, or a branch into the middle of an instruction.
