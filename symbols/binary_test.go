@@ -804,3 +804,60 @@ func TestSymbolValues(t *testing.T) {
 		t.Errorf("symbolValues = %#v, want %#v", got, want)
 	}
 }
+
+var callsToMap = map[string]int{"a": 1}
+
+//go:noinline
+func callsToRead(k string) int { return callsToMap[k] }
+
+// CallsTo finds the direct calls of a function in the running test binary:
+// every one it reports is a CALL rel32 to it in the file, in address
+// order, and the call in callsToRead is among them.
+func TestCallsTo(t *testing.T) {
+	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+		t.Skip("linux/amd64 only")
+	}
+	_ = callsToRead("b")
+	b, err := OpenSelf()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	target, ok := b.Func("runtime.mapaccess1_faststr")
+	if !ok {
+		t.Fatal("no runtime.mapaccess1_faststr")
+	}
+	reader, ok := b.Func(runtime.FuncForPC(reflect.ValueOf(callsToRead).Pointer()).Name())
+	if !ok {
+		t.Fatal("callsToRead not found")
+	}
+	var calls []uint64
+	err = b.CallsTo([]uint64{target.Entry}, func(call uint64, upto []byte) {
+		if len(upto) < 5 || upto[len(upto)-5] != 0xe8 {
+			t.Errorf("call at %#x: the bytes before it do not end with its CALL", call)
+		}
+		calls = append(calls, call)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	inReader := false
+	for i, c := range calls {
+		if i > 0 && c <= calls[i-1] {
+			t.Fatalf("calls out of order: %#x after %#x", c, calls[i-1])
+		}
+		code, err := b.Code(Func{Name: "call", Entry: c, End: c + 5})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rel := int64(int32(binary.LittleEndian.Uint32(code[1:])))
+		if code[0] != 0xe8 || uint64(int64(c)+5+rel) != target.Entry {
+			t.Errorf("%#x: % x is not a CALL of %#x", c, code, target.Entry)
+		}
+		inReader = inReader || (c >= reader.Entry && c < reader.End)
+	}
+	if !inReader {
+		t.Errorf("%d calls, none in %s (%#x-%#x)", len(calls), reader.Name, reader.Entry, reader.End)
+	}
+	t.Logf("%d calls of %s", len(calls), target.Name)
+}
