@@ -899,3 +899,61 @@ func TestRealNestedFromCode(t *testing.T) {
 		}
 	}
 }
+
+// A function with a probed nested read (its CALL holds the kernel's
+// breakpoint) is still decoded as the program's code: a miss followed by a
+// nil-map read of another map a few instructions later is not a nested
+// miss, and both call sites' statistics keep their map type.
+func TestRealProbedFunctionDecodes(t *testing.T) {
+	g := startReal(t, mapguard.Options{Budget: 1})
+	events := g.Events()
+	var nestedLine, missLine, nilLine int
+	goid, _ := provoke(func() int {
+		perms := map[string]map[string]bool{"alice": {"read": true}}
+		nestedLine = here() + 1
+		sink = perms["bob"]["read"]
+		prices := map[string]int{"apple": 3}
+		var discounts map[string]int
+		n := 0
+		for i := 0; i < 5; i++ {
+			missLine = here() + 1
+			n += prices["pear"]
+			nilLine = here() + 1
+			n += discounts["pear"]
+		}
+		sink = n
+		return 0
+	})
+	ev := await(t, events, func(ev mapguard.Event) bool { return ev.Goroutine == goid })
+	if ev.Kind != mapguard.NestedMapMiss || ev.Site.Line != nestedLine {
+		t.Fatalf("first event %v, want the nested miss at line %d", ev, nestedLine)
+	}
+	time.Sleep(1500 * time.Millisecond) // an aggregation interval
+	for len(events) > 0 {
+		if ev := <-events; ev.Kind == mapguard.NestedMapMiss && ev.Site.Line != nestedLine && strings.HasSuffix(ev.Site.File, "guard_linux_test.go") {
+			t.Errorf("a nested miss that is not one: %v (peer %+v)", ev, ev.Peer)
+		}
+	}
+	var own bool
+	for _, s := range g.Stats().Sites {
+		own = own || (s.Kind == mapguard.NestedMapMiss && strings.HasSuffix(s.Function, "TestRealProbedFunctionDecodes.func1"))
+	}
+	if !own {
+		t.Fatal("the nested read has no site of its own: the test does not test what it says")
+	}
+	for _, want := range []struct {
+		kind mapguard.Kind
+		line int
+	}{{mapguard.MissingKeyRead, missLine}, {mapguard.NilMapRead, nilLine}} {
+		var got *mapguard.CallSiteStats
+		st := g.Stats()
+		for i, c := range st.CallSites {
+			if c.Kind == want.kind && c.Site.Line == want.line {
+				got = &st.CallSites[i]
+			}
+		}
+		if got == nil || got.Count != 5 || got.MapType != "map[string]int" {
+			t.Errorf("%s at line %d: %+v, want 5 of map[string]int", want.kind, want.line, got)
+		}
+	}
+}

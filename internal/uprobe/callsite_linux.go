@@ -5,6 +5,8 @@ package uprobe
 import (
 	"os"
 	"runtime"
+	"slices"
+	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -15,6 +17,54 @@ import (
 
 // maxCallerCode bounds how much of a caller's code callSiteType decodes.
 const maxCallerCode = 64 << 10
+
+// probed holds, for each address of the program's own code where a probe
+// is attached (a nested read's CALL, siteCaller), the byte the kernel's
+// breakpoint (int3) replaced there: the code the Guard decodes from memory
+// is the program's, not the breakpoints'.
+var probed struct {
+	sync.RWMutex
+	orig map[uintptr]byte
+}
+
+// addProbed records that a probe will be attached at addr, whose first
+// byte is b; removeProbed that it was detached for good.
+func addProbed(addr uintptr, b byte) {
+	probed.Lock()
+	defer probed.Unlock()
+	if probed.orig == nil {
+		probed.orig = make(map[uintptr]byte)
+	}
+	probed.orig[addr] = b
+}
+
+func removeProbed(addr uintptr) {
+	probed.Lock()
+	defer probed.Unlock()
+	delete(probed.orig, addr)
+}
+
+// codeAt returns this binary's code from lo to hi (both in its text, which
+// the caller has checked): the memory itself, or a copy with the bytes
+// under the Guard's own breakpoints put back.
+func codeAt(lo, hi uintptr) []byte {
+	mem := unsafe.Slice((*byte)(*(*unsafe.Pointer)(unsafe.Pointer(&lo))), hi-lo)
+	probed.RLock()
+	defer probed.RUnlock()
+	var out []byte
+	for a, b := range probed.orig {
+		if a >= lo && a < hi {
+			if out == nil {
+				out = slices.Clone(mem)
+			}
+			out[a-lo] = b
+		}
+	}
+	if out != nil {
+		return out
+	}
+	return mem
+}
 
 // callSiteType returns the map type that the call returning to pc passes
 // in AX, when the compiler loads it as a constant right before the call
@@ -32,7 +82,7 @@ func callSiteType(o *rt.Offsets, pc uintptr) uintptr {
 	if pc <= entry || pc-entry > maxCallerCode {
 		return 0
 	}
-	code := unsafe.Slice((*byte)(*(*unsafe.Pointer)(unsafe.Pointer(&entry))), pc-entry)
+	code := codeAt(entry, pc)
 	addr, ok := x86site.CallArgType(code, uint64(entry), uint64(pc))
 	if !ok || addr == 0 {
 		return 0
@@ -58,8 +108,7 @@ func callTarget(pc uintptr) string {
 	if f == nil || pc < f.Entry()+5 {
 		return ""
 	}
-	p := *(*unsafe.Pointer)(unsafe.Pointer(&pc))
-	call := unsafe.Slice((*byte)(unsafe.Add(p, -5)), 5)
+	call := codeAt(pc-5, pc)
 	if call[0] != 0xe8 {
 		return ""
 	}
@@ -86,8 +135,7 @@ func nestedOuter(o *rt.Offsets, pc uintptr) (uintptr, bool) {
 	if pc <= entry || pc-entry > maxCallerCode {
 		return 0, false
 	}
-	end := funcEnd(entry, pc)
-	code := unsafe.Slice((*byte)(*(*unsafe.Pointer)(unsafe.Pointer(&entry))), end-entry)
+	code := codeAt(entry, funcEnd(entry, pc))
 	callee := func(addr uint64) string {
 		if g := runtime.FuncForPC(uintptr(addr)); g != nil && uint64(g.Entry()) == addr {
 			return g.Name()

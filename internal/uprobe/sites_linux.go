@@ -246,6 +246,7 @@ func (u *uprobes) addNestedReads(n nestedReads) {
 			u.callerNested = make(map[uint64]uint64)
 		}
 		u.callerNested[s.wrapRet[0]] = s.wrapRet[1]
+		addProbed(uintptr(s.wrapRet[0]-5), 0xe8) // the CALL's opcode, under the breakpoint
 	}
 }
 

@@ -489,6 +489,11 @@ func (u *uprobes) teardownLocked() {
 	if u.crash != nil {
 		releaseCrashStore(u.crash, u.log)
 	}
+	for _, s := range u.sites {
+		if s.flags&siteCaller != 0 {
+			removeProbed(uintptr(s.wrapRet[0] - 5)) // its link is closed
+		}
+	}
 	u.coll, u.reader, u.ignore, u.stats, u.done, u.aggs, u.crash = nil, nil, nil, nil, nil, nil, nil
 }
 

@@ -4,8 +4,11 @@ package uprobe
 
 import (
 	"context"
+	"reflect"
+	"runtime"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/testutil"
@@ -145,4 +148,53 @@ func TestRecalibration(t *testing.T) {
 		t.Errorf("a link's cost to the rest of the process still assumed after %d calibrations", b.Calibrations)
 	}
 	t.Logf("link: %v on the thread, %v for the rest; %+v", thread, others, *b)
+}
+
+var nestedProbeMap = map[string]map[string]int{"a": {"b": 1}}
+
+//go:noinline
+func nestedProbeRead(a, b string) int { return nestedProbeMap[a][b] }
+
+// A nested read in the program's code gets a site of its own at its CALL;
+// while it is attached, the kernel's breakpoint is in the process's code,
+// and what the Guard decodes there (the call's map type, the nested read
+// itself, the call's target) is still the program's code.
+func TestCallerSiteCode(t *testing.T) {
+	sink := nestedProbeRead("x", "y")
+	_ = sink
+	p, _ := startProbe(t, Config{Kinds: []decode.Kind{decode.NestedMapMiss}})
+	fn := runtime.FuncForPC(reflect.ValueOf(nestedProbeRead).Pointer()).Name()
+	var s *site
+	for _, c := range p.sites {
+		if c.flags&siteCaller != 0 && runtime.FuncForPC(uintptr(c.wrapRet[0])).Name() == fn {
+			s = c
+		}
+	}
+	if s == nil {
+		t.Fatal("no site at nestedProbeRead's inner read")
+	}
+	call, ret := uintptr(s.wrapRet[0]-5), uintptr(s.wrapRet[0])
+	mem := unsafe.Slice((*byte)(*(*unsafe.Pointer)(unsafe.Pointer(&call))), 1)
+	if mem[0] != 0xcc {
+		t.Logf("memory at the probed CALL holds %#x, not the breakpoint: nothing to restore", mem[0])
+	}
+	if got := codeAt(call, call+1); got[0] != 0xe8 {
+		t.Errorf("codeAt at the probed CALL = %#x, want the CALL opcode", got[0])
+	}
+	if callTarget(ret) != "runtime.mapaccess1_faststr" {
+		t.Errorf("callTarget(ret) = %q", callTarget(ret))
+	}
+	want := callSiteType(p.offsets, uintptr(s.wrapRet[1]))
+	if want == 0 {
+		t.Fatal("no map type at the outer read")
+	}
+	p.mu.Lock()
+	p.nestedAt = nil
+	p.mu.Unlock()
+	if outer, ok := nestedOuter(p.offsets, ret); !ok || outer != uintptr(s.wrapRet[1]) {
+		t.Errorf("nestedOuter(ret) = %#x, %v; want %#x", outer, ok, s.wrapRet[1])
+	}
+	if typ := callSiteType(p.offsets, ret); typ == 0 {
+		t.Error("no map type at the inner read, decoded through the breakpoint")
+	}
 }
