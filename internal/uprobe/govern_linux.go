@@ -51,6 +51,7 @@ func (u *uprobes) startGovernorLocked(now time.Time) error {
 		costs[i] = u.siteCost(s)
 	}
 	u.gov = newGovernor(u.cfg.budget(), costs, float64(u.linkCost), initialLatency, now)
+	u.gov.shareLink(u.startShared)
 	for i, s := range u.sites {
 		switch {
 		case s.flags&siteGrowth != 0:

@@ -166,6 +166,19 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 // pin keeps site i attached whatever the budget (see govSite.pinned).
 func (g *governor) pin(i int) { g.sites[i].pinned = true }
 
+// shareLink records that sites were attached together with one link
+// (Start attaches the statistics' sites so): demoted, they are detached
+// together.
+func (g *governor) shareLink(sites []int) {
+	if len(sites) < 2 {
+		return
+	}
+	g.groups++
+	for _, i := range sites {
+		g.sites[i].group = g.groups
+	}
+}
+
 // prioritize gives site i's windows precedence (see govSite.prio).
 func (g *governor) prioritize(i int) { g.sites[i].prio = true }
 

@@ -470,3 +470,38 @@ func TestGovernorStormSpan(t *testing.T) {
 		t.Fatal("no storm for a second one")
 	}
 }
+
+// The statistics' sites attached with one link at Start are sampled
+// together in a storm: one detach for all instead of one each, so the
+// storm's first second costs less; the quiet ones among them are counted
+// exactly again once the budget recovers.
+func TestGovernorSharedStartLink(t *testing.T) {
+	const budget = 0.01
+	rates := []float64{20_000, 10_000, 8_000, 5_000, 3_000, 50, 10, 0}
+	costs := []float64{19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000}
+	run := func(shared bool) (firstSecond float64, s *sim) {
+		s = newSim(budget, rates, costs, 30*time.Millisecond)
+		if shared {
+			s.g.shareLink([]int{0, 1, 2, 3, 4, 5, 6, 7})
+		}
+		start := s.total()
+		for i := 0; i < 10; i++ {
+			s.step(100 * time.Millisecond)
+		}
+		return s.total() - start, s
+	}
+	apart, _ := run(false)
+	together, s := run(true)
+	t.Logf("first second: %.2f ms of CPU with one link per site, %.2f ms with one shared link", apart/1e6, together/1e6)
+	if together >= apart {
+		t.Errorf("the shared link's storm cost %.2f ms, separate links %.2f ms", together/1e6, apart/1e6)
+	}
+	for i := 0; i < 600; i++ {
+		s.step(100 * time.Millisecond)
+	}
+	for _, i := range []int{6, 7} {
+		if st := s.g.sites[i]; st.sampled {
+			t.Errorf("quiet site %d (%v/s) still sampled after a minute", i, rates[i])
+		}
+	}
+}

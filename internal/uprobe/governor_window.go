@@ -161,13 +161,37 @@ func (g *governor) demote(now time.Time) {
 		if load <= g.budget*exactShare || s.load() == 0 {
 			break
 		}
+		if s.sampled {
+			continue // sampled with its link's other sites below
+		}
+		if s.armed && s.group != 0 {
+			// It shares its link (the statistics' sites are attached with
+			// one link at Start): the link's sites are all sampled with it
+			// and detached together, one detach for all.
+			for j := range g.sites {
+				if t := &g.sites[j]; t.group == s.group && t.armed && !t.sampled && !t.pinned {
+					load -= t.load()
+					g.sample(t, now, true)
+				}
+			}
+			continue
+		}
 		load -= s.load()
-		s.sampled = true
-		s.window, s.period = g.windowFor(s, g.budget*(1-exactShare))
-		s.nextOn = now.Add(min(s.period, samplePeriod))
-		if s.armed {
-			s.offAt = now // detached by this plan, on its own link
-			s.allow = math.Inf(1)
+		g.sample(s, now, false)
+	}
+}
+
+// sample makes s a sampled site; if it is attached, this plan ends its
+// attachment, with its link's other sites if shared (the group is kept),
+// else on its own link.
+func (g *governor) sample(s *govSite, now time.Time, shared bool) {
+	s.sampled = true
+	s.window, s.period = g.windowFor(s, g.budget*(1-exactShare))
+	s.nextOn = now.Add(min(s.period, samplePeriod))
+	if s.armed {
+		s.offAt = now // detached by this plan
+		s.allow = math.Inf(1)
+		if !shared {
 			s.group = 0
 		}
 	}

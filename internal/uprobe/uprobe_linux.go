@@ -109,6 +109,9 @@ type uprobes struct {
 	// probes' breakpoints, so it is not decoded again.) Set by Start,
 	// read-only after.
 	callerNested map[uint64]uint64
+	// startShared are the sites Start attached with one link
+	// (armDefaultLocked), for the governor.
+	startShared []int
 	// limit is the spend limit last set in the kernel (see overLimit).
 	limit      atomic.Uint64
 	nestedSeen map[uintptr]bool
@@ -508,16 +511,53 @@ func ctxErr(ctx context.Context) error {
 // armDefaultLocked attaches the always-on sites; the deep ones are armed
 // by the governor after the canary.
 func (u *uprobes) armDefaultLocked() error {
+	fail := func(s *site, err error) error {
+		if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+			return fmt.Errorf("start probe: attach %s+%#x: %w: %w", s.fn.Name, s.at.Offset, probe.ErrPermission, err)
+		}
+		return fmt.Errorf("start probe: attach %s+%#x: %w", s.fn.Name, s.at.Offset, err)
+	}
+	// The statistics' sites share one link (uprobe_multi): in a storm the
+	// governor samples them together, with one detach instead of one
+	// each (a link costs the process about a millisecond of CPU).
+	var shared []*site
 	for _, s := range u.sites {
 		if s.deep {
 			continue // armed after the canary
 		}
+		if u.multi && u.statisticSite(s) {
+			shared = append(shared, s)
+			continue
+		}
 		if err := u.armLocked(s); err != nil {
-			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-				return fmt.Errorf("start probe: attach %s+%#x: %w: %w", s.fn.Name, s.at.Offset, probe.ErrPermission, err)
-			}
-			return fmt.Errorf("start probe: attach %s+%#x: %w", s.fn.Name, s.at.Offset, err)
+			return fail(s, err)
+		}
+	}
+	if len(shared) > 0 {
+		opts := &link.UprobeMultiOptions{PID: uint32(os.Getpid())}
+		for _, s := range shared {
+			opts.Addresses = append(opts.Addresses, s.fn.FileOffset+s.at.Offset)
+			opts.Cookies = append(opts.Cookies, uint64(s.index))
+		}
+		l, err := u.ex.UprobeMulti(nil, u.coll.Programs[mapguardProgMapguardSite], opts)
+		if err != nil {
+			return fail(shared[0], err)
+		}
+		for _, s := range shared {
+			s.link = l
+			u.startShared = append(u.startShared, int(s.index))
 		}
 	}
 	return nil
+}
+
+// statisticSite reports whether s serves only statistics (reads of
+// missing keys and of nil maps, by default), or a kind nobody asked for
+// (the canary's, the nested misses' helpers): the governor never pins or
+// prioritizes such a site, and samples it first.
+func (u *uprobes) statisticSite(s *site) bool {
+	if s.deep || s.flags&(siteCaller|siteGrowth) != 0 {
+		return false
+	}
+	return u.statsOnly[s.kind] || !u.watched[s.kind]
 }
