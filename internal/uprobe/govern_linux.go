@@ -109,8 +109,10 @@ func (u *uprobes) pushCostsLocked(all bool) error {
 	// millisecond of slack is a few dozen single-stepped hits): then no
 	// hit crosses it, and the governor would wait for the next tick
 	// (seen: 65 ms of traps in one 100-ms tick). Run it again at once.
+	// Only while it has a site left to sample: a storm on pinned sites
+	// (nil-map writes) would otherwise run it in a loop.
 	var spent uint64
-	if err := u.spentVar.Get(&spent); err == nil && spent >= limit && u.wakeFile != nil {
+	if err := u.spentVar.Get(&spent); err == nil && spent >= limit && u.wakeFile != nil && u.gov.demotable() {
 		u.wakeAt = time.Now()
 		u.wakeFile.SetReadDeadline(past)
 	}

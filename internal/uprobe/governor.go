@@ -457,6 +457,17 @@ func (g *governor) flush(now time.Time) {
 	}
 }
 
+// demotable reports whether a site counted exactly could still be
+// sampled: attached, with hits, and neither pinned nor disabled.
+func (g *governor) demotable() bool {
+	for i := range g.sites {
+		if s := &g.sites[i]; s.armed && !s.sampled && !s.pinned && !s.disabled && s.rate > 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // stormPoll is how often the waker looks at the spend, whatever the
 // kernel's wake-ups, while storm reports pressure on the budget.
 const stormPoll = 10 * time.Millisecond
