@@ -6,15 +6,20 @@
 // m[a][b] is when m[a] is missing); a write to a nil map panics, which
 // net/http recovers per request so that nobody sees it; concurrent writes
 // kill the process with a report that names one side; maps never shrink.
-// A Guard attaches uprobes to the process's own runtime map functions and
+// A Guard attaches uprobes to the process's own runtime map functions (and,
+// for m[a][b], to the inner read's call in the program's own code) and
 // turns these into typed events carrying the user's call site (file:line),
 // the goroutine, and the map's type, delivered on a channel and to
 // callbacks, so that a service can count them, alert, and flip a downgrade
 // switch (see Breaker).
 //
-// The default kinds: NilMapWrite, NilMapRead, MissingKeyRead (single-value
-// reads only, in the main module's packages, aggregated per call site),
-// MapGrowth, MapBloat, UnhashableKey and ConcurrentMisuse. The last one
+// The default kinds: NilMapWrite, NestedMapMiss, MapGrowth, MapBloat,
+// UnhashableKey and ConcurrentMisuse as events; NilMapRead and
+// MissingKeyRead (single-value reads only, in the main module's packages)
+// as per-call-site statistics (Stats().CallSites), since a read of a
+// missing key or of a nil map is as often an idiom as a bug (list them in
+// Options.Detect for events: one per new call site, then counts). A
+// comma-ok read is never an event. ConcurrentMisuse
 // kills the process right after it is detected; the BPF program writes it
 // into a crash record pinned under /sys/fs/bpf/mapguard, which the next
 // Start of the same program delivers as a PreviousCrash event and
@@ -33,7 +38,8 @@
 // Linux on amd64, kernel 5.15 or later (6.10 or later uses one uprobe_multi
 // link per site; older kernels use perf-event uprobes, which are slower to
 // detach: 0.5-0.7 s for nine of them, closed in parallel, on Debian's 6.1),
-// the binary built by Go 1.25 or 1.26, and
+// the binary built by Go 1.25, 1.26 or 1.27 (a newer release is accepted
+// when its layouts derive and verify), and
 // CAP_SYS_ADMIN (perf-event uprobes require it on current kernels; with
 // uprobe_multi links, CAP_BPF and CAP_PERFMON were enough on 6.18). Stripped
 // (-ldflags=-s -w) and PIE binaries work: functions are found through
@@ -46,7 +52,11 @@
 // rarely: the branch a map assignment takes when the map is nil, the blocks
 // a read takes when it returns the zero value, the growth of a large map's
 // tables (O(log n) times per map), a delete that empties a map, clear(m),
-// the unhashable-key panic and the runtime's fatal error. A healthy
+// the unhashable-key panic and the runtime's fatal error; and, for
+// NestedMapMiss, the CALL of each inner read of m[a][b] that Start finds in
+// the program's own code (up to 32; emulated, and taken only where such an
+// expression runs: Start reads the executable's text once to find them,
+// about 2-20 ms of CPU). A healthy
 // operation that finds its key pays nothing. A hit costs a trap: about 1 us
 // at an instruction the kernel emulates and 6 to 23 us at one it
 // single-steps, measured on the project's VMs (bare metal is several times
@@ -81,8 +91,9 @@
 // # Lifecycle
 //
 // New validates options and attaches nothing. Start finds the runtime's map
-// functions in the running binary, decodes each one from its first byte to
-// choose probe sites on instruction boundaries, verifies the runtime
+// functions in the running binary (and the program's nested reads), decodes
+// each function from its first byte to choose probe sites on instruction
+// boundaries, verifies the runtime
 // layouts it will read against maps it builds itself, loads the BPF
 // program, attaches it (filtered to this process), and provokes one canary
 // event that must come back with the right goroutine, call site and map
