@@ -979,45 +979,7 @@ func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResu
 	// NestedRead: the second map read of each nest* function is the inner
 	// read of m[a][b]; no other map call there, or in the notNest*
 	// functions, is.
-	for _, fn := range sxtNestedFuncs(b) {
-		f, code := code(fn)
-		insts, err := Decode(code)
-		if err != nil {
-			t.Fatalf("%s: %v", fn, err)
-		}
-		var rets []uint64 // of the map reads
-		for i := range insts {
-			in := &insts[i]
-			tg, ok := sxRel(in)
-			if !ok || in.Op != x86asm.CALL || !strings.HasPrefix(callee(f.Entry+uint64(tg)), "runtime.mapaccess") {
-				continue
-			}
-			rets = append(rets, f.Entry+in.Offset+uint64(in.Len))
-		}
-		nested := !strings.HasPrefix(fn, "main.notNest")
-		if len(rets) != 2 {
-			t.Errorf("%s: %d map reads, want 2", fn, len(rets))
-			continue
-		}
-		all, err := NestedReads(code, f.Entry, callee)
-		switch {
-		case err != nil:
-			t.Errorf("%s: NestedReads: %v", fn, err)
-		case !nested && len(all) != 0:
-			t.Errorf("%s: NestedReads = %+v, want none", fn, all)
-		case nested && (len(all) != 1 || all[0].Ret != rets[1] || all[0].Outer != rets[0] || !all[0].Call.Emulated || !all[0].Call.Framed ||
-			f.Entry+all[0].Call.Offset+5 != rets[1]):
-			t.Errorf("%s: NestedReads = %+v, want the CALL returning to %#x (outer %#x)", fn, all, rets[1], rets[0])
-		}
-		for i, ret := range rets {
-			got, ok := NestedRead(code, f.Entry, ret, callee)
-			want := nested && i == 1
-			fmt.Fprintf(table, "%-18s %-36s map read %d: NestedRead %v (outer %#x)\n", bin.name(), fn, i, ok, got)
-			if ok != want || (ok && got != rets[0]) {
-				t.Errorf("%s: map read %d (ret %#x): NestedRead = %#x, %v; want %v (outer %#x)", fn, i, ret, got, ok, want, rets[0])
-			}
-		}
-	}
+	sxtCheckNested(t, b, bin.name(), table)
 
 	// CallArgType: every map call of each getter passes the getter's map
 	// type; the other calls there (race instrumentation, morestack) load
@@ -1271,4 +1233,92 @@ func TestFuzzCallBodies(t *testing.T) {
 	if miss < 2 || calls < 2 || args < 1 {
 		t.Errorf("bodies accepted: MissSites %d, CallSites %d, CallArgType %d calls; want at least 2, 2, 1", miss, calls, args)
 	}
+}
+
+// sxtCheckNested checks NestedRead and NestedReads on the nest* and
+// notNest* functions of a build of sxtCallsSrc.
+func sxtCheckNested(t *testing.T, b *symbols.Binary, name string, table *strings.Builder) {
+	t.Helper()
+	callee := func(addr uint64) string {
+		if f, ok := b.FuncAt(addr); ok && f.Entry == addr {
+			return f.Name
+		}
+		return ""
+	}
+	code := func(name string) (symbols.Func, []byte) {
+		t.Helper()
+		f, ok := b.Func(name)
+		if !ok {
+			t.Fatalf("%s not in the binary", name)
+		}
+		c, err := b.Code(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f, c
+	}
+	for _, fn := range sxtNestedFuncs(b) {
+		f, code := code(fn)
+		insts, err := Decode(code)
+		if err != nil {
+			t.Fatalf("%s: %v", fn, err)
+		}
+		var rets []uint64 // of the map reads
+		for i := range insts {
+			in := &insts[i]
+			tg, ok := sxRel(in)
+			if !ok || in.Op != x86asm.CALL || !strings.HasPrefix(callee(f.Entry+uint64(tg)), "runtime.mapaccess") {
+				continue
+			}
+			rets = append(rets, f.Entry+in.Offset+uint64(in.Len))
+		}
+		nested := !strings.HasPrefix(fn, "main.notNest")
+		if len(rets) != 2 {
+			t.Errorf("%s: %d map reads, want 2", fn, len(rets))
+			continue
+		}
+		all, err := NestedReads(code, f.Entry, callee)
+		switch {
+		case err != nil:
+			t.Errorf("%s: NestedReads: %v", fn, err)
+		case !nested && len(all) != 0:
+			t.Errorf("%s: NestedReads = %+v, want none", fn, all)
+		case nested && (len(all) != 1 || all[0].Ret != rets[1] || all[0].Outer != rets[0] || !all[0].Call.Emulated || !all[0].Call.Framed ||
+			f.Entry+all[0].Call.Offset+5 != rets[1]):
+			t.Errorf("%s: NestedReads = %+v, want the CALL returning to %#x (outer %#x)", fn, all, rets[1], rets[0])
+		}
+		for i, ret := range rets {
+			got, ok := NestedRead(code, f.Entry, ret, callee)
+			want := nested && i == 1
+			fmt.Fprintf(table, "%-18s %-36s map read %d: NestedRead %v (outer %#x)\n", name, fn, i, ok, got)
+			if ok != want || (ok && got != rets[0]) {
+				t.Errorf("%s: map read %d (ret %#x): NestedRead = %#x, %v; want %v (outer %#x)", fn, i, ret, got, ok, want, rets[0])
+			}
+		}
+	}
+}
+
+// The nested reads of sxtCallsSrc built by Go 1.27 (whose mapaccess1*
+// functions wrap mapaccess2*: the program still calls mapaccess1*), which
+// TestCallsRealBinaries does not build.
+func TestNestedReadsGo127(t *testing.T) {
+	if runtime.GOOS != "linux" || runtime.GOARCH != "amd64" {
+		t.Skip("linux/amd64 only")
+	}
+	if _, err := exec.LookPath("go"); err != nil {
+		t.Skip("no go command")
+	}
+	var table strings.Builder
+	modes := []sxtMode{{"default", nil}, {"stripped", []string{"-ldflags=-s -w"}}}
+	for _, v := range sxtBuildWith(t, t.TempDir(), "callstarget", sxtCallsSrc, modes, []string{"go1.27.3"}) {
+		t.Run(v.goVersion+"/"+v.mode, func(t *testing.T) {
+			b, err := symbols.Open(v.path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			sxtCheckNested(t, b, v.goVersion+"/"+v.mode, &table)
+		})
+	}
+	t.Logf("nested reads:\n%s", table.String())
 }
