@@ -72,3 +72,14 @@ func haveUprobeMulti() bool {
 	fmt.Sscanf(unix.ByteSliceToString(uts.Release[:]), "%d.%d.%d", &major, &minor, &patch)
 	return major > 6 || (major == 6 && minor >= 10) || (major == 6 && minor == 6 && patch >= 35)
 }
+
+// attachMulti attaches prog at every site in sites with one uprobe_multi
+// link, for this process only, each site's index its cookie.
+func (u *uprobes) attachMulti(sites []*site, prog *ebpf.Program) (link.Link, error) {
+	opts := &link.UprobeMultiOptions{PID: uint32(os.Getpid())}
+	for _, s := range sites {
+		opts.Addresses = append(opts.Addresses, s.fn.FileOffset+s.at.Offset)
+		opts.Cookies = append(opts.Cookies, uint64(s.index))
+	}
+	return u.ex.UprobeMulti(nil, prog, opts)
+}

@@ -189,6 +189,5 @@ func sameCode(want []byte, addr uintptr) bool {
 	if addr == 0 || len(want) == 0 {
 		return false
 	}
-	p := *(*unsafe.Pointer)(unsafe.Pointer(&addr))
-	return string(unsafe.Slice((*byte)(p), len(want))) == string(want)
+	return string(codeAt(addr, addr+uintptr(len(want)))) == string(want)
 }

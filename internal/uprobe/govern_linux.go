@@ -210,12 +210,7 @@ func (u *uprobes) attachGroupLocked(group []int) {
 		if deep == 1 {
 			prog = u.coll.Programs[mapguardProgMapguardDeep]
 		}
-		opts := &link.UprobeMultiOptions{PID: uint32(os.Getpid())}
-		for _, s := range sites {
-			opts.Addresses = append(opts.Addresses, s.fn.FileOffset+s.at.Offset)
-			opts.Cookies = append(opts.Cookies, uint64(s.index))
-		}
-		l, err := u.ex.UprobeMulti(nil, prog, opts)
+		l, err := u.attachMulti(sites, prog)
 		now := time.Now()
 		for _, s := range sites {
 			if err != nil {

@@ -22,12 +22,7 @@ import (
 // chooseSites is one table-driven loop over the kinds; its length is
 // the per-kind cases, kept together so that each kind's choice reads whole.
 func (u *uprobes) chooseSites(bin *symbols.Binary) error {
-	callee := func(addr uint64) string {
-		if f, ok := bin.FuncAt(addr); ok && f.Entry == addr {
-			return f.Name
-		}
-		return ""
-	}
+	callee := symbolsCallee(bin)
 	type want struct {
 		kind decode.Kind
 		t    target
@@ -113,9 +108,7 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 		}
 	}
 	if u.deep {
-		if err := u.chooseDeepSites(bin, callee, wraps); err != nil {
-			return err
-		}
+		return u.chooseDeepSites(bin, callee, wraps)
 	}
 	return nil
 }

@@ -534,12 +534,7 @@ func (u *uprobes) armDefaultLocked() error {
 		}
 	}
 	if len(shared) > 0 {
-		opts := &link.UprobeMultiOptions{PID: uint32(os.Getpid())}
-		for _, s := range shared {
-			opts.Addresses = append(opts.Addresses, s.fn.FileOffset+s.at.Offset)
-			opts.Cookies = append(opts.Cookies, uint64(s.index))
-		}
-		l, err := u.ex.UprobeMulti(nil, u.coll.Programs[mapguardProgMapguardSite], opts)
+		l, err := u.attachMulti(shared, u.coll.Programs[mapguardProgMapguardSite])
 		if err != nil {
 			return fail(shared[0], err)
 		}

@@ -429,47 +429,19 @@ func sxRAXWrite(in *Inst) (writes, known bool) {
 // function when possible. The caller must check that the address is what
 // it expects (a map type). CallArgType never panics.
 func CallArgType(code []byte, entry uint64, ret uint64) (uint64, bool) {
-	if ret <= entry || ret-entry > uint64(len(code)) {
-		return 0, false
-	}
-	insts, err := sxDecode(code, false)
-	if err != nil {
+	insts, f, c, ok := sxCallBefore(code, entry, ret)
+	if !ok {
 		return 0, false
 	}
 	defer sxRelease(insts)
-	f := sxNewFunc(insts)
-	end := ret - entry
-	c, ok := f.index[end] // the instruction after the CALL
-	if !ok {
-		if end != f.size {
-			return 0, false
-		}
-		c = len(insts)
-	}
-	c-- // the CALL
 	if c < 0 {
 		return 0, false
 	}
 	if _, ok := sxPlainBranch(&insts[c], x86asm.CALL); !ok {
 		return 0, false
 	}
-	joins := map[uint64]bool{}
-	for i := range insts {
-		in := &insts[i]
-		if (in.Op == x86asm.JMP || in.Op == x86asm.LJMP) && !sxIsRel(in) {
-			return 0, false // indirect jump: unknown targets
-		}
-		if t, ok := sxRel(in); ok {
-			if in.legacy {
-				return 0, false // a 0x66 prefix truncates the target
-			}
-			if _, ok := f.boundary(t); !ok && t >= 0 && uint64(t) < f.size {
-				return 0, false // the decoding is not the one control flow sees
-			}
-			joins[uint64(t)] = true
-		}
-	}
-	if joins[insts[c].Offset] {
+	targets, ok := sxBranchTargets(&f)
+	if !ok || sxIsTarget(targets, insts[c].Offset) {
 		return 0, false
 	}
 	for i := c - 1; i >= 0 && i >= c-sxMaxArgWalk; i-- {
@@ -478,7 +450,7 @@ func CallArgType(code []byte, entry uint64, ret uint64) (uint64, bool) {
 			return entry + uint64(t), true
 		}
 		writes, known := sxRAXWrite(in)
-		if !known || writes || sxControl(in.Op) || joins[in.Offset] {
+		if !known || writes || sxControl(in.Op) || sxIsTarget(targets, in.Offset) {
 			return 0, false
 		}
 	}
@@ -572,32 +544,46 @@ const sxMaxNestedWalk = 64
 // instruction whose effects this package does not know, or if the outer
 // CALL is more than 64 instructions back. NestedRead never panics.
 func NestedRead(code []byte, entry, ret uint64, callee func(uint64) string) (outerRet uint64, ok bool) {
-	if ret <= entry || ret-entry > uint64(len(code)) {
-		return 0, false
-	}
-	insts, err := sxDecode(code, false)
-	if err != nil {
+	insts, f, c, ok := sxCallBefore(code, entry, ret)
+	if !ok {
 		return 0, false
 	}
 	defer sxRelease(insts)
-	f := sxNewFunc(insts)
-	end := ret - entry
-	c, ok := f.index[end]
-	if !ok {
-		if end != f.size {
-			return 0, false
-		}
-		c = len(insts)
-	}
 	targets, ok := sxBranchTargets(&f)
 	if !ok {
 		return 0, false
 	}
-	o, ok := sxNestedAt(insts, c-1, entry, callee, targets)
+	o, ok := sxNestedAt(insts, c, entry, callee, targets)
 	if !ok {
 		return 0, false
 	}
 	return entry + insts[o].Offset + uint64(insts[o].Len), true
+}
+
+// sxCallBefore decodes code, a function from entry (whole, or truncated
+// at ret), and returns its instructions (the caller releases them with
+// sxRelease), their index, and the index of the instruction that ends at
+// ret (-1 if ret is the entry's first boundary); false if code does not
+// decode or ret is not an instruction boundary in it.
+func sxCallBefore(code []byte, entry, ret uint64) (insts []Inst, f sxFunc, c int, ok bool) {
+	if ret <= entry || ret-entry > uint64(len(code)) {
+		return nil, sxFunc{}, 0, false
+	}
+	insts, err := sxDecode(code, false)
+	if err != nil {
+		return nil, sxFunc{}, 0, false
+	}
+	f = sxNewFunc(insts)
+	end := ret - entry
+	c, ok = f.index[end] // the instruction after the CALL
+	if !ok {
+		if end != f.size {
+			sxRelease(insts)
+			return nil, sxFunc{}, 0, false
+		}
+		c = len(insts)
+	}
+	return insts, f, c - 1, true
 }
 
 // Nested is the inner read of an expression m[a][b] (see NestedRead).
@@ -675,17 +661,16 @@ func NestedCandidate(window []byte, at uint64, callee func(uint64) string) bool 
 }
 
 // sxBranchTargets returns the targets of the function's relative branches
-// (function-relative, sorted); false if it holds an indirect jump, a
-// prefixed branch, or a branch into the middle of an instruction.
+// and calls (function-relative, sorted); false if it holds an indirect
+// jump (a jump table, whose targets are unknown), a prefixed branch (a
+// 0x66 prefix truncates the target), or a branch into the middle of an
+// instruction.
 func sxBranchTargets(f *sxFunc) ([]int64, bool) {
 	var targets []int64
 	for i := range f.insts {
 		in := &f.insts[i]
 		if (in.Op == x86asm.JMP || in.Op == x86asm.LJMP) && !sxIsRel(in) {
 			return nil, false // indirect jump: unknown targets
-		}
-		if in.Op == x86asm.CALL {
-			continue // calls return to the next instruction
 		}
 		if t, ok := sxRel(in); ok {
 			if in.legacy {
@@ -699,6 +684,13 @@ func sxBranchTargets(f *sxFunc) ([]int64, bool) {
 	}
 	slices.Sort(targets)
 	return targets, true
+}
+
+// sxIsTarget reports whether a branch in targets (from sxBranchTargets)
+// lands at off.
+func sxIsTarget(targets []int64, off uint64) bool {
+	_, found := slices.BinarySearch(targets, int64(off))
+	return found
 }
 
 // sxNestedAt is NestedRead for the CALL insts[c], given the function's

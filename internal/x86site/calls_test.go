@@ -802,12 +802,7 @@ func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResu
 	if b.Stripped() != stripped {
 		t.Fatalf("Stripped() = %v", b.Stripped())
 	}
-	callee := func(addr uint64) string {
-		if f, ok := b.FuncAt(addr); ok && f.Entry == addr {
-			return f.Name
-		}
-		return ""
-	}
+	callee := sxtBinaryCallee(b)
 	var obj map[string][]sxtObjInst
 	var zeroValSym uint64
 	ef, err := elf.Open(bin.path)
@@ -838,18 +833,7 @@ func sxtCheckCalls(t *testing.T, bin sxtCallsBinary, ref map[string]sxtCallsResu
 	if stripped && !haveRef {
 		t.Errorf("no unstripped default build of %s to compare with", bin.goVersion)
 	}
-	code := func(name string) (symbols.Func, []byte) {
-		t.Helper()
-		f, ok := b.Func(name)
-		if !ok {
-			t.Fatalf("%s not in the binary", name)
-		}
-		c, err := b.Code(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return f, c
-	}
+	code := func(name string) (symbols.Func, []byte) { return sxtFuncCode(t, b, name) }
 	offsets := func(f symbols.Func, addrs []uint64) []uint64 {
 		var offs []uint64
 		for _, a := range addrs {
@@ -1239,24 +1223,8 @@ func TestFuzzCallBodies(t *testing.T) {
 // notNest* functions of a build of sxtCallsSrc.
 func sxtCheckNested(t *testing.T, b *symbols.Binary, name string, table *strings.Builder) {
 	t.Helper()
-	callee := func(addr uint64) string {
-		if f, ok := b.FuncAt(addr); ok && f.Entry == addr {
-			return f.Name
-		}
-		return ""
-	}
-	code := func(name string) (symbols.Func, []byte) {
-		t.Helper()
-		f, ok := b.Func(name)
-		if !ok {
-			t.Fatalf("%s not in the binary", name)
-		}
-		c, err := b.Code(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return f, c
-	}
+	callee := sxtBinaryCallee(b)
+	code := func(name string) (symbols.Func, []byte) { return sxtFuncCode(t, b, name) }
 	for _, fn := range sxtNestedFuncs(b) {
 		f, code := code(fn)
 		insts, err := Decode(code)
@@ -1321,4 +1289,28 @@ func TestNestedReadsGo127(t *testing.T) {
 		})
 	}
 	t.Logf("nested reads:\n%s", table.String())
+}
+
+// sxtBinaryCallee names a direct call's target in b, for the finders.
+func sxtBinaryCallee(b *symbols.Binary) func(uint64) string {
+	return func(addr uint64) string {
+		if f, ok := b.FuncAt(addr); ok && f.Entry == addr {
+			return f.Name
+		}
+		return ""
+	}
+}
+
+// sxtFuncCode returns the function called name in b and its code.
+func sxtFuncCode(t *testing.T, b *symbols.Binary, name string) (symbols.Func, []byte) {
+	t.Helper()
+	f, ok := b.Func(name)
+	if !ok {
+		t.Fatalf("%s not in the binary", name)
+	}
+	c, err := b.Code(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, c
 }
