@@ -61,7 +61,7 @@ type Binary struct {
 	rest     []uint64 // nil if the file could not be read
 
 	mu    sync.Mutex
-	known map[uint32]funcRecord // functions already read, by index
+	known []knownRecord // functions already read, by index
 
 	// self is set once OpenSelf has checked the table against the running
 	// code: Func then checks each function with the runtime too.
@@ -235,8 +235,10 @@ func (b *Binary) fileOffset(vaddr, size uint64) (uint64, bool) {
 // only during the call). It scans the bytes, not decoded code: an 0xE8
 // inside another instruction whose next four bytes happen to point at a
 // target is reported too, so callers must decode the function around each
-// address before they trust it. The file is read in 1 MiB chunks.
-func (b *Binary) CallsTo(targets []uint64, fn func(call uint64, upto []byte)) error {
+// address before they trust it. The file is read in 1 MiB chunks; after
+// each, each (if not nil) is called, and an error it returns ends the
+// scan and is returned: a caller paces a long scan, or stops it, so.
+func (b *Binary) CallsTo(targets []uint64, fn func(call uint64, upto []byte), each func() error) error {
 	if len(targets) == 0 {
 		return nil
 	}
@@ -266,6 +268,11 @@ func (b *Binary) CallsTo(targets []uint64, fn func(call uint64, upto []byte)) er
 					fn(at, p[:i+5])
 				}
 				i++
+			}
+			if each != nil {
+				if err := each(); err != nil {
+					return err
+				}
 			}
 		}
 	}

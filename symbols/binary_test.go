@@ -837,7 +837,7 @@ func TestCallsTo(t *testing.T) {
 			t.Errorf("call at %#x: the bytes before it do not end with its CALL", call)
 		}
 		calls = append(calls, call)
-	})
+	}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -860,4 +860,12 @@ func TestCallsTo(t *testing.T) {
 		t.Errorf("%d calls, none in %s (%#x-%#x)", len(calls), reader.Name, reader.Entry, reader.End)
 	}
 	t.Logf("%d calls of %s", len(calls), target.Name)
+
+	// each runs after each chunk read; its error ends the scan.
+	stop := errors.New("stop")
+	chunks := 0
+	err = b.CallsTo([]uint64{target.Entry}, func(uint64, []byte) {}, func() error { chunks++; return stop })
+	if !errors.Is(err, stop) || chunks != 1 {
+		t.Errorf("CallsTo with an each func that fails: %v after %d chunks, want %v after 1", err, chunks, stop)
+	}
 }

@@ -57,7 +57,6 @@ func openFile(path string, trustSection bool) (b *Binary, err error) {
 		pie:      ef.Type == elf.ET_DYN,
 		stripped: ef.SectionByType(elf.SHT_SYMTAB) == nil,
 		entry:    ef.Entry,
-		known:    map[uint32]funcRecord{},
 	}
 	size := uint64(st.Size())
 	for _, p := range ef.Progs {

@@ -2,6 +2,7 @@ package symbols
 
 import (
 	"bytes"
+	"cmp"
 	"debug/elf"
 	"encoding/binary"
 	"errors"
@@ -152,7 +153,11 @@ func (b *Binary) entryOff(i int) uint64 {
 // the function ends at the next entry. Records are kept once read.
 func (b *Binary) record(i uint32) (funcRecord, error) {
 	b.mu.Lock()
-	r, ok := b.known[i]
+	k, ok := slices.BinarySearchFunc(b.known, i, knownCmp)
+	var r funcRecord
+	if ok {
+		r = b.known[k].r
+	}
 	b.mu.Unlock()
 	if ok {
 		return r, nil
@@ -184,10 +189,23 @@ func (b *Binary) record(i uint32) (funcRecord, error) {
 	}
 	r.name = string(name)
 	b.mu.Lock()
-	b.known[i] = r
+	if k, ok := slices.BinarySearchFunc(b.known, i, knownCmp); !ok {
+		b.known = slices.Insert(b.known, k, knownRecord{i, r})
+	}
 	b.mu.Unlock()
 	return r, nil
 }
+
+// knownRecord is a record already read, by function index: kept in a
+// sorted slice, not a map, since mapguard looks functions up in the
+// process it watches, after its probes are attached, and a map read that
+// misses would trap at one of them.
+type knownRecord struct {
+	i uint32
+	r funcRecord
+}
+
+func knownCmp(k knownRecord, i uint32) int { return cmp.Compare(k.i, i) }
 
 // funcOf places a record at textStart.
 func (b *Binary) funcOf(r funcRecord) (Func, error) {

@@ -184,7 +184,7 @@ func findNestedReads(bin *symbols.Binary, callee func(uint64) string) (out neste
 			}
 		}
 		prev = call
-	})
+	}, nil)
 	if err != nil {
 		out.inactive = append(out.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: "(program code)", Reason: err.Error()})
 		return out

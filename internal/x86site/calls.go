@@ -218,7 +218,8 @@ func sxZeroValReturn(f *sxFunc, start int, entry uint64, callee func(uint64) str
 		return 0, errors.New("no callee resolver")
 	}
 	found := -1
-	seen := map[int]bool{}
+	seen := make([]bool, len(insts)) // a slice: see sxFunc
+	nseen := 0
 	work := []int{start}
 	push := func(from *Inst, t int64) error {
 		if t <= int64(from.Offset) {
@@ -245,7 +246,7 @@ func sxZeroValReturn(f *sxFunc, start int, entry uint64, callee func(uint64) str
 			continue
 		}
 		seen[i] = true
-		if len(seen) > sxMaxNilBlock {
+		if nseen++; nseen > sxMaxNilBlock {
 			return 0, fmt.Errorf("no zeroVal return within %d instructions", sxMaxNilBlock)
 		}
 		in := &insts[i]
@@ -394,7 +395,7 @@ func sxRAXWrite(in *Inst) (writes, known bool) {
 	case sxControl(in.Op):
 		// CALL clobbers RAX; jumps and returns end the walk anyway.
 		return in.Op == x86asm.CALL || in.Op == x86asm.LCALL, in.Op == x86asm.CALL || in.Op == x86asm.LCALL
-	case sxNoWrite[in.Op]:
+	case sxNoWrite(in.Op):
 		return false, true
 	case in.Op == x86asm.PUSH:
 		return false, true
@@ -402,7 +403,7 @@ func sxRAXWrite(in *Inst) (writes, known bool) {
 		return regAX(x.Args[0]), true
 	case in.Op == x86asm.IMUL && x.Args[1] == nil:
 		return true, true // RDX:RAX
-	case sxWritesDst[in.Op]:
+	case sxWritesDst(in.Op):
 		return regAX(x.Args[0]), true
 	}
 	return false, false
@@ -575,7 +576,7 @@ func sxCallBefore(code []byte, entry, ret uint64) (insts []Inst, f sxFunc, c int
 	}
 	f = sxNewFunc(insts)
 	end := ret - entry
-	c, ok = f.index[end] // the instruction after the CALL
+	c, ok = f.at(end) // the instruction after the CALL
 	if !ok {
 		if end != f.size {
 			sxRelease(insts)
@@ -748,7 +749,7 @@ func sxNestedAt(insts []Inst, c int, entry uint64, callee func(uint64) string, t
 		elem // the element it points at (the inner map)
 	)
 	var regs [16]uint8
-	slots := map[int64]uint8{}
+	var slots sxSlots[uint8]
 	var escaped []int64 // frame offsets whose address was taken
 	regs[sxRAX] = ptr
 	gpr := func(a x86asm.Arg) (int, bool) {
@@ -775,19 +776,15 @@ func sxNestedAt(insts []Inst, c int, entry uint64, callee func(uint64) string, t
 				size = 32
 			}
 			for _, e := range escaped {
-				for d := range slots {
-					if d+8 > e && d < e+size {
-						delete(slots, d)
-					}
-				}
+				slots.forget(func(d int64) bool { return d+8 > e && d < e+size })
 			}
 			regs = [16]uint8{}
 			continue
 		}
-		if sxNoWrite[in.Op] {
+		if sxNoWrite(in.Op) {
 			continue
 		}
-		if !sxWritesDst[in.Op] || (in.Op == x86asm.IMUL && x.Args[1] == nil) {
+		if !sxWritesDst(in.Op) || (in.Op == x86asm.IMUL && x.Args[1] == nil) {
 			return 0, false
 		}
 		if in.Op == x86asm.LEA {
@@ -811,7 +808,7 @@ func sxNestedAt(insts []Inst, c int, entry uint64, callee func(uint64) string, t
 					break
 				}
 				if src.Base == x86asm.RSP {
-					v = slots[src.Disp]
+					v = slots.get(src.Disp)
 				} else if r, ok := gpr(src.Base); ok && regs[r] == ptr && src.Disp == 0 {
 					v = elem
 				}
@@ -833,17 +830,13 @@ func sxNestedAt(insts []Inst, c int, entry uint64, callee func(uint64) string, t
 					return 0, false // a store into the element itself
 				}
 				if len(escaped) > 0 {
-					clear(slots) // it may point into the frame
+					slots.reset() // it may point into the frame
 				}
 				continue
 			}
-			for d := range slots {
-				if d < dst.Disp+int64(x.MemBytes) && dst.Disp < d+8 {
-					delete(slots, d)
-				}
-			}
+			slots.forget(func(d int64) bool { return d < dst.Disp+int64(x.MemBytes) && dst.Disp < d+8 })
 			if x.MemBytes == 8 && v != none {
-				slots[dst.Disp] = v
+				slots.set(dst.Disp, v)
 			}
 		default:
 			return 0, false

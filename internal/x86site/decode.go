@@ -1,8 +1,10 @@
 package x86site
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	"golang.org/x/arch/x86/x86asm"
@@ -270,22 +272,26 @@ func sxPlainBranch(in *Inst, op x86asm.Op) (int64, bool) {
 	return sxRel(in)
 }
 
-// sxFunc indexes a decoded function by instruction offset.
+// sxFunc is a decoded function; its instructions are in offset order, and
+// an offset is found by binary search (a map read that misses would trap
+// at the Guard's own probe: the decoder runs in the watched process).
 type sxFunc struct {
 	insts []Inst
-	index map[uint64]int
 	size  uint64
 }
 
 func sxNewFunc(insts []Inst) sxFunc {
-	f := sxFunc{insts: insts, index: make(map[uint64]int, len(insts))}
-	for i := range insts {
-		f.index[insts[i].Offset] = i
-	}
+	f := sxFunc{insts: insts}
 	if n := len(insts); n > 0 {
 		f.size = insts[n-1].Offset + uint64(insts[n-1].Len)
 	}
 	return f
+}
+
+// at returns the index of the instruction starting at offset off.
+func (f *sxFunc) at(off uint64) (int, bool) {
+	i, ok := slices.BinarySearchFunc(f.insts, off, func(in Inst, off uint64) int { return cmp.Compare(in.Offset, off) })
+	return i, ok
 }
 
 // boundary returns the index of the instruction starting at target.
@@ -293,6 +299,5 @@ func (f *sxFunc) boundary(target int64) (int, bool) {
 	if target < 0 || uint64(target) >= f.size {
 		return 0, false
 	}
-	i, ok := f.index[uint64(target)]
-	return i, ok
+	return f.at(uint64(target))
 }

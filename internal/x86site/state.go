@@ -75,25 +75,22 @@ const (
 
 // sxState is the abstract machine state of the data-flow pass.
 type sxState struct {
-	regs    [16]sxVal       // by sxGPR index
-	sp      int64           // SP relative to the entry SP (which points at the return PC)
-	framed  bool            // PUSHQ BP; MOVQ SP, BP done and BP not written since
-	slots   map[int64]sxVal // 8-byte stack slots by address relative to the entry SP
-	escaped bool            // a stack address escaped: stop trusting slots
+	regs    [16]sxVal      // by sxGPR index
+	sp      int64          // SP relative to the entry SP (which points at the return PC)
+	framed  bool           // PUSHQ BP; MOVQ SP, BP done and BP not written since
+	slots   sxSlots[sxVal] // 8-byte stack slots by address relative to the entry SP
+	escaped bool           // a stack address escaped: stop trusting slots
 }
 
 func sxNewState() *sxState {
-	s := &sxState{slots: map[int64]sxVal{}}
+	s := &sxState{}
 	s.regs[sxRAX], s.regs[sxRBX] = sxMapType, sxMap
 	return s
 }
 
 func (s *sxState) clone() *sxState {
 	c := *s
-	c.slots = make(map[int64]sxVal, len(s.slots))
-	for k, v := range s.slots {
-		c.slots[k] = v
-	}
+	c.slots = s.slots.clone()
 	return &c
 }
 
@@ -115,11 +112,7 @@ func (s *sxState) ready() error {
 // entry SP + 8, in the caller's frame) survive unless their address escaped.
 func (s *sxState) call() {
 	s.regs = [16]sxVal{}
-	for k := range s.slots {
-		if k < 8 {
-			delete(s.slots, k)
-		}
-	}
+	s.slots.forget(func(k int64) bool { return k < 8 })
 }
 
 func (s *sxState) get(r x86asm.Reg) sxVal {
@@ -142,16 +135,12 @@ func (s *sxState) store(m x86asm.Mem, size int, v sxVal) {
 	k, ok := s.stackKey(m)
 	if !ok || size <= 0 {
 		// Through another pointer: it could alias any slot.
-		clear(s.slots)
+		s.slots.reset()
 		return
 	}
-	for sk := range s.slots {
-		if sk < k+int64(size) && k < sk+8 {
-			delete(s.slots, sk)
-		}
-	}
+	s.slots.forget(func(sk int64) bool { return sk < k+int64(size) && k < sk+8 })
 	if size == 8 && v != sxUnknown && !s.escaped {
-		s.slots[k] = v
+		s.slots.set(k, v)
 	}
 }
 
@@ -160,12 +149,12 @@ func (s *sxState) load(m x86asm.Mem, size int) sxVal {
 	if !ok || size != 8 || s.escaped {
 		return sxUnknown
 	}
-	return s.slots[k]
+	return s.slots.get(k)
 }
 
 func (s *sxState) escape() {
 	s.escaped = true
-	clear(s.slots)
+	s.slots.reset()
 }
 
 // setReg records a write of v to register r.
@@ -185,32 +174,36 @@ func (s *sxState) setReg(r x86asm.Reg, v sxVal) {
 	}
 }
 
-// sxWritesDst lists the instructions whose only architectural effects are
-// writing Args[0] (register or memory) and the flags.
-var sxWritesDst = map[x86asm.Op]bool{
-	x86asm.MOV: true, x86asm.MOVZX: true, x86asm.MOVSX: true, x86asm.MOVSXD: true, x86asm.LEA: true,
-	x86asm.ADD: true, x86asm.SUB: true, x86asm.AND: true, x86asm.OR: true, x86asm.XOR: true,
-	x86asm.ADC: true, x86asm.SBB: true, x86asm.INC: true, x86asm.DEC: true, x86asm.NEG: true,
-	x86asm.NOT: true, x86asm.SHL: true, x86asm.SHR: true, x86asm.SAR: true, x86asm.ROL: true,
-	x86asm.ROR: true, x86asm.BTS: true, x86asm.BTR: true, x86asm.BTC: true, x86asm.BSF: true,
-	x86asm.BSR: true, x86asm.POPCNT: true, x86asm.TZCNT: true, x86asm.LZCNT: true,
-	x86asm.BSWAP: true, x86asm.IMUL: true,
-	x86asm.SETA: true, x86asm.SETAE: true, x86asm.SETB: true, x86asm.SETBE: true, x86asm.SETE: true,
-	x86asm.SETG: true, x86asm.SETGE: true, x86asm.SETL: true, x86asm.SETLE: true, x86asm.SETNE: true,
-	x86asm.SETNO: true, x86asm.SETNP: true, x86asm.SETNS: true, x86asm.SETO: true, x86asm.SETP: true,
-	x86asm.SETS:  true,
-	x86asm.CMOVA: true, x86asm.CMOVAE: true, x86asm.CMOVB: true, x86asm.CMOVBE: true, x86asm.CMOVE: true,
-	x86asm.CMOVG: true, x86asm.CMOVGE: true, x86asm.CMOVL: true, x86asm.CMOVLE: true, x86asm.CMOVNE: true,
-	x86asm.CMOVNO: true, x86asm.CMOVNP: true, x86asm.CMOVNS: true, x86asm.CMOVO: true, x86asm.CMOVP: true,
-	x86asm.CMOVS:  true,
-	x86asm.MOVUPS: true, x86asm.MOVAPS: true, x86asm.MOVDQU: true, x86asm.MOVDQA: true,
-	x86asm.MOVQ: true, x86asm.MOVD: true, x86asm.MOVSD_XMM: true, x86asm.MOVSS: true,
-	x86asm.PXOR: true, x86asm.XORPS: true,
+// sxWritesDst reports the instructions whose only architectural effects
+// are writing Args[0] (register or memory) and the flags. A switch, not a
+// map: a map read that misses would trap at the Guard's own probe (the
+// decoder runs in the watched process).
+func sxWritesDst(op x86asm.Op) bool {
+	switch op {
+	case x86asm.MOV, x86asm.MOVZX, x86asm.MOVSX, x86asm.MOVSXD, x86asm.LEA, x86asm.ADD, x86asm.SUB,
+		x86asm.AND, x86asm.OR, x86asm.XOR, x86asm.ADC, x86asm.SBB, x86asm.INC, x86asm.DEC, x86asm.NEG,
+		x86asm.NOT, x86asm.SHL, x86asm.SHR, x86asm.SAR, x86asm.ROL, x86asm.ROR, x86asm.BTS, x86asm.BTR,
+		x86asm.BTC, x86asm.BSF, x86asm.BSR, x86asm.POPCNT, x86asm.TZCNT, x86asm.LZCNT, x86asm.BSWAP,
+		x86asm.IMUL, x86asm.SETA, x86asm.SETAE, x86asm.SETB, x86asm.SETBE, x86asm.SETE, x86asm.SETG,
+		x86asm.SETGE, x86asm.SETL, x86asm.SETLE, x86asm.SETNE, x86asm.SETNO, x86asm.SETNP, x86asm.SETNS,
+		x86asm.SETO, x86asm.SETP, x86asm.SETS, x86asm.CMOVA, x86asm.CMOVAE, x86asm.CMOVB, x86asm.CMOVBE,
+		x86asm.CMOVE, x86asm.CMOVG, x86asm.CMOVGE, x86asm.CMOVL, x86asm.CMOVLE, x86asm.CMOVNE,
+		x86asm.CMOVNO, x86asm.CMOVNP, x86asm.CMOVNS, x86asm.CMOVO, x86asm.CMOVP, x86asm.CMOVS,
+		x86asm.MOVUPS, x86asm.MOVAPS, x86asm.MOVDQU, x86asm.MOVDQA, x86asm.MOVQ, x86asm.MOVD,
+		x86asm.MOVSD_XMM, x86asm.MOVSS, x86asm.PXOR, x86asm.XORPS:
+		return true
+	}
+	return false
 }
 
-// sxNoWrite lists instructions that write no register or memory (flags only).
-var sxNoWrite = map[x86asm.Op]bool{
-	x86asm.NOP: true, x86asm.TEST: true, x86asm.CMP: true, x86asm.BT: true, x86asm.PAUSE: true,
+// sxNoWrite reports instructions that write no register or memory (flags
+// only).
+func sxNoWrite(op x86asm.Op) bool {
+	switch op {
+	case x86asm.NOP, x86asm.TEST, x86asm.CMP, x86asm.BT, x86asm.PAUSE:
+		return true
+	}
+	return false
 }
 
 // step applies one straight-line instruction. prev are the instructions
@@ -237,7 +230,7 @@ func (s *sxState) step(in *Inst, prev []Inst) error {
 		}
 	}
 	switch {
-	case sxNoWrite[in.Op]:
+	case sxNoWrite(in.Op):
 		if spOperand {
 			s.escape() // harmless, but keep the rule simple
 		}
@@ -261,7 +254,7 @@ func (s *sxState) step(in *Inst, prev []Inst) error {
 		s.sp -= 8
 		s.store(x86asm.Mem{Base: x86asm.RSP}, 8, v)
 		return nil
-	case sxWritesDst[in.Op]:
+	case sxWritesDst(in.Op):
 	default:
 		return fmt.Errorf("cannot classify %s at +%#x", in.sxText(), in.Offset)
 	}

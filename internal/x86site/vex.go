@@ -150,7 +150,7 @@ func (s *sxState) stepVEX(in *Inst) error {
 		}
 	}
 	if in.vex.mem {
-		clear(s.slots)
+		s.slots.reset()
 	}
 	return nil
 }
