@@ -91,15 +91,17 @@
 // # Lifecycle
 //
 // New validates options and attaches nothing. Start finds the runtime's map
-// functions in the running binary (and the program's nested reads), decodes
-// each function from its first byte to choose probe sites on instruction
-// boundaries, verifies the runtime
-// layouts it will read against maps it builds itself, loads the BPF
-// program, attaches it (filtered to this process), and provokes one canary
-// event that must come back with the right goroutine, call site and map
-// type before Start returns nil. Events then flow until ctx is done or Close
-// is called. The Guard's own goroutines are excluded in the kernel, so its
-// work never produces events.
+// functions in the running binary, decodes each function from its first
+// byte to choose probe sites on instruction boundaries, verifies the
+// runtime layouts it will read against maps it builds itself, loads the
+// BPF program, attaches it (filtered to this process), and provokes one
+// canary event that must come back with the right goroutine, call site
+// and map type before Start returns nil. Events then flow until ctx is
+// done or Close is called. The program's own nested reads (m[a][b]) are
+// searched for after Start, paced to half the budget, and get sites of
+// their own when found (seconds on a large program); until then the
+// runtime's sites see them. The Guard's own goroutines are excluded in the
+// kernel, so its work never produces events.
 //
 // # Errors
 //

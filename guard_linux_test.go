@@ -642,9 +642,10 @@ func TestRealGoroutineFunctions(t *testing.T) {
 	for _, n := range names {
 		// The feeder runs only while events wait for the Events channel's
 		// reader (TestEventsBacklog); the calibration's goroutines for tens
-		// of ms after Start; the detaches while the governor detaches.
+		// of ms after Start; the detaches while the governor detaches; the
+		// search for nested reads for a few seconds after Start.
 		transient := false
-		for _, f := range []string{".feed", ".(*calibrating).run", ".closeTimed", ".finishCalibration", ".(*uprobes).detach"} {
+		for _, f := range []string{".feed", ".(*calibrating).run", ".closeTimed", ".finishCalibration", ".(*uprobes).detach", ".scanNested"} {
 			transient = transient || strings.HasSuffix(n, f)
 		}
 		if !found[n] && !transient {
@@ -844,6 +845,7 @@ func TestRealIdiomsAreStatistics(t *testing.T) {
 func TestRealNestedFromCode(t *testing.T) {
 	g := startReal(t, mapguard.Options{Budget: 1})
 	events := g.Events()
+	awaitNestedSite(t, g, "TestRealNestedFromCode.func1")
 	const n = 10
 	goid, line := provoke(func() (line int) {
 		m := map[string]map[string]int{"nil": nil, "full": {"b": 1}}
@@ -900,6 +902,86 @@ func TestRealNestedFromCode(t *testing.T) {
 	}
 }
 
+// The nested read's own site is attached after Start, while the
+// expression may be running: every occurrence is still counted once,
+// whether the runtime's sites saw it (before the attach) or its own site
+// (after).
+func TestRealNestedAcrossAttach(t *testing.T) {
+	g := startReal(t, mapguard.Options{Budget: 1})
+	events := g.Events()
+	var line, n int
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		m := map[string]map[string]int{"full": {"b": 1}}
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			line = here() + 1
+			sink = m["absent"]["b"]
+			n++
+			time.Sleep(200 * time.Microsecond)
+		}
+	}()
+	awaitNestedSite(t, g, "TestRealNestedAcrossAttach.func1")
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	<-done
+	total := uint64(0)
+	deadline := time.After(5 * time.Second)
+	for total < uint64(n) {
+		select {
+		case ev := <-events:
+			if ev.Kind == mapguard.NestedMapMiss && ev.Site.Line == line && strings.HasSuffix(ev.Site.File, "guard_linux_test.go") {
+				total += uint64(max(ev.Count, 1))
+			}
+		case <-deadline:
+			t.Fatalf("%d of %d nested misses counted", total, n)
+		}
+	}
+	// Counts that come late (a second aggregation) would exceed n.
+	time.Sleep(1500 * time.Millisecond)
+	for len(events) > 0 {
+		if ev := <-events; ev.Kind == mapguard.NestedMapMiss && ev.Site.Line == line {
+			total += uint64(max(ev.Count, 1))
+		}
+	}
+	if total != uint64(n) {
+		t.Errorf("%d nested misses counted, want %d", total, n)
+	}
+	var own uint64
+	for _, s := range g.Stats().Sites {
+		if s.Kind == mapguard.NestedMapMiss && strings.HasSuffix(s.Function, "TestRealNestedAcrossAttach.func1") {
+			own = s.Hits
+		}
+	}
+	if own == 0 || own >= uint64(n) {
+		t.Errorf("the nested read's own site took %d of %d: the attach did not fall inside the run", own, n)
+	}
+	t.Logf("%d nested misses, counted %d; %d at the read's own site", n, total, own)
+}
+
+// awaitNestedSite waits for the site of a nested read in the function
+// whose name ends with fn: the search for them runs after Start.
+func awaitNestedSite(t *testing.T, g *mapguard.Guard, fn string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		for _, s := range g.Stats().Sites {
+			if s.Kind == mapguard.NestedMapMiss && strings.HasSuffix(s.Function, fn) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no nested-read site in %s 10 s after Start", fn)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // A function with a probed nested read (its CALL holds the kernel's
 // breakpoint) is still decoded as the program's code: a miss followed by a
 // nil-map read of another map a few instructions later is not a nested
@@ -907,6 +989,7 @@ func TestRealNestedFromCode(t *testing.T) {
 func TestRealProbedFunctionDecodes(t *testing.T) {
 	g := startReal(t, mapguard.Options{Budget: 1})
 	events := g.Events()
+	awaitNestedSite(t, g, "TestRealProbedFunctionDecodes.func1")
 	var nestedLine, missLine, nilLine int
 	goid, _ := provoke(func() int {
 		perms := map[string]map[string]bool{"alice": {"read": true}}

@@ -588,5 +588,8 @@ func GoroutineFunctions() []string {
 		"github.com/mapguard/mapguard/internal/uprobe.closeTimed",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).finishCalibration",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).detach",
+		// For up to a few seconds after Start (its search for the nested
+		// reads in the program's code):
+		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).scanNested",
 	}
 }

@@ -163,6 +163,17 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 	return g
 }
 
+// add adds a site found after the start, attached at now (or never, if
+// attaching it failed), and returns its index.
+func (g *governor) add(cost float64, now time.Time, attached bool) int {
+	s := govSite{cost: cost, armed: attached, disabled: !attached}
+	if attached {
+		s.armedAt = now
+	}
+	g.sites = append(g.sites, s)
+	return len(g.sites) - 1
+}
+
 // pin keeps site i attached whatever the budget (see govSite.pinned).
 func (g *governor) pin(i int) { g.sites[i].pinned = true }
 

@@ -5,6 +5,7 @@ package uprobe
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -102,10 +103,11 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 		return
 	}
 
+	sites := u.readSites() // the deep reader runs this too, without u.mu
 	if err := dec.Decode(raw, ev); err != nil {
 		owned := errors.Is(err, wire.ErrRuntimeOwned) || errors.Is(err, wire.ErrStdlib)
 		if owned || errors.Is(err, wire.ErrOutOfScope) {
-			if int(h.Site) >= len(u.sites) {
+			if int(h.Site) >= len(sites) {
 				return
 			}
 			if owned {
@@ -113,7 +115,7 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 			} else {
 				u.outOfScope[h.Site].Add(1)
 			}
-			if u.sites[h.Site].flags&siteAgg != 0 {
+			if sites[h.Site].flags&siteAgg != 0 {
 				// Count this call site from now on, but never report it.
 				key := mapguardAggKey{Site: h.Site, Pc: uint64(h.PC)}
 				if h.Kind == decode.NestedMapMiss {
@@ -125,6 +127,11 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 		}
 		u.log.Error(err, "bad record")
 		return
+	}
+	if int(h.Site) < len(sites) && sites[h.Site].flags&siteCaller != 0 {
+		if c, ok := u.callerAt(uint64(h.PC)); ok && ev.Time.Before(c.since) {
+			return // a site added after Start: counted at the runtime's sites until then
+		}
 	}
 	if h.Typ != 0 && h.Typ == u.canaryT {
 		select {
@@ -149,8 +156,8 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 		ev.Kind, ev.Peer = decode.NilMapRead, nil
 		u.notNested[mapguardAggKey{Site: h.Site | aggNested, Pc: uint64(h.PC)}] = true
 	}
-	if ev.Kind == decode.NestedMapMiss && int(h.Site) < len(u.sites) && u.sites[h.Site].flags&siteCaller == 0 {
-		if _, probed := u.callerNested[uint64(h.PC)]; probed {
+	if ev.Kind == decode.NestedMapMiss && int(h.Site) < len(sites) && sites[h.Site].flags&siteCaller == 0 {
+		if c, probed := u.callerAt(uint64(h.PC)); probed && !ev.Time.Before(c.since) {
 			return // counted at its own site, in the caller's code
 		}
 	}
@@ -170,7 +177,7 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 	if int(h.Site) < len(u.sampled) {
 		ev.Sampled = u.sampled[h.Site].Load()
 	}
-	if decode.IsStatistic(ev.Kind) && int(h.Site) < len(u.sites) {
+	if decode.IsStatistic(ev.Kind) && int(h.Site) < len(sites) {
 		commaOK := u.commaOK(h.PC)
 		u.calls.add(h.PC, commaOK, ev, ev.Count, ev.Sampled)
 		if u.statsOnly[ev.Kind] || commaOK {
@@ -207,6 +214,9 @@ func (u *uprobes) tick(now time.Time) {
 	if now.Sub(u.lastAgg) >= aggInterval && u.reader.AvailableBytes() == 0 {
 		u.lastAgg = now
 		u.flushAggsLocked()
+	}
+	if u.reader.AvailableBytes() == 0 && u.running {
+		u.takeNestedLocked(now) // the search for nested reads is done
 	}
 	u.lastTick = now
 	u.governLocked(now)
@@ -269,6 +279,10 @@ func (u *uprobes) flushAggsLocked() {
 	for it.Next(&key, &val) {
 		seen, _ := u.aggSeen[key] // comma-ok: a plain read that misses would hit our own probe
 		index, kind := key.Site&^aggNested, decode.NestedMapMiss
+		if val.Muted == 0 && slices.Contains(u.fresh, index) {
+			u.aggSeen[key] = val.Count // counted at the runtime's sites so far
+			continue
+		}
 		if val.Muted != 0 || val.Count <= seen || int(index) >= len(u.sites) || u.sites[index].flags&siteAgg == 0 {
 			continue // operation counts (deep sites) are read by OpStats
 		}
@@ -285,7 +299,7 @@ func (u *uprobes) flushAggsLocked() {
 		if !u.watched[kind] {
 			continue // a site probed for another kind (nested misses)
 		}
-		if _, probed := u.callerNested[key.Pc]; probed && kind == decode.NestedMapMiss && s.flags&siteCaller == 0 {
+		if _, probed := u.callerAt(key.Pc); probed && kind == decode.NestedMapMiss && s.flags&siteCaller == 0 {
 			continue // counted at its own site, in the caller's code
 		}
 		count, sampled := val.Count-seen, false
@@ -366,8 +380,8 @@ func (u *uprobes) nestedOuter(pc uintptr) (uintptr, bool) {
 	if pc == 0 {
 		return 0, false
 	}
-	if outer, probed := u.callerNested[uint64(pc)]; probed {
-		return uintptr(outer), true
+	if c, probed := u.callerAt(uint64(pc)); probed {
+		return uintptr(c.outer), true
 	}
 	if outer, seen := u.nestedAt[pc]; seen {
 		return outer, outer != 0
@@ -399,20 +413,17 @@ func (u *uprobes) commaOK(pc uintptr) bool {
 // startReadersLocked builds the decoders and starts the readers (each
 // ignores itself before any probe is armed) and the governor's waker.
 func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) error {
-	u.notOwned = make([]atomic.Uint64, len(u.sites))
-	u.sampled = make([]atomic.Bool, len(u.sites)) // before the readers start
-	u.outOfScope = make([]atomic.Uint64, len(u.sites))
+	// Per site, sites added after Start included.
+	u.notOwned = make([]atomic.Uint64, maxSites)
+	u.sampled = make([]atomic.Bool, maxSites) // before the readers start
+	u.outOfScope = make([]atomic.Uint64, maxSites)
 	u.aggSeen = make(map[mapguardAggKey]uint64)
 	u.notNested = make(map[mapguardAggKey]bool)
 	u.nestedSeen = make(map[uintptr]bool)
 	u.nestedLate = make(map[mapguardAggKey]uint64)
-	probes := make([]string, len(u.sites))
-	for i, s := range u.sites {
-		probes[i] = s.fn.Name
-		if s.flags&siteCaller != 0 {
-			probes[i] = callTarget(uintptr(s.wrapRet[0])) // the map function called there
-		}
-	}
+	u.publishLocked()
+	probes := u.decoderProbes()
+	u.clock = clock
 	dcfg := decoderConfig(offsets, clock)
 	dcfg.StackDepth = u.cfg.StackDepth
 	dcfg.Probes = probes

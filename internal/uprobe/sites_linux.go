@@ -3,9 +3,11 @@
 package uprobe
 
 import (
+	"errors"
 	"fmt"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 
 	"github.com/mapguard/mapguard/decode"
@@ -156,9 +158,15 @@ type nestedReads struct {
 // and the running code holds the same CALL. On the 91 MB program of
 // BenchmarkStartup: 1,650 calls, 349 close pairs, 6 candidates, 5
 // functions decoded. Nothing here fails Start: what cannot be read or
-// decoded is skipped. It runs beside chooseSites (bin is safe for
-// concurrent use) and touches nothing of u.
-func findNestedReads(bin *symbols.Binary, callee func(uint64) string) (out nestedReads) {
+// decoded is skipped. It runs after Start (startNestedScanLocked) and
+// touches nothing of u; pace is called after each MiB of the text and
+// each function decoded, and an error from it ends the search (complete is
+// then false).
+//
+// It reads no map: in the watched process, after the probes are
+// attached, a map read that misses is a trap at one of them (the
+// decoder and the symbols' lookups keep to slices too).
+func findNestedReads(bin *symbols.Binary, callee func(uint64) string, pace func() error) (out nestedReads, complete bool) {
 	var targets []uint64
 	for _, name := range []string{"runtime.mapaccess1", "runtime.mapaccess1_fast32", "runtime.mapaccess1_fast64", "runtime.mapaccess1_faststr"} {
 		if f, ok := bin.Func(name); ok {
@@ -184,20 +192,26 @@ func findNestedReads(bin *symbols.Binary, callee func(uint64) string) (out neste
 			}
 		}
 		prev = call
-	}, nil)
+	}, pace)
+	if errors.Is(err, errScanStopped) {
+		return out, false
+	}
 	if err != nil {
 		out.inactive = append(out.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: "(program code)", Reason: err.Error()})
-		return out
+		return out, true
 	}
 	scope := wire.ProgramScope()
-	done := map[uint64]bool{} // functions decoded
+	var done []uint64 // functions decoded (candidates are in address order)
 	bias := bin.LoadBias()
 	for _, c := range cands {
 		fn, ok := bin.FuncAt(c[1])
-		if !ok || done[fn.Entry] || !scope.Own(fn.Name) {
+		if !ok || slices.Contains(done, fn.Entry) || !scope.Own(fn.Name) {
 			continue
 		}
-		done[fn.Entry] = true
+		done = append(done, fn.Entry)
+		if err := pace(); err != nil {
+			return out, false
+		}
 		code, err := bin.Code(fn)
 		if err != nil {
 			continue
@@ -211,7 +225,7 @@ func findNestedReads(bin *symbols.Binary, callee func(uint64) string) (out neste
 			if len(out.sites) == maxNestedSites {
 				out.inactive = append(out.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: fn.Name,
 					Reason: fmt.Sprintf("more than %d nested reads in the program", maxNestedSites)})
-				return out
+				return out, true
 			}
 			if !sameCode(code[n.Call.Offset:n.Call.Offset+5], uintptr(fn.Entry+bias+n.Call.Offset)) {
 				continue // the running code is not the file's
@@ -221,26 +235,7 @@ func findNestedReads(bin *symbols.Binary, callee func(uint64) string) (out neste
 			out.sites = append(out.sites, &site{kind: decode.NestedMapMiss, fn: fn, found: f})
 		}
 	}
-	return out
-}
-
-// addNestedReads adds the sites findNestedReads found, as far as the
-// site table has room.
-func (u *uprobes) addNestedReads(n nestedReads) {
-	u.inactive = append(u.inactive, n.inactive...)
-	for _, s := range n.sites {
-		if len(u.sites) >= calibIndex {
-			u.inactive = append(u.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: s.fn.Name, Reason: "no room in the site table"})
-			continue
-		}
-		s.index = uint32(len(u.sites))
-		u.sites = append(u.sites, s)
-		if u.callerNested == nil {
-			u.callerNested = make(map[uint64]uint64)
-		}
-		u.callerNested[s.wrapRet[0]] = s.wrapRet[1]
-		addProbed(uintptr(s.wrapRet[0]-5), 0xe8) // the CALL's opcode, under the breakpoint
-	}
+	return out, true
 }
 
 // checkKinds refuses a kind asked for whose runtime functions are in the

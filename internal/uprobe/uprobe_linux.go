@@ -103,12 +103,24 @@ type uprobes struct {
 	// as another first event after it (their kernel aggregate, paired or
 	// not, is another key), added to the next counts. The reader's.
 	nestedAt map[uintptr]uintptr
-	// callerNested maps the call sites of the inner reads probed in the
-	// program's code (siteCaller) to their outer reads: their nested
-	// misses are counted there only. (The code in memory holds the
-	// probes' breakpoints, so it is not decoded again.) Set by Start,
-	// read-only after.
-	callerNested map[uint64]uint64
+	// callers are the inner reads of m[a][b] probed in the program's code
+	// (siteCaller), sorted by call site: their nested misses are counted
+	// there only. (The code in memory holds the probes' breakpoints, so it
+	// is not decoded again.) The reader's: it adds them (addNestedLocked).
+	callers []callerRead
+	// The search for the program's nested reads runs after Start
+	// (nested_linux.go): it hands what it found to the reader through
+	// nestedFound; teardown closes scanStop and waits for scanDone.
+	nestedFound chan nestedReads
+	scanStop    chan struct{}
+	scanDone    chan struct{}
+	// published is u.sites as the readers see it without u.mu (sites
+	// are added after Start); written under u.mu.
+	published atomic.Pointer[[]*site]
+	// fresh are the sites just added: the flush that follows marks their
+	// counts so far as seen (takeNestedLocked).
+	fresh []uint32
+	clock wire.Clock // the records' clock (set by startReadersLocked)
 	// startShared are the sites Start attached with one link
 	// (armDefaultLocked), for the governor.
 	startShared []int
@@ -266,30 +278,17 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err != nil {
 		return fmt.Errorf("start probe: read own symbols: %w: %w", probe.ErrNotSupported, err)
 	}
-	defer bin.Close()
+	keepBin := false // the search for nested reads takes it over
+	defer func() {
+		if !keepBin {
+			bin.Close()
+		}
+	}()
 	if haveBias && bias != bin.LoadBias() {
 		return fmt.Errorf("start probe: load bias %#x from the auxiliary vector, %#x from the symbols: %w",
 			bias, bin.LoadBias(), probe.ErrLayoutMismatch)
 	}
 	step("symbols")
-	// The program's nested reads are looked for beside the runtime's
-	// sites (a scan of the whole text).
-	var nested chan nestedReads
-	if slices.Contains(u.cfg.kinds(), decode.NestedMapMiss) {
-		nested = make(chan nestedReads, 1)
-		go func() { nested <- findNestedReads(bin, symbolsCallee(bin)) }()
-	}
-	joinNested := func() {
-		if nested != nil {
-			u.addNestedReads(<-nested)
-			nested = nil
-		}
-	}
-	defer func() {
-		if nested != nil {
-			<-nested // before bin closes
-		}
-	}()
 	if err := u.chooseSites(bin); err != nil {
 		return err
 	}
@@ -302,8 +301,8 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if !u.multi {
 		perSite = 2 // a perf event and its link
 	}
-	pending := 0
-	if nested != nil {
+	pending := 0 // the nested reads' sites, added after Start
+	if slices.Contains(u.cfg.kinds(), decode.NestedMapMiss) {
 		pending = maxNestedSites
 	}
 	if err := checkFiles(32 + perSite*(len(u.sites)+pending)); err != nil {
@@ -316,8 +315,6 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err != nil {
 		return err
 	}
-	joinNested() // it ran while the kernel verified the programs
-	step("nested reads")
 	if err := u.finishLoadLocked(coll); err != nil {
 		return err
 	}
@@ -374,6 +371,12 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	u.wakeFile.SetReadDeadline(past)
 	step("governor")
 	u.running = true
+	if slices.Contains(u.cfg.kinds(), decode.NestedMapMiss) {
+		// The program's nested reads are searched for after Start: it
+		// reads the whole text (10-20 ms of CPU in a large program).
+		keepBin = true
+		u.startNestedScanLocked(bin)
+	}
 	u.log.V(4).Info("probe started", append([]any{"sites", len(u.sites), "inactive", len(u.inactive),
 		"uprobeMulti", u.multi, "took", time.Since(begin)}, steps...)...)
 	return nil
@@ -420,6 +423,7 @@ func (u *uprobes) Close() error {
 func (u *uprobes) teardownLocked() {
 	u.stopping = true // tick must not re-arm anything from here on
 	u.calibStop.Store(true)
+	u.stopNestedScanLocked()
 	// Every link closes in parallel, with the detaches the governor
 	// started (sites attached together share a link: closed once). A
 	// slice, not a map: a missing-key read here would hit the Guard's own

@@ -13,6 +13,7 @@ import (
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/testutil"
 	"github.com/mapguard/mapguard/probe"
+	"github.com/mapguard/mapguard/symbols"
 )
 
 // startProbe starts real uprobes and returns a channel of their events.
@@ -164,15 +165,7 @@ func TestCallerSiteCode(t *testing.T) {
 	_ = sink
 	p, _ := startProbe(t, Config{Kinds: []decode.Kind{decode.NestedMapMiss}})
 	fn := runtime.FuncForPC(reflect.ValueOf(nestedProbeRead).Pointer()).Name()
-	var s *site
-	for _, c := range p.sites {
-		if c.flags&siteCaller != 0 && runtime.FuncForPC(uintptr(c.wrapRet[0])).Name() == fn {
-			s = c
-		}
-	}
-	if s == nil {
-		t.Fatal("no site at nestedProbeRead's inner read")
-	}
+	s := awaitCallerSite(t, p, fn)
 	call, ret := uintptr(s.wrapRet[0]-5), uintptr(s.wrapRet[0])
 	mem := unsafe.Slice((*byte)(*(*unsafe.Pointer)(unsafe.Pointer(&call))), 1)
 	if mem[0] != 0xcc {
@@ -196,5 +189,104 @@ func TestCallerSiteCode(t *testing.T) {
 	}
 	if typ := callSiteType(p.offsets, ret); typ == 0 {
 		t.Error("no map type at the inner read, decoded through the breakpoint")
+	}
+}
+
+// The search for nested reads runs after Start, in the watched process:
+// it reads no map that could miss, so it never traps at the Guard's own
+// probes (the default ones: the missing-key and nil-map reads' sites).
+func TestNestedScanNoTraps(t *testing.T) {
+	sink := nestedProbeRead("x", "y")
+	_ = sink
+	p, _ := startProbe(t, Config{})
+	hits := func() (n uint64) {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		p.readCounters()
+		for _, s := range p.sites {
+			n += p.counters[s.index].Hits
+		}
+		return n
+	}
+	bin, err := symbols.OpenSelf()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bin.Close()
+	callee := symbolsCallee(bin)
+	chunks := 0
+	before := hits()
+	n, complete := findNestedReads(bin, callee, func() error { chunks++; return nil })
+	after := hits()
+	if !complete || chunks == 0 {
+		t.Fatalf("search incomplete (%v) or not paced (%d calls)", complete, chunks)
+	}
+	found := false
+	fn := runtime.FuncForPC(reflect.ValueOf(nestedProbeRead).Pointer()).Name()
+	for _, s := range n.sites {
+		found = found || s.fn.Name == fn
+	}
+	if !found {
+		t.Errorf("the search did not find %s's nested read", fn)
+	}
+	if after != before {
+		t.Errorf("the search trapped %d times at the Guard's probes, want 0", after-before)
+	}
+	t.Logf("%d sites, %d pace calls", len(n.sites), chunks)
+}
+
+// awaitCallerSite waits for the site at the inner read of m[a][b] in fn,
+// which the search for nested reads adds after Start.
+func awaitCallerSite(t *testing.T, p *uprobes, fn string) *site {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p.mu.Lock()
+		for _, c := range p.sites {
+			if c.flags&siteCaller != 0 && c.link != nil && runtime.FuncForPC(uintptr(c.wrapRet[0])).Name() == fn {
+				p.mu.Unlock()
+				return c
+			}
+		}
+		p.mu.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatalf("no site at %s's inner read 10 s after Start", fn)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// The search for nested reads runs after Start at a share of the budget
+// (seconds at a small one) and Close stops it: nothing of it is left, and
+// its sites, if any, are not attached afterwards.
+func TestNestedScanStopsAtClose(t *testing.T) {
+	p, _ := startProbe(t, Config{Kinds: []decode.Kind{decode.NestedMapMiss}, Budget: 0.0005})
+	p.mu.Lock()
+	done := p.scanDone
+	p.mu.Unlock()
+	if done == nil {
+		t.Fatal("no search for nested reads after Start")
+	}
+	select {
+	case <-done:
+		t.Fatal("the search ended at once at a budget of 0.05%: not paced")
+	case <-time.After(50 * time.Millisecond):
+	}
+	begin := time.Now()
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-done:
+	default:
+		t.Fatal("Close returned with the search running")
+	}
+	if d := time.Since(begin); d > time.Second {
+		t.Errorf("Close took %v with the search running", d)
+	}
+	for _, s := range p.sites {
+		if s.flags&siteCaller != 0 {
+			t.Errorf("a nested read's site added: %s", s.fn.Name)
+		}
 	}
 }

@@ -277,6 +277,11 @@ func (d *Decoder) Decode(raw []byte, ev *decode.Event) error {
 	return d.DecodeRec(&d.rec, ev)
 }
 
+// SetProbes replaces Config.Probes (sites added after the decoder was
+// made). Like Decode, it must not be called concurrently with the
+// decoder's other methods.
+func (d *Decoder) SetProbes(probes []string) { d.cfg.Probes = probes }
+
 // DecodeRec decodes r into ev, overwriting every field: the call site and
 // stack from its PCs, the map type, and whether the program owns it (a
 // record of the runtime's own maps is ErrRuntimeOwned, of the standard

@@ -1,0 +1,254 @@
+//go:build linux && amd64
+
+package uprobe
+
+import (
+	"cmp"
+	"errors"
+	"slices"
+	"time"
+
+	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/rt"
+	"github.com/mapguard/mapguard/probe"
+	"github.com/mapguard/mapguard/symbols"
+	"golang.org/x/sys/unix"
+)
+
+// The inner reads of m[a][b] in the program's own code get sites of their
+// own (findNestedReads). Finding them reads the whole text: on the 91 MB
+// program of BenchmarkStartup, 40 MB and 10-20 ms of CPU, which Start
+// used to wait for (Start 60-73 ms against 45-55 without it). The search
+// runs after Start instead, on a goroutine of its own: paced to
+// nestedScanShare of the budget, its CPU time booked like the reader's,
+// and ignored by the probes. Until its sites are attached, the runtime's
+// sites see nested misses as before (the kernel pairs the two reads, the
+// reader tells the inner read from the code). The reader attaches what it
+// found at its next tick (addNestedLocked).
+
+// nestedScanShare is the share of the budget the search may use while it
+// runs: with the default budget (1% of a CPU), 0.5%, so about 2-4 s on
+// the 91 MB program and a fraction of a second on a small one.
+const nestedScanShare = 0.5
+
+// errScanStopped ends the search when the probe closes.
+var errScanStopped = errors.New("search for nested reads stopped")
+
+// callerRead is an inner read probed at its CALL: the return address of
+// the call, the outer read's, and when its site was attached (a nested
+// miss seen at the runtime's sites before then was not seen at it).
+type callerRead struct {
+	pc, outer uint64
+	since     time.Time
+}
+
+// callerAt returns the probed inner read whose call returns to pc. The
+// reader looks every nested miss and nil-map read up here: a sorted
+// slice, since a map read that misses would trap at the Guard's own
+// probe.
+func (u *uprobes) callerAt(pc uint64) (callerRead, bool) {
+	i, ok := slices.BinarySearchFunc(u.callers, pc, func(c callerRead, pc uint64) int { return cmp.Compare(c.pc, pc) })
+	if !ok {
+		return callerRead{}, false
+	}
+	return u.callers[i], true
+}
+
+// readSites returns the sites as the readers may read them without u.mu.
+func (u *uprobes) readSites() []*site {
+	if p := u.published.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// publishLocked makes u.sites what readSites returns.
+func (u *uprobes) publishLocked() {
+	sites := u.sites[:len(u.sites):len(u.sites)] // an append reallocates
+	u.published.Store(&sites)
+}
+
+// startNestedScanLocked starts the search, which takes bin over (and
+// closes it), on a goroutine the probes ignore.
+func (u *uprobes) startNestedScanLocked(bin *symbols.Binary) {
+	u.nestedFound = make(chan nestedReads, 1)
+	u.scanStop, u.scanDone = make(chan struct{}), make(chan struct{})
+	ids, ignored := make(chan uint64), make(chan bool)
+	share := nestedScanShare * u.cfg.budget()
+	go u.scanNested(bin, share, ids, ignored)
+	if err := u.ignoreLocked(<-ids); err != nil {
+		// Its few map reads would be reported as the program's: no search.
+		u.log.V(1).Info("search for nested reads not started", "error", err.Error())
+		ignored <- false
+		return
+	}
+	ignored <- true
+}
+
+// stopNestedScanLocked ends the search, if it runs, and waits for it.
+func (u *uprobes) stopNestedScanLocked() {
+	if u.scanDone == nil {
+		return
+	}
+	close(u.scanStop)
+	u.mu.Unlock()
+	<-u.scanDone // it never takes u.mu
+	u.mu.Lock()
+	u.scanDone = nil
+}
+
+// scanNested is the search's goroutine.
+func (u *uprobes) scanNested(bin *symbols.Binary, share float64, ids chan<- uint64, ignored <-chan bool) {
+	defer close(u.scanDone)
+	defer bin.Close()
+	ids <- rt.GoID()
+	if !<-ignored {
+		return
+	}
+	cpu := startCPUMeter(&u.ownCPU, false)
+	defer cpu.stop()
+	last := threadCPU()
+	pace := func() error {
+		now := threadCPU()
+		ran := now - last
+		cpu.book()
+		if share > 0 && share < 1 && ran > 0 {
+			t := time.NewTimer(time.Duration(float64(ran) * (1/share - 1)))
+			defer t.Stop()
+			select {
+			case <-u.scanStop:
+				return errScanStopped
+			case <-t.C:
+			}
+		}
+		select {
+		case <-u.scanStop:
+			return errScanStopped
+		default:
+		}
+		last = threadCPU()
+		return nil
+	}
+	n, complete := findNestedReads(bin, symbolsCallee(bin), pace)
+	cpu.book()
+	if !complete {
+		return
+	}
+	u.nestedFound <- n // buffered: sent once
+}
+
+// takeNestedLocked attaches what the search found, if it is done: on the
+// reader's tick, once the ring buffer is drained. An occurrence is then
+// counted once, whichever site saw it: up to the instant since, the
+// runtime's sites' counts are reported (the new sites' counts so far are
+// marked as seen, and their events before since dropped); from since on,
+// the new sites' (the runtime's events there dropped, their counts
+// skipped). Only an occurrence during the one pass over the aggregates
+// can be missed or counted twice (TestRealNestedAcrossAttach).
+func (u *uprobes) takeNestedLocked(now time.Time) {
+	if u.nestedFound == nil {
+		return
+	}
+	var n nestedReads
+	select {
+	case n = <-u.nestedFound:
+		u.nestedFound = nil
+	default:
+		return
+	}
+	added := u.addNestedLocked(n)
+	if len(added) == 0 {
+		return
+	}
+	since := u.clock.Time(uint64(monoNow()))
+	u.fresh = added
+	u.lastAgg = now
+	u.flushAggsLocked()
+	u.fresh = nil
+	for _, c := range added {
+		s := u.sites[c]
+		r := callerRead{pc: s.wrapRet[0], outer: s.wrapRet[1], since: since}
+		j, _ := slices.BinarySearchFunc(u.callers, r.pc, func(c callerRead, pc uint64) int { return cmp.Compare(c.pc, pc) })
+		u.callers = slices.Insert(u.callers, j, r)
+	}
+	u.log.V(4).Info("nested reads probed", "sites", len(u.callers))
+}
+
+// monoNow reads CLOCK_MONOTONIC, the clock of the records' times.
+func monoNow() int64 {
+	var ts unix.Timespec
+	if unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts) != nil {
+		return 0
+	}
+	return ts.Nano()
+}
+
+// addNestedLocked adds and attaches the sites the search found, as far as
+// the site table has room, and returns the indexes of those attached.
+// Only the reader calls it (its decoder is the reader's).
+func (u *uprobes) addNestedLocked(n nestedReads) (added []uint32) {
+	u.inactive = append(u.inactive, n.inactive...)
+	inactive := func(s *site, reason string) {
+		u.inactive = append(u.inactive, probe.Inactive{Kind: decode.NestedMapMiss, Function: s.fn.Name, Reason: reason})
+	}
+	sitesMap := u.coll.Maps[mapguardMapSites]
+	var fresh []*site
+	for _, s := range n.sites {
+		if len(u.sites)+len(fresh) >= calibIndex {
+			inactive(s, "no room in the site table")
+			continue
+		}
+		s.index = uint32(len(u.sites) + len(fresh))
+		conf := mapguardSiteConf{Kind: uint8(s.kind), Flags: s.flags, MapReg: s.mapReg, TypReg: s.typReg, KeyMode: s.keyMode, WrapRet: s.wrapRet}
+		if err := sitesMap.Put(s.index, conf); err != nil {
+			inactive(s, "configure site: "+err.Error())
+			continue
+		}
+		u.costs[s.index] = uint64(u.siteCost(s))
+		fresh = append(fresh, s)
+	}
+	if len(fresh) == 0 {
+		return nil
+	}
+	// The costs are in the kernel before a site can trap.
+	if err := u.costVar.Set(u.costs); err != nil {
+		for _, s := range fresh {
+			inactive(s, "set site cost: "+err.Error())
+		}
+		return nil
+	}
+	probes := u.decoderProbes()
+	for _, s := range fresh {
+		// Appended whether it attaches or not: its index is its place.
+		u.sites = append(u.sites, s)
+		probes = append(probes, callTarget(uintptr(s.wrapRet[0])))
+		call := uintptr(s.wrapRet[0] - 5)
+		addProbed(call, 0xe8) // the CALL's opcode, under the breakpoint
+		err := u.armLocked(s)
+		i := u.gov.add(u.siteCost(s), time.Now(), err == nil)
+		if err != nil {
+			removeProbed(call)
+			inactive(s, "attach: "+err.Error())
+			continue
+		}
+		if u.watched[s.kind] && !u.statsOnly[s.kind] {
+			u.gov.prioritize(i) // its hits are events
+		}
+		added = append(added, s.index)
+	}
+	u.decoder.SetProbes(probes)
+	u.publishLocked()
+	return added
+}
+
+// decoderProbes names the probed function of each site, for the decoder.
+func (u *uprobes) decoderProbes() []string {
+	probes := make([]string, len(u.sites), len(u.sites)+maxNestedSites)
+	for i, s := range u.sites {
+		probes[i] = s.fn.Name
+		if s.flags&siteCaller != 0 {
+			probes[i] = callTarget(uintptr(s.wrapRet[0])) // the map function called there
+		}
+	}
+	return probes
+}
