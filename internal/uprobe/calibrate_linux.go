@@ -8,6 +8,7 @@ import (
 	"os"
 	"reflect"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -526,14 +527,37 @@ func (u *uprobes) floor(s *site) time.Duration {
 }
 
 // siteCost is what one hit of s costs: its trap plus the program's run
-// time as the kernel measured it (one hit in 16), in ns.
+// time as the kernel measured it (one hit in 16), in ns. A site at the
+// same instruction as an earlier one on Start's shared link (the
+// missing-key and nil-map reads' sites share the nil-or-empty block of
+// mapaccess1*) is in the same trap: the kernel runs both programs on one
+// breakpoint, and the two are attached and detached together, so the
+// trap is charged to the first only.
 func (u *uprobes) siteCost(s *site) float64 {
 	c := u.counters[s.index]
 	prog := 0.0
 	if c.Timed > 0 {
 		prog = float64(c.ProgNs) / float64(c.Timed)
 	}
+	if u.sharedTrap(s) {
+		return prog
+	}
 	return float64(u.floor(s)) + prog
+}
+
+// sharedTrap reports whether s shares its trap with an earlier site of
+// Start's shared link.
+func (u *uprobes) sharedTrap(s *site) bool {
+	if !slices.Contains(u.startShared, int(s.index)) {
+		return false
+	}
+	at := s.fn.FileOffset + s.at.Offset
+	for _, i := range u.startShared {
+		if t := u.sites[i]; i < int(s.index) && t.fn.FileOffset+t.at.Offset == at {
+			return true
+		}
+	}
+	return false
 }
 
 // cpuMeter measures what one of the Guard's own goroutines (the reader,

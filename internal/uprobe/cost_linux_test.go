@@ -6,6 +6,7 @@ import (
 	"context"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -171,4 +172,22 @@ func BenchmarkDeepHitCost(b *testing.B) {
 		attachEmpty(b, "runtime.mapassign_faststr", func([]byte, symbols.Func) uint64 { return 0 })
 		loop(b)
 	})
+}
+
+// Two sites at one instruction on Start's shared link share one trap: it
+// is charged to the first only; a site at that instruction on a link of
+// its own (attached and detached apart) bears it whole.
+func TestSharedTrapCost(t *testing.T) {
+	fn := symbols.Func{Name: "runtime.mapaccess1_faststr", FileOffset: 0x1000}
+	at := func(i uint32, off uint64) *site {
+		return &site{index: i, fn: fn, found: found{at: x86site.Site{Offset: off}}}
+	}
+	u := &uprobes{stepCost: 20 * time.Microsecond, emuCost: time.Microsecond}
+	u.sites = []*site{at(0, 0x131), at(1, 0x131), at(2, 0x10b), at(3, 0x131)}
+	u.startShared = []int{0, 1, 2}
+	for i, want := range []float64{20000, 0, 20000, 20000} {
+		if got := u.siteCost(u.sites[i]); got != want {
+			t.Errorf("site %d (+%#x): cost %v ns, want %v", i, u.sites[i].at.Offset, got, want)
+		}
+	}
 }
