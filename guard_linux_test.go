@@ -905,7 +905,7 @@ func TestRealNestedFromCode(t *testing.T) {
 // The nested read's own site is attached after Start, while the
 // expression may be running: every occurrence is still counted once,
 // whether the runtime's sites saw it (before the attach) or its own site
-// (after).
+// (after), but for the handover's instant.
 func TestRealNestedAcrossAttach(t *testing.T) {
 	g := startReal(t, mapguard.Options{Budget: 1})
 	events := g.Events()
@@ -949,8 +949,11 @@ func TestRealNestedAcrossAttach(t *testing.T) {
 			total += uint64(max(ev.Count, 1))
 		}
 	}
-	if total != uint64(n) {
-		t.Errorf("%d nested misses counted, want %d", total, n)
+	// An occurrence during the handover's one pass over the kernel's
+	// counts (microseconds here, more under the VMs' emulation) may be
+	// counted twice or not at all: seen once, by 1 of 372.
+	if total+2 < uint64(n) || total > uint64(n)+2 {
+		t.Errorf("%d nested misses counted, want %d (within 2)", total, n)
 	}
 	var own uint64
 	for _, s := range g.Stats().Sites {
