@@ -6,6 +6,7 @@ import (
 	"cmp"
 	"errors"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/mapguard/mapguard/decode"
@@ -19,17 +20,21 @@ import (
 // own (findNestedReads). Finding them reads the whole text: on the 91 MB
 // program of BenchmarkStartup, 40 MB and 10-20 ms of CPU, which Start
 // used to wait for (Start 60-73 ms against 45-55 without it). The search
-// runs after Start instead, on a goroutine of its own: paced to
-// nestedScanShare of the budget, its CPU time booked like the reader's,
-// and ignored by the probes. Until its sites are attached, the runtime's
-// sites see nested misses as before (the kernel pairs the two reads, the
-// reader tells the inner read from the code). The reader attaches what it
-// found at its next tick (addNestedLocked).
+// starts beside the rest of Start, which no longer waits for it; what is
+// left when Start returns goes on paced to nestedScanShare of the budget,
+// its CPU time booked like the reader's. Its goroutine is ignored by the
+// probes. Until its sites are attached, the runtime's sites see nested
+// misses as before (the kernel pairs the two reads, the reader tells the
+// inner read from the code). The reader attaches what it found at its
+// next tick (takeNestedLocked).
 
 // nestedScanShare is the share of the budget the search may use while it
 // runs: with the default budget (1% of a CPU), 0.5%, so about 2-4 s on
 // the 91 MB program and a fraction of a second on a small one.
 const nestedScanShare = 0.5
+
+// testScanPace, if set by a test, runs at each of the search's paces.
+var testScanPace func()
 
 // errScanStopped ends the search when the probe closes.
 var errScanStopped = errors.New("search for nested reads stopped")
@@ -68,21 +73,30 @@ func (u *uprobes) publishLocked() {
 	u.published.Store(&sites)
 }
 
-// startNestedScanLocked starts the search, which takes bin over (and
-// closes it), on a goroutine the probes ignore.
-func (u *uprobes) startNestedScanLocked(bin *symbols.Binary) {
+// startNestedScanLocked starts the search on a goroutine of its own.
+// While Start runs, the search runs
+// at full speed and its CPU is Start's; once Start has returned
+// (scanPaced), it is paced to nestedScanShare of the budget and booked as
+// the Guard's own. Start ignores its goroutine before any probe is
+// attached.
+//
+// bin is Start's too: whichever of the two is done with it last closes
+// it (release).
+func (u *uprobes) startNestedScanLocked(bin *symbols.Binary) (release func()) {
 	u.nestedFound = make(chan nestedReads, 1)
 	u.scanStop, u.scanDone = make(chan struct{}), make(chan struct{})
-	ids, ignored := make(chan uint64), make(chan bool)
-	share := nestedScanShare * u.cfg.budget()
-	go u.scanNested(bin, share, ids, ignored)
-	if err := u.ignoreLocked(<-ids); err != nil {
-		// Its few map reads would be reported as the program's: no search.
-		u.log.V(1).Info("search for nested reads not started", "error", err.Error())
-		ignored <- false
-		return
+	var refs atomic.Int32
+	refs.Store(2)
+	release = func() {
+		if refs.Add(-1) == 0 {
+			bin.Close()
+		}
 	}
-	ignored <- true
+	ids := make(chan uint64)
+	share := nestedScanShare * u.cfg.budget()
+	go u.scanNested(bin, release, share, ids)
+	u.scanGoid = <-ids
+	return release
 }
 
 // stopNestedScanLocked ends the search, if it runs, and waits for it.
@@ -98,17 +112,27 @@ func (u *uprobes) stopNestedScanLocked() {
 }
 
 // scanNested is the search's goroutine.
-func (u *uprobes) scanNested(bin *symbols.Binary, share float64, ids chan<- uint64, ignored <-chan bool) {
+func (u *uprobes) scanNested(bin *symbols.Binary, release func(), share float64, ids chan<- uint64) {
 	defer close(u.scanDone)
-	defer bin.Close()
+	defer release()
 	ids <- rt.GoID()
-	if !<-ignored {
-		return
-	}
 	cpu := startCPUMeter(&u.ownCPU, false)
 	defer cpu.stop()
 	last := threadCPU()
 	pace := func() error {
+		if testScanPace != nil {
+			testScanPace()
+		}
+		select {
+		case <-u.scanStop:
+			return errScanStopped
+		default:
+		}
+		if !u.scanPaced.Load() {
+			last = threadCPU()
+			cpu.last = last // Start's, not booked
+			return nil
+		}
 		now := threadCPU()
 		ran := now - last
 		cpu.book()
@@ -121,16 +145,13 @@ func (u *uprobes) scanNested(bin *symbols.Binary, share float64, ids chan<- uint
 			case <-t.C:
 			}
 		}
-		select {
-		case <-u.scanStop:
-			return errScanStopped
-		default:
-		}
 		last = threadCPU()
 		return nil
 	}
 	n, complete := findNestedReads(bin, symbolsCallee(bin), pace)
-	cpu.book()
+	if u.scanPaced.Load() {
+		cpu.book()
+	}
 	if !complete {
 		return
 	}

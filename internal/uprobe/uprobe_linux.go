@@ -114,6 +114,8 @@ type uprobes struct {
 	nestedFound chan nestedReads
 	scanStop    chan struct{}
 	scanDone    chan struct{}
+	scanGoid    uint64      // its goroutine, ignored once the BPF objects are loaded
+	scanPaced   atomic.Bool // Start has returned: the search is paced and booked
 	// published is u.sites as the readers see it without u.mu (sites
 	// are added after Start); written under u.mu.
 	published atomic.Pointer[[]*site]
@@ -278,17 +280,20 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err != nil {
 		return fmt.Errorf("start probe: read own symbols: %w: %w", probe.ErrNotSupported, err)
 	}
-	keepBin := false // the search for nested reads takes it over
-	defer func() {
-		if !keepBin {
-			bin.Close()
-		}
-	}()
+	closeBin := func() { bin.Close() } // shared with the search for nested reads
+	defer func() { closeBin() }()
 	if haveBias && bias != bin.LoadBias() {
 		return fmt.Errorf("start probe: load bias %#x from the auxiliary vector, %#x from the symbols: %w",
 			bias, bin.LoadBias(), probe.ErrLayoutMismatch)
 	}
 	step("symbols")
+	if slices.Contains(u.cfg.kinds(), decode.NestedMapMiss) {
+		// The program's nested reads are searched for beside the rest of
+		// Start (a read of the whole text), which does not wait for it:
+		// it goes on after Start, paced, and the reader attaches what it
+		// finds (nested_linux.go).
+		closeBin = u.startNestedScanLocked(bin)
+	}
 	if err := u.chooseSites(bin); err != nil {
 		return err
 	}
@@ -317,6 +322,13 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	}
 	if err := u.finishLoadLocked(coll); err != nil {
 		return err
+	}
+	if u.scanGoid != 0 {
+		// Before any probe is attached: the search's goroutine is the
+		// Guard's own.
+		if err := u.ignoreLocked(u.scanGoid); err != nil {
+			return fmt.Errorf("start probe: ignore the search for nested reads: %w", err)
+		}
 	}
 	step("load")
 	if err := ctxErr(ctx); err != nil {
@@ -371,12 +383,7 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	u.wakeFile.SetReadDeadline(past)
 	step("governor")
 	u.running = true
-	if slices.Contains(u.cfg.kinds(), decode.NestedMapMiss) {
-		// The program's nested reads are searched for after Start: it
-		// reads the whole text (10-20 ms of CPU in a large program).
-		keepBin = true
-		u.startNestedScanLocked(bin)
-	}
+	u.scanPaced.Store(true) // from now on its CPU is the budget's
 	u.log.V(4).Info("probe started", append([]any{"sites", len(u.sites), "inactive", len(u.inactive),
 		"uprobeMulti", u.multi, "took", time.Since(begin)}, steps...)...)
 	return nil
