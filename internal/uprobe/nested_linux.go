@@ -33,8 +33,9 @@ import (
 // the 91 MB program and a fraction of a second on a small one.
 const nestedScanShare = 0.5
 
-// testScanPace, if set by a test, runs at each of the search's paces.
-var testScanPace func()
+// testScanPace, if set by a test, runs at each of the search's paces,
+// with the channel Close closes.
+var testScanPace func(stop <-chan struct{})
 
 // errScanStopped ends the search when the probe closes.
 var errScanStopped = errors.New("search for nested reads stopped")
@@ -121,7 +122,7 @@ func (u *uprobes) scanNested(bin *symbols.Binary, release func(), share float64,
 	last := threadCPU()
 	pace := func() error {
 		if testScanPace != nil {
-			testScanPace()
+			testScanPace(u.scanStop)
 		}
 		select {
 		case <-u.scanStop:

@@ -250,11 +250,11 @@ var (
 //go:noinline
 func scanControlMiss(k string) int { return scanControl[k] }
 
-// The search for nested reads goes on after Start (here slowed at each
-// step) and Close stops it: nothing of it is left, and its sites are not
-// attached afterwards.
+// The search for nested reads goes on after Start (here held at its first
+// step until Close) and Close stops it: nothing of it is left, and its
+// sites are not attached afterwards.
 func TestNestedScanStopsAtClose(t *testing.T) {
-	testScanPace = func() { time.Sleep(20 * time.Millisecond) }
+	testScanPace = func(stop <-chan struct{}) { <-stop }
 	defer func() { testScanPace = nil }()
 	p, _ := startProbe(t, Config{Kinds: []decode.Kind{decode.NestedMapMiss}})
 	p.mu.Lock()
