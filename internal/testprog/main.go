@@ -76,12 +76,29 @@ func main() {
 			line = p.run()
 		}()
 		<-done
-		for _, kind := range p.kinds {
-			ev, ok := await(events, func(ev mapguard.Event) bool { return ev.Goroutine == goid && ev.Kind == kind })
-			if !ok {
-				res.Error = "no " + kind.String() + " event within 5s"
-				return
+		// The kinds may come in any order (a slice, not a map: this
+		// program's own map reads are watched too).
+		got := make([]*mapguard.Event, len(p.kinds))
+		timeout := time.After(5 * time.Second)
+		for waiting := len(p.kinds); waiting > 0; {
+			select {
+			case ev := <-events:
+				for i, kind := range p.kinds {
+					if got[i] == nil && ev.Goroutine == goid && ev.Kind == kind {
+						got[i] = &ev
+						waiting--
+					}
+				}
+			case <-timeout:
+				for i, kind := range p.kinds {
+					if got[i] == nil {
+						res.Error = "no " + kind.String() + " event within 5s"
+						return
+					}
+				}
 			}
+		}
+		for _, ev := range got {
 			res.Events = append(res.Events, Event{
 				Kind: ev.Kind.String(), Function: ev.Site.Function, File: ev.Site.File,
 				MapType: ev.MapType, Line: ev.Site.Line, WantLine: line, GoroutineOK: ev.Goroutine == goid,
@@ -106,21 +123,6 @@ var provocations = []struct {
 	{missingDelete, []mapguard.Kind{mapguard.MissingKeyDelete}},
 	{nilDelete, []mapguard.Kind{mapguard.NilMapDelete}},
 	{sharedWrite, []mapguard.Kind{mapguard.SharedWriters}},
-}
-
-// await returns the first event that matches, skipping others.
-func await(events <-chan mapguard.Event, match func(mapguard.Event) bool) (mapguard.Event, bool) {
-	timeout := time.After(5 * time.Second)
-	for {
-		select {
-		case ev := <-events:
-			if match(ev) {
-				return ev, true
-			}
-		case <-timeout:
-			return mapguard.Event{}, false
-		}
-	}
 }
 
 func nilWrite() (line int) {

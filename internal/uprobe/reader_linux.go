@@ -128,11 +128,6 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 		u.log.Error(err, "bad record")
 		return
 	}
-	if int(h.Site) < len(sites) && sites[h.Site].flags&siteCaller != 0 {
-		if c, ok := u.callerAt(uint64(h.PC)); ok && ev.Time.Before(c.since) {
-			return // a site added after Start: counted at the runtime's sites until then
-		}
-	}
 	if h.Typ != 0 && h.Typ == u.canaryT {
 		select {
 		case u.canary <- *ev:
@@ -157,8 +152,16 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 		u.notNested[mapguardAggKey{Site: h.Site | aggNested, Pc: uint64(h.PC)}] = true
 	}
 	if ev.Kind == decode.NestedMapMiss && int(h.Site) < len(sites) && sites[h.Site].flags&siteCaller == 0 {
+		// Counted at its own site, in the caller's code, once that took
+		// over and has reported the call site. Not before: an occurrence
+		// whose CALL ran just before the site was attached, and whose
+		// goroutine then waited before the runtime's trap, is the
+		// runtime's alone (seen in CI: the first nested miss of a test
+		// program, lost). The CALL's record comes first in the ring.
 		if c, probed := u.callerAt(uint64(h.PC)); probed && !ev.Time.Before(c.since) {
-			return // counted at its own site, in the caller's code
+			if seen, _ := u.nestedSeen[h.PC]; seen {
+				return
+			}
 		}
 	}
 	if ev.Kind == decode.NestedMapMiss && u.watched[ev.Kind] {
