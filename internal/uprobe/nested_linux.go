@@ -163,14 +163,14 @@ func (u *uprobes) scanNested(bin *symbols.Binary, release func(), share float64,
 // reader's tick, once the ring buffer is drained. An occurrence is then
 // counted once, whichever site saw it: up to the instant since, the
 // runtime's sites' counts are reported (the new sites' counts so far are
-// marked as seen); from since on, the new sites' (the runtime's events
-// there dropped, their counts skipped). A new site's first event is never
-// dropped, even from before since: an occurrence traps at the inner read's
-// CALL and then in the runtime, and a goroutine descheduled between the
-// two would otherwise lose both (seen in CI: the only nested miss of a
-// test program, unreported). So around the handover an occurrence may be
-// counted twice, and one during the pass over the aggregates missed
-// (TestRealNestedAcrossAttach allows 2).
+// marked as seen); from since on, the new sites' (the runtime's counts
+// there skipped, and their events dropped once the call site has been
+// reported: see handleWith). An occurrence traps at the inner read's CALL
+// and then in the runtime; a goroutine can wait between the two, across
+// the attach and since, and no rule on times alone keeps exactly one of
+// its two records (seen in CI: the only nested miss of a test program,
+// unreported). So around the handover an occurrence may be counted twice,
+// or, in the counts, missed (TestRealNestedAcrossAttach allows 2).
 func (u *uprobes) takeNestedLocked(now time.Time) {
 	if u.nestedFound == nil {
 		return
