@@ -13,7 +13,6 @@ import (
 	"github.com/mapguard/mapguard/internal/rt"
 	"github.com/mapguard/mapguard/probe"
 	"github.com/mapguard/mapguard/symbols"
-	"golang.org/x/sys/unix"
 )
 
 // The inner reads of m[a][b] in the program's own code get sites of their
@@ -29,8 +28,10 @@ import (
 // next tick (takeNestedLocked).
 
 // nestedScanShare is the share of the budget the search may use while it
-// runs: with the default budget (1% of a CPU), 0.5%, so about 2-4 s on
-// the 91 MB program and a fraction of a second on a small one.
+// runs: with the default budget (1% of a CPU), 0.5%. What is left of
+// 10-20 ms of CPU on the 91 MB program after Start then takes up to 2-4 s
+// (arithmetic, not measured); a small program's search is usually done
+// within Start.
 const nestedScanShare = 0.5
 
 // testScanPace, if set by a test, runs at each of the search's paces,
@@ -53,12 +54,15 @@ type callerRead struct {
 // slice, since a map read that misses would trap at the Guard's own
 // probe.
 func (u *uprobes) callerAt(pc uint64) (callerRead, bool) {
-	i, ok := slices.BinarySearchFunc(u.callers, pc, func(c callerRead, pc uint64) int { return cmp.Compare(c.pc, pc) })
+	i, ok := slices.BinarySearchFunc(u.callers, pc, callerCmp)
 	if !ok {
 		return callerRead{}, false
 	}
 	return u.callers[i], true
 }
+
+// callerCmp orders callerReads by call site.
+func callerCmp(c callerRead, pc uint64) int { return cmp.Compare(c.pc, pc) }
 
 // readSites returns the sites as the readers may read them without u.mu.
 func (u *uprobes) readSites() []*site {
@@ -186,7 +190,11 @@ func (u *uprobes) takeNestedLocked(now time.Time) {
 	if len(added) == 0 {
 		return
 	}
-	since := u.clock.Time(uint64(monoNow()))
+	mono, err := kernelMono() // the records' clock
+	if err != nil {
+		mono = uint64(u.clock.Mono) // Start's: every record is after it
+	}
+	since := u.clock.Time(mono)
 	u.fresh = added
 	u.lastAgg = now
 	u.flushAggsLocked()
@@ -194,19 +202,10 @@ func (u *uprobes) takeNestedLocked(now time.Time) {
 	for _, c := range added {
 		s := u.sites[c]
 		r := callerRead{pc: s.wrapRet[0], outer: s.wrapRet[1], since: since}
-		j, _ := slices.BinarySearchFunc(u.callers, r.pc, func(c callerRead, pc uint64) int { return cmp.Compare(c.pc, pc) })
+		j, _ := slices.BinarySearchFunc(u.callers, r.pc, callerCmp)
 		u.callers = slices.Insert(u.callers, j, r)
 	}
 	u.log.V(4).Info("nested reads probed", "sites", len(u.callers))
-}
-
-// monoNow reads CLOCK_MONOTONIC, the clock of the records' times.
-func monoNow() int64 {
-	var ts unix.Timespec
-	if unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts) != nil {
-		return 0
-	}
-	return ts.Nano()
 }
 
 // addNestedLocked adds and attaches the sites the search found, as far as

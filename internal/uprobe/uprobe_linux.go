@@ -106,7 +106,7 @@ type uprobes struct {
 	// callers are the inner reads of m[a][b] probed in the program's code
 	// (siteCaller), sorted by call site: their nested misses are counted
 	// there only. (The code in memory holds the probes' breakpoints, so it
-	// is not decoded again.) The reader's: it adds them (addNestedLocked).
+	// is not decoded again.) The reader's: it adds them (takeNestedLocked).
 	callers []callerRead
 	// The search for the program's nested reads runs after Start
 	// (nested_linux.go): it hands what it found to the reader through
