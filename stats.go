@@ -119,6 +119,11 @@ type BudgetStats struct {
 	// in it. Overhead is Spent / Elapsed.
 	Spent, Elapsed time.Duration
 	Overhead       float64
+	// WorstSecond is the most of Spent in one second since Start (a window
+	// of a second or a little more, between two of the governor's runs):
+	// the default Budget holds in every second, the first included, not
+	// only on average.
+	WorstSecond time.Duration
 	// Sampled counts the sites being sampled now.
 	Sampled int
 }
@@ -209,6 +214,7 @@ func budgetStatsOf(s probe.BudgetStats) BudgetStats {
 		Spent:        s.Spent,
 		Elapsed:      s.Elapsed,
 		Overhead:     s.Overhead,
+		WorstSecond:  s.WorstSecond,
 		Sampled:      s.Sampled,
 	}
 }

@@ -73,6 +73,7 @@ type Budget struct {
 	EmulatedCost time.Duration `json:"emulatedCostNs"`
 	Spent        time.Duration `json:"spentNs"`
 	Overhead     float64       `json:"overhead"`
+	WorstSecond  time.Duration `json:"worstSecondNs"`
 	Sampled      int           `json:"sampled"`
 }
 

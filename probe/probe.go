@@ -102,6 +102,10 @@ type BudgetStats struct {
 	// in it. Overhead is Spent / Elapsed.
 	Spent, Elapsed time.Duration
 	Overhead       float64
+	// WorstSecond is the most of Spent in one second since Start (a window
+	// of a second or a little more, between two of the governor's runs):
+	// what the budget's "every second" is checked against.
+	WorstSecond time.Duration
 	// Sampled counts the sites being sampled now.
 	Sampled int
 }

@@ -408,6 +408,7 @@ func (u *uprobes) budgetStatsLocked(now time.Time) *probe.BudgetStats {
 		LinkCost:     u.linkCost,
 		Spent:        time.Duration(u.gov.spentTotal()),
 		Elapsed:      now.Sub(u.govStart),
+		WorstSecond:  time.Duration(u.gov.worst),
 		Calibrations: u.calibrations,
 	}
 	for i := range u.gov.sites {
