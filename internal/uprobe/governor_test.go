@@ -448,7 +448,8 @@ func TestGovernorPriority(t *testing.T) {
 }
 
 // storm reports a storm from when the tokens fall below half the burst,
-// for stormSpan at most, and again once they were full in between.
+// for stormSpan at most while it goes on sampling sites, and again once
+// they were full in between.
 func TestGovernorStormSpan(t *testing.T) {
 	start := time.Unix(1000, 0)
 	g := newGovernor(0.01, []float64{20_000}, simCycle, 30*time.Millisecond, start)
@@ -457,8 +458,17 @@ func TestGovernorStormSpan(t *testing.T) {
 	}
 	now := start.Add(10 * time.Millisecond)
 	g.account(now, 4e6, []uint64{200}, 0) // 4 ms: the 5-ms burst is under half
-	if !g.storm(now) || !g.storm(now.Add(stormSpan-time.Millisecond)) {
+	if !g.storm(now) || !g.storm(now.Add(stormQuiet-time.Millisecond)) {
 		t.Fatal("no storm once the tokens fell below half the burst")
+	}
+	if g.storm(now.Add(stormQuiet)) {
+		t.Fatal("a storm reported stormQuiet after it began, with no site sampled since")
+	}
+	for d := stormQuiet / 2; d < stormSpan; d += stormQuiet / 2 {
+		g.demotedAt = now.Add(d) // a site sampled
+	}
+	if !g.storm(now.Add(stormSpan - time.Millisecond)) {
+		t.Fatal("no storm while sites are being sampled")
 	}
 	if g.storm(now.Add(stormSpan)) {
 		t.Fatal("a storm reported past stormSpan")
@@ -503,5 +513,107 @@ func TestGovernorSharedStartLink(t *testing.T) {
 		if st := s.g.sites[i]; st.sampled {
 			t.Errorf("quiet site %d (%v/s) still sampled after a minute", i, rates[i])
 		}
+	}
+}
+
+// When a storm samples the busy sites of Start's shared link, the quiet
+// ones on it (attached long enough to tell) are not sampled with them: they are attached again together,
+// on one link, and counted exactly (a window a second each would cost a
+// link's attach and detach for nothing, and estimate their counts).
+func TestGovernorQuietStayExact(t *testing.T) {
+	const budget = 0.01
+	rates := []float64{20_000, 10_000, 8_000, 50, 10, 0, 0, 0}
+	costs := []float64{19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000}
+	// The busy sites are quiet for a second, then busy: the quiet ones'
+	// rates are known by the storm (a rate measured over Start's first
+	// milliseconds would say nothing).
+	s := newSim(budget, []float64{0, 0, 0, 50, 10, 0, 0, 0}, costs, 30*time.Millisecond)
+	s.g.shareLink([]int{0, 1, 2, 3, 4, 5, 6, 7})
+	s.step(time.Second)
+	s.rates = rates
+	for i := 0; i < 200; i++ {
+		s.step(10 * time.Millisecond)
+		for j := 3; j < 8; j++ {
+			if s.g.sites[j].sampled {
+				t.Fatalf("quiet site %d (%v/s) sampled at %v", j, rates[j], s.now.Sub(s.g.start))
+			}
+		}
+	}
+	var armed0 [8]time.Duration
+	copy(armed0[:], s.armedFor)
+	attaches0 := s.attaches
+	spent := s.share(100)
+	for i := 3; i < 8; i++ {
+		if s.g.sites[i].sampled {
+			t.Errorf("quiet site %d (%v/s) sampled", i, rates[i])
+		}
+		if d := s.armedFor[i] - armed0[i]; d < 10*time.Second {
+			t.Errorf("quiet site %d attached %v of the last 10 s", i, d)
+		}
+	}
+	for i := 0; i < 3; i++ {
+		if !s.g.sites[i].sampled {
+			t.Errorf("busy site %d (%v/s) counted exactly", i, rates[i])
+		}
+	}
+	links := float64(s.attaches-attaches0) / 10
+	t.Logf("spent %.4f of a CPU; %.1f links a second for the busy sites' windows", spent, links)
+	if links > 3 {
+		t.Errorf("%.1f links a second", links)
+	}
+	if spent > budget*1.1 {
+		t.Errorf("spent %.4f of a CPU, budget %v", spent, budget)
+	}
+}
+
+// In debt (a pinned site costs more than the budget: a nil-map write
+// storm), a sampled statistics' site skips its windows, one every debtGap
+// at most, while a site serving events keeps one every second.
+func TestGovernorDebtSkipsStatistics(t *testing.T) {
+	// 2% of a CPU pinned; a statistics' site and an events' site, each 20%
+	// of a CPU while attached.
+	s := newSim(0.01, []float64{1_000, 10_000, 10_000}, []float64{20_000, 20_000, 20_000}, 30*time.Millisecond)
+	s.g.pin(0)
+	s.g.prioritize(2)
+	s.step(2 * time.Second)
+	s.maxGap[1], s.maxGap[2] = 0, 0
+	arms := s.arms
+	for i := 0; i < 200; i++ {
+		s.step(100 * time.Millisecond)
+		if s.g.tokens >= 0 {
+			t.Fatalf("out of debt at %v: the test needs a lasting debt", s.now.Sub(s.g.start))
+		}
+	}
+	t.Logf("longest gaps: statistics %v, events %v; %d site windows in 20 s", s.maxGap[1], s.maxGap[2], s.arms-arms)
+	if s.maxGap[1] < 2*time.Second || s.maxGap[1] > debtGap+time.Second {
+		t.Errorf("the statistics' site went %v without a window (want 2 s to %v)", s.maxGap[1], debtGap+time.Second)
+	}
+	if s.maxGap[2] > time.Second+10*time.Millisecond {
+		t.Errorf("the events' site went %v without a window", s.maxGap[2])
+	}
+}
+
+// worst is the most spent in one second: since start in the first
+// second, then over the accounts a second apart or a little more.
+func TestGovernorWorstSecond(t *testing.T) {
+	start := time.Unix(1000, 0)
+	g := newGovernor(0.01, []float64{1000}, simCycle, 30*time.Millisecond, start)
+	at := func(ms int) time.Time { return start.Add(time.Duration(ms) * time.Millisecond) }
+	g.account(at(100), 3e6, []uint64{0}, 1e6) // 4 ms in the first 100 ms
+	if g.worst != 4e6 {
+		t.Fatalf("worst %v after the first account, want 4 ms", g.worst)
+	}
+	for ms := 200; ms <= 3000; ms += 100 {
+		g.account(at(ms), 3e6+float64(ms-100)*1e3, []uint64{0}, 0) // 1 ms a second
+	}
+	if want := 4.9e6; math.Abs(g.worst-want) > 1 {
+		t.Fatalf("worst %v, want the first second's %v", g.worst, want)
+	}
+	g.account(at(3050), 3e6+2950e3+6e6, []uint64{0}, 0) // 6 ms at once
+	if want := 7e6 + 50e3; math.Abs(g.worst-want) > 1 {
+		t.Fatalf("worst %v, want %v (the last second, from the account 1.05 s back)", g.worst, want)
+	}
+	if len(g.recent) > 13 {
+		t.Errorf("%d accounts kept for a second's window", len(g.recent))
 	}
 }

@@ -161,18 +161,39 @@ func (g *governor) demote(now time.Time) {
 		if load <= g.budget*exactShare || s.load() == 0 {
 			break
 		}
-		if s.sampled {
-			continue // sampled with its link's other sites below
+		if s.sampled || s.relink {
+			continue // sampled, or attached again, with its link's other sites below
 		}
 		if s.armed && s.group != 0 {
 			// It shares its link (the statistics' sites are attached with
-			// one link at Start): the link's sites are all sampled with it
-			// and detached together, one detach for all.
+			// one link at Start): the link is detached, one detach for all.
+			// Its busy sites are sampled; the quiet ones (below what would
+			// promote a sampled site, over relinkWatched at least) stay
+			// counted exactly and are attached again together, on one
+			// link, when the detach is done: a window each second for each
+			// of them would cost a link's attach and detach for nothing.
+			// A rate measured over a few milliseconds says nothing (a
+			// site with no hits in Start's first 7 ms took 10,000 a second
+			// right after, and its new link was detached again).
+			var busy, quiet []int
 			for j := range g.sites {
-				if t := &g.sites[j]; t.group == s.group && t.armed && !t.sampled && !t.pinned {
-					load -= t.load()
-					g.sample(t, now, true)
+				if t := &g.sites[j]; t.group == s.group && t.armed && !t.sampled && !t.pinned && t.detachAt.IsZero() {
+					if t.load() >= g.budget*promoteShare || t.watched < relinkWatched {
+						busy = append(busy, j)
+					} else {
+						quiet = append(quiet, j)
+					}
 				}
+			}
+			if len(busy) == 0 {
+				busy, quiet = append(busy, quiet...), nil // none stands out: sample them all
+			}
+			for _, j := range busy {
+				load -= g.sites[j].load()
+				g.sample(&g.sites[j], now, true)
+			}
+			for _, j := range quiet {
+				g.sites[j].relink = true
 			}
 			continue
 		}
@@ -185,7 +206,9 @@ func (g *governor) demote(now time.Time) {
 // attachment, with its link's other sites if shared (the group is kept),
 // else on its own link.
 func (g *governor) sample(s *govSite, now time.Time, shared bool) {
-	s.sampled = true
+	s.sampled, s.relink = true, false
+	s.lastOn = now // attached until now
+	g.demotedAt = now
 	s.window, s.period = g.windowFor(s, g.budget*(1-exactShare))
 	s.nextOn = now.Add(min(s.period, samplePeriod))
 	if s.armed {
