@@ -11,6 +11,7 @@ import (
 	"errors"
 	"strings"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -19,10 +20,15 @@ import (
 	"github.com/mapguard/mapguard/probe"
 )
 
-// threadCPU is the CPU time of the calling thread, in ns.
+// threadCPU is the CPU time of the calling thread, in ns. A raw system
+// call (clock_gettime never blocks, and a thread's CPU clock is not in the
+// vDSO): a plain one tells the scheduler, which wakes sysmon from its long
+// sleep, and sysmon then polls every 20 us for a while; the Guard's
+// goroutines read it several times a tick.
 func threadCPU() time.Duration {
 	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts); err != nil {
+	_, _, e := unix.RawSyscall(unix.SYS_CLOCK_GETTIME, unix.CLOCK_THREAD_CPUTIME_ID, uintptr(unsafe.Pointer(&ts)), 0)
+	if e != 0 {
 		return 0
 	}
 	return time.Duration(ts.Nano())

@@ -39,9 +39,9 @@ const (
 // floors are measured again this often. A variable for tests.
 var recalibrateEvery = time.Minute
 
-// startGovernorLocked attaches every site and starts the governor with a
-// full burst, at the costs Start's calibration measured (assumed ones if
-// it failed, until the waker's first tick calibrates).
+// startGovernorLocked attaches every site and starts the governor (with
+// no tokens: see newGovernor), at the costs Start's calibration measured
+// (assumed ones if it failed, until the waker's first tick calibrates).
 func (u *uprobes) startGovernorLocked(now time.Time) error {
 	if u.calibrations == 0 {
 		u.assumeCostsLocked()
@@ -325,6 +325,7 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 	}
 	var rec ringbuf.Record
 	for {
+		cpu.begin()
 		u.mu.Lock()
 		var next time.Time
 		polling := false // the deadline is a storm's look, not the governor's
@@ -353,6 +354,7 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 		}
 		f.SetReadDeadline(next) // zero: no deadline
 		u.mu.Unlock()
+		cpu.book()
 		// Wait until the ring has a record or the deadline passes
 		// (rescheduleLocked moves it earlier).
 		err := rc.Read(func(uintptr) bool { return r.AvailableBytes() > 0 })
@@ -369,19 +371,28 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 			}
 			return
 		}
+		cpu.begin()
+		if r.AvailableBytes() == 0 {
+			// Woken by the deadline: how late, for the windows' costs.
+			u.mu.Lock()
+			if u.gov != nil && !u.wakeAt.IsZero() && !polling {
+				u.gov.noteLate(time.Since(u.wakeAt))
+			}
+			u.mu.Unlock()
+		}
 		if polling && r.AvailableBytes() == 0 && !u.overLimit() && time.Now().Before(govNext) {
 			continue // a storm's look: the kernel would not have woken us
 		}
 		if !drain(r, &rec, func([]byte) {}) {
 			return
 		}
-		cpu.book()
 		u.wake(time.Now())
 		cpu.book()
+		cpu.begin()
 		if ran, first := u.calibrateDue(time.Now()); ran {
 			cpu.skip = first // the first calibration is start-up's cost, not the budget's
-			cpu.book()
 		}
+		cpu.book()
 	}
 }
 

@@ -140,12 +140,15 @@ type governor struct {
 	linkShare float64
 	latency   time.Duration // wall time a detach takes; a site is not re-attached meanwhile
 	tail      time.Duration // time traps go on once a detach began
-	kernel    float64       // the kernel's running cost sum at the last account
-	extra     float64       // CPU ns spent outside hits since start
-	last      time.Time     // last account
-	start     time.Time
-	flushed   time.Time // last scale
-	groups    int       // the last group given out
+	// late is how late the governor runs after the time it asked to
+	// (moving average): a window planned to end at t ends at t+late.
+	late    time.Duration
+	kernel  float64   // the kernel's running cost sum at the last account
+	extra   float64   // CPU ns spent outside hits since start
+	last    time.Time // last account
+	start   time.Time
+	flushed time.Time // last scale
+	groups  int       // the last group given out
 	// pressureAt is when the tokens last fell below half the burst
 	// (zero once they are full again): see storm.
 	pressureAt time.Time
@@ -165,7 +168,7 @@ type spendAt struct {
 }
 
 // newGovernor returns a governor for sites with the given per-hit costs
-// (ns), all attached exactly at now, with a full burst.
+// (ns), all attached exactly at now, with no tokens yet (see below).
 func newGovernor(budget float64, costs []float64, cycle float64, latency time.Duration, now time.Time) *governor {
 	g := &governor{
 		budget:    budget,
@@ -180,7 +183,12 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 		recent:    []spendAt{{at: now}},
 	}
 	g.burst = max(budget*burstSeconds*1e9, 2*cycle)
-	g.tokens = g.burst
+	// No burst to spend at first: what a site costs is not known until it
+	// has run, and a process under load when Start returns hits its hot
+	// sites at once, until the governor runs (measured: a first run 8-11
+	// ms after Start, 6 ms of traps; with the burst to spend first, the
+	// kernel wakes it only once that is spent).
+	g.tokens = 0
 	for i, c := range costs {
 		g.sites[i] = govSite{cost: c, armed: true, armedAt: now}
 	}
@@ -320,6 +328,20 @@ func (s *govSite) notePeak(r float64, now time.Time) {
 	s.peakAt = now
 	s.peak = max(s.peak, r)
 }
+
+// maxLate bounds late: a run that late was not waiting on its timer (the
+// process stopped, or the machine).
+const maxLate = 50 * time.Millisecond
+
+// noteLate records that a run asked for at some time came d after it.
+func (g *governor) noteLate(d time.Duration) {
+	g.late = (3*g.late + min(max(d, 0), maxLate)) / 4
+}
+
+// overrun is how long a window's traps go on after the governor decides
+// to end it, at the latest planned time: until it runs (late), then until
+// the kernel has removed the breakpoints (tail).
+func (g *governor) overrun() time.Duration { return g.tail + g.late }
 
 // measureTail updates the time traps go on once a detach began from the
 // hits s took since then, where enough were expected to tell.
@@ -581,7 +603,7 @@ func (g *governor) limit() float64 {
 		s := &g.sites[i]
 		if s.inWindow() && !math.IsInf(s.allow, 1) {
 			open = true
-			windows += max(s.allow-g.siteCycle()-s.spent-s.peakLoad()*float64(g.tail), 0)
+			windows += max(s.allow-g.siteCycle()-s.spent-s.peakLoad()*float64(g.overrun()), 0)
 		}
 	}
 	if open {

@@ -111,10 +111,10 @@ func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
 		}
 		s.offAt = minTime(s.offAt, s.armedAt.Add(g.shortestWindow(s)))
 	}
-	// What the window can still pay for at the peak rate, its detach's
-	// tail included.
+	// What the window can still pay for at the peak rate, the governor's
+	// lateness and its detach's tail included.
 	load := s.peakLoad()
-	left := s.allow - g.siteCycle() - s.spent - load*float64(g.tail)
+	left := s.allow - g.siteCycle() - s.spent - load*float64(g.overrun())
 	if left <= 0 {
 		return true
 	}
@@ -221,8 +221,9 @@ func (g *governor) sample(s *govSite, now time.Time, shared bool) {
 }
 
 // windowFor sizes a sampled site's window and period, at its peak rate,
-// so that one window (its hits, those its detach lets through, and the
-// attach and detach themselves) costs at most share of the budget over
+// so that one window (its hits, those that come while the governor runs
+// late and while its detach goes on, and the attach and detach
+// themselves) costs at most share of the budget over
 // the period.
 func (g *governor) windowFor(s *govSite, share float64) (window, period time.Duration) {
 	load := s.peakLoad()
@@ -230,10 +231,10 @@ func (g *governor) windowFor(s *govSite, share float64) (window, period time.Dur
 		return samplePeriod, samplePeriod
 	}
 	allowed := share * float64(samplePeriod) // ns of CPU per period
-	w := (allowed-g.siteCycle())/load - float64(g.tail)
+	w := (allowed-g.siteCycle())/load - float64(g.overrun())
 	if shortest := g.shortestWindow(s); w < float64(shortest) {
 		// Even the shortest window each period is too dear: space them out.
-		cost := load*float64(shortest+g.tail) + g.siteCycle()
+		cost := load*float64(shortest+g.overrun()) + g.siteCycle()
 		return shortest, time.Duration(min(cost/share, float64(time.Hour)))
 	}
 	return time.Duration(min(w, float64(samplePeriod))), samplePeriod

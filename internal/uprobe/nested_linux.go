@@ -123,7 +123,13 @@ func (u *uprobes) scanNested(bin *symbols.Binary, release func(), share float64,
 	ids <- rt.GoID()
 	cpu := startCPUMeter(&u.ownCPU, false)
 	defer cpu.stop()
-	last := threadCPU()
+	ran := func() time.Duration { // the stretch so far, booked or not
+		if !cpu.on {
+			return 0
+		}
+		return threadCPU() - cpu.start
+	}
+	cpu.begin()
 	pace := func() error {
 		if testScanPace != nil {
 			testScanPace(u.scanStop)
@@ -134,12 +140,11 @@ func (u *uprobes) scanNested(bin *symbols.Binary, release func(), share float64,
 		default:
 		}
 		if !u.scanPaced.Load() {
-			last = threadCPU()
-			cpu.last = last // Start's, not booked
+			cpu.stop() // Start's, not booked
+			cpu.begin()
 			return nil
 		}
-		now := threadCPU()
-		ran := now - last
+		ran := ran()
 		cpu.book()
 		if share > 0 && share < 1 && ran > 0 {
 			t := time.NewTimer(time.Duration(float64(ran) * (1/share - 1)))
@@ -150,13 +155,14 @@ func (u *uprobes) scanNested(bin *symbols.Binary, release func(), share float64,
 			case <-t.C:
 			}
 		}
-		last = threadCPU()
+		cpu.begin()
 		return nil
 	}
 	n, complete := findNestedReads(bin, symbolsCallee(bin), pace)
 	if u.scanPaced.Load() {
 		cpu.book()
 	}
+	cpu.stop()
 	if !complete {
 		return
 	}

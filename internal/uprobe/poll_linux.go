@@ -26,8 +26,13 @@ import (
 var past = time.Unix(1, 0)
 
 // drain reads every record in r without blocking, handing each to fn. It
-// returns false once r is closed.
+// returns false once r is closed. An empty ring is told from its shared
+// memory, without a system call (each wakes sysmon, see threadCPU); r is
+// closed only once its goroutine has returned (teardown).
 func drain(r *ringbuf.Reader, rec *ringbuf.Record, fn func(raw []byte)) bool {
+	if r.AvailableBytes() == 0 {
+		return true
+	}
 	r.SetDeadline(past)
 	for {
 		err := r.ReadInto(rec)

@@ -44,16 +44,19 @@ func (u *uprobes) run(ready chan<- error) {
 	for {
 		select {
 		case <-timer.C:
+			cpu.begin()
+			if !drain(u.reader, &rec, handle) {
+				return
+			}
+			u.tick(time.Now())
+			cpu.book()
+			timer.Reset(pollInterval)
+		case <-u.readerWake:
+			cpu.begin()
 			if !drain(u.reader, &rec, handle) {
 				return
 			}
 			cpu.book()
-			u.tick(time.Now())
-			timer.Reset(pollInterval)
-		case <-u.readerWake:
-			if !drain(u.reader, &rec, handle) {
-				return
-			}
 		case <-u.readerStop:
 			drain(u.reader, &rec, handle) // what is left, then stop
 			return
@@ -79,6 +82,7 @@ func (u *uprobes) runDeep(ready chan<- error) {
 	for {
 		select {
 		case <-ticker.C:
+			cpu.begin()
 			if !drain(u.deepReader, &rec, handle) {
 				return
 			}
