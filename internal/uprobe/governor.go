@@ -96,8 +96,10 @@ type govSite struct {
 	detachAt     time.Time
 	// watched is the time attached since Start; span the time attached
 	// since the last rate measurement and spanHits the hits in it;
-	// flushWatched the time attached since the last scale.
+	// flushWatched the time attached since flushFrom, the start of the
+	// interval its counts are scaled over (see flush).
 	watched, span, flushWatched time.Duration
+	flushFrom                   time.Time
 	spanHits                    uint64
 	disabled                    bool // never attached (e.g. failed to attach)
 	// group: the sampled sites attached together (one link) share one;
@@ -142,13 +144,12 @@ type governor struct {
 	tail      time.Duration // time traps go on once a detach began
 	// late is how late the governor runs after the time it asked to
 	// (moving average): a window planned to end at t ends at t+late.
-	late    time.Duration
-	kernel  float64   // the kernel's running cost sum at the last account
-	extra   float64   // CPU ns spent outside hits since start
-	last    time.Time // last account
-	start   time.Time
-	flushed time.Time // last scale
-	groups  int       // the last group given out
+	late   time.Duration
+	kernel float64   // the kernel's running cost sum at the last account
+	extra  float64   // CPU ns spent outside hits since start
+	last   time.Time // last account
+	start  time.Time
+	groups int // the last group given out
 	// pressureAt is when the tokens last fell below half the burst
 	// (zero once they are full again): see storm.
 	pressureAt time.Time
@@ -178,7 +179,6 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 		linkShare: 1,
 		last:      now,
 		start:     now,
-		flushed:   now,
 		sites:     make([]govSite, len(costs)),
 		recent:    []spendAt{{at: now}},
 	}
@@ -190,7 +190,7 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 	// kernel wakes it only once that is spent).
 	g.tokens = 0
 	for i, c := range costs {
-		g.sites[i] = govSite{cost: c, armed: true, armedAt: now}
+		g.sites[i] = govSite{cost: c, armed: true, armedAt: now, flushFrom: now}
 	}
 	return g
 }
@@ -198,7 +198,7 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 // add adds a site found after the start, attached at now (or never, if
 // attaching it failed), and returns its index.
 func (g *governor) add(cost float64, now time.Time, attached bool) int {
-	s := govSite{cost: cost, armed: attached, disabled: !attached}
+	s := govSite{cost: cost, armed: attached, disabled: !attached, flushFrom: now}
 	if attached {
 		s.armedAt = now
 	}
@@ -535,11 +535,8 @@ func (g *governor) failed(i int) {
 // the whole time), and whether the count is an estimate.
 func (g *governor) scale(now time.Time, i int) (float64, bool) {
 	s := &g.sites[i]
-	elapsed := now.Sub(g.flushed)
-	w := s.flushWatched
-	if s.armed {
-		w += max(g.trapsUntil(s, now).Sub(later(s.armedAt, g.last)), 0)
-	}
+	elapsed := now.Sub(s.flushFrom)
+	w := g.flushWatched(s, now)
 	if !s.sampled && w >= elapsed {
 		return 1, false
 	}
@@ -549,11 +546,26 @@ func (g *governor) scale(now time.Time, i int) (float64, bool) {
 	return max(1, float64(elapsed)/float64(w)), true
 }
 
-// flush starts a new interval for scale.
+// flushWatched is the time s was attached since flushFrom, as far as now.
+func (g *governor) flushWatched(s *govSite, now time.Time) time.Duration {
+	w := s.flushWatched
+	if s.armed {
+		w += max(g.trapsUntil(s, now).Sub(later(s.armedAt, g.last)), 0)
+	}
+	return w
+}
+
+// flush starts a new interval for scale, except for a sampled site that
+// was not attached at all in this one (its windows skipped in debt): its
+// next window's counts stand for both, so that a skipped second is
+// estimated, not lost.
 func (g *governor) flush(now time.Time) {
-	g.flushed = now
 	for i := range g.sites {
-		g.sites[i].flushWatched = 0
+		s := &g.sites[i]
+		if s.sampled && g.flushWatched(s, now) == 0 {
+			continue
+		}
+		s.flushFrom, s.flushWatched = now, 0
 	}
 }
 

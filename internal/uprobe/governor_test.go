@@ -575,19 +575,35 @@ func TestGovernorQuietStayExact(t *testing.T) {
 func TestGovernorDebtSkipsStatistics(t *testing.T) {
 	// 2% of a CPU pinned; a statistics' site and an events' site, each 20%
 	// of a CPU while attached.
-	s := newSim(0.01, []float64{1_000, 10_000, 10_000}, []float64{20_000, 20_000, 20_000}, 30*time.Millisecond)
+	const rates1 = 10_000.0
+	s := newSim(0.01, []float64{1_000, rates1, 10_000}, []float64{20_000, 20_000, 20_000}, 30*time.Millisecond)
 	s.g.pin(0)
 	s.g.prioritize(2)
 	s.step(2 * time.Second)
 	s.maxGap[1], s.maxGap[2] = 0, 0
 	arms := s.arms
+	s.g.flush(s.now)
+	estimate, last := 0.0, s.hits[1]
 	for i := 0; i < 200; i++ {
 		s.step(100 * time.Millisecond)
 		if s.g.tokens >= 0 {
 			t.Fatalf("out of debt at %v: the test needs a lasting debt", s.now.Sub(s.g.start))
 		}
+		if i%10 == 9 { // the reader's flush, every second
+			f, _ := s.g.scale(s.now, 1)
+			estimate += f * float64(s.hits[1]-last)
+			last = s.hits[1]
+			s.g.flush(s.now)
+		}
 	}
-	t.Logf("longest gaps: statistics %v, events %v; %d site windows in 20 s", s.maxGap[1], s.maxGap[2], s.arms-arms)
+	t.Logf("longest gaps: statistics %v, events %v; %d site windows in 20 s; statistics' count estimated %.0f of %.0f",
+		s.maxGap[1], s.maxGap[2], s.arms-arms, estimate, 20*rates1)
+	// The last window's interval may still be open; the windows' hits are
+	// few (about 16 each), so the estimate is rough, but no skipped second
+	// is lost.
+	if estimate < 0.5*20*rates1 || estimate > 1.5*20*rates1 {
+		t.Errorf("statistics' count estimated %.0f, %.0f happened", estimate, 20*rates1)
+	}
 	if s.maxGap[1] < 2*time.Second || s.maxGap[1] > debtGap+time.Second {
 		t.Errorf("the statistics' site went %v without a window (want 2 s to %v)", s.maxGap[1], debtGap+time.Second)
 	}
