@@ -174,9 +174,9 @@ func BenchmarkDeepHitCost(b *testing.B) {
 	})
 }
 
-// Two sites at one instruction on Start's shared link share one trap: it
-// is charged to the first only; a site at that instruction on a link of
-// its own (attached and detached apart) bears it whole.
+// Two sites at one instruction share one trap while both are attached: it
+// is charged to the first attached one only; once that one is detached
+// (the governor samples them apart), the other bears it whole.
 func TestSharedTrapCost(t *testing.T) {
 	fn := symbols.Func{Name: "runtime.mapaccess1_faststr", FileOffset: 0x1000}
 	at := func(i uint32, off uint64) *site {
@@ -184,10 +184,21 @@ func TestSharedTrapCost(t *testing.T) {
 	}
 	u := &uprobes{stepCost: 20 * time.Microsecond, emuCost: time.Microsecond}
 	u.sites = []*site{at(0, 0x131), at(1, 0x131), at(2, 0x10b), at(3, 0x131)}
-	u.startShared = []int{0, 1, 2}
-	for i, want := range []float64{20000, 0, 20000, 20000} {
-		if got := u.siteCost(u.sites[i]); got != want {
-			t.Errorf("site %d (+%#x): cost %v ns, want %v", i, u.sites[i].at.Offset, got, want)
+	for _, s := range u.sites {
+		s.link = fakeLink{}
+	}
+	check := func(when string, want []float64) {
+		t.Helper()
+		for i, want := range want {
+			if got := u.siteCost(u.sites[i]); got != want {
+				t.Errorf("%s: site %d (+%#x): cost %v ns, want %v", when, i, u.sites[i].at.Offset, got, want)
+			}
 		}
 	}
+	check("all attached", []float64{20000, 0, 20000, 0})
+	u.sites[0].link = nil // sampled apart: site 1 traps alone
+	check("the first detached", []float64{20000, 20000, 20000, 0})
 }
+
+// fakeLink stands for an attached link where only its presence counts.
+type fakeLink struct{ link.Link }
