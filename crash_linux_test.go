@@ -103,6 +103,11 @@ func crashHelper(mode string) {
 			select {
 			case <-stop:
 				helperStart(1)
+				// A record this Guard claims is delivered just after
+				// Start; let it print before the test may kill us (seen
+				// once in CI: a crash claimed, never printed, so
+				// reported by nobody).
+				time.Sleep(300 * time.Millisecond)
 				fmt.Println("HELD")
 				time.Sleep(time.Hour)
 			default:

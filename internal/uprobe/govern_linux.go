@@ -39,9 +39,9 @@ const (
 // floors are measured again this often. A variable for tests.
 var recalibrateEvery = time.Minute
 
-// startGovernorLocked attaches every site and starts the governor (with
-// no tokens: see newGovernor), at the costs Start's calibration measured
-// (assumed ones if it failed, until the waker's first tick calibrates).
+// startGovernorLocked attaches every site and starts the governor with a
+// full burst, at the costs Start's calibration measured (assumed ones if
+// it failed, until the waker's first tick calibrates).
 func (u *uprobes) startGovernorLocked(now time.Time) error {
 	if u.calibrations == 0 {
 		u.assumeCostsLocked()

@@ -483,11 +483,8 @@ func TestGovernorStormSpan(t *testing.T) {
 
 // The statistics' sites attached with one link at Start are sampled
 // together in a storm (one detach for all), and the storm's first second
-// stays within the budget, as with one link per site (before the
-// governor started with no burst to spend, it cost less than those: 8.3
-// against 9.8 ms; now 7.9 against 6.8, both under the budget's 10); the
-// quiet ones among them are counted exactly again once the budget
-// recovers.
+// stays within the budget, as with one link per site; the quiet ones among
+// them are counted exactly again once the budget recovers.
 func TestGovernorSharedStartLink(t *testing.T) {
 	const budget = 0.01
 	rates := []float64{20_000, 10_000, 8_000, 5_000, 3_000, 50, 10, 0}

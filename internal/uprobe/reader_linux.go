@@ -56,6 +56,7 @@ func (u *uprobes) run(ready chan<- error) {
 			if !drain(u.reader, &rec, handle) {
 				return
 			}
+			u.deliverPending()
 			cpu.book()
 		case <-u.readerStop:
 			drain(u.reader, &rec, handle) // what is left, then stop
@@ -235,6 +236,17 @@ func (u *uprobes) tick(now time.Time) {
 		u.log.V(1).Info("events dropped: the ring buffer was full; raise Options.BufferSize",
 			"dropped", dropped-u.lastDropped, "total", dropped)
 		u.lastDropped = dropped
+	}
+}
+
+// deliverPending delivers the crash records Start found, once Start is
+// done (it wakes the reader then), rather than at the next tick: a
+// process that dies in its first 100 ms still reports them.
+func (u *uprobes) deliverPending() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if len(u.pending) > 0 && u.running && !u.stopping && u.coll != nil {
+		u.deliverCrashesLocked()
 	}
 }
 

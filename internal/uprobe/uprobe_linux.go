@@ -383,6 +383,12 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	u.wakeFile.SetReadDeadline(past)
 	step("governor")
 	u.running = true
+	if len(u.pending) > 0 {
+		select { // the reader delivers the crash records now (deliverPending)
+		case u.readerWake <- struct{}{}:
+		default:
+		}
+	}
 	u.scanPaced.Store(true) // from now on its CPU is the budget's
 	u.log.V(4).Info("probe started", append([]any{"sites", len(u.sites), "inactive", len(u.inactive),
 		"uprobeMulti", u.multi, "took", time.Since(begin)}, steps...)...)
