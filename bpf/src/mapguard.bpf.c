@@ -788,3 +788,8 @@ int mapguard_empty(struct pt_regs *ctx)
 {
 	return 0;
 }
+
+// The object bpf2go builds from this file is committed, not next to it but
+// where the loader embeds it: internal/uprobe/mapguard_x86_bpfel.o with its
+// loader mapguard_x86_bpfel.go (bpf/gen.go says how; CI regenerates it and
+// fails on any difference).
