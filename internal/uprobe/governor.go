@@ -292,9 +292,9 @@ func (g *governor) account(now time.Time, spent float64, hits []uint64, extra fl
 
 // noteSecond records the spend at now and updates worst: the spend since
 // the latest account at least a second before now (since start in the
-// first second: recent begins with start). The window can be longer than a second (accounts are
-// 0.1 s apart at most while the reader runs), never shorter, so worst
-// over-states rather than under-states.
+// first second: recent begins with start). The window can be longer than
+// a second (accounts are 0.1 s apart at most while the reader runs),
+// never shorter, so worst over-states rather than under-states.
 func (g *governor) noteSecond(now time.Time) {
 	total := g.spentTotal()
 	from := 0.0
@@ -538,7 +538,7 @@ func (g *governor) failed(i int) {
 func (g *governor) scale(now time.Time, i int) (float64, bool) {
 	s := &g.sites[i]
 	elapsed := now.Sub(s.flushFrom)
-	w := g.flushWatched(s, now)
+	w := g.watchedSinceFlush(s, now)
 	if !s.sampled && w >= elapsed {
 		return 1, false
 	}
@@ -548,8 +548,9 @@ func (g *governor) scale(now time.Time, i int) (float64, bool) {
 	return max(1, float64(elapsed)/float64(w)), true
 }
 
-// flushWatched is the time s was attached since flushFrom, as far as now.
-func (g *governor) flushWatched(s *govSite, now time.Time) time.Duration {
+// watchedSinceFlush is the time s was attached since flushFrom, as far as
+// now (s.flushWatched, and the attachment going on).
+func (g *governor) watchedSinceFlush(s *govSite, now time.Time) time.Duration {
 	w := s.flushWatched
 	if s.armed {
 		w += max(g.trapsUntil(s, now).Sub(later(s.armedAt, g.last)), 0)
@@ -564,7 +565,7 @@ func (g *governor) flushWatched(s *govSite, now time.Time) time.Duration {
 func (g *governor) flush(now time.Time) {
 	for i := range g.sites {
 		s := &g.sites[i]
-		if s.sampled && g.flushWatched(s, now) == 0 {
+		if s.sampled && g.watchedSinceFlush(s, now) == 0 {
 			continue
 		}
 		s.flushFrom, s.flushWatched = now, 0

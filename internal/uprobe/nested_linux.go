@@ -123,7 +123,7 @@ func (u *uprobes) scanNested(bin *symbols.Binary, release func(), share float64,
 	ids <- rt.GoID()
 	cpu := startCPUMeter(&u.ownCPU, false)
 	defer cpu.stop()
-	ran := func() time.Duration { // the stretch so far, booked or not
+	stretch := func() time.Duration { // the open stretch's CPU so far
 		if !cpu.on {
 			return 0
 		}
@@ -144,7 +144,7 @@ func (u *uprobes) scanNested(bin *symbols.Binary, release func(), share float64,
 			cpu.begin()
 			return nil
 		}
-		ran := ran()
+		ran := stretch()
 		cpu.book()
 		if share > 0 && share < 1 && ran > 0 {
 			t := time.NewTimer(time.Duration(float64(ran) * (1/share - 1)))
