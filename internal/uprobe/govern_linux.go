@@ -39,8 +39,8 @@ const (
 // floors are measured again this often. A variable for tests.
 var recalibrateEvery = time.Minute
 
-// startGovernorLocked attaches every site and starts the governor with a
-// full burst, at the costs Start's calibration measured (assumed ones if
+// startGovernorLocked attaches every site and starts the governor with
+// half a second's budget, at the costs Start's calibration measured (assumed ones if
 // it failed, until the waker's first tick calibrates).
 func (u *uprobes) startGovernorLocked(now time.Time) error {
 	if u.calibrations == 0 {
@@ -151,6 +151,7 @@ func (u *uprobes) governLocked(now time.Time) {
 	// their own and book theirs in u.extra.
 	extra := u.extra + time.Duration(u.ownCPU.Swap(0))
 	u.extra = 0
+	u.gov.noteCrossing(now, float64(spent), float64(u.limit.Load()))
 	u.gov.account(now, float64(spent), hits, float64(extra))
 	attach, detach := u.gov.plan(now)
 	for _, group := range attach {

@@ -2,6 +2,7 @@ package uprobe
 
 import (
 	"math"
+	"slices"
 	"testing"
 	"time"
 )
@@ -321,11 +322,14 @@ func TestGovernorRateJumpInWindow(t *testing.T) {
 	}
 	elapsed := s.now.Sub(start)
 	share := (s.total() - spent0) / float64(elapsed)
-	// Tolerance: the burst allowance (budget x burstSeconds) over the run.
-	if tol := budget * (1 + 2*burstSeconds*float64(time.Second)/float64(elapsed)); share > tol {
+	// Tolerance: one second's budget (what the last second may have spent
+	// at the start) over the run.
+	if tol := budget * (1 + float64(time.Second)/float64(elapsed)); share > tol {
 		t.Errorf("spent %.4f of a CPU over %v, budget %.4f (tolerance %.4f)", share, elapsed, budget, tol)
 	}
-	if s.maxGap[0] > samplePeriod+100*time.Millisecond {
+	// The jump's own cost is in the second after it: a statistics' site
+	// may wait one beat more for its window.
+	if s.maxGap[0] > 2*samplePeriod+100*time.Millisecond {
 		t.Errorf("the site went %v without a window", s.maxGap[0])
 	}
 	t.Logf("window %v before the jump, attached %v of the %v left after it (cost %.2f ms); then window %v every %v; spent %.4f of a CPU; %d kernel wakeups",
@@ -334,7 +338,7 @@ func TestGovernorRateJumpInWindow(t *testing.T) {
 
 // Many sampled sites at service-like rates (single-stepped and emulated,
 // 50 to 20k hits a second): each gets a window as often as the budget
-// pays for (at least every 2 s here), windows share links, and the spend,
+// pays for (at least every 3 s here), windows share links, and the spend,
 // link costs included, stays within the budget.
 func TestGovernorServiceMix(t *testing.T) {
 	const budget = 0.01
@@ -352,10 +356,10 @@ func TestGovernorServiceMix(t *testing.T) {
 		t.Errorf("spent %.4f of a CPU, budget %.4f", share, budget)
 	}
 	// With a link costing the process about 1 ms, a 1% budget cannot pay
-	// a window a second for each of 15 hot sites: they are spaced out, but
-	// never by more than 2 s.
+	// a window a second for each of 15 hot sites: they are spaced out
+	// (every 2 s), and a window whose second is full waits one beat more.
 	for i := range rates {
-		if st := s.g.sites[i]; st.sampled && s.maxGap[i] > 2*samplePeriod+100*time.Millisecond {
+		if st := s.g.sites[i]; st.sampled && s.maxGap[i] > 3*samplePeriod+100*time.Millisecond {
 			t.Errorf("site %d (%v/s) went %v without a window (period %v)", i, rates[i], s.maxGap[i], st.period)
 		}
 	}
@@ -457,7 +461,7 @@ func TestGovernorStormSpan(t *testing.T) {
 		t.Fatal("a storm before any spend")
 	}
 	now := start.Add(10 * time.Millisecond)
-	g.account(now, 4e6, []uint64{200}, 0) // 4 ms: the 5-ms burst is under half
+	g.account(now, 6e6, []uint64{300}, 0) // 6 ms: the second's 10 ms are under half
 	if !g.storm(now) || !g.storm(now.Add(stormQuiet-time.Millisecond)) {
 		t.Fatal("no storm once the tokens fell below half the burst")
 	}
@@ -473,9 +477,9 @@ func TestGovernorStormSpan(t *testing.T) {
 	if g.storm(now.Add(stormSpan)) {
 		t.Fatal("a storm reported past stormSpan")
 	}
-	later := now.Add(10 * time.Second) // the tokens refill
-	g.account(later, 4e6, []uint64{200}, 0)
-	g.account(later.Add(time.Millisecond), 8e6, []uint64{400}, 0)
+	later := now.Add(10 * time.Second)      // the tokens refill
+	g.account(later, 6e6, []uint64{300}, 0) // nothing spent for a second: calm
+	g.account(later.Add(time.Millisecond), 12e6, []uint64{600}, 0)
 	if !g.storm(later.Add(time.Millisecond)) {
 		t.Fatal("no storm for a second one")
 	}
@@ -661,5 +665,96 @@ func TestGovernorLate(t *testing.T) {
 	}
 	if s.g.noteLate(time.Hour); s.g.late > maxLate {
 		t.Errorf("late %v, above maxLate", s.g.late)
+	}
+}
+
+// The budget holds in every second, the first included, not only on
+// average: a storm at Start, a service's mix of hot sites attached at
+// Start with one link (as Start attaches them), and a rate that jumps
+// 100x while sampled. (The same mix on 15 links of its own costs more
+// than the budget to detach: 7 ms for the links alone.)
+func TestGovernorEverySecond(t *testing.T) {
+	const budget = 0.01
+	mix := []float64{20_000, 10_000, 8_000, 5_000, 3_000, 2_000, 1_000, 500, 400, 200, 100, 50, 10_000, 2_000, 100}
+	mixCosts := []float64{19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 5_500, 5_500, 25_000}
+	for _, tc := range []struct {
+		name         string
+		rates, costs []float64
+		shared       bool
+		jump         bool // the first site's rate x100 after 10 s
+	}{
+		{name: "storm", rates: []float64{10_000, 20}, costs: []float64{15_000, 15_000}},
+		{name: "mix-shared", rates: mix, costs: mixCosts, shared: true},
+		{name: "jump", rates: []float64{1000, 20}, costs: []float64{20_000, 20_000}, jump: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newSim(budget, slices.Clone(tc.rates), tc.costs, 30*time.Millisecond)
+			if tc.shared {
+				all := make([]int, len(tc.rates))
+				for i := range all {
+					all[i] = i
+				}
+				s.g.shareLink(all)
+			}
+			const step = 10 * time.Millisecond
+			const perSecond = int(time.Second / step)
+			totals := []float64{s.total()}
+			for i := 0; i < 30*perSecond; i++ {
+				if tc.jump && i == 10*perSecond {
+					s.rates[0] *= 100
+				}
+				s.step(step)
+				totals = append(totals, s.total())
+			}
+			worst, at := 0.0, 0
+			for i := perSecond; i < len(totals); i++ {
+				if d := totals[i] - totals[i-perSecond]; d > worst {
+					worst, at = d, i-perSecond
+				}
+			}
+			// Tolerance: the tick's slack the kernel lets through in debt
+			// (a tenth of the budget, see limit) and what the plan does not
+			// foresee (a link's cost per site, a window's tail).
+			if max := budget * float64(time.Second) * 1.2; worst > max {
+				t.Errorf("%.2f ms spent in the second from %v, budget %.2f ms", worst/1e6, time.Duration(at)*step, budget*1e3)
+			}
+			t.Logf("worst second %.2f ms (from %v); governor's own account %.2f ms", worst/1e6, time.Duration(at)*step, s.g.worst/1e6)
+		})
+	}
+}
+
+// The governor learns how late it runs after the kernel's spend crossed
+// its limit (the crossing placed at a steady spend since the last
+// account), and looks at the rates once a tenth of the budget is spent.
+func TestGovernorCrossingLate(t *testing.T) {
+	start := time.Unix(1000, 0)
+	g := newGovernor(0.01, []float64{20_000}, simCycle, 30*time.Millisecond, start)
+	if lim := g.limit(); lim > g.burst*firstLook+1 {
+		t.Fatalf("first limit %.2f ms before any rate, want a first look at %.2f ms", lim/1e6, g.burst*firstLook/1e6)
+	}
+	limit := g.limit()
+	// 4 ms spent in 10 ms at a steady rate: the 1-ms limit was crossed
+	// after 2.5 ms, 7.5 ms before the governor ran.
+	now := start.Add(10 * time.Millisecond)
+	g.noteCrossing(now, 4e6, limit)
+	if want := 7500 * time.Microsecond / 4; g.late < want-50*time.Microsecond || g.late > want+50*time.Microsecond {
+		t.Errorf("late %v after a crossing 7.5 ms before the run, want %v (a quarter, moving average)", g.late, want)
+	}
+	late := g.late
+	g.noteCrossing(now, 0.5e6, limit) // not crossed: nothing learnt
+	if g.late != late {
+		t.Errorf("late moved to %v without a crossing", g.late)
+	}
+	g.account(now, 4e6, []uint64{200}, 0) // 200 hits in 10 ms: a rate
+	if !g.looked {
+		t.Fatal("no look after a rate was measured")
+	}
+	// The reserve now holds the site's traps until the governor runs and
+	// its link's detach; the limit leaves it.
+	if r := g.reserve(); r < g.sites[0].peakLoad()*float64(g.overrun()) {
+		t.Errorf("reserve %.2f ms, less than the traps in the overrun", r/1e6)
+	}
+	if lim := g.limit() - g.kernel; lim > max(g.tokens-g.reserve(), g.budget*float64(pollInterval))+1 {
+		t.Errorf("limit %.2f ms past the spend, tokens %.2f ms, reserve %.2f ms", lim/1e6, g.tokens/1e6, g.reserve()/1e6)
 	}
 }

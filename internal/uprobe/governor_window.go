@@ -14,8 +14,8 @@ import (
 // a site whose windows need less than an equal part (attached the whole
 // period at its peak rate) gets what it needs, the others split the rest
 // equally.
-func (g *governor) shares() {
-	exactLoad := 0.0
+// It returns the load of the sites counted exactly.
+func (g *governor) shares() (exactLoad float64) {
 	var prio, rest []int
 	for i := range g.sites {
 		switch s := &g.sites[i]; {
@@ -28,10 +28,12 @@ func (g *governor) shares() {
 		}
 	}
 	// Tokens left over (windows cut short, periods rounded up to a beat,
-	// links shared) raise the shares, up to twice: the token bucket still
-	// bounds the spend.
+	// links shared) raise the shares, up to twice, and up to what the
+	// exact sites leave of a second's budget: plan still fits each window
+	// in what its second leaves.
 	boost := 1 + min(max(g.tokens, 0)/g.burst, 1)
-	left := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare) * boost * float64(samplePeriod)
+	left := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare) * boost
+	left = min(left, max(g.budget-exactLoad, g.budget*(1-exactShare))) * float64(samplePeriod)
 	demand := func(i int) float64 { return g.sites[i].peakLoad()*float64(samplePeriod) + g.siteCycle() }
 	// Each site gets its demand or an equal part of what is left, the
 	// least demanding first (what one does not use goes to the next);
@@ -54,6 +56,24 @@ func (g *governor) shares() {
 		left -= p - give(prio, p)
 	}
 	give(rest, left)
+	return exactLoad
+}
+
+// windowCost is what a window of length w costs s at its peak rate: its
+// traps, those until its detach is done (overrun), and its link's share.
+func (g *governor) windowCost(s *govSite, w time.Duration) float64 {
+	return s.peakLoad()*float64(w+g.overrun()) + g.siteCycle()
+}
+
+// windowWithin is the longest window s can pay for with allow, at least
+// the shortest.
+func (g *governor) windowWithin(s *govSite, allow float64) time.Duration {
+	load := s.peakLoad()
+	if load <= 0 {
+		return samplePeriod
+	}
+	w := (allow-g.siteCycle())/load - float64(g.overrun())
+	return max(time.Duration(min(w, float64(samplePeriod))), g.shortestWindow(s))
 }
 
 // siteCycle is what attaching and detaching costs one sampled window: its
