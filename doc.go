@@ -73,12 +73,14 @@
 // Under budget every occurrence is counted exactly. When the budget is
 // spent, the costliest sites are sampled: attached for a short window every
 // second (less often only if even that would break the budget, or, for the
-// sites that only count statistics, while the budget is in debt: up to
+// sites that only count statistics, while their second has no room: up to
 // 4 s), their counts scaled by the time attached and their events marked
-// Sampled. Stats().Budget and Stats().Sites show the measured costs, the
-// rates and what is sampled; Stats().Budget.WorstSecond is the most spent
-// in any one second since Start. The first second after Start under load
-// is the dearest: the hot sites trap until the governor first runs.
+// Sampled. The budget holds in every second, not only on average: what
+// may be spent is a second's budget less what the last second spent.
+// Stats().Budget and Stats().Sites show the measured costs, the rates and
+// what is sampled; Stats().Budget.WorstSecond is the most spent in any
+// one second since Start. The first second after Start under load is the
+// dearest: the hot sites trap until the governor first runs.
 //
 // # Deep watching
 //
