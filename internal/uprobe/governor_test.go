@@ -737,10 +737,15 @@ func TestGovernorCrossingLate(t *testing.T) {
 	// after 2.5 ms, 7.5 ms before the governor ran.
 	now := start.Add(10 * time.Millisecond)
 	g.noteCrossing(now, 4e6, limit)
-	if want := 7500 * time.Microsecond / 4; g.late < want-50*time.Microsecond || g.late > want+50*time.Microsecond {
-		t.Errorf("late %v after a crossing 7.5 ms before the run, want %v (a quarter, moving average)", g.late, want)
+	if want := 7500 * time.Microsecond; g.late < want-50*time.Microsecond || g.late > want+50*time.Microsecond {
+		t.Errorf("late %v after a crossing 7.5 ms before the run, want %v", g.late, want)
 	}
 	late := g.late
+	g.noteLate(0) // on time: down by an eighth, not at once
+	if want := late * 7 / 8; g.late != want {
+		t.Errorf("late %v after a run on time, want %v", g.late, want)
+	}
+	late = g.late
 	g.noteCrossing(now, 0.5e6, limit) // not crossed: nothing learnt
 	if g.late != late {
 		t.Errorf("late moved to %v without a crossing", g.late)

@@ -248,6 +248,12 @@ func (g *governor) sample(s *govSite, now time.Time, shared bool) {
 func (g *governor) windowFor(s *govSite, share float64) (window, period time.Duration) {
 	load := s.peakLoad()
 	if load <= 0 {
+		if s.watched < relinkWatched {
+			// Not watched long enough to tell that it is quiet (a site
+			// with no hits in Start's first milliseconds can take 10,000
+			// a second): a short window first, where its rate shows.
+			return minWindow, samplePeriod
+		}
 		return samplePeriod, samplePeriod
 	}
 	allowed := share * float64(samplePeriod) // ns of CPU per period
