@@ -248,12 +248,11 @@ func (g *governor) sample(s *govSite, now time.Time, shared bool) {
 func (g *governor) windowFor(s *govSite, share float64) (window, period time.Duration) {
 	load := s.peakLoad()
 	if load <= 0 {
-		if s.watched < relinkWatched {
-			// Not watched long enough to tell that it is quiet (a site
-			// with no hits in Start's first milliseconds can take 10,000
-			// a second): a short window first, where its rate shows.
-			return minWindow, samplePeriod
-		}
+		// A whole period, even for a site not watched long enough to tell
+		// that it is quiet: a 10-ms window first (until 100 ms were
+		// watched) cost the service throughput and p99 (Go 1.27 load runs
+		// against c8316c7: 0.90x and 0.83x, p99 1.12x and 1.26x, against
+		// 0.99x and 1.01x without), with no gain in the worst second.
 		return samplePeriod, samplePeriod
 	}
 	allowed := share * float64(samplePeriod) // ns of CPU per period
