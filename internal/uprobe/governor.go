@@ -55,9 +55,12 @@ const (
 	// firstLook is the share of the budget spent before the governor's
 	// first look at the rates (see limit).
 	firstLook = 0.1
-	// calmShare: a storm is over (see storm) once this share of the
-	// second's budget is left.
-	calmShare = 0.75
+	// stormShare: a storm has begun (see storm) once less than this share
+	// of the second's budget is left (Start begins with half: an idle
+	// program's Guard, spending a little on its own goroutines, is no
+	// storm); calmShare: it is over once this share is left.
+	stormShare = 0.25
+	calmShare  = 0.75
 	// debtGap is the longest a sampled statistics' site goes without a
 	// window while the budget is in debt (see plan).
 	debtGap = 4 * time.Second
@@ -167,8 +170,8 @@ type governor struct {
 	last   time.Time // last account
 	start  time.Time
 	groups int // the last group given out
-	// pressureAt is when the tokens last fell below half the burst
-	// (zero once they are full again): see storm.
+	// pressureAt is when the tokens last fell below stormShare
+	// of the second's budget (zero once calmShare is left): see storm.
 	pressureAt time.Time
 	demotedAt  time.Time // when demote last sampled a site
 	sites      []govSite
@@ -264,7 +267,7 @@ func (g *governor) account(now time.Time, spent float64, hits []uint64, extra fl
 	g.extra += extra
 	g.tokens = g.burst - g.noteSecond(now)
 	switch {
-	case g.tokens < g.burst/2 && g.pressureAt.IsZero():
+	case g.tokens < g.burst*stormShare && g.pressureAt.IsZero():
 		g.pressureAt = now
 	case g.tokens >= g.burst*calmShare:
 		// Not a full second's budget: the Guard's own goroutines spend a
@@ -685,14 +688,15 @@ func (g *governor) demotable() bool {
 // kernel's wake-ups, while storm reports pressure on the budget.
 const stormPoll = 10 * time.Millisecond
 
-// storm reports whether a storm has begun lately: less than half the
-// burst is left, for at most stormSpan since it fell there, and only
+// storm reports whether a storm has begun lately: less than stormShare of
+// the second's budget is left, for at most stormSpan since it fell there,
+// and only
 // while it goes on demoting sites (stormQuiet since it fell there or since
 // the last site was sampled): once the hot sites are sampled, their
 // windows run on timers, and each look costs the waker's thread a
 // wake-up (measured: about 60 us of CPU under load, 6 ms a second).
 func (g *governor) storm(now time.Time) bool {
-	return g.tokens < g.burst/2 && !g.pressureAt.IsZero() && now.Sub(g.pressureAt) < stormSpan &&
+	return g.tokens < g.burst*stormShare && !g.pressureAt.IsZero() && now.Sub(g.pressureAt) < stormSpan &&
 		now.Sub(later(g.pressureAt, g.demotedAt)) < stormQuiet
 }
 

@@ -451,19 +451,25 @@ func TestGovernorPriority(t *testing.T) {
 	}
 }
 
-// storm reports a storm from when the tokens fall below half the burst,
-// for stormSpan at most while it goes on sampling sites, and again once
-// they were full in between.
+// storm reports a storm from when the tokens fall below a quarter of the
+// second's budget (not for an idle Guard's own spend), for stormSpan at
+// most while it goes on sampling sites, and again once they were back to
+// calmShare in between.
 func TestGovernorStormSpan(t *testing.T) {
 	start := time.Unix(1000, 0)
 	g := newGovernor(0.01, []float64{20_000}, simCycle, 30*time.Millisecond, start)
 	if g.storm(start) {
 		t.Fatal("a storm before any spend")
 	}
+	// An idle program: the Guard's own goroutines spend a little.
+	g.account(start.Add(5*time.Millisecond), 0, []uint64{0}, 300_000)
+	if g.storm(start.Add(5 * time.Millisecond)) {
+		t.Fatal("a storm from the Guard's own 0.3 ms")
+	}
 	now := start.Add(10 * time.Millisecond)
-	g.account(now, 6e6, []uint64{300}, 0) // 6 ms: the second's 10 ms are under half
+	g.account(now, 6e6, []uint64{300}, 0) // 6 ms, and 5 taken as spent before Start: in debt
 	if !g.storm(now) || !g.storm(now.Add(stormQuiet-time.Millisecond)) {
-		t.Fatal("no storm once the tokens fell below half the burst")
+		t.Fatal("no storm once the tokens fell below a quarter of the second's budget")
 	}
 	if g.storm(now.Add(stormQuiet)) {
 		t.Fatal("a storm reported stormQuiet after it began, with no site sampled since")
@@ -477,9 +483,9 @@ func TestGovernorStormSpan(t *testing.T) {
 	if g.storm(now.Add(stormSpan)) {
 		t.Fatal("a storm reported past stormSpan")
 	}
-	later := now.Add(10 * time.Second)      // the tokens refill
-	g.account(later, 6e6, []uint64{300}, 0) // nothing spent for a second: calm
-	g.account(later.Add(time.Millisecond), 12e6, []uint64{600}, 0)
+	later := now.Add(10 * time.Second)                             // the tokens refill
+	g.account(later, 6e6, []uint64{300}, 0)                        // nothing spent for a second: calm
+	g.account(later.Add(time.Millisecond), 14e6, []uint64{700}, 0) // 8 ms: a quarter left
 	if !g.storm(later.Add(time.Millisecond)) {
 		t.Fatal("no storm for a second one")
 	}
