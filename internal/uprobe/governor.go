@@ -160,8 +160,9 @@ type governor struct {
 	linkShare float64
 	latency   time.Duration // wall time a detach takes; a site is not re-attached meanwhile
 	tail      time.Duration // time traps go on once a detach began
-	// late is how late the governor runs after the time it asked to
-	// (moving average): a window planned to end at t ends at t+late.
+	// late is how late the governor runs after the time it asked to, or
+	// after the kernel woke it (the worst lately, see noteLate): a window
+	// planned to end at t ends at t+late.
 	late time.Duration
 	// looked: a site's rate was measured (see limit).
 	looked bool
@@ -391,9 +392,10 @@ func (g *governor) noteLate(d time.Duration) {
 // spend crossed limit (the last one set, from the account at g.last), at
 // an account at now that found spent: the crossing is placed by assuming
 // the spend went on at one rate since the last account. In a saturated
-// process the waker runs 5-10 ms after the kernel woke it (the netpoller
-// is looked at by sysmon then), and a storm's traps go on meanwhile: the
-// reserve must know it before the first window's deadline tells.
+// process the waker ran 8-20 ms after the kernel woke it (the seeded
+// service: the netpoller is looked at by sysmon then), and a storm's
+// traps go on meanwhile: the reserve must know it before the first
+// window's deadline tells.
 func (g *governor) noteCrossing(now time.Time, spent, limit float64) {
 	if spent <= limit || limit <= g.kernel || !now.After(g.last) {
 		return
@@ -690,10 +692,9 @@ const stormPoll = 10 * time.Millisecond
 
 // storm reports whether a storm has begun lately: less than stormShare of
 // the second's budget is left, for at most stormSpan since it fell there,
-// and only
-// while it goes on demoting sites (stormQuiet since it fell there or since
-// the last site was sampled): once the hot sites are sampled, their
-// windows run on timers, and each look costs the waker's thread a
+// and only while it goes on demoting sites (stormQuiet since it fell there
+// or since the last site was sampled): once the hot sites are sampled,
+// their windows run on timers, and each look costs the waker's thread a
 // wake-up (measured: about 60 us of CPU under load, 6 ms a second).
 func (g *governor) storm(now time.Time) bool {
 	return g.tokens < g.burst*stormShare && !g.pressureAt.IsZero() && now.Sub(g.pressureAt) < stormSpan &&

@@ -769,3 +769,47 @@ func TestGovernorCrossingLate(t *testing.T) {
 		t.Errorf("limit %.2f ms past the spend, tokens %.2f ms, reserve %.2f ms", lim/1e6, g.tokens/1e6, g.reserve()/1e6)
 	}
 }
+
+// When the second has room for some of the windows due, the site serving
+// events opens first, then the statistics' site that waited longest; the
+// other waits for the next beat.
+func TestGovernorWindowsFitTheirSecond(t *testing.T) {
+	start := time.Unix(1000, 0)
+	g := newGovernor(0.01, []float64{20_000, 20_000, 20_000}, simCycle, 30*time.Millisecond, start)
+	now := start.Add(3 * time.Second)
+	g.account(now, 6e6, []uint64{0, 0, 0}, 0) // 6 ms of the second's 10 spent
+	rates := []float64{200, 2000, 2000}
+	for i := range g.sites {
+		s := &g.sites[i]
+		s.sampled, s.armed = true, false
+		s.rate, s.peak, s.peakAt = rates[i], rates[i], now
+		s.watched = time.Second
+		s.nextOn = now
+		s.lastOn = now.Add(-time.Second)
+	}
+	g.prioritize(0)
+	g.sites[2].lastOn = now.Add(-2 * time.Second) // waited longest
+	attach, _ := g.plan(now)
+	opened := map[int]bool{}
+	for _, group := range attach {
+		for _, i := range group {
+			opened[i] = true
+		}
+	}
+	if !opened[0] {
+		t.Error("the site serving events did not open its window")
+	}
+	if !opened[2] || opened[1] {
+		t.Errorf("opened %v: want the statistics' site that waited longest (2), not the other (1)", opened)
+	}
+	if next := g.sites[1].nextOn; !next.After(now) || next.Sub(now) > samplePeriod {
+		t.Errorf("the site left out opens at %v, want the next beat", next.Sub(now))
+	}
+	given := 0.0
+	for i := range opened {
+		given += g.windowCost(&g.sites[i], g.sites[i].window)
+	}
+	if left := g.burst - 6e6; given > left {
+		t.Errorf("the windows opened cost %.2f ms, the second had %.2f ms left", given/1e6, left/1e6)
+	}
+}
