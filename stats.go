@@ -120,9 +120,10 @@ type BudgetStats struct {
 	Spent, Elapsed time.Duration
 	Overhead       float64
 	// WorstSecond is the most of Spent in one second since Start (a window
-	// of a second or a little more, between two of the governor's runs):
-	// the default Budget holds in every second, the first included, not
-	// only on average.
+	// of a second or a little more, between two of the governor's runs),
+	// the first second included: what Budget is meant to hold in every
+	// second, not only on average. The first second under load can exceed
+	// it (README: the budget).
 	WorstSecond time.Duration
 	// Sampled counts the sites being sampled now.
 	Sampled int

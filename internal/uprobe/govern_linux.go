@@ -40,8 +40,9 @@ const (
 var recalibrateEvery = time.Minute
 
 // startGovernorLocked attaches every site and starts the governor with
-// half a second's budget, at the costs Start's calibration measured (assumed ones if
-// it failed, until the waker's first tick calibrates).
+// half a second's budget to spend, at the costs Start's calibration
+// measured (assumed ones if it failed, until the waker's first tick
+// calibrates).
 func (u *uprobes) startGovernorLocked(now time.Time) error {
 	if u.calibrations == 0 {
 		u.assumeCostsLocked()

@@ -52,6 +52,8 @@ const (
 	// startSpent is the share of the budget taken as spent in the second
 	// before Start (see newGovernor).
 	startSpent = 0.5
+	// maxReserve bounds reserve, as a share of the second's budget.
+	maxReserve = 0.9
 	// firstLook is the share of the budget spent before the governor's
 	// first look at the rates (see limit).
 	firstLook = 0.1
@@ -149,12 +151,12 @@ func (s *govSite) inWindow() bool {
 // governor is the cost governor. It is not safe for concurrent use.
 type governor struct {
 	budget float64 // share of one CPU
-	// burst is the CPU ns that may be spent in any one second (the budget's
-	// second); tokens what may still be spent: burst less the spend of the
-	// last second (negative: in debt).
-	burst  float64
-	tokens float64
-	cycle  float64 // CPU ns to attach and then detach one link
+	// perSecond is the CPU ns that may be spent in any one second (the
+	// budget's second); tokens what may still be spent: perSecond less the
+	// spend of the last second (negative: in debt).
+	perSecond float64
+	tokens    float64
+	cycle     float64 // CPU ns to attach and then detach one link
 	// linkShare is the links opened per sampled window lately (windows
 	// that open together with one length share a link), from 1 down.
 	linkShare float64
@@ -190,7 +192,7 @@ type spendAt struct {
 }
 
 // newGovernor returns a governor for sites with the given per-hit costs
-// (ns), all attached exactly at now, with a full burst.
+// (ns), all attached exactly at now, with half a second's budget to spend.
 func newGovernor(budget float64, costs []float64, cycle float64, latency time.Duration, now time.Time) *governor {
 	g := &governor{
 		budget:    budget,
@@ -203,7 +205,7 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 		sites:     make([]govSite, len(costs)),
 		recent:    []spendAt{{at: now}},
 	}
-	g.burst = max(budget*float64(time.Second), 2*cycle)
+	g.perSecond = max(budget*float64(time.Second), 2*cycle)
 	// Half the second's budget at first (the other half is taken as spent
 	// just before Start, see prior): the storm a service makes at Start
 	// (hot runtime sites, whose traps go on while the governor, 10-20 ms
@@ -214,7 +216,7 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 	// 5 ms of traps on the emulated VM) was then sampled, not counted
 	// exactly (TestRealMissingKeyCounts failed in CI: 208 of 250 seen,
 	// 9,322 estimated).
-	g.tokens = g.burst * (1 - startSpent)
+	g.tokens = g.perSecond * (1 - startSpent)
 	for i, c := range costs {
 		g.sites[i] = govSite{cost: c, armed: true, armedAt: now, flushFrom: now}
 	}
@@ -266,11 +268,11 @@ func (g *governor) account(now time.Time, spent float64, hits []uint64, extra fl
 	g.last = now
 	g.kernel = spent
 	g.extra += extra
-	g.tokens = g.burst - g.noteSecond(now)
+	g.tokens = g.perSecond - g.noteSecond(now)
 	switch {
-	case g.tokens < g.burst*stormShare && g.pressureAt.IsZero():
+	case g.tokens < g.perSecond*stormShare && g.pressureAt.IsZero():
 		g.pressureAt = now
-	case g.tokens >= g.burst*calmShare:
+	case g.tokens >= g.perSecond*calmShare:
 		// Not a full second's budget: the Guard's own goroutines spend a
 		// little every second.
 		g.pressureAt = time.Time{}
@@ -343,7 +345,7 @@ func (g *governor) noteSecond(now time.Time) float64 {
 // at t (see newGovernor).
 func (g *governor) prior(t time.Time) float64 {
 	if t.Before(g.start) {
-		return g.burst * startSpent
+		return g.perSecond * startSpent
 	}
 	return 0
 }
@@ -465,7 +467,7 @@ func (g *governor) plan(now time.Time) (attach, detach [][]int) {
 		// Quiet again (its recent rate, not its peak: a burst after this is
 		// paid from the tokens, and the kernel wakes the governor when they
 		// are spent): count it exactly, on a link of its own.
-		if s.load() < g.budget*promoteShare && g.tokens > g.burst/2 && (!s.armed || s.group == 0) {
+		if s.load() < g.budget*promoteShare && g.tokens > g.perSecond/2 && (!s.armed || s.group == 0) {
 			s.sampled = false
 			s.offAt, s.checkAt = time.Time{}, time.Time{}
 			if !s.armed {
@@ -514,7 +516,7 @@ func (g *governor) plan(now time.Time) (attach, detach [][]int) {
 		// second before its end (the last window of a site sampled every
 		// second lies before that), what the exact sites spend meanwhile,
 		// and the windows opened before it.
-		room := g.burst - g.spentSince(now.Add(s.window-time.Second)) - exactLoad*float64(s.window) - given
+		room := g.perSecond - g.spentSince(now.Add(s.window-time.Second)) - exactLoad*float64(s.window) - given
 		if least := g.windowCost(s, g.shortestWindow(s)); room < least {
 			if !s.prio && now.Sub(s.lastOn) < debtGap {
 				// A statistics' site waits for the next beat, when this
@@ -697,7 +699,7 @@ const stormPoll = 10 * time.Millisecond
 // their windows run on timers, and each look costs the waker's thread a
 // wake-up (measured: about 60 us of CPU under load, 6 ms a second).
 func (g *governor) storm(now time.Time) bool {
-	return g.tokens < g.burst*stormShare && !g.pressureAt.IsZero() && now.Sub(g.pressureAt) < stormSpan &&
+	return g.tokens < g.perSecond*stormShare && !g.pressureAt.IsZero() && now.Sub(g.pressureAt) < stormSpan &&
 		now.Sub(later(g.pressureAt, g.demotedAt)) < stormQuiet
 }
 
@@ -721,7 +723,7 @@ func (g *governor) limit() float64 {
 		// No rate measured yet (at Start): a first look after a tenth of
 		// the budget, so that the reserve is sized from the rates before
 		// a storm spends the rest.
-		lim = min(lim, g.burst*firstLook)
+		lim = min(lim, g.perSecond*firstLook)
 	}
 	windows, open := 0.0, false
 	for i := range g.sites {
@@ -753,7 +755,8 @@ func (g *governor) spentSince(t time.Time) float64 {
 // reserve is what demoting the sites counted exactly would cost once the
 // kernel wakes the governor: their traps until it runs and their
 // breakpoints are gone (overrun, at their peak rates), and detaching their
-// links; at most 90% of the burst, so that a burst is still counted.
+// links; at most maxReserve of the second's budget, so that a program's
+// burst is still counted.
 func (g *governor) reserve() float64 {
 	r, links := 0.0, 0
 	var groups []int // not a map: a missing key would trap on our own probes
@@ -772,7 +775,7 @@ func (g *governor) reserve() float64 {
 		}
 	}
 	r += float64(links) * g.cycle / 2
-	return min(r, g.burst*0.9)
+	return min(r, g.perSecond*maxReserve)
 }
 
 // spentTotal is the CPU ns accounted since start: hits, and the extra

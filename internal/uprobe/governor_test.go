@@ -735,8 +735,8 @@ func TestGovernorEverySecond(t *testing.T) {
 func TestGovernorCrossingLate(t *testing.T) {
 	start := time.Unix(1000, 0)
 	g := newGovernor(0.01, []float64{20_000}, simCycle, 30*time.Millisecond, start)
-	if lim := g.limit(); lim > g.burst*firstLook+1 {
-		t.Fatalf("first limit %.2f ms before any rate, want a first look at %.2f ms", lim/1e6, g.burst*firstLook/1e6)
+	if lim := g.limit(); lim > g.perSecond*firstLook+1 {
+		t.Fatalf("first limit %.2f ms before any rate, want a first look at %.2f ms", lim/1e6, g.perSecond*firstLook/1e6)
 	}
 	limit := g.limit()
 	// 4 ms spent in 10 ms at a steady rate: the 1-ms limit was crossed
@@ -809,7 +809,7 @@ func TestGovernorWindowsFitTheirSecond(t *testing.T) {
 	for i := range opened {
 		given += g.windowCost(&g.sites[i], g.sites[i].window)
 	}
-	if left := g.burst - 6e6; given > left {
+	if left := g.perSecond - 6e6; given > left {
 		t.Errorf("the windows opened cost %.2f ms, the second had %.2f ms left", given/1e6, left/1e6)
 	}
 }

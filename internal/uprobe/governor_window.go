@@ -31,7 +31,7 @@ func (g *governor) shares() (exactLoad float64) {
 	// links shared) raise the shares, up to twice, and up to what the
 	// exact sites leave of a second's budget: plan still fits each window
 	// in what its second leaves.
-	boost := 1 + min(max(g.tokens, 0)/g.burst, 1)
+	boost := 1 + min(max(g.tokens, 0)/g.perSecond, 1)
 	left := max(g.budget*(1-exactShare), (g.budget-exactLoad)*windowShare) * boost
 	left = min(left, max(g.budget-exactLoad, g.budget*(1-exactShare))) * float64(samplePeriod)
 	demand := func(i int) float64 { return g.sites[i].peakLoad()*float64(samplePeriod) + g.siteCycle() }
@@ -256,11 +256,10 @@ func (g *governor) windowFor(s *govSite, share float64) (window, period time.Dur
 		return samplePeriod, samplePeriod
 	}
 	allowed := share * float64(samplePeriod) // ns of CPU per period
-	w := (allowed-g.siteCycle())/load - float64(g.overrun())
-	if shortest := g.shortestWindow(s); w < float64(shortest) {
+	shortest := g.shortestWindow(s)
+	if cost := g.windowCost(s, shortest); allowed < cost {
 		// Even the shortest window each period is too dear: space them out.
-		cost := load*float64(shortest+g.overrun()) + g.siteCycle()
 		return shortest, time.Duration(min(cost/share, float64(time.Hour)))
 	}
-	return time.Duration(min(w, float64(samplePeriod))), samplePeriod
+	return g.windowWithin(s, allowed), samplePeriod
 }
