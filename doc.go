@@ -75,7 +75,7 @@
 // second (less often only if even that would break the budget, or, for the
 // sites that only count statistics, while their second has no room: up to
 // 4 s), their counts scaled by the time attached and their events marked
-// Sampled. The budget holds in every second, not only on average: what
+// Sampled. The budget is kept per second, not only on average: what
 // may be spent is a second's budget less what the last second spent.
 // Stats().Budget and Stats().Sites show the measured costs, the rates and
 // what is sampled; Stats().Budget.WorstSecond is the most spent in any

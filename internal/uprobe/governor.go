@@ -14,7 +14,7 @@ import (
 // hit in 16). It is plain arithmetic on a clock and counters, so that it
 // can be tested without a kernel; the probe executes what it decides.
 //
-// The budget holds in every second, not only on average: what may still
+// The budget is kept per second, not only on average: what may still
 // be spent (tokens) is a second's worth of budget less what was spent in
 // the last second, the first second included. (A token bucket, which let
 // half a second's burst through on top of a second's refill, cost the

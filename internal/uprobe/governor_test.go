@@ -674,8 +674,9 @@ func TestGovernorLate(t *testing.T) {
 	}
 }
 
-// The budget holds in every second, the first included, not only on
-// average: a storm at Start, a service's mix of hot sites attached at
+// In the simulator the budget holds in every second (within the slack
+// the test allows), the first included, not only on average: a storm at
+// Start, a service's mix of hot sites attached at
 // Start with one link (as Start attaches them), and a rate that jumps
 // 100x while sampled. (The same mix on 15 links of its own costs more
 // than the budget to detach: 7 ms for the links alone.)
