@@ -676,10 +676,10 @@ func TestGovernorLate(t *testing.T) {
 
 // In the simulator the budget holds in every second (within the slack
 // the test allows), the first included, not only on average: a storm at
-// Start, a service's mix of hot sites attached at
-// Start with one link (as Start attaches them), and a rate that jumps
-// 100x while sampled. (The same mix on 15 links of its own costs more
-// than the budget to detach: 7 ms for the links alone.)
+// Start, a service's mix of hot sites attached at Start with one link (as
+// Start attaches them), and a rate that jumps 100x while sampled. (The
+// same mix on 15 links of its own costs more than the budget to detach:
+// 7 ms for the links alone.)
 func TestGovernorEverySecond(t *testing.T) {
 	const budget = 0.01
 	mix := []float64{20_000, 10_000, 8_000, 5_000, 3_000, 2_000, 1_000, 500, 400, 200, 100, 50, 10_000, 2_000, 100}
