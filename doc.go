@@ -103,10 +103,11 @@
 // canary event that must come back with the right goroutine, call site
 // and map type before Start returns nil. Events then flow until ctx is
 // done or Close is called. The program's own nested reads (m[a][b]) are
-// searched for beside Start, which does not wait for it (what is left is
-// paced to half the budget), and get sites of their own when found
-// (seconds after Start on a large program); until then the runtime's
-// sites see them. The Guard's own goroutines are excluded in the
+// searched for beside Start, which waits at most 10 ms more for it: a
+// small program's are watched at their own sites when Start returns; on a
+// large program what is left is paced to half the budget, and its sites
+// are attached when found (seconds after Start); until then the runtime's
+// sites see them, when the governor has them attached. The Guard's own goroutines are excluded in the
 // kernel, so its work never produces events.
 //
 // # Errors

@@ -58,6 +58,18 @@ func (u *uprobes) run(ready chan<- error) {
 			}
 			u.deliverPending()
 			cpu.book()
+		case took := <-u.takeAsk:
+			cpu.begin()
+			if !drain(u.reader, &rec, handle) {
+				return
+			}
+			u.mu.Lock()
+			if !u.stopping && u.coll != nil && u.reader.AvailableBytes() == 0 {
+				u.takeNestedLocked(time.Now())
+			}
+			u.mu.Unlock()
+			cpu.book()
+			close(took)
 		case <-u.readerStop:
 			drain(u.reader, &rec, handle) // what is left, then stop
 			return
@@ -458,6 +470,7 @@ func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) erro
 	u.canary = make(chan decode.Event, 1)
 	u.done = make(chan struct{})
 	u.readerWake, u.readerStop = make(chan struct{}, 1), make(chan struct{})
+	u.takeAsk = make(chan chan struct{})
 	ready := make(chan error, 1)
 	go u.run(ready)
 	if err := <-ready; err != nil {

@@ -51,7 +51,10 @@ type uprobes struct {
 	// readerWake makes the reader drain its ring now (the canary);
 	// closing readerStop makes it drain what is left and return.
 	readerWake, readerStop chan struct{}
-	ignore                 *ebpf.Map
+	// takeAsk makes the reader attach the nested reads the search found,
+	// then close the channel it sent (takeNestedAtStartLocked).
+	takeAsk chan chan struct{}
+	ignore  *ebpf.Map
 	// The first ignored goroutines, compared in BPF without a map lookup.
 	ignoredVar  *ebpf.Variable
 	ignoredMore *ebpf.Variable
@@ -382,6 +385,8 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	}
 	u.wakeFile.SetReadDeadline(past)
 	step("governor")
+	u.takeNestedAtStartLocked(ctx)
+	step("nested")
 	u.running = true
 	if len(u.pending) > 0 {
 		select { // the reader delivers the crash records now (deliverPending)

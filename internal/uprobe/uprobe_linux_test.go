@@ -254,8 +254,9 @@ func scanControlMiss(k string) int { return scanControl[k] }
 // step until Close) and Close stops it: nothing of it is left, and its
 // sites are not attached afterwards.
 func TestNestedScanStopsAtClose(t *testing.T) {
-	testScanPace = func(stop <-chan struct{}) { <-stop }
-	defer func() { testScanPace = nil }()
+	pace := func(stop <-chan struct{}) { <-stop }
+	testScanPace.Store(&pace)
+	defer testScanPace.Store(nil)
 	p, _ := startProbe(t, Config{Kinds: []decode.Kind{decode.NestedMapMiss}})
 	p.mu.Lock()
 	done := p.scanDone
