@@ -43,6 +43,16 @@ EXTRA_SKIP=${MAPGUARD_VM_SKIP:-}
 # refuses: perf-event uprobes need CAP_SYS_ADMIN). Any other skip fails the
 # run.
 EXPECTED_SKIPS='TestMultiLinks|TestCrashRecordBPFCapabilities'
+# Skips allowed, not required: TestRealNestedAtStart skips if the search
+# for nested reads was not done within Start (it is, in the VM, so far).
+ALLOWED_SKIPS='TestRealNestedAtStart'
+# Under TCG a test's timing is 10-50x the host's, and a timing-dependent
+# test fails now and then on its own (2026-11-28: both runs of one CI
+# failed, on four different tests: a bloat event and 44 of 200 deletes
+# not seen within their timeouts, and two crash-record tests). Each failed
+# test is run again, alone, up to RERUNS times; the log keeps every
+# failure, each rerun marked VM-RERUN, so that they are read.
+RERUNS=2
 
 begin=$SECONDS
 step() { printf '\n=== [%ds] %s\n' $((SECONDS - begin)) "$*"; }
@@ -152,9 +162,22 @@ for name in mapguard uprobe wire rt; do
 	skip='${EXTRA_SKIP:-^\$}'
 	[ \$name = mapguard ] && skip='$ROOT_SKIP${EXTRA_SKIP:+|$EXTRA_SKIP}'
 	echo "VM-RUN: \$name.test"
-	/tests/\$name.test -test.v -test.short -test.count=1 -test.timeout=$TEST_TIMEOUT -test.skip="\$skip"
-	rc=\$?
+	{ /tests/\$name.test -test.v -test.short -test.count=1 -test.timeout=$TEST_TIMEOUT -test.skip="\$skip"; echo \$? >/tmp/rc; } 2>&1 | tee /tmp/out
+	rc=\$(cat /tmp/rc)
 	echo "VM-EXIT: \$name.test rc=\$rc"
+	# A test that failed is run again, alone, up to $RERUNS times (see
+	# the comment on RERUNS): it passes only if a rerun passes. A binary
+	# that failed without a failed test (a panic, a timeout) is not rerun.
+	failed=\$(grep -aE '^--- FAIL: ' /tmp/out | sed -E 's/^--- FAIL: ([^ ]+).*/\\1/' | sort -u | tr '\\n' '|' | sed 's/|\$//')
+	try=0
+	while [ \$rc != 0 ] && [ -n "\$failed" ] && [ \$try -lt $RERUNS ] && ! grep -aqE '^(panic: |fatal error: )' /tmp/out; do
+		try=\$((try + 1))
+		echo "VM-RERUN: \$name.test try \$try: \$failed"
+		{ /tests/\$name.test -test.v -test.short -test.count=1 -test.timeout=$TEST_TIMEOUT -test.skip="\$skip" -test.run="^(\$failed)\$"; echo \$? >/tmp/rc; } 2>&1 | tee /tmp/out
+		rc=\$(cat /tmp/rc)
+		echo "VM-EXIT: \$name.test rerun \$try rc=\$rc"
+		failed=\$(grep -aE '^--- FAIL: ' /tmp/out | sed -E 's/^--- FAIL: ([^ ]+).*/\\1/' | sort -u | tr '\\n' '|' | sed 's/|\$//')
+	done
 	[ \$rc = 0 ] || result=FAIL
 done
 echo
@@ -255,7 +278,7 @@ if ! grep -aqx 'VM-RESULT: PASS' "$log.txt"; then
 	echo "VM did not report VM-RESULT: PASS"
 	status=1
 fi
-unexpected=$(grep -aE '^ *--- SKIP' "$log.txt" | grep -vE -- "--- SKIP: ($EXPECTED_SKIPS) " || true)
+unexpected=$(grep -aE '^ *--- SKIP' "$log.txt" | grep -vE -- "--- SKIP: ($EXPECTED_SKIPS|$ALLOWED_SKIPS) " || true)
 if [ -n "$unexpected" ]; then
 	printf 'unexpected skips:\n%s\n' "$unexpected"
 	status=1
