@@ -104,6 +104,16 @@ struct {
 	__type(value, struct crash);
 } crashes SEC(".maps");
 
+// The fatal events of this process's goroutines (MG_SITE_CRASH), by
+// goroutine id, until one of them is the one the runtime prints
+// (MG_SITE_PRINTED). Two goroutines can race into a fatal error.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u64);
+	__type(value, struct event);
+} fatal_events SEC(".maps");
+
 // Deletes in progress, by goroutine id.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -566,6 +576,19 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 		__sync_fetch_and_add(&st->ignored, 1);
 		return 0;
 	}
+	if (!deep && (flags & MG_SITE_PRINTED)) {
+		// This goroutine's report is the one the runtime prints: the
+		// crash record keeps its fatal event, not the first to trap.
+		struct event *fe = bpf_map_lookup_elem(&fatal_events, &goid);
+		__u64 ck = crash_key;
+		struct crash *c = bpf_map_lookup_elem(&crashes, &ck);
+		if (fe && c) {
+			__builtin_memcpy(&c->ev, fe, sizeof(*fe));
+			c->crashed = 1;
+		}
+		__sync_fetch_and_add(&st->filtered, 1);
+		return 0;
+	}
 
 	__u64 pc0 = (flags & MG_SITE_CALLER)   ? conf->wrap_ret[0]
 		    : (flags & MG_SITE_FRAMED) ? read_u64(ctx->rbp + 8)
@@ -717,8 +740,13 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 		__u64 ck = crash_key;
 		struct crash *c = bpf_map_lookup_elem(&crashes, &ck);
 		// Two goroutines can race into the fatal error (both saw the
-		// other's write): the runtime prints the first to get there and
-		// stops the other, so the first is what the record keeps.
+		// other's write): the runtime prints the first to take its print
+		// lock, which need not be the first to get here (seen in the
+		// 6.1 VM: the record named the goroutine the report did not).
+		// The first to get here is what the record keeps until the
+		// printed one passes MG_SITE_PRINTED, where its event, kept
+		// here, replaces it.
+		bpf_map_update_elem(&fatal_events, &goid, e, 0); // BPF_ANY
 		if (c && __sync_fetch_and_add(&c->claimed, 1) == 0) {
 			__builtin_memcpy(&c->ev, e, sizeof(*e));
 			c->crashed = 1;

@@ -136,6 +136,11 @@ enum mg_site_flag {
 	// wrap_ret[0] (the CALL's return address), the outer read's wrap_ret[1];
 	// the frame pointer is the caller's own.
 	MG_SITE_CALLER = 131072,
+	// In runtime.fatal, where its call of printlock returns: of goroutines
+	// that race into a fatal error, only the one whose report the runtime
+	// prints gets here (printlock is never unlocked). Its fatal event, kept
+	// by MG_SITE_CRASH, becomes the crash record's; no event of its own.
+	MG_SITE_PRINTED = 262144,
 };
 
 

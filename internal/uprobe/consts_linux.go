@@ -22,6 +22,7 @@ var (
 	_ = [1]struct{}{}[siteStr-mapguardMgSiteFlagMG_SITE_STR]
 	_ = [1]struct{}{}[siteErr-mapguardMgSiteFlagMG_SITE_ERR]
 	_ = [1]struct{}{}[siteCrash-mapguardMgSiteFlagMG_SITE_CRASH]
+	_ = [1]struct{}{}[sitePrinted-mapguardMgSiteFlagMG_SITE_PRINTED]
 	_ = [1]struct{}{}[siteBloat-mapguardMgSiteFlagMG_SITE_BLOAT]
 	_ = [1]struct{}{}[siteCount-mapguardMgSiteFlagMG_SITE_COUNT]
 	_ = [1]struct{}{}[siteWriter-mapguardMgSiteFlagMG_SITE_WRITER]

@@ -144,6 +144,7 @@ const (
 	mapguardMgSiteFlagMG_SITE_UNWRAP    mapguardMgSiteFlag = 32768
 	mapguardMgSiteFlagMG_SITE_WRAPPED   mapguardMgSiteFlag = 65536
 	mapguardMgSiteFlagMG_SITE_CALLER    mapguardMgSiteFlag = 131072
+	mapguardMgSiteFlagMG_SITE_PRINTED   mapguardMgSiteFlag = 262144
 )
 
 type mapguardPendingDelete struct {
@@ -197,6 +198,7 @@ const (
 	mapguardMapDeepEvents            = "deep_events"
 	mapguardMapDeletes               = "deletes"
 	mapguardMapEvents                = "events"
+	mapguardMapFatalEvents           = "fatal_events"
 	mapguardMapGoidMap               = "goid_map"
 	mapguardMapGrowthNext            = "growth_next"
 	mapguardMapIgnoredGoids          = "ignored_goids"
@@ -299,6 +301,7 @@ type mapguardMapSpecs struct {
 	DeepEvents   *ebpf.MapSpec `ebpf:"deep_events"`
 	Deletes      *ebpf.MapSpec `ebpf:"deletes"`
 	Events       *ebpf.MapSpec `ebpf:"events"`
+	FatalEvents  *ebpf.MapSpec `ebpf:"fatal_events"`
 	GoidMap      *ebpf.MapSpec `ebpf:"goid_map"`
 	GrowthNext   *ebpf.MapSpec `ebpf:"growth_next"`
 	IgnoredGoids *ebpf.MapSpec `ebpf:"ignored_goids"`
@@ -373,6 +376,7 @@ type mapguardMaps struct {
 	DeepEvents   *ebpf.Map `ebpf:"deep_events"`
 	Deletes      *ebpf.Map `ebpf:"deletes"`
 	Events       *ebpf.Map `ebpf:"events"`
+	FatalEvents  *ebpf.Map `ebpf:"fatal_events"`
 	GoidMap      *ebpf.Map `ebpf:"goid_map"`
 	GrowthNext   *ebpf.Map `ebpf:"growth_next"`
 	IgnoredGoids *ebpf.Map `ebpf:"ignored_goids"`
@@ -391,6 +395,7 @@ func (m *mapguardMaps) Close() error {
 		m.DeepEvents,
 		m.Deletes,
 		m.Events,
+		m.FatalEvents,
 		m.GoidMap,
 		m.GrowthNext,
 		m.IgnoredGoids,

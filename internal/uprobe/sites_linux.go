@@ -68,6 +68,9 @@ func (u *uprobes) chooseSites(bin *symbols.Binary) error {
 	}
 	wraps := findWrappers(bin, callee)
 	for _, w := range wants {
+		if w.t.record && u.cfg.NoCrashRecord {
+			continue
+		}
 		for _, name := range w.t.funcs {
 			var flags uint32
 			var wrapRet [2]uint64

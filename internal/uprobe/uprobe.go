@@ -148,6 +148,7 @@ const (
 	siteUnwrap  = 32768
 	siteWrapped = 65536
 	siteCaller  = 131072
+	sitePrinted = 262144
 
 	// enum mg_key
 	keyNone = 0
@@ -194,6 +195,8 @@ type found struct {
 type target struct {
 	find  func(code []byte, entry uint64, callee func(uint64) string) ([]found, error)
 	funcs []string
+	// record: only for the crash record (not probed with NoCrashRecord).
+	record bool
 }
 
 // siteFinder chooses the probe site in one function's code.
@@ -218,6 +221,11 @@ func nilBranch(op x86site.MapOp) siteFinder {
 
 func afterStackCheck(code []byte, _ uint64, _ func(uint64) string) (x86site.Site, error) {
 	return x86site.EntrySite(code)
+}
+
+// printed finds where runtime.fatal's call of printlock returns.
+func printed(code []byte, entry uint64, callee func(uint64) string) (x86site.Site, error) {
+	return x86site.ReturnSite(code, entry, callee, "runtime.printlock")
 }
 
 // calls finds every direct call to fn, each a site.
@@ -374,9 +382,17 @@ var targets = map[decode.Kind][]target{
 		funcs: []string{"runtime.mapclear"},
 	}},
 	// Every "concurrent map ..." report goes through maps.fatal(s string).
+	// Two goroutines can race into it; the runtime prints the report of
+	// the first to take its print lock, in runtime.fatal, and the crash
+	// record keeps that one's (the site where printlock returns, single-
+	// stepped, in a function that runs once before the process dies).
 	decode.ConcurrentMisuse: {{
 		find:  one(afterStackCheck, siteStr|siteCrash, regNone, regNone),
 		funcs: []string{"internal/runtime/maps.fatal"},
+	}, {
+		find:   one(printed, sitePrinted, regNone, regNone),
+		funcs:  []string{"runtime.fatal"},
+		record: true,
 	}},
 }
 
