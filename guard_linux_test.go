@@ -723,6 +723,18 @@ func TestRealNoSelfHits(t *testing.T) {
 	await(t, events, func(ev mapguard.Event) bool { return ev.Goroutine == goid })
 	time.Sleep(1100 * time.Millisecond) // one aggregate flush, too
 	before := ignored()
+	// The filters of the growth and bloat sites run before the goroutine
+	// is known: the Guard's hits there are filtered, not ignored. Nothing
+	// in this test grows or clears a map.
+	grownOrCleared := func() (n uint64) {
+		for _, s := range g.Stats().Sites {
+			if s.Kind == mapguard.MapGrowth || s.Kind == mapguard.MapBloat {
+				n += s.Hits
+			}
+		}
+		return n
+	}
+	quiet := grownOrCleared()
 	const n = 50
 	for i := 0; i < n; i++ {
 		goid, _ := provoke(misuses[0].run)
@@ -731,6 +743,9 @@ func TestRealNoSelfHits(t *testing.T) {
 	time.Sleep(1100 * time.Millisecond)
 	if d := ignored() - before; d != 0 {
 		t.Fatalf("delivering %d events made the Guard's goroutines hit its probes %d times", n, d)
+	}
+	if d := grownOrCleared() - quiet; d != 0 {
+		t.Errorf("the growth and bloat sites took %d hits while the Guard delivered and flushed counts", d)
 	}
 	// Nor do Stats and Close on the caller's goroutine, which the probes
 	// do not ignore (teardown once read a map[link.Link]bool there).

@@ -133,6 +133,7 @@ func main() {
 			}
 		case <-timeout:
 			fmt.Fprintln(os.Stderr, "timed out waiting for events; seen:", seen)
+			printSites(g.Stats())
 			os.Exit(1)
 		}
 	}
@@ -166,8 +167,17 @@ drain:
 	}
 	if misses < 50 || nilReads < 50 {
 		fmt.Fprintf(os.Stderr, "counted %d missing-key and %d nil-map reads, want 50 each\n", misses, nilReads)
+		printSites(st)
 		os.Exit(1)
 	}
+	printSites(st)
+	start = time.Now()
+	g.Close()
+	fmt.Printf("closed in %v\n", time.Since(start).Round(time.Millisecond))
+}
+
+// printSites prints what each probe site took.
+func printSites(st mapguard.Stats) {
 	fmt.Println("probe sites (hits: traps taken; filtered: not an anomaly; agg: counted per call site; not-own: the runtime's own maps and the standard library):")
 	for _, s := range st.Sites {
 		cost := "single-stepped"
@@ -180,9 +190,6 @@ drain:
 	for _, in := range st.Inactive {
 		fmt.Printf("  %-17s %-37s not probed: %s\n", in.Kind, in.Function, in.Reason)
 	}
-	start = time.Now()
-	g.Close()
-	fmt.Printf("closed in %v\n", time.Since(start).Round(time.Millisecond))
 }
 
 // crashChild runs this program as a child that dies of concurrent map

@@ -814,3 +814,26 @@ func TestGovernorWindowsFitTheirSecond(t *testing.T) {
 		t.Errorf("the windows opened cost %.2f ms, the second had %.2f ms left", given/1e6, left/1e6)
 	}
 }
+
+// A site whose hits are events is not sampled on a rate read from its
+// first hit: 2 hits a second at 150 us (0.03% of a CPU), the first right
+// after Start, read over the first 8 ms as 125 a second (1.9%), while a
+// storm on another site, from then on, makes the governor demote.
+func TestGovernorPrioFirstHits(t *testing.T) {
+	s := newSim(0.01, []float64{2, 50_000}, []float64{150_000, 20_000}, 30*time.Millisecond)
+	s.g.prioritize(0)
+	s.frac[0] = 0.999 // its first hit in the first slice
+	s.rates[1] = 0
+	s.step(8 * time.Millisecond) // Start's own steps, its sites attached
+	s.rates[1] = 50_000
+	for i := 0; i < 30; i++ {
+		s.step(100 * time.Millisecond)
+	}
+	if !s.g.sites[1].sampled {
+		t.Fatal("the storm's site is not sampled")
+	}
+	if site := &s.g.sites[0]; site.sampled || !site.armed || s.maxGap[0] > 0 {
+		t.Fatalf("the events' site: sampled %v, armed %v, detached for %v at most, after %d hits; want counted exactly throughout",
+			site.sampled, site.armed, s.maxGap[0], s.hits[0])
+	}
+}

@@ -184,6 +184,15 @@ func (g *governor) demote(now time.Time) {
 		if s.sampled || s.relink {
 			continue // sampled, or attached again, with its link's other sites below
 		}
+		if s.prio && s.hits < minRateHits {
+			// Its hits are events: a rate from one or two of them says
+			// nothing, and sampled the site misses the next ones (a
+			// bloat site, its rate misread from the reader's one clear
+			// in Start's first 8 ms, missed the quickstart's only bloat
+			// event 1 run in 10). At most minRateHits of its hits are
+			// spent before it is judged.
+			continue
+		}
 		if s.armed && s.group != 0 {
 			// It shares its link (the statistics' sites are attached with
 			// one link at Start): the link is detached, one detach for all.

@@ -349,7 +349,13 @@ func (u *uprobes) flushAggsLocked() {
 	for k, n := range u.nestedLate {
 		add(k.Site, decode.NestedMapMiss, k.Pc, n, false)
 	}
-	clear(u.nestedLate)
+	if len(u.nestedLate) > 0 {
+		// Not every flush: a clear is a call of runtime.mapclear, the
+		// bloat site, where the reader would trap each second (its
+		// first look then saw a rate there, and sampled the site: a
+		// bloat event right after Start was lost).
+		clear(u.nestedLate)
+	}
 	for k, r := range reports {
 		index, kind := r.index, decode.Kind(k.Site)
 		rec := wire.Rec{Kind: kind, Site: index, Mono: uint64(clock.Mono), Count: r.count, NPCs: 1}
