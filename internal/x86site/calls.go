@@ -353,15 +353,8 @@ func CallSites(code []byte, entry uint64, callee func(uint64) string, target str
 	f := sxNewFunc(insts)
 	lo, hi, tail := sxTail(&f, &p)
 	var sites []Site
-	for i := range insts {
+	for _, i := range sxCallsTo(insts, entry, callee, target) {
 		in := &insts[i]
-		if in.Op != x86asm.CALL {
-			continue
-		}
-		t, ok := sxRel(in)
-		if !ok || callee(entry+uint64(t)) != target {
-			continue
-		}
 		if !in.plain {
 			return nil, sxReject("prefixed call of %s at +%#x", target, in.Offset)
 		}
@@ -377,6 +370,22 @@ func CallSites(code []byte, entry uint64, callee func(uint64) string, target str
 		}
 	}
 	return sites, nil
+}
+
+// sxCallsTo returns the indexes of the direct calls in insts whose
+// absolute destination callee resolves to target.
+func sxCallsTo(insts []Inst, entry uint64, callee func(uint64) string, target string) []int {
+	var at []int
+	for i := range insts {
+		in := &insts[i]
+		if in.Op != x86asm.CALL {
+			continue
+		}
+		if t, ok := sxRel(in); ok && callee(entry+uint64(t)) == target {
+			at = append(at, i)
+		}
+	}
+	return at
 }
 
 // sxRAXWrite classifies what in does to RAX: writes reports that it writes

@@ -36,15 +36,8 @@ func ReturnSite(code []byte, entry uint64, callee func(uint64) string, target st
 		return Site{}, sxReject("no PUSHQ BP; MOVQ SP, BP at the entry")
 	}
 	found := -1
-	for i := range insts {
+	for _, i := range sxCallsTo(insts, entry, callee, target) {
 		in := &insts[i]
-		if in.Op != x86asm.CALL {
-			continue
-		}
-		t, ok := sxRel(in)
-		if !ok || callee(entry+uint64(t)) != target {
-			continue
-		}
 		switch {
 		case !in.plain:
 			return Site{}, sxReject("prefixed call of %s at +%#x", target, in.Offset)
