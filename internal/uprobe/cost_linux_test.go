@@ -10,6 +10,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/arch/x86/x86asm"
 
 	"github.com/mapguard/mapguard/decode"
 	"github.com/mapguard/mapguard/internal/testutil"
@@ -78,7 +79,29 @@ func BenchmarkHitCost(b *testing.B) {
 		}
 		return s.Offset
 	}
+	// The nil block's first instruction (MOVQ errNilAssign(SB), CX,
+	// single-stepped), where the site was before NilMapSite moved on to
+	// the block's emulated JE: the instruction after a RET or JMP,
+	// walking back from the site.
+	blockStart := func(code []byte, f symbols.Func) uint64 {
+		off := nilSite(code, f)
+		insts, err := x86site.Decode(code)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for i := len(insts) - 1; i > 0; i-- {
+			if insts[i].Offset <= off && (insts[i-1].Op == x86asm.JMP || insts[i-1].Op == x86asm.RET) {
+				return insts[i].Offset
+			}
+		}
+		b.Fatal("no nil block start")
+		return 0
+	}
 	b.Run("probe=none", loop)
+	b.Run("probe=empty@nil-block-start", func(b *testing.B) {
+		attachEmpty(b, "runtime.mapassign_faststr", blockStart)
+		loop(b)
+	})
 	b.Run("probe=empty@nil-branch", func(b *testing.B) {
 		attachEmpty(b, "runtime.mapassign_faststr", nilSite)
 		loop(b)

@@ -19,6 +19,8 @@ package x86site
 //     when its map argument (RBX in the register ABI) is nil. The shape
 //     around it is checked instruction by instruction, and a small data-flow
 //     pass proves that RAX still holds the map type and RBX the map there.
+//     In a mapassign function the site moves on to the block's first
+//     emulated instruction where that still holds.
 
 import (
 	"errors"
@@ -59,7 +61,9 @@ func sxReject(reason string, args ...any) error {
 }
 
 // NilMapSite finds the first instruction of the block a Go map function runs
-// when its map argument is nil. code is the whole function body, entry the
+// when its map argument is nil (for MapAssign, that block's first emulated
+// instruction where it keeps the same meaning: see sxEmulatedInBlock).
+// code is the whole function body, entry the
 // address code starts at (for absolute call targets: entry+off+len+rel) and
 // callee resolves an absolute address to a function name ("" if unknown).
 //
@@ -272,7 +276,56 @@ func NilMapSite(code []byte, entry uint64, op MapOp, callee func(addr uint64) st
 			return Site{}, sxReject("site reached by fall-through")
 		}
 	}
+	if op == MapAssign {
+		if j := sxEmulatedInBlock(&f, st, site); j > site {
+			return sxSite(&insts[j], true), nil
+		}
+	}
 	return sxSite(in, true), nil
+}
+
+// sxEmulatedInBlock returns the index of a cheaper instruction with the
+// same meaning as the nil-map block's first one, insts[start] (which st
+// describes): the first instruction of the block's straight-line start
+// that the kernel emulates, if RAX and RBX still hold the map type and
+// the map there and only the fall-through from the instruction before it
+// reaches it. It runs exactly once each time the block does. It returns
+// -1 if there is none or insts[start] is itself emulated.
+//
+// In Go 1.25-1.27's mapassign functions the block is MOVQ errNilAssign,
+// CX; TESTQ CX, CX; JE ...: the JE is emulated, the MOVQ single-stepped
+// at about four times the cost.
+func sxEmulatedInBlock(f *sxFunc, st *sxState, start int) int {
+	if f.insts[start].Emulated {
+		return -1
+	}
+	s := st.clone()
+	for i := start; i < len(f.insts) && i < start+sxMaxPanicBlock; i++ {
+		in := &f.insts[i]
+		if i > start && in.Emulated {
+			if s.ready() != nil || sxTargeted(f, in.Offset) {
+				return -1
+			}
+			return i
+		}
+		if sxControl(in.Op) || in.endbr {
+			return -1
+		}
+		if err := s.step(in, f.insts[:i]); err != nil {
+			return -1
+		}
+	}
+	return -1
+}
+
+// sxTargeted reports whether a direct branch or call targets offset off.
+func sxTargeted(f *sxFunc, off uint64) bool {
+	for i := range f.insts {
+		if t, ok := sxRel(&f.insts[i]); ok && t == int64(off) {
+			return true
+		}
+	}
+	return false
 }
 
 // sxIsTestBX matches TESTQ BX, BX.

@@ -145,6 +145,8 @@ type sxtOpts struct {
 	extraRef bool   // another branch to the site
 	intoPath string // label of the checked path another branch jumps to
 	tail     string // bytes appended at the very end
+	block    string // assign: bytes replacing MOVQ errNilAssign(SB), CX at the nil block's start
+	branchIn bool   // assign: another branch to the nil block's JE
 }
 
 func (o sxtOpts) prologue(a *sxtAsm) {
@@ -199,6 +201,9 @@ func sxtAssign(o sxtOpts) *sxtAsm {
 	if o.extraRef {
 		a.j8(0xeb, "nil")
 	}
+	if o.branchIn {
+		a.j8(0xeb, "je")
+	}
 	if o.intoPath != "" {
 		a.j32("e9", o.intoPath)
 	}
@@ -207,10 +212,15 @@ func sxtAssign(o sxtOpts) *sxtAsm {
 }
 
 func (o sxtOpts) panicBlock(a *sxtAsm) {
-	a.raw("488b0d00000000") // MOVQ errNilAssign(SB), CX
-	a.raw("4885c9")         // TESTQ CX, CX
-	a.j8(0x74, "skip")      // JE skip
-	a.raw("488b4908")       // MOVQ 0x8(CX), CX
+	block := o.block
+	if block == "" {
+		block = "488b0d00000000" // MOVQ errNilAssign(SB), CX
+	}
+	a.raw(block)
+	a.raw("4885c9") // TESTQ CX, CX
+	a.label("je")
+	a.j8(0x74, "skip") // JE skip
+	a.raw("488b4908")  // MOVQ 0x8(CX), CX
 	a.label("skip")
 	a.raw("4889c8") // MOVQ CX, AX
 	callee := o.panicAt
@@ -437,12 +447,12 @@ func TestNilMapSiteHandWritten(t *testing.T) {
 		why  string // substring of the rejection
 	}
 	cases := []tc{
-		{"assign", sxtAssign(sxtOpts{}), MapAssign, "MOVQ 0(IP), CX", ""},
-		{"assign large frame", sxtAssign(sxtOpts{bigFrame: true}), MapAssign, "MOVQ 0(IP), CX", ""},
-		{"assign ENDBR64 at start", sxtAssign(sxtOpts{endbr: true}), MapAssign, "MOVQ 0(IP), CX", ""},
-		{"assign JNE around", sxtAssign(sxtOpts{jne: true}), MapAssign, "MOVQ 0(IP), CX", ""},
-		{"assign with spills and NOPs", sxtAssign(sxtOpts{pre: "4889442430 48895c2438 660f1f440000 0f1f00"}), MapAssign, "MOVQ 0(IP), CX", ""},
-		{"assign RBX reloaded from its spill slot", sxtAssign(sxtOpts{pre: "48895c2438 31db 488b5c2438"}), MapAssign, "MOVQ 0(IP), CX", ""},
+		{"assign", sxtAssign(sxtOpts{}), MapAssign, "JE .+4", ""},
+		{"assign large frame", sxtAssign(sxtOpts{bigFrame: true}), MapAssign, "JE .+4", ""},
+		{"assign ENDBR64 at start", sxtAssign(sxtOpts{endbr: true}), MapAssign, "JE .+4", ""},
+		{"assign JNE around", sxtAssign(sxtOpts{jne: true}), MapAssign, "JE .+4", ""},
+		{"assign with spills and NOPs", sxtAssign(sxtOpts{pre: "4889442430 48895c2438 660f1f440000 0f1f00"}), MapAssign, "JE .+4", ""},
+		{"assign RBX reloaded from its spill slot", sxtAssign(sxtOpts{pre: "48895c2438 31db 488b5c2438"}), MapAssign, "JE .+4", ""},
 		{"assign jump into the middle of an instruction", sxtAssign(sxtOpts{nilLabel: "nil+1"}), MapAssign, "", "not an instruction boundary"},
 		{"assign RBX clobbered", sxtAssign(sxtOpts{pre: "4889cb"}), MapAssign, "", "RBX"},
 		{"assign BL clobbered", sxtAssign(sxtOpts{pre: "8a5c2430"}), MapAssign, "", "RBX"},
@@ -459,8 +469,16 @@ func TestNilMapSiteHandWritten(t *testing.T) {
 		{"assign site also reached elsewhere", sxtAssign(sxtOpts{extraRef: true}), MapAssign, "", "also reached"},
 		{"assign truncated instruction at the end", sxtAssign(sxtOpts{tail: "488b"}), MapAssign, "", "decode"},
 		{"assign branch into the checked path", sxtAssign(sxtOpts{intoPath: "test"}), MapAssign, "", "into the checked path"},
-		{"assign branch back to the entry", sxtAssign(sxtOpts{intoPath: "entry"}), MapAssign, "MOVQ 0(IP), CX", ""},
+		{"assign branch back to the entry", sxtAssign(sxtOpts{intoPath: "entry"}), MapAssign, "JE .+4", ""},
 		{"assign shape as access", sxtAssign(sxtOpts{}), MapAccess, "", "empty-map"},
+		// The site moves on to the block's emulated JE only where that
+		// keeps its meaning; otherwise it stays on the block's start.
+		{"assign block clobbers RAX before its JE", sxtAssign(sxtOpts{block: "488b0500000000 4889c1"}), MapAssign, "MOVQ 0(IP), AX", ""},
+		{"assign block clobbers RBX before its JE", sxtAssign(sxtOpts{block: "488b1d00000000 4889d9"}), MapAssign, "MOVQ 0(IP), BX", ""},
+		{"assign block's JE also reached elsewhere", sxtAssign(sxtOpts{branchIn: true}), MapAssign, "MOVQ 0(IP), CX", ""},
+		{"assign block starts with an emulated instruction", sxtAssign(sxtOpts{block: "90"}), MapAssign, "NOPL", ""},
+		{"assign block moves the stack pointer (BP is the frame)", sxtAssign(sxtOpts{block: "4883ec08 488b0d00000000"}), MapAssign, "JE .+4", ""},
+		{"assign block clobbers BP before its JE", sxtAssign(sxtOpts{block: "31ed"}), MapAssign, "XORL BP, BP", ""},
 		{"access", sxtAccess(sxtOpts{}, false, "", ""), MapAccess, "LEAQ 0(IP), AX", ""},
 		{"access large frame", sxtAccess(sxtOpts{bigFrame: true}, false, "", ""), MapAccess, "LEAQ 0(IP), AX", ""},
 		{"access race form", sxtAccess(sxtOpts{}, true, "", ""), MapAccess, "LEAQ 0(IP), AX", ""},
@@ -870,6 +888,11 @@ type sxtTruth struct {
 	nil     uint64 // JE target from the TESTQ BX, BX line (followed once through a JE there)
 	merged  bool   // the JE target was itself a JE (the -race access form)
 	hasTest bool
+	// nilEmu is, for a nil block that does not start with a branch, its
+	// first branch or NOP before any CALL, if no instruction before it
+	// writes AX or BX (objdump's Go syntax puts the destination last): where
+	// NilMapSite moves a mapassign site to.
+	nilEmu uint64
 }
 
 func sxtGroundTruth(t *testing.T, insts []sxtObjInst) sxtTruth {
@@ -901,6 +924,23 @@ func sxtGroundTruth(t *testing.T, insts []sxtObjInst) sxtTruth {
 				tr.nil, tr.merged = t2, true
 			}
 		}
+	}
+	for i, in := range insts {
+		if !tr.hasTest || in.addr != tr.nil {
+			continue
+		}
+		for j := i + 1; j < len(insts) && j < i+12; j++ {
+			text := insts[j].text
+			if strings.HasPrefix(text, "J") || strings.HasPrefix(text, "NOP") {
+				tr.nilEmu = insts[j].addr
+				break
+			}
+			if strings.HasPrefix(text, "CALL") || strings.HasSuffix(text, ", AX") || strings.HasSuffix(text, ", BX") ||
+				strings.HasPrefix(text, "RET") || strings.HasPrefix(text, "ENDBR") {
+				break
+			}
+		}
+		break
 	}
 	return tr
 }
@@ -1087,8 +1127,16 @@ func sxtCheckBinary(t *testing.T, b sxtBinary, ref map[string]map[string][2]Site
 			}
 			if !tr.hasTest {
 				t.Errorf("%s: objdump shows no TESTQ BX, BX", fn)
-			} else if nerr == nil && entry+ns.Offset != tr.nil {
-				t.Errorf("%s: NilMapSite at %#x, objdump says %#x", fn, entry+ns.Offset, tr.nil)
+			} else if want := tr.nil; nerr == nil {
+				if op == MapAssign && tr.nilEmu != 0 {
+					want = tr.nilEmu
+				}
+				if entry+ns.Offset != want {
+					t.Errorf("%s: NilMapSite at %#x, objdump says %#x", fn, entry+ns.Offset, want)
+				}
+				if op == MapAssign && !ns.Emulated {
+					t.Errorf("%s: NilMapSite = %+v, want an emulated instruction", fn, ns)
+				}
 			}
 			if tr.merged {
 				row.note = " [JE target is a JE: -race merged form]"
