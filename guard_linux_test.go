@@ -422,6 +422,89 @@ func TestRealSampling(t *testing.T) {
 	}
 }
 
+// A quiet site on Start's shared link stays counted exactly when a storm
+// at a busy site on the same link samples that one: the quiet site moves
+// to a new link before the shared one is detached (make before break).
+// Attached again only after the detach, it missed the occurrences of the
+// 20-40 ms the detach took and of the wait for the next governor run.
+func TestRealQuietSiteStaysExact(t *testing.T) {
+	// The default options: the reads' sites serve statistics, on one link.
+	g := startReal(t, mapguard.Options{})
+	if b := g.Stats().Budget; b != nil && b.StepCost > 50*time.Microsecond {
+		t.Skipf("a trap costs %v here: 20 reads a second are no quiet site", b.StepCost)
+	}
+	const quiet = 60 // nil-map reads, one each 50 ms
+	var nm map[int64]int
+	line := make(chan int, 1)
+	quietDone := make(chan struct{})
+	go func() {
+		defer close(quietDone)
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		line <- here() + 3
+		for i := 0; i < quiet; i++ {
+			<-tick.C
+			sink = nm[int64(i)]
+		}
+	}()
+	quietLine := <-line
+	// The storm: missing-key reads, two a millisecond, from 400 ms on (the
+	// quiet site must have been watched long enough to tell it is quiet).
+	stop := make(chan struct{})
+	stormDone := make(chan struct{})
+	go func() {
+		defer close(stormDone)
+		m := map[string]int{"here": 1}
+		time.Sleep(400 * time.Millisecond)
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			sink = m["gone"]
+			sink = m["gone"]
+		}
+	}()
+	<-quietDone
+	close(stop)
+	<-stormDone
+	st := g.Stats()
+	var stormSampled bool
+	for _, s := range st.Sites {
+		if s.Hits > 0 {
+			t.Logf("site %s+%#x %v hits %d sampled %v watched %v rate %.0f", s.Function, s.Offset, s.Kind, s.Hits, s.Sampled, s.Watched, s.Rate)
+		}
+		if s.Kind == mapguard.MissingKeyRead && s.Function == "runtime.mapaccess1_faststr" && s.Sampled {
+			stormSampled = true
+		}
+		if s.Kind == mapguard.NilMapRead && s.Function == "runtime.mapaccess1_fast64" && s.Sampled {
+			t.Errorf("the quiet site was sampled: %+v", s)
+		}
+	}
+	if err := g.Close(); err != nil { // counts the occurrences not yet reported
+		t.Fatal(err)
+	}
+	if !stormSampled {
+		t.Fatalf("the storm's site was not sampled (no demotion to test); budget %+v", st.Budget)
+	}
+	var found bool
+	for _, c := range g.Stats().CallSites {
+		if c.Kind != mapguard.NilMapRead || c.Site.Line != quietLine || !strings.HasSuffix(c.Site.File, "/guard_linux_test.go") {
+			continue
+		}
+		found = true
+		if c.Count != quiet || c.Estimated {
+			t.Errorf("quiet call site: %d nil-map reads (estimated %v), want %d exactly", c.Count, c.Estimated, quiet)
+		}
+	}
+	if !found {
+		t.Errorf("quiet call site (line %d) not in Stats().CallSites", quietLine)
+	}
+}
+
 // Start and Close leave no goroutines and no file descriptors behind.
 func TestRealStartCloseLeavesNothing(t *testing.T) {
 	testutil.RequirePrivileged(t)

@@ -62,6 +62,16 @@ __u64 site_cost[MG_MAX_SITES];
 __u64 spent_ns;
 __u64 spend_limit;
 
+// The link generation each site counts its hits on, which an attach
+// cookie's upper 32 bits carry (its lower 32 are the site's index). A quiet
+// site on a shared link that is detached because its busy sites are
+// sampled moves to a link of its own first: user space attaches the new
+// link (the next generation), flips the site's generation here, then
+// detaches the old link. Both links' programs run on one trap while they
+// overlap, and only one counts it: the site is never blind, never counted
+// twice.
+__u8 site_gen[MG_MAX_SITES];
+
 // The goroutines whose hits are ignored (the Guard's own): the first
 // MG_IGNORED are compared here without a map lookup, any more are in
 // ignored_goids (ignored_more set).
@@ -770,8 +780,12 @@ static __always_inline int handle(struct pt_regs *ctx, __u32 index, struct site_
 // around handle.
 static __always_inline int run(struct pt_regs *ctx, const int deep)
 {
-	__u32 index = (__u32)bpf_get_attach_cookie(ctx);
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	__u32 index = (__u32)cookie;
 	if (index >= MG_MAX_SITES)
+		return 0;
+	// The other link of a site being moved counts this trap (site_gen).
+	if ((__u8)(cookie >> 32) != site_gen[index & (MG_MAX_SITES - 1)])
 		return 0;
 	// The mask restates the bound for the verifier, which loses it otherwise.
 	struct site_stats *st = &stats[index & (MG_MAX_SITES - 1)];

@@ -29,8 +29,7 @@ func (u *uprobes) armLocked(s *site) error {
 	return nil
 }
 
-// attach attaches prog at s, filtered to this process, with s's index as
-// the cookie.
+// attach attaches prog at s, filtered to this process, with s's cookie.
 func (u *uprobes) attach(s *site, prog *ebpf.Program) (link.Link, error) {
 	return attachSite(u.ex, u.multi, s, prog)
 }
@@ -42,13 +41,13 @@ func attachSite(ex *link.Executable, multi bool, s *site, prog *ebpf.Program) (l
 	if multi {
 		return ex.UprobeMulti(nil, prog, &link.UprobeMultiOptions{
 			Addresses: []uint64{off},
-			Cookies:   []uint64{uint64(s.index)},
+			Cookies:   []uint64{s.cookie()},
 			PID:       uint32(os.Getpid()),
 		})
 	}
 	return ex.Uprobe("", prog, &link.UprobeOptions{
 		Address: off,
-		Cookie:  uint64(s.index),
+		Cookie:  s.cookie(),
 		PID:     os.Getpid(),
 	})
 }
@@ -74,12 +73,12 @@ func haveUprobeMulti() bool {
 }
 
 // attachMulti attaches prog at every site in sites with one uprobe_multi
-// link, for this process only, each site's index its cookie.
+// link, for this process only, each site's cookie its cookie.
 func (u *uprobes) attachMulti(sites []*site, prog *ebpf.Program) (link.Link, error) {
 	opts := &link.UprobeMultiOptions{PID: uint32(os.Getpid())}
 	for _, s := range sites {
 		opts.Addresses = append(opts.Addresses, s.fn.FileOffset+s.at.Offset)
-		opts.Cookies = append(opts.Cookies, uint64(s.index))
+		opts.Cookies = append(opts.Cookies, s.cookie())
 	}
 	return u.ex.UprobeMulti(nil, prog, opts)
 }

@@ -154,9 +154,12 @@ func (u *uprobes) governLocked(now time.Time) {
 	u.extra = 0
 	u.gov.noteCrossing(now, float64(spent), float64(u.limit.Load()))
 	u.gov.account(now, float64(spent), hits, float64(extra))
-	attach, detach := u.gov.plan(now)
+	attach, detach, move := u.gov.plan(now)
 	for _, group := range attach {
 		u.attachGroupLocked(group)
+	}
+	for _, group := range move {
+		detach = u.moveGroupLocked(group, detach, now)
 	}
 	for _, group := range detach {
 		u.detachAsyncLocked(group)
@@ -224,6 +227,83 @@ func (u *uprobes) attachGroupLocked(group []int) {
 			u.gov.armed(int(s.index), now)
 		}
 	}
+}
+
+// moveGroupLocked moves the sites of one move group, counted exactly, off
+// the link they share with sites that are about to be detached, before
+// that detach begins: it attaches them with a new link carrying their next
+// generation in its cookies, then makes that generation the one the
+// kernel counts (site_gen; until then the old link counts, after it the
+// new one: one trap runs both programs, and one counts it). A site whose
+// link no site outside the group shares keeps it. Sites that cannot be
+// moved are added to the detach group of their link and told to the
+// governor (unmoved); it returns detach, so extended.
+func (u *uprobes) moveGroupLocked(group []int, detach [][]int, now time.Time) [][]int {
+	inGroup := func(s *site) bool { return slices.Contains(group, int(s.index)) }
+	var progs [2][]*site // always-on, deep
+	for _, i := range group {
+		s := u.sites[i]
+		if s.link == nil || s.detaching {
+			continue // not attached: nothing to keep
+		}
+		shared := false
+		for _, t := range u.sites {
+			shared = shared || (t.link == s.link && !inGroup(t))
+		}
+		if shared {
+			progs[boolInt(s.deep)] = append(progs[boolInt(s.deep)], s)
+		}
+	}
+	for deep, sites := range progs {
+		if len(sites) == 0 {
+			continue
+		}
+		prog := u.coll.Programs[mapguardProgMapguardSite]
+		if deep == 1 {
+			prog = u.coll.Programs[mapguardProgMapguardDeep]
+		}
+		for _, s := range sites {
+			s.gen++
+		}
+		l, err := u.attachMulti(sites, prog)
+		if err == nil {
+			for _, s := range sites {
+				u.gens[s.index] = s.gen
+			}
+			err = u.genVar.Set(u.gens)
+			if err != nil {
+				l.Close() // the old link still counts: nothing was lost
+			}
+		}
+		if err != nil {
+			u.log.Error(err, "move probe to a link of its own", "function", sites[0].fn.Name)
+			for _, s := range sites {
+				s.gen--
+				u.gens[s.index] = s.gen
+				u.gov.unmoved(int(s.index), now)
+				detach = joinDetach(u.sites, detach, s)
+			}
+			continue
+		}
+		for _, s := range sites {
+			s.link = l
+		}
+	}
+	return detach
+}
+
+// joinDetach adds s to the detach group in detach that holds s's link (its
+// other sites' link), or as a group of its own.
+func joinDetach(sites []*site, detach [][]int, s *site) [][]int {
+	for k, group := range detach {
+		for _, i := range group {
+			if sites[i].link == s.link {
+				detach[k] = append(group, int(s.index))
+				return detach
+			}
+		}
+	}
+	return append(detach, []int{int(s.index)})
 }
 
 // detachAsyncLocked detaches a group's sites in a goroutine of its own,

@@ -130,8 +130,8 @@ type govSite struct {
 	// sampled, its windows are paid for before the statistics' sites'.
 	prio bool
 	// relink: counted exactly, on a shared link that is detached because
-	// other sites on it are sampled (see demote): attached again, with the
-	// other such sites, once the detach is done.
+	// other sites on it are sampled (see demote): moved to a link of its
+	// own, with the other such sites, before that link is detached.
 	relink bool
 }
 
@@ -430,6 +430,10 @@ func (g *governor) measureTail(s *govSite) {
 // detach for all of them: a link's CPU cost is mostly per link), and
 // detaches a group's sites together. It calls armed when a group is
 // attached, and disarmed for each site when its detach has finished.
+// The sites of a move group stay attached: the probe attaches them with a
+// new link before it detaches the old one, which other sites in a detach
+// group share (make before break; see demote), and calls unmoved for each
+// it could not move.
 //
 // Sampled sites' windows open on beats (whole periods since start), with
 // lengths rounded down to a power of four milliseconds, so that the sites
@@ -442,7 +446,7 @@ func (g *governor) measureTail(s *govSite) {
 // the governor when the windows' allowances are spent, see limit); and
 // in debt (tokens below zero) no window runs longer than the shortest
 // one. When one site's window in a group ends, the group's does.
-func (g *governor) plan(now time.Time) (attach, detach [][]int) {
+func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 	debt := g.tokens < 0
 	if g.tokens < g.reserve() {
 		// Demote while the tokens left still pay for it.
@@ -538,19 +542,31 @@ func (g *governor) plan(now time.Time) (attach, detach [][]int) {
 		s.nextOn = g.nextBeat(now, s.period)
 		opening[s.window] = append(opening[s.window], i)
 	}
-	for gr := range ending {
+	for _, gr := range slices.Sorted(maps.Keys(ending)) {
 		if gr == 0 {
 			continue
 		}
-		var sites []int
+		var sites, moving []int
 		for i := range g.sites {
-			if s := &g.sites[i]; s.group == gr && (s.inWindow() || s.relink && s.armed && s.detachAt.IsZero()) {
+			s := &g.sites[i]
+			switch {
+			case s.group != gr:
+			case s.inWindow():
 				sites = append(sites, i)
 				g.ended(s, now)
+			case s.relink && s.armed && s.detachAt.IsZero():
+				moving = append(moving, i)
 			}
 		}
 		if len(sites) > 0 {
 			detach = append(detach, sites)
+		}
+		if len(moving) > 0 {
+			g.groups++
+			for _, i := range moving {
+				g.sites[i].group, g.sites[i].relink = g.groups, false
+			}
+			move = append(move, moving)
 		}
 	}
 	// The sites counted exactly that are not attached (at first, promoted,
@@ -579,7 +595,7 @@ func (g *governor) plan(now time.Time) (attach, detach [][]int) {
 	if windows > 0 {
 		g.linkShare = (g.linkShare + float64(len(opening))/float64(windows)) / 2
 	}
-	return attach, detach
+	return attach, detach, move
 }
 
 // next is when plan must run again at the latest: the end of a window, a
@@ -621,6 +637,11 @@ func (g *governor) armed(i int, now time.Time) {
 		}
 	}
 }
+
+// unmoved records that site i, in a move group of plan, could not be
+// moved: it is detached with its old link, now, and attached again once
+// that is done (a blind spell, which its counts then say).
+func (g *governor) unmoved(i int, now time.Time) { g.ended(&g.sites[i], now) }
 
 // disarmed records that site i's detach finished at now.
 func (g *governor) disarmed(i int, now time.Time) {

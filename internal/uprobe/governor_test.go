@@ -33,6 +33,7 @@ type sim struct {
 	armedFor []time.Duration
 	lastArm  []time.Time // when each site was last attached
 	maxGap   []time.Duration
+	moves    int // sites moved to a new link (make before break)
 }
 
 const (
@@ -117,7 +118,13 @@ func (s *sim) advance() {
 func (s *sim) tick() {
 	s.g.account(s.now, s.spent, s.hits, s.extra)
 	s.extra = 0
-	attach, detach := s.g.plan(s.now)
+	attach, detach, move := s.g.plan(s.now)
+	for _, group := range move {
+		// A new link for sites that stay attached: its attach's cost.
+		s.book(linkCost(len(group)) / 2)
+		s.attaches++
+		s.moves += len(group)
+	}
 	for _, group := range attach {
 		n := 0
 		for _, i := range group {
@@ -527,9 +534,10 @@ func TestGovernorSharedStartLink(t *testing.T) {
 }
 
 // When a storm samples the busy sites of Start's shared link, the quiet
-// ones on it (attached long enough to tell) are not sampled with them: they are attached again together,
-// on one link, and counted exactly (a window a second each would cost a
-// link's attach and detach for nothing, and estimate their counts).
+// ones on it (attached long enough to tell) are not sampled with them: they
+// move together to a new link before the shared one is detached, and are
+// counted exactly, with no gap (a window a second each would cost a link's
+// attach and detach for nothing, and estimate their counts).
 func TestGovernorQuietStayExact(t *testing.T) {
 	const budget = 0.01
 	rates := []float64{20_000, 10_000, 8_000, 50, 10, 0, 0, 0}
@@ -547,6 +555,19 @@ func TestGovernorQuietStayExact(t *testing.T) {
 			if s.g.sites[j].sampled {
 				t.Fatalf("quiet site %d (%v/s) sampled at %v", j, rates[j], s.now.Sub(s.g.start))
 			}
+		}
+	}
+	// Moved to a link of their own before the shared one was detached:
+	// attached all along, and counted exactly.
+	if s.moves == 0 {
+		t.Error("no quiet site was moved off the shared link")
+	}
+	for i := 3; i < 8; i++ {
+		if all := s.now.Sub(s.g.start); s.armedFor[i] != all {
+			t.Errorf("quiet site %d attached %v of %v", i, s.armedFor[i], all)
+		}
+		if f, est := s.g.scale(s.now, i); f != 1 || est {
+			t.Errorf("quiet site %d: counts scaled by %v (estimate %v)", i, f, est)
 		}
 	}
 	var armed0 [8]time.Duration
@@ -790,7 +811,7 @@ func TestGovernorWindowsFitTheirSecond(t *testing.T) {
 	}
 	g.prioritize(0)
 	g.sites[2].lastOn = now.Add(-2 * time.Second) // waited longest
-	attach, _ := g.plan(now)
+	attach, _, _ := g.plan(now)
 	opened := map[int]bool{}
 	for _, group := range attach {
 		for _, i := range group {

@@ -198,9 +198,12 @@ func (g *governor) demote(now time.Time) {
 			// one link at Start): the link is detached, one detach for all.
 			// Its busy sites are sampled; the quiet ones (below what would
 			// promote a sampled site, over relinkWatched at least) stay
-			// counted exactly and are attached again together, on one
-			// link, when the detach is done: a window each second for each
-			// of them would cost a link's attach and detach for nothing.
+			// counted exactly: a window each second for each of them would
+			// cost a link's attach and detach for nothing. plan moves them
+			// together to a new link before the old one is detached, so
+			// that their counts have no gap (attached again only once the
+			// detach was done, each was blind for the detach's 20-40 ms
+			// and until the next plan).
 			// A rate measured over a few milliseconds says nothing (a
 			// site with no hits in Start's first 7 ms took 10,000 a second
 			// right after, and its new link was detached again).

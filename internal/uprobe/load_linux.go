@@ -190,6 +190,7 @@ func (u *uprobes) finishLoadLocked(coll *ebpf.Collection) error {
 	u.costVar = coll.Variables[mapguardVarSiteCost]
 	u.spentVar = coll.Variables[mapguardVarSpentNs]
 	u.limitVar = coll.Variables[mapguardVarSpendLimit]
+	u.genVar = coll.Variables[mapguardVarSiteGen]
 	u.ignore = coll.Maps[mapguardMapIgnoredGoids]
 	u.ignoredVar = coll.Variables[mapguardVarIgnored]
 	u.ignoredMore = coll.Variables[mapguardVarIgnoredMore]

@@ -227,6 +227,7 @@ const (
 	mapguardVarMaxFrames             = "max_frames"
 	mapguardVarSharedWindowNs        = "shared_window_ns"
 	mapguardVarSiteCost              = "site_cost"
+	mapguardVarSiteGen               = "site_gen"
 	mapguardVarSpendLimit            = "spend_limit"
 	mapguardVarSpentNs               = "spent_ns"
 	mapguardVarStats                 = "stats"
@@ -333,6 +334,7 @@ type mapguardVariableSpecs struct {
 	MaxFrames             *ebpf.VariableSpec `ebpf:"max_frames"`
 	SharedWindowNs        *ebpf.VariableSpec `ebpf:"shared_window_ns"`
 	SiteCost              *ebpf.VariableSpec `ebpf:"site_cost"`
+	SiteGen               *ebpf.VariableSpec `ebpf:"site_gen"`
 	SpendLimit            *ebpf.VariableSpec `ebpf:"spend_limit"`
 	SpentNs               *ebpf.VariableSpec `ebpf:"spent_ns"`
 	Stats                 *ebpf.VariableSpec `ebpf:"stats"`
@@ -428,6 +430,7 @@ type mapguardVariables struct {
 	MaxFrames             *ebpf.Variable `ebpf:"max_frames"`
 	SharedWindowNs        *ebpf.Variable `ebpf:"shared_window_ns"`
 	SiteCost              *ebpf.Variable `ebpf:"site_cost"`
+	SiteGen               *ebpf.Variable `ebpf:"site_gen"`
 	SpendLimit            *ebpf.Variable `ebpf:"spend_limit"`
 	SpentNs               *ebpf.Variable `ebpf:"spent_ns"`
 	Stats                 *ebpf.Variable `ebpf:"stats"`

@@ -69,6 +69,8 @@ type uprobes struct {
 	spentVar   *ebpf.Variable
 	limitVar   *ebpf.Variable
 	costs      [maxSites]uint64
+	genVar     *ebpf.Variable  // site_gen: the link generation each site counts on
+	gens       [maxSites]uint8 // what genVar holds
 	calib      calibration
 	stepCost   time.Duration
 	emuCost    time.Duration
@@ -180,8 +182,14 @@ type site struct {
 	found
 	link      link.Link         // nil while detached
 	detaching bool              // a detach is in flight
+	gen       uint8             // link generation of link (see cookie)
 	final     mapguardSiteStats // counters at Close
 }
+
+// cookie is what s's link passes its program: the site's index, and the
+// generation of that link in the upper 32 bits. The program counts a hit
+// only if that is the site's generation in site_gen (see moveGroupLocked).
+func (s *site) cookie() uint64 { return uint64(s.index) | uint64(s.gen)<<32 }
 
 // newUprobes is New on linux/amd64.
 func newUprobes(cfg Config) probe.Probe {
