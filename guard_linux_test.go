@@ -477,10 +477,11 @@ func TestRealQuietSiteStaysExact(t *testing.T) {
 		if s.Hits > 0 {
 			t.Logf("site %s+%#x %v hits %d sampled %v watched %v rate %.0f", s.Function, s.Offset, s.Kind, s.Hits, s.Sampled, s.Watched, s.Rate)
 		}
-		if s.Kind == mapguard.MissingKeyRead && s.Function == "runtime.mapaccess1_faststr" && s.Sampled {
+		// mapaccess1_* before Go 1.27, mapaccess2_* from it.
+		if s.Kind == mapguard.MissingKeyRead && strings.HasSuffix(s.Function, "_faststr") && s.Sampled {
 			stormSampled = true
 		}
-		if s.Kind == mapguard.NilMapRead && s.Function == "runtime.mapaccess1_fast64" && s.Sampled {
+		if s.Kind == mapguard.NilMapRead && strings.HasSuffix(s.Function, "_fast64") && s.Sampled {
 			t.Errorf("the quiet site was sampled: %+v", s)
 		}
 	}
