@@ -528,7 +528,7 @@ func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 				// no window for debtGap: its counts are estimates either
 				// way (see flush). The sites serving events keep theirs,
 				// the shortest.
-				s.nextOn = g.nextBeat(now, samplePeriod)
+				s.nextOn = g.nextBeat(now, samplePeriod, s.phase())
 				continue
 			}
 			room = least
@@ -539,7 +539,7 @@ func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 		}
 		s.window = bucket(s.window)
 		given += min(s.allow, g.windowCost(s, s.window))
-		s.nextOn = g.nextBeat(now, s.period)
+		s.nextOn = g.nextBeat(now, s.period, s.phase())
 		opening[s.window] = append(opening[s.window], i)
 	}
 	for _, gr := range slices.Sorted(maps.Keys(ending)) {

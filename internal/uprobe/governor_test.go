@@ -34,6 +34,9 @@ type sim struct {
 	lastArm  []time.Time // when each site was last attached
 	maxGap   []time.Duration
 	moves    int // sites moved to a new link (make before break)
+	// opened holds, per site, when its windows opened (attaches of a
+	// sampled site).
+	opened [][]time.Time
 }
 
 const (
@@ -138,6 +141,12 @@ func (s *sim) tick() {
 			s.lastArm[i] = s.now
 			s.attached[i] = true
 			s.g.armed(i, s.now)
+			if s.g.sites[i].sampled {
+				for len(s.opened) <= i {
+					s.opened = append(s.opened, nil)
+				}
+				s.opened[i] = append(s.opened[i], s.now)
+			}
 		}
 		if n > 0 {
 			s.book(linkCost(n) / 2)
@@ -406,7 +415,7 @@ func TestGovernorBeatsAndBuckets(t *testing.T) {
 		{3 * samplePeriod, 2 * samplePeriod, 5 * samplePeriod},        // on a beat already
 		{3 * samplePeriod, 2*samplePeriod + time.Nanosecond, 6 * samplePeriod},
 	} {
-		got := g.nextBeat(start.Add(c.now), c.period).Sub(start)
+		got := g.nextBeat(start.Add(c.now), c.period, 0).Sub(start)
 		if got != c.want {
 			t.Errorf("nextBeat(%v, %v) = %v, want %v", c.now, c.period, got, c.want)
 		}
@@ -415,6 +424,20 @@ func TestGovernorBeatsAndBuckets(t *testing.T) {
 		}
 		if c.period > samplePeriod && got < c.now+c.period {
 			t.Errorf("nextBeat(%v, %v) = %v: sooner than the period", c.now, c.period, got)
+		}
+	}
+	// The sites serving events open half a beat later.
+	for _, c := range []struct{ now, period, want time.Duration }{
+		{0, samplePeriod, 500 * time.Millisecond},
+		{500 * time.Millisecond, samplePeriod, 1500 * time.Millisecond},
+		{1501 * time.Millisecond, samplePeriod, 2500 * time.Millisecond},
+		{1200 * time.Millisecond, samplePeriod, 1500 * time.Millisecond},
+		{1500 * time.Millisecond, 2 * samplePeriod, 3500 * time.Millisecond},
+		{1600 * time.Millisecond, 2 * samplePeriod, 4500 * time.Millisecond},
+	} {
+		got := g.nextBeat(start.Add(c.now), c.period, prioPhase).Sub(start)
+		if got != c.want {
+			t.Errorf("nextBeat(%v, %v, prioPhase) = %v, want %v", c.now, c.period, got, c.want)
 		}
 	}
 }
@@ -429,6 +452,8 @@ func TestGovernorPriority(t *testing.T) {
 	rates := []float64{20_000, 10_000, 8_000, 5_000, 3_000, 2_000, 1_000, 500, 400, 200, 100, 50, 10_000, 2_000, 100, 2_600}
 	costs := []float64{19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 19_000, 5_500, 5_500, 25_000, 6_000}
 	nested := len(rates) - 1
+	var opened [][]time.Time // when each site's windows opened, in the last run
+	var start time.Time
 	run := func(prio bool) (attached float64, share float64, gap time.Duration) {
 		s := newSim(budget, rates, costs, 30*time.Millisecond)
 		if prio {
@@ -442,10 +467,28 @@ func TestGovernorPriority(t *testing.T) {
 		}
 		s.armedFor[nested] = 0
 		share = s.share(600)
+		opened, start = s.opened, s.g.start
 		return s.armedFor[nested].Seconds() / 60, share, s.maxGap[nested]
 	}
 	plain, _, _ := run(false)
 	got, share, gap := run(true)
+	// Its windows open half a beat after the statistics' windows, not
+	// with them (see prioPhase).
+	if len(opened) <= nested || len(opened[nested]) < 30 {
+		t.Fatalf("the nested site's windows: %v", opened)
+	}
+	for _, at := range opened[nested][1:] {
+		if off := at.Sub(start) % windowBeat; off < prioPhase || off > prioPhase+10*time.Millisecond {
+			t.Errorf("a window of the nested site opened %v into a beat, want %v", off, prioPhase)
+		}
+		for i, ts := range opened[:nested] {
+			for _, t2 := range ts {
+				if d := t2.Sub(at); d > -50*time.Millisecond && d < 50*time.Millisecond {
+					t.Errorf("site %d's window opened %v from the nested site's", i, d)
+				}
+			}
+		}
+	}
 	t.Logf("the nested site attached %.1f%% of the time (%.1f%% without priority); spent %.4f of a CPU; longest gap %v", 100*got, 100*plain, share, gap)
 	if share > budget*1.05 {
 		t.Errorf("spent %.4f of a CPU, budget %.4f", share, budget)
