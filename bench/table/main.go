@@ -108,8 +108,10 @@ func main() {
 	cpuRatio("reflect/JSON loop, default Guard, process CPU, paired", "BenchmarkReflectJSON/paired=default")
 	cpuRatio("loop without map operations, default Guard (its fixed cost), paired", "BenchmarkIdleCost/paired=default")
 
-	// perHit prints per-hit rows of one benchmark: (probe - none), and the
-	// ratio to the floor (the empty program at the same instruction).
+	// perHit prints per-hit rows of one benchmark: (probe - none), per hit
+	// where the benchmark reports hits/op (a Guard whose governor samples
+	// the site traps on a share of the operations only), and the ratio to
+	// the floor (the empty program at the same instruction).
 	perHit := func(bench, floorName string, rows [][2]string) {
 		none, okNone := r.median(bench+"none", "ns/op")
 		floor, okFloor := r.median(bench+floorName, "ns/op")
@@ -119,16 +121,23 @@ func main() {
 				na(rw[0])
 				continue
 			}
+			d := v - none
+			what := rw[0]
+			if h, ok := r.median(bench+rw[1], "hits/op"); ok && h > 0 && h < 0.999 {
+				d /= h
+				what = fmt.Sprintf("%s (sampled: %.2g hits/op)", what, h)
+			}
 			ratio := ""
 			if okFloor && floor > none {
-				ratio = fmt.Sprintf("%.2fx", (v-none)/(floor-none))
+				ratio = fmt.Sprintf("%.2fx", d/(floor-none))
 			}
-			row(rw[0], fmt.Sprintf("%.2f us/hit", (v-none)/1000), ratio)
+			row(what, fmt.Sprintf("%.2f us/hit", d/1000), ratio)
 		}
 	}
 	perHit("BenchmarkHitCost/probe=", "empty@nil-branch", [][2]string{
 		{"per hit: empty program at the nil branch (the floor)", "empty@nil-branch"},
 		{"per hit: mapguard's program at the nil branch", "mapguard@nil-branch"},
+		{"per hit: empty program at the nil block's first instruction (single-stepped: where the site was before it moved to the emulated JE)", "empty@nil-block-start"},
 		{"per hit: empty program at function entry (naive, bpftrace)", "empty@entry"},
 		{"per hit: empty program after the stack check (PUSHQ BP)", "empty@after-stack-check"},
 	})
@@ -162,7 +171,13 @@ func main() {
 
 	if base, ok := r.median("BenchmarkMissCost/guard=none", "ns/op"); ok {
 		if v, ok := r.median("BenchmarkMissCost/guard=default", "ns/op"); ok {
-			row("one watched missing-key read at a reported call site", fmt.Sprintf("%.2f us", (v-base)/1000), "")
+			// Per trapped read: the governor samples a site that traps on
+			// every iteration of a loop (a whole CPU of traps).
+			if h, ok := r.median("BenchmarkMissCost/guard=default", "hits/op"); ok && h > 0 && h < 0.999 {
+				row(fmt.Sprintf("one watched missing-key read at a reported call site (sampled: %.2g hits/op)", h), fmt.Sprintf("%.2f us/hit", (v-base)/h/1000), "")
+			} else {
+				row("one watched missing-key read at a reported call site", fmt.Sprintf("%.2f us", (v-base)/1000), "")
+			}
 		}
 	}
 
