@@ -184,6 +184,19 @@ func TestDecodeStdlib(t *testing.T) {
 	if err := d.Decode(record(decode.NilMapWrite, 0, 1, 0, 0, pcs[1:]...), &ev); err != nil {
 		t.Fatalf("nil-map writes are reported wherever they are: %v", err)
 	}
+	// A dropped record's map type is not looked for in its caller's code
+	// (a whole function decoded, for nothing).
+	looked := 0
+	d = NewDecoder(Config{Scope: &s, CallSiteType: func(uintptr) uintptr { looked++; return 0 }})
+	if err := d.Decode(record(decode.NilMapRead, 0, 1, 0, 0, pcs[1:]...), &ev); !errors.Is(err, ErrStdlib) {
+		t.Fatalf("err = %v, want ErrStdlib", err)
+	}
+	if looked != 0 {
+		t.Errorf("CallSiteType called %d times for a dropped record", looked)
+	}
+	if err := d.Decode(record(decode.NilMapWrite, 0, 1, 0, 0, pcs[1:]...), &ev); err != nil || looked != 1 {
+		t.Errorf("a kept record without a type: err %v, CallSiteType called %d times, want 1", err, looked)
+	}
 }
 
 // Blame goes to the code that did the map operation: reflect's map API is
