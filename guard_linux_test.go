@@ -305,21 +305,16 @@ func TestRealSelfExclusion(t *testing.T) {
 	}
 }
 
-// A storm of misses at one call site (2,000 a second, paced, as a busy
-// service's header lookups are) costs more than the default budget: the
-// site is then sampled in short windows, and its counts keep arriving,
-// scaled and marked Sampled, while the storm goes on.
-func TestRealSampling(t *testing.T) {
-	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.MissingKeyRead}})
-	events := g.Events()
-	m := map[string]int{"here": 1}
-	var misses atomic.Int64
-	stop := make(chan struct{})
+// missStorm reads a missing key of m twice every millisecond, from after
+// delay until stop is closed, adding the reads to n if not nil; the
+// channel it returns is closed when it has stopped. Two every
+// millisecond: even a window of a few ms (an emulated VM's, where a trap
+// costs far more) sees the storm.
+func missStorm(m map[string]int, delay time.Duration, n *atomic.Int64, stop <-chan struct{}) <-chan struct{} {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		// Two every millisecond: even a window of a few ms (an emulated
-		// VM's, where a trap costs far more) sees the storm.
+		time.Sleep(delay)
 		tick := time.NewTicker(time.Millisecond)
 		defer tick.Stop()
 		for {
@@ -331,9 +326,25 @@ func TestRealSampling(t *testing.T) {
 			for i := 0; i < 2; i++ {
 				sink = m["gone"]
 			}
-			misses.Add(2)
+			if n != nil {
+				n.Add(2)
+			}
 		}
 	}()
+	return done
+}
+
+// A storm of misses at one call site (2,000 a second, paced, as a busy
+// service's header lookups are) costs more than the default budget: the
+// site is then sampled in short windows, and its counts keep arriving,
+// scaled and marked Sampled, while the storm goes on.
+func TestRealSampling(t *testing.T) {
+	g := startReal(t, mapguard.Options{Detect: []mapguard.Kind{mapguard.MissingKeyRead}})
+	events := g.Events()
+	m := map[string]int{"here": 1}
+	var misses atomic.Int64
+	stop := make(chan struct{})
+	done := missStorm(m, 0, &misses, stop)
 	defer func() { close(stop); <-done }()
 	var site mapguard.SiteStats
 	waitFor(t, func() bool {
@@ -454,23 +465,7 @@ func TestRealQuietSiteStaysExact(t *testing.T) {
 	// The storm: missing-key reads, two a millisecond, from 400 ms on (the
 	// quiet site must have been watched long enough to tell it is quiet).
 	stop := make(chan struct{})
-	stormDone := make(chan struct{})
-	go func() {
-		defer close(stormDone)
-		m := map[string]int{"here": 1}
-		time.Sleep(400 * time.Millisecond)
-		tick := time.NewTicker(time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-			}
-			sink = m["gone"]
-			sink = m["gone"]
-		}
-	}()
+	stormDone := missStorm(map[string]int{"here": 1}, 400*time.Millisecond, nil, stop)
 	<-quietDone
 	close(stop)
 	<-stormDone

@@ -17,16 +17,20 @@ func (u *uprobes) armLocked(s *site) error {
 	if s.link != nil {
 		return nil
 	}
-	prog := u.coll.Programs[mapguardProgMapguardSite]
-	if s.deep {
-		prog = u.coll.Programs[mapguardProgMapguardDeep]
-	}
-	l, err := u.attach(s, prog)
+	l, err := u.attach(s, u.program(s.deep))
 	if err != nil {
 		return err
 	}
 	s.link = l
 	return nil
+}
+
+// program is the BPF program of the always-on sites, or of the deep ones.
+func (u *uprobes) program(deep bool) *ebpf.Program {
+	if deep {
+		return u.coll.Programs[mapguardProgMapguardDeep]
+	}
+	return u.coll.Programs[mapguardProgMapguardSite]
 }
 
 // attach attaches prog at s, filtered to this process, with s's cookie.

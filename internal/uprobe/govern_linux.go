@@ -211,11 +211,7 @@ func (u *uprobes) attachGroupLocked(group []int) {
 		if len(sites) == 0 {
 			continue
 		}
-		prog := u.coll.Programs[mapguardProgMapguardSite]
-		if deep == 1 {
-			prog = u.coll.Programs[mapguardProgMapguardDeep]
-		}
-		l, err := u.attachMulti(sites, prog)
+		l, err := u.attachMulti(sites, u.program(deep == 1))
 		now := time.Now()
 		for _, s := range sites {
 			if err != nil {
@@ -258,14 +254,10 @@ func (u *uprobes) moveGroupLocked(group []int, detach [][]int, now time.Time) []
 		if len(sites) == 0 {
 			continue
 		}
-		prog := u.coll.Programs[mapguardProgMapguardSite]
-		if deep == 1 {
-			prog = u.coll.Programs[mapguardProgMapguardDeep]
-		}
 		for _, s := range sites {
 			s.gen++
 		}
-		l, err := u.attachMulti(sites, prog)
+		l, err := u.attachMulti(sites, u.program(deep == 1))
 		if err == nil {
 			for _, s := range sites {
 				u.gens[s.index] = s.gen
