@@ -45,8 +45,9 @@ EXTRA_SKIP=${MAPGUARD_VM_SKIP:-}
 EXPECTED_SKIPS='TestMultiLinks|TestCrashRecordBPFCapabilities'
 # Skips allowed, not required: TestRealNestedAtStart skips if the search
 # for nested reads was not done within Start (it is, in the VM, so far);
-# TestRealQuietSiteStaysExact skips where a trap costs over 50 us (as
-# under TCG), since 10 reads a second are then no quiet site.
+# TestRealQuietSiteStaysExact skips where a hit at its quiet site costs
+# over 50 us (under TCG: 154 us), since 10 reads a second are then no
+# quiet site.
 ALLOWED_SKIPS='TestRealNestedAtStart|TestRealQuietSiteStaysExact'
 # Under TCG a test's timing is 10-50x the host's, and a timing-dependent
 # test fails now and then on its own (2026-11-28: both runs of one CI
