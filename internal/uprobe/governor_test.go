@@ -901,3 +901,29 @@ func TestGovernorPrioFirstHits(t *testing.T) {
 			site.sampled, site.armed, s.maxGap[0], s.hits[0])
 	}
 }
+
+// A site serving events that a storm at Start samples (a nested-map miss
+// site in a loaded service's first 30 ms) has its first window on its
+// beat in the first second, not a whole period after it was sampled: the
+// first second's count comes from a window, not from Start's few ms.
+func TestGovernorPrioFirstWindow(t *testing.T) {
+	s := newSim(0.01, []float64{2_000, 50_000}, []float64{5_500, 20_000}, 30*time.Millisecond)
+	s.g.prioritize(0)
+	for i := 0; i < 20; i++ {
+		s.step(100 * time.Millisecond)
+	}
+	if !s.g.sites[0].sampled || !s.g.sites[1].sampled {
+		t.Fatalf("sampled: events' site %v, storm's site %v; want both", s.g.sites[0].sampled, s.g.sites[1].sampled)
+	}
+	if len(s.opened) == 0 || len(s.opened[0]) == 0 {
+		t.Fatal("no window for the events' site")
+	}
+	first := s.opened[0][0].Sub(s.g.start)
+	t.Logf("events' site: first window at %v, then %d more in 2 s", first, len(s.opened[0])-1)
+	if first > samplePeriod {
+		t.Errorf("the events' site's first window opened %v after Start, want within the first second", first)
+	}
+	if off := first % windowBeat; off < prioPhase || off > prioPhase+10*time.Millisecond {
+		t.Errorf("the events' site's first window opened %v into its beat, want %v", off, prioPhase)
+	}
+}

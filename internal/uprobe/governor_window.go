@@ -265,7 +265,11 @@ func (g *governor) sample(s *govSite, now time.Time, shared bool) {
 	s.lastOn = now // attached until now
 	g.demotedAt = now
 	s.window, s.period = g.windowFor(s, g.budget*(1-exactShare))
-	s.nextOn = now.Add(min(s.period, samplePeriod))
+	// Its first window on its beat, not a whole period from now: a site
+	// serving events demoted 30 ms after Start had its first window 1.03 s
+	// after it (no estimate from a window in its first second), now at
+	// 0.5 s.
+	s.nextOn = g.nextBeat(now, min(s.period, samplePeriod), s.phase())
 	if s.armed {
 		s.offAt = now // detached by this plan
 		s.allow = math.Inf(1)
