@@ -73,6 +73,12 @@ const (
 	// from three hits in 128 us says nothing.
 	minRateSpan = 5 * time.Millisecond
 	minRateHits = 16
+	// slowRateSpan is the least attached time a rate is measured over
+	// from fewer than minRateHits hits, if any came: one hit in 5 ms read
+	// 200 a second for a site taking 10, and the governor, run every few
+	// ms in a storm, sampled that quiet site as busy
+	// (TestRealQuietSiteStaysExact failed so in CI, 1 run in 7).
+	slowRateSpan = 100 * time.Millisecond
 	// peakHalfLife: a site's peak rate (what its windows are sized from,
 	// since a rate measured while the program was quiet is no bound on
 	// the next burst) halves this often.
@@ -304,7 +310,9 @@ func (g *governor) account(now time.Time, spent float64, hits []uint64, extra fl
 		s.flushWatched += att
 		s.span += att
 		s.spanHits += d
-		if s.span >= minRateSpan || (s.span >= time.Millisecond && s.spanHits >= minRateHits) {
+		// No hit in minRateSpan is a rate of zero at once (a sampled site
+		// whose storm ended is promoted within its next few windows).
+		if (s.span >= minRateSpan && (s.spanHits == 0 || s.span >= slowRateSpan)) || (s.span >= time.Millisecond && s.spanHits >= minRateHits) {
 			r := float64(s.spanHits) / s.span.Seconds()
 			if s.rate == 0 {
 				s.rate = r
