@@ -259,10 +259,7 @@ func (u *uprobes) moveGroupLocked(group []int, detach [][]int, now time.Time) []
 		}
 		l, err := u.attachMulti(sites, u.program(deep == 1))
 		if err == nil {
-			for _, s := range sites {
-				u.gens[s.index] = s.gen
-			}
-			err = u.genVar.Set(u.gens)
+			err = u.genVar.Set(u.siteGens())
 			if err != nil {
 				l.Close() // the old link still counts: nothing was lost
 			}
@@ -271,7 +268,6 @@ func (u *uprobes) moveGroupLocked(group []int, detach [][]int, now time.Time) []
 			u.log.Error(err, "move probe to a link of its own", "function", sites[0].fn.Name)
 			for _, s := range sites {
 				s.gen--
-				u.gens[s.index] = s.gen
 				u.gov.unmoved(int(s.index), now)
 				detach = joinDetach(u.sites, detach, s)
 			}
@@ -282,6 +278,15 @@ func (u *uprobes) moveGroupLocked(group []int, detach [][]int, now time.Time) []
 		}
 	}
 	return detach
+}
+
+// siteGens is site_gen as it must be: each site's generation, that of
+// its link.
+func (u *uprobes) siteGens() (gens [maxSites]uint8) {
+	for _, s := range u.sites {
+		gens[s.index] = s.gen
+	}
+	return gens
 }
 
 // joinDetach adds s to the detach group in detach that holds s's link (its

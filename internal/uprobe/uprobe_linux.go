@@ -69,8 +69,7 @@ type uprobes struct {
 	spentVar   *ebpf.Variable
 	limitVar   *ebpf.Variable
 	costs      [maxSites]uint64
-	genVar     *ebpf.Variable  // site_gen: the link generation each site counts on
-	gens       [maxSites]uint8 // what genVar holds
+	genVar     *ebpf.Variable // site_gen: the link generation each site counts on
 	calib      calibration
 	stepCost   time.Duration
 	emuCost    time.Duration
