@@ -46,6 +46,10 @@ const (
 	// promoteShare: a sampled site whose load is below this share of the
 	// budget is counted exactly again (while tokens are plentiful).
 	promoteShare = 0.1
+	// quietShare: a sampled site whose peak load is below this share of
+	// the budget, and whose window is the whole period, is counted
+	// exactly again whatever the tokens (see plan).
+	quietShare = 0.01
 	// relinkWatched is how long a site must have been attached for its
 	// rate to tell that it is quiet (see demote).
 	relinkWatched = 100 * time.Millisecond
@@ -478,8 +482,18 @@ func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 		}
 		// Quiet again (its recent rate, not its peak: a burst after this is
 		// paid from the tokens, and the kernel wakes the governor when they
-		// are spent): count it exactly, on a link of its own.
-		if s.load() < g.budget*promoteShare && g.tokens > g.perSecond/2 && (!s.armed || s.group == 0) {
+		// are spent): count it exactly, on a link of its own. So too,
+		// whatever the tokens, a quiet site whose window was the whole
+		// period: it is paid to be attached all along, and a window each
+		// second only cost a link's attach and detach, and left it blind
+		// while they ran (seeded service: 13 sites with no more than 14
+		// hits a second cycled one link every second for as long as the
+		// budget was tight).
+		// Its rate must be known (a window is the whole period too for a
+		// site not watched long enough to tell), and low at its peak.
+		whole := s.window >= samplePeriod && s.period <= samplePeriod &&
+			s.watched >= relinkWatched && s.peakLoad() < g.budget*quietShare
+		if s.load() < g.budget*promoteShare && (g.tokens > g.perSecond/2 || whole) && (!s.armed || s.group == 0) {
 			s.sampled = false
 			s.offAt, s.checkAt = time.Time{}, time.Time{}
 			if !s.armed {
@@ -518,10 +532,13 @@ func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 		s := &g.sites[i]
 		s.window, s.period = g.windowFor(s, s.share)
 		s.allow = s.share * float64(s.period)
-		if debt && !s.prio {
+		if debt && !s.prio && s.peakLoad() > 0 {
 			// In debt, windows are the shortest, except those of the
 			// sites serving events (their share is a fifth of the
-			// budget at most: the rest pays the debt back).
+			// budget at most: the rest pays the debt back), and those of
+			// sites that took no hit (such a window costs its link,
+			// whatever its length; kept whole, it tells that the site
+			// is quiet, see quietShare).
 			s.window = min(s.window, g.shortestWindow(s))
 		}
 		// What the second that ends with this window leaves: spent since a

@@ -927,3 +927,53 @@ func TestGovernorPrioFirstWindow(t *testing.T) {
 		t.Errorf("the events' site's first window opened %v into its beat, want %v", off, prioPhase)
 	}
 }
+
+// Quiet sites sampled with the busy ones of Start's shared link (their
+// rates unknown when the storm began) are counted exactly again once a
+// whole window has shown them quiet, though the budget stays tight: a
+// window of theirs each second would only cost a link. A window that took
+// no hit runs its length (ended at the first plan, it never showed the
+// site quiet).
+func TestGovernorQuietSampledAtStart(t *testing.T) {
+	const budget = 0.01
+	// Two busy sites from the first moment (a tight budget all along),
+	// one events' site counted exactly, and quiet ones: no hits, or a few.
+	rates := []float64{20_000, 8_000, 1_500, 300, 0, 0, 0, 5, 2}
+	costs := []float64{6_000, 6_000, 1_300, 7_000, 6_000, 6_000, 6_000, 6_000, 6_000}
+	s := newSim(budget, rates, costs, 30*time.Millisecond)
+	s.g.shareLink([]int{0, 1, 4, 5, 6, 7, 8})
+	s.g.prioritize(2)
+	s.g.pin(3)
+	s.step(200 * time.Millisecond)
+	for i := 4; i < 9; i++ {
+		if !s.g.sites[i].sampled {
+			t.Fatalf("quiet site %d not sampled with the busy ones at Start: the test sets nothing up", i)
+		}
+	}
+	s.step(3 * time.Second)
+	var armed0 [9]time.Duration
+	copy(armed0[:], s.armedFor)
+	attaches0 := s.attaches
+	spent := s.share(50)
+	for i := 4; i < 9; i++ {
+		if s.g.sites[i].sampled {
+			t.Errorf("quiet site %d (%v/s) still sampled after 3 s", i, rates[i])
+		}
+		if d := s.armedFor[i] - armed0[i]; d < 5*time.Second {
+			t.Errorf("quiet site %d attached %v of the last 5 s", i, d)
+		}
+	}
+	for i := 0; i < 2; i++ {
+		if !s.g.sites[i].sampled {
+			t.Errorf("busy site %d (%v/s) counted exactly", i, rates[i])
+		}
+	}
+	links := float64(s.attaches-attaches0) / 5
+	t.Logf("spent %.4f of a CPU; %.1f links a second", spent, links)
+	if links > 2.5 {
+		t.Errorf("%.1f links a second for 2 sampled sites", links)
+	}
+	if spent > budget*1.1 {
+		t.Errorf("spent %.4f of a CPU, budget %v", spent, budget)
+	}
+}

@@ -148,7 +148,7 @@ func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
 	if !now.Before(s.offAt) {
 		return true
 	}
-	if debt && !s.prio {
+	if debt && !s.prio && s.peakLoad() > 0 {
 		if now.Sub(s.armedAt) >= g.shortestWindow(s) {
 			return true
 		}
@@ -158,7 +158,11 @@ func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
 	// lateness and its detach's tail included.
 	load := s.peakLoad()
 	left := s.allow - g.siteCycle() - s.spent - load*float64(g.overrun())
-	if left <= 0 {
+	if left <= 0 && (load > 0 || s.spent > 0) {
+		// A site that took no hit costs nothing more than its link,
+		// which its allowance paid: its window runs its length (ended at
+		// the first plan, a quiet site's window of a second lasted 2-20
+		// ms, and never told that it was quiet).
 		return true
 	}
 	if load > 0 {
