@@ -494,6 +494,9 @@ func TestRealQuietSiteStaysExact(t *testing.T) {
 	if !stormSampled {
 		t.Fatalf("the storm's site was not sampled (no demotion to test); budget %+v", st.Budget)
 	}
+	if b := st.Budget; b.Traps <= 0 || b.Traps >= b.Spent {
+		t.Errorf("Traps %v of Spent %v: want the storm's traps, and the Guard's own work besides", b.Traps, b.Spent)
+	}
 	var found bool
 	for _, c := range g.Stats().CallSites {
 		if c.Kind != mapguard.NilMapRead || c.Site.Line != quietLine || !strings.HasSuffix(c.Site.File, "/guard_linux_test.go") {

@@ -119,6 +119,9 @@ type BudgetStats struct {
 	// in it. Overhead is Spent / Elapsed.
 	Spent, Elapsed time.Duration
 	Overhead       float64
+	// Traps is the part of Spent that the probes' hits cost; the rest is
+	// the Guard's own work (links, recalibrations, its goroutines).
+	Traps time.Duration
 	// WorstSecond is the most of Spent in one second since Start (a window
 	// of a second or a little more, between two of the governor's runs),
 	// the first second included: what Budget is meant to hold in every
@@ -215,6 +218,7 @@ func budgetStatsOf(s probe.BudgetStats) BudgetStats {
 		Spent:        s.Spent,
 		Elapsed:      s.Elapsed,
 		Overhead:     s.Overhead,
+		Traps:        s.Traps,
 		WorstSecond:  s.WorstSecond,
 		Sampled:      s.Sampled,
 	}

@@ -72,6 +72,7 @@ type Budget struct {
 	StepCost     time.Duration `json:"stepCostNs"`
 	EmulatedCost time.Duration `json:"emulatedCostNs"`
 	Spent        time.Duration `json:"spentNs"`
+	Traps        time.Duration `json:"trapsNs"`
 	Overhead     float64       `json:"overhead"`
 	WorstSecond  time.Duration `json:"worstSecondNs"`
 	Sampled      int           `json:"sampled"`

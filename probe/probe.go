@@ -102,6 +102,9 @@ type BudgetStats struct {
 	// in it. Overhead is Spent / Elapsed.
 	Spent, Elapsed time.Duration
 	Overhead       float64
+	// Traps is the part of Spent that the probes' hits cost; the rest is
+	// the Guard's own work (links, recalibrations, its goroutines).
+	Traps time.Duration
 	// WorstSecond is the most of Spent in one second since Start (a window
 	// of a second or a little more, between two of the governor's runs):
 	// what the budget's "every second" is checked against.

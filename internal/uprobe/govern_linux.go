@@ -497,6 +497,7 @@ func (u *uprobes) budgetStatsLocked(now time.Time) *probe.BudgetStats {
 		EmulatedCost: u.emuCost,
 		LinkCost:     u.linkCost,
 		Spent:        time.Duration(u.gov.spentTotal()),
+		Traps:        time.Duration(u.gov.kernel),
 		Elapsed:      now.Sub(u.govStart),
 		WorstSecond:  time.Duration(u.gov.worst),
 		Calibrations: u.calibrations,
