@@ -99,6 +99,8 @@ type govSite struct {
 	cost float64 // CPU ns one hit costs
 	hits uint64  // the site's hit counter at the last account
 	rate float64 // hits per second while attached (moving average)
+	// measured: rate was measured (zero before is unknown, not quiet).
+	measured bool
 	// peak is the highest rate measured lately (decaying by peakHalfLife
 	// from peakAt): windows are sized from it.
 	peak    float64
@@ -151,6 +153,11 @@ func (s *govSite) load() float64 { return s.rate * s.cost / 1e9 }
 // peakLoad is load at the site's recent peak rate: what its windows are
 // sized from.
 func (s *govSite) peakLoad() float64 { return max(s.rate, s.peak) * s.cost / 1e9 }
+
+// noHits reports whether s took no hit lately, as measured: a rate not yet
+// measured (a site sampled with Start's storm before its first few
+// milliseconds) is no proof of a quiet site.
+func (s *govSite) noHits() bool { return s.measured && s.peakLoad() == 0 }
 
 // inWindow reports whether s is a sampled site in a window that has not
 // begun to be detached.
@@ -324,6 +331,7 @@ func (g *governor) account(now time.Time, spent float64, hits []uint64, extra fl
 				s.rate = rateWeight*r + (1-rateWeight)*s.rate
 			}
 			s.notePeak(r, now)
+			s.measured = true
 			s.span, s.spanHits = 0, 0
 			g.looked = true
 		}
@@ -532,7 +540,7 @@ func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 		s := &g.sites[i]
 		s.window, s.period = g.windowFor(s, s.share)
 		s.allow = s.share * float64(s.period)
-		if debt && !s.prio && s.peakLoad() > 0 {
+		if debt && !s.prio && !s.noHits() {
 			// In debt, windows are the shortest, except those of the
 			// sites serving events (their share is a fifth of the
 			// budget at most: the rest pays the debt back), and those of

@@ -148,7 +148,7 @@ func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
 	if !now.Before(s.offAt) {
 		return true
 	}
-	if debt && !s.prio && s.peakLoad() > 0 {
+	if debt && !s.prio && !s.noHits() {
 		if now.Sub(s.armedAt) >= g.shortestWindow(s) {
 			return true
 		}
