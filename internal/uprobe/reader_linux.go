@@ -218,7 +218,7 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 
 // tick is the reader's periodic work: crash reports not yet delivered and
 // the per-call-site counts (both go to the sink, which only the reader
-// calls), then the governor.
+// calls), then the governor: it books the hits, and plans when due.
 func (u *uprobes) tick(now time.Time) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -238,8 +238,9 @@ func (u *uprobes) tick(now time.Time) {
 	if u.reader.AvailableBytes() == 0 && u.running {
 		u.takeNestedLocked(now) // the search for nested reads is done
 	}
-	u.lastTick = now
-	u.governLocked(now)
+	if u.bookLocked(now) && u.planDueLocked(now) {
+		u.planLocked(now)
+	}
 	var dropped uint64
 	for _, s := range u.sites {
 		dropped += u.counters[s.index].Dropped
@@ -270,7 +271,6 @@ func (u *uprobes) wake(now time.Time) {
 		return
 	}
 	u.readCounters()
-	u.lastTick = now
 	u.governLocked(now)
 }
 

@@ -175,6 +175,9 @@ const (
 	calibIndex = maxSites - 1
 
 	pollInterval = 100 * time.Millisecond
+	// planInterval is the longest the reader's ticks go without running
+	// the whole governor (see planDueLocked).
+	planInterval = 3 * pollInterval
 	// aggInterval is how often aggregated counts are reported.
 	aggInterval   = time.Second
 	canaryTimeout = 3 * time.Second

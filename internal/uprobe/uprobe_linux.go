@@ -139,7 +139,7 @@ type uprobes struct {
 	// reader, read by Stats.
 	notOwned   []atomic.Uint64
 	outOfScope []atomic.Uint64
-	lastTick   time.Time
+	lastPlan   time.Time // the governor's last plan (governLocked)
 	// Aggregates (MissingKeyRead): the count already reported per key, and
 	// when they were last reported.
 	aggs    *ebpf.Map
@@ -365,7 +365,7 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
-	u.lastTick = time.Now()
+	u.lastPlan = time.Now()
 	u.readCounters()
 	calib, costs, err := cal.waitTraps()
 	calJoined = true
