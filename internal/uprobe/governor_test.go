@@ -613,31 +613,7 @@ func TestGovernorQuietStayExact(t *testing.T) {
 			t.Errorf("quiet site %d: counts scaled by %v (estimate %v)", i, f, est)
 		}
 	}
-	var armed0 [8]time.Duration
-	copy(armed0[:], s.armedFor)
-	attaches0 := s.attaches
-	spent := s.share(100)
-	for i := 3; i < 8; i++ {
-		if s.g.sites[i].sampled {
-			t.Errorf("quiet site %d (%v/s) sampled", i, rates[i])
-		}
-		if d := s.armedFor[i] - armed0[i]; d < 10*time.Second {
-			t.Errorf("quiet site %d attached %v of the last 10 s", i, d)
-		}
-	}
-	for i := 0; i < 3; i++ {
-		if !s.g.sites[i].sampled {
-			t.Errorf("busy site %d (%v/s) counted exactly", i, rates[i])
-		}
-	}
-	links := float64(s.attaches-attaches0) / 10
-	t.Logf("spent %.4f of a CPU; %.1f links a second for the busy sites' windows", spent, links)
-	if links > 3 {
-		t.Errorf("%.1f links a second", links)
-	}
-	if spent > budget*1.1 {
-		t.Errorf("spent %.4f of a CPU, budget %v", spent, budget)
-	}
+	quietAfter(t, s, budget, []int{3, 4, 5, 6, 7}, []int{0, 1, 2}, 10*time.Second, 3)
 }
 
 // In debt (a pinned site costs more than the budget: a nil-map write
@@ -951,27 +927,34 @@ func TestGovernorQuietSampledAtStart(t *testing.T) {
 		}
 	}
 	s.step(3 * time.Second)
-	var armed0 [9]time.Duration
-	copy(armed0[:], s.armedFor)
+	quietAfter(t, s, budget, []int{4, 5, 6, 7, 8}, []int{0, 1}, 5*time.Second, 2.5)
+}
+
+// quietAfter runs s for d and checks that its quiet sites stayed counted
+// exactly and attached all along and its busy ones sampled, with at most
+// maxLinks links a second, within the budget.
+func quietAfter(t *testing.T, s *sim, budget float64, quiet, busy []int, d time.Duration, maxLinks float64) {
+	t.Helper()
+	armed0 := slices.Clone(s.armedFor)
 	attaches0 := s.attaches
-	spent := s.share(50)
-	for i := 4; i < 9; i++ {
+	spent := s.share(int(d / (100 * time.Millisecond)))
+	for _, i := range quiet {
 		if s.g.sites[i].sampled {
-			t.Errorf("quiet site %d (%v/s) still sampled after 3 s", i, rates[i])
+			t.Errorf("quiet site %d (%v/s) sampled", i, s.rates[i])
 		}
-		if d := s.armedFor[i] - armed0[i]; d < 5*time.Second {
-			t.Errorf("quiet site %d attached %v of the last 5 s", i, d)
+		if a := s.armedFor[i] - armed0[i]; a < d {
+			t.Errorf("quiet site %d attached %v of the last %v", i, a, d)
 		}
 	}
-	for i := 0; i < 2; i++ {
+	for _, i := range busy {
 		if !s.g.sites[i].sampled {
-			t.Errorf("busy site %d (%v/s) counted exactly", i, rates[i])
+			t.Errorf("busy site %d (%v/s) counted exactly", i, s.rates[i])
 		}
 	}
-	links := float64(s.attaches-attaches0) / 5
-	t.Logf("spent %.4f of a CPU; %.1f links a second", spent, links)
-	if links > 2.5 {
-		t.Errorf("%.1f links a second for 2 sampled sites", links)
+	links := float64(s.attaches-attaches0) / d.Seconds()
+	t.Logf("spent %.4f of a CPU; %.1f links a second for the busy sites' windows", spent, links)
+	if links > maxLinks {
+		t.Errorf("%.1f links a second", links)
 	}
 	if spent > budget*1.1 {
 		t.Errorf("spent %.4f of a CPU, budget %v", spent, budget)
