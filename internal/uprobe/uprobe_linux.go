@@ -139,7 +139,7 @@ type uprobes struct {
 	// reader, read by Stats.
 	notOwned   []atomic.Uint64
 	outOfScope []atomic.Uint64
-	lastPlan   time.Time // the governor's last plan (governLocked)
+	lastPlan   time.Time // the governor's last plan (planLocked)
 	// Aggregates (MissingKeyRead): the count already reported per key, and
 	// when they were last reported.
 	aggs    *ebpf.Map
