@@ -498,7 +498,7 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 		if !drain(r, &rec, func([]byte) {}) {
 			return
 		}
-		u.wake(time.Now())
+		u.wake()
 		cpu.book()
 		cpu.begin()
 		if ran, first := u.calibrateDue(time.Now()); ran {

@@ -277,11 +277,11 @@ func (g *governor) setCost(i int, cost float64) { g.sites[i].cost = cost }
 // running sum of what the probes' hits cost (CPU ns),
 // hits the sites' hit counters, extra CPU ns spent otherwise (attaching,
 // detaching, recalibrating, the Guard's own goroutines).
+// Accounts must come in time order: one older than the last is booked
+// at the last one's time (see noteSecond).
 func (g *governor) account(now time.Time, spent float64, hits []uint64, extra float64) {
+	now = later(now, g.last)
 	dt := now.Sub(g.last)
-	if dt < 0 {
-		dt = 0
-	}
 	g.last = now
 	g.kernel = spent
 	g.extra += extra

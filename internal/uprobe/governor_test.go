@@ -682,6 +682,14 @@ func TestGovernorWorstSecond(t *testing.T) {
 	if len(g.recent) > 13 {
 		t.Errorf("%d accounts kept for a second's window", len(g.recent))
 	}
+	// An account older than the last (its clock read before it waited
+	// for the lock) is booked at the last one's time: it once took all
+	// spent since start for one second's.
+	g.account(at(3100), 3e6+2950e3+6e6+50e3, []uint64{0}, 0)
+	g.account(at(3080), 3e6+2950e3+6e6+60e3, []uint64{0}, 0)
+	if want := 7e6 + 50e3; math.Abs(g.worst-want) > 1 {
+		t.Fatalf("worst %v after an account out of order, want %v", g.worst, want)
+	}
 }
 
 // A governor that runs late (its waker waits for a thread in a saturated

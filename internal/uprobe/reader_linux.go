@@ -48,7 +48,7 @@ func (u *uprobes) run(ready chan<- error) {
 			if !drain(u.reader, &rec, handle) {
 				return
 			}
-			u.tick(time.Now())
+			u.tick()
 			cpu.book()
 			timer.Reset(pollInterval)
 		case <-u.readerWake:
@@ -219,9 +219,10 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 // tick is the reader's periodic work: crash reports not yet delivered and
 // the per-call-site counts (both go to the sink, which only the reader
 // calls), then the governor: it books the hits, and plans when due.
-func (u *uprobes) tick(now time.Time) {
+func (u *uprobes) tick() {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	now := time.Now() // with u.mu held: the governor's accounts run in time order
 	if u.stopping || u.coll == nil {
 		return
 	}
@@ -264,9 +265,16 @@ func (u *uprobes) deliverPending() {
 }
 
 // wake is the waker's work: the governor only (it never calls the sink).
-func (u *uprobes) wake(now time.Time) {
+// It reads the clock once it holds u.mu, as tick does: the reader and
+// the waker each took the time before waiting for the lock, and an
+// account 15 ms older than the one before it (the seeded service, in a
+// storm) found none of its last second in the governor's record, took
+// all spent since Start for one second's (23.7 ms, 2.3 times the real
+// figure) and reported it as the worst second.
+func (u *uprobes) wake() {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	now := time.Now()
 	if u.stopping || u.coll == nil {
 		return
 	}
