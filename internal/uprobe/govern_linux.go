@@ -40,7 +40,7 @@ const (
 var recalibrateEvery = time.Minute
 
 // startGovernorLocked attaches every site and starts the governor with
-// half a second's budget to spend, at the costs Start's calibration
+// 30% of a second's budget to spend (see newGovernor), at the costs Start's calibration
 // measured (assumed ones if it failed, until the waker's first tick
 // calibrates).
 func (u *uprobes) startGovernorLocked(now time.Time) error {

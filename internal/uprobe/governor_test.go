@@ -517,9 +517,9 @@ func TestGovernorStormSpan(t *testing.T) {
 		t.Fatal("a storm from the Guard's own 0.3 ms")
 	}
 	now := start.Add(10 * time.Millisecond)
-	g.account(now, 6e6, []uint64{300}, 0) // 6 ms, and 5 taken as spent before Start: in debt
+	g.account(now, 6e6, []uint64{300}, 0) // 6 ms, and 7 taken as spent before Start: in debt
 	if !g.storm(now) || !g.storm(now.Add(stormQuiet-time.Millisecond)) {
-		t.Fatal("no storm once the tokens fell below a quarter of the second's budget")
+		t.Fatal("no storm once the tokens fell below stormShare of the second's budget")
 	}
 	if g.storm(now.Add(stormQuiet)) {
 		t.Fatal("a storm reported stormQuiet after it began, with no site sampled since")
@@ -535,7 +535,7 @@ func TestGovernorStormSpan(t *testing.T) {
 	}
 	later := now.Add(10 * time.Second)                             // the tokens refill
 	g.account(later, 6e6, []uint64{300}, 0)                        // nothing spent for a second: calm
-	g.account(later.Add(time.Millisecond), 14e6, []uint64{700}, 0) // 8 ms: a quarter left
+	g.account(later.Add(time.Millisecond), 15e6, []uint64{700}, 0) // 9 ms: a tenth left
 	if !g.storm(later.Add(time.Millisecond)) {
 		t.Fatal("no storm for a second one")
 	}

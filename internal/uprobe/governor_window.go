@@ -27,6 +27,10 @@ func (g *governor) shares() (exactLoad float64) {
 			exactLoad += s.load()
 		}
 	}
+	// The Guard's own work goes on as an exact site's traps do: left out,
+	// every window was planned as if the second had its 2-3 ms (seeded
+	// service) to spare.
+	exactLoad += g.ownLoad()
 	// Tokens left over (windows cut short, periods rounded up to a beat,
 	// links shared) raise the shares, up to twice, and up to what the
 	// exact sites leave of a second's budget: plan still fits each window
