@@ -146,14 +146,18 @@ func (u *uprobes) governLocked(now time.Time) {
 func (u *uprobes) planLocked(now time.Time) {
 	u.lastPlan = now
 	attach, detach, move := u.gov.plan(now)
-	for _, group := range attach {
-		u.attachGroupLocked(group)
-	}
+	// Windows end first (a move attaches its sites' new link before their
+	// old one, which others may share, is detached), then others open: an
+	// attach takes 0.1-11 ms under load (seeded service), and a hot site's
+	// window ending behind one trapped all along.
 	for _, group := range move {
 		detach = u.moveGroupLocked(group, detach, now)
 	}
 	for _, group := range detach {
 		u.detachAsyncLocked(group)
+	}
+	for _, group := range attach {
+		u.attachGroupLocked(group)
 	}
 	for i := range u.sites {
 		sampled := u.gov.sites[i].sampled
@@ -229,13 +233,16 @@ func (u *uprobes) attachGroupLocked(group []int) {
 			continue
 		}
 		if !u.multi || len(group) == 1 {
+			t0 := time.Now()
 			err := u.armLocked(s)
 			if err != nil {
 				u.log.Error(err, "attach probe", "function", s.fn.Name)
 				u.gov.failed(i)
 				continue
 			}
-			u.gov.armed(i, time.Now())
+			now := time.Now()
+			u.gov.noteAttach(now.Sub(t0))
+			u.gov.armed(i, now)
 			continue
 		}
 		progs[boolInt(s.deep)] = append(progs[boolInt(s.deep)], s)
@@ -244,8 +251,12 @@ func (u *uprobes) attachGroupLocked(group []int) {
 		if len(sites) == 0 {
 			continue
 		}
+		t0 := time.Now()
 		l, err := u.attachMulti(sites, u.program(deep == 1))
 		now := time.Now()
+		if err == nil {
+			u.gov.noteAttach(now.Sub(t0))
+		}
 		for _, s := range sites {
 			if err != nil {
 				u.log.Error(err, "attach probe", "function", s.fn.Name)

@@ -182,6 +182,10 @@ type governor struct {
 	linkShare float64
 	latency   time.Duration // wall time a detach takes; a site is not re-attached meanwhile
 	tail      time.Duration // time traps go on once a detach began
+	// attachLag is how long an attach takes (the worst lately, see
+	// noteAttach): a window's breakpoints trap for part of it before the
+	// window begins.
+	attachLag time.Duration
 	// late is how late the governor runs after the time it asked to, or
 	// after the kernel woke it (the worst lately, see noteLate): a window
 	// planned to end at t ends at t+late.
@@ -437,6 +441,19 @@ func (g *governor) noteCrossing(now time.Time, spent, limit float64) {
 	frac := (limit - g.kernel) / (spent - g.kernel)
 	cross := g.last.Add(time.Duration(frac * float64(now.Sub(g.last))))
 	g.noteLate(now.Sub(cross))
+}
+
+// noteAttach records that an attach took d, from its start until the
+// probe marked its sites attached: their breakpoints were in place for
+// part of it, and trapped. Like late, attachLag rises to a longer one at
+// once and comes down slowly.
+func (g *governor) noteAttach(d time.Duration) {
+	d = min(max(d, 0), maxLate)
+	if d > g.attachLag {
+		g.attachLag = d
+		return
+	}
+	g.attachLag = (7*g.attachLag + d) / 8
 }
 
 // overrun is how long a window's traps go on after the governor decides

@@ -64,9 +64,10 @@ func (g *governor) shares() (exactLoad float64) {
 }
 
 // windowCost is what a window of length w costs s at its peak rate: its
-// traps, those until its detach is done (overrun), and its link's share.
+// traps, those while it is being attached (attachLag) and until its
+// detach is done (overrun), and its link's share.
 func (g *governor) windowCost(s *govSite, w time.Duration) float64 {
-	return s.peakLoad()*float64(w+g.overrun()) + g.siteCycle()
+	return s.peakLoad()*float64(w+g.attachLag+g.overrun()) + g.siteCycle()
 }
 
 // windowWithin is the longest window s can pay for with allow, at least
@@ -76,7 +77,7 @@ func (g *governor) windowWithin(s *govSite, allow float64) time.Duration {
 	if load <= 0 {
 		return samplePeriod
 	}
-	w := (allow-g.siteCycle())/load - float64(g.overrun())
+	w := (allow-g.siteCycle())/load - float64(g.attachLag+g.overrun())
 	return max(time.Duration(min(w, float64(samplePeriod))), g.shortestWindow(s))
 }
 
