@@ -36,6 +36,12 @@ const (
 	// exactShare is the share of the budget that sites counted exactly
 	// may use; the rest pays for the windows of sampled sites.
 	exactShare = 0.5
+	// planAim is the share of a second's budget the windows are planned
+	// to fill, with what was spent and what the exact sites and the
+	// Guard's own work will spend (see plan): the rest absorbs what the
+	// plan cannot foresee (a burst in a window, a governor late to end
+	// it), so that the seconds stay within the budget, not around it.
+	planAim = 0.85
 	// windowShare is the share of what the exact sites leave that the
 	// windows use; the rest pays back a debt (a storm's first burst).
 	windowShare = 0.8
@@ -582,7 +588,7 @@ func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 		// second before its end (the last window of a site sampled every
 		// second lies before that), what the exact sites spend meanwhile,
 		// and the windows opened before it.
-		room := g.perSecond - g.spentSince(now.Add(s.window-time.Second)) - exactLoad*float64(s.window) - given
+		room := g.perSecond*planAim - g.spentSince(now.Add(s.window-time.Second)) - exactLoad*float64(s.window) - given
 		if least := g.windowCost(s, g.shortestWindow(s)); room < least {
 			if !s.prio && now.Sub(s.lastOn) < debtGap {
 				// A statistics' site waits for the next beat, when this
