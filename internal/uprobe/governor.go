@@ -98,6 +98,14 @@ const (
 	// removed the breakpoints (under 0.2 ms for uprobe_multi on 6.18; the
 	// RCU grace period the close then waits for is not paid in traps).
 	initialTail = time.Millisecond
+	// initialLate is how late the governor is assumed to run, in the
+	// reserve, until a few runs were measured (see priorLate): 1-4 ms on
+	// the saturated seeded service. Assumed on time, the storm at Start left the hot sites
+	// attached until the tokens were gone, the reserve sized for 1 ms of
+	// their traps: at its first look (2 ms, 1.3 ms spent) 1.7 ms were
+	// left, more than that; it demoted them at 6.8 ms, and the detach's
+	// tail took its first 100 ms to 8.2 ms of traps.
+	initialLate = 4 * time.Millisecond
 	// ownSpan is the least time the Guard's own load is measured over
 	// (see ownLoad).
 	ownSpan = 100 * time.Millisecond
@@ -196,6 +204,9 @@ type governor struct {
 	// after the kernel woke it (the worst lately, see noteLate): a window
 	// planned to end at t ends at t+late.
 	late time.Duration
+	// priorLate is what the reserve assumes of late before enough runs
+	// were measured: initialLate, down by an eighth at each measurement.
+	priorLate time.Duration
 	// looked: a site's rate was measured (see limit).
 	looked bool
 	kernel float64   // the kernel's running cost sum at the last account
@@ -235,6 +246,7 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 		cycle:     cycle,
 		latency:   latency,
 		tail:      min(initialTail, latency),
+		priorLate: initialLate,
 		linkShare: 1,
 		last:      now,
 		start:     now,
@@ -424,6 +436,7 @@ const maxLate = 50 * time.Millisecond
 // 1.4 ms of overrun foreseen, ran 9 ms (the governor 3.7 ms late, the
 // detach's traps 4.5 ms more) and cost 6.6 ms of traps.
 func (g *governor) noteLate(d time.Duration) {
+	g.priorLate = g.priorLate * 7 / 8
 	d = min(max(d, 0), maxLate)
 	if d > g.late {
 		g.late = d
@@ -850,12 +863,13 @@ func (g *governor) spentSince(t time.Time) float64 {
 func (g *governor) reserve() float64 {
 	r, links := 0.0, 0
 	var groups []int // not a map: a missing key would trap on our own probes
+	overrun := g.tail + max(g.late, g.priorLate)
 	for i := range g.sites {
 		s := &g.sites[i]
 		if !s.armed || s.sampled || s.pinned || s.disabled || !s.detachAt.IsZero() {
 			continue
 		}
-		r += s.peakLoad() * float64(g.overrun())
+		r += s.peakLoad() * float64(overrun)
 		switch {
 		case s.group == 0:
 			links++

@@ -90,6 +90,8 @@ func (s *sim) step(dt time.Duration) {
 		if at := s.g.next(); (!at.IsZero() && !s.now.Before(at)) || s.spent >= s.limit {
 			if s.spent >= s.limit {
 				s.wakeups++
+			} else {
+				s.g.noteLate(0) // on time, as the probe's waker records it
 			}
 			s.tick()
 		}
