@@ -100,11 +100,11 @@ const (
 	initialTail = time.Millisecond
 	// initialLate is how late the governor is assumed to run, in the
 	// reserve, until a few runs were measured (see priorLate): 1-4 ms on
-	// the saturated seeded service. Assumed on time, the storm at Start left the hot sites
-	// attached until the tokens were gone, the reserve sized for 1 ms of
-	// their traps: at its first look (2 ms, 1.3 ms spent) 1.7 ms were
-	// left, more than that; it demoted them at 6.8 ms, and the detach's
-	// tail took its first 100 ms to 8.2 ms of traps.
+	// the saturated seeded service. Assumed on time, the storm at Start
+	// left the hot sites attached until the tokens were gone, the reserve
+	// sized for 1 ms of their traps: at its first look (2 ms, 1.3 ms
+	// spent) 1.7 ms were left, more than that; it demoted them at 6.8 ms,
+	// and the detach's tail took its first 100 ms to 8.2 ms of traps.
 	initialLate = 4 * time.Millisecond
 	// ownSpan is the least time the Guard's own load is measured over
 	// (see ownLoad).
@@ -259,9 +259,9 @@ func newGovernor(budget float64, costs []float64, cycle float64, latency time.Du
 	// (hot runtime sites, whose traps go on while the governor, 10-20 ms
 	// late in a saturated process, demotes them), and the rest of the
 	// first second (the Guard's own work, the pinned sites), must fit in
-	// the budget. With half, the seeded service's storm took 2.2-6.2 ms
-	// of traps in its first 100 ms and its first second 10.2-14.2 ms
-	// (6 runs); with 30%, 2.2-2.6 ms and 8.4-10.5 ms.
+	// the budget. With half, the seeded service's storm took 2.2-4.6 ms
+	// of traps in its first 100 ms and its first second 10.7-12.1 ms
+	// (6 runs); with 30%, 2.2-2.6 ms and 8.8-10.6 ms.
 	// Starting with none made the first second cheaper still, but a
 	// program's own burst right after Start (250 missing-key reads, 5 ms
 	// of traps on the emulated VM) was then sampled, not counted
@@ -437,12 +437,18 @@ const maxLate = 50 * time.Millisecond
 // detach's traps 4.5 ms more) and cost 6.6 ms of traps.
 func (g *governor) noteLate(d time.Duration) {
 	g.priorLate = g.priorLate * 7 / 8
+	g.late = worstLately(g.late, d)
+}
+
+// worstLately is the worst delay lately, cur, after one more was measured
+// (d, at most maxLate): a longer one at once, a shorter one an eighth of
+// the way.
+func worstLately(cur, d time.Duration) time.Duration {
 	d = min(max(d, 0), maxLate)
-	if d > g.late {
-		g.late = d
-		return
+	if d > cur {
+		return d
 	}
-	g.late = (7*g.late + d) / 8
+	return (7*cur + d) / 8
 }
 
 // noteCrossing records how late the governor runs after the kernel's
@@ -464,16 +470,8 @@ func (g *governor) noteCrossing(now time.Time, spent, limit float64) {
 
 // noteAttach records that an attach took d, from its start until the
 // probe marked its sites attached: their breakpoints were in place for
-// part of it, and trapped. Like late, attachLag rises to a longer one at
-// once and comes down slowly.
-func (g *governor) noteAttach(d time.Duration) {
-	d = min(max(d, 0), maxLate)
-	if d > g.attachLag {
-		g.attachLag = d
-		return
-	}
-	g.attachLag = (7*g.attachLag + d) / 8
-}
+// part of it, and trapped. Like late, attachLag is the worst lately.
+func (g *governor) noteAttach(d time.Duration) { g.attachLag = worstLately(g.attachLag, d) }
 
 // overrun is how long a window's traps go on after the governor decides
 // to end it, at the latest planned time: until it runs (late), then until
