@@ -190,10 +190,11 @@ func (u *uprobes) bookLocked(now time.Time) bool {
 	if err := u.spentVar.Get(&spent); err != nil {
 		return false
 	}
-	hits := make([]uint64, len(u.sites))
-	for i, s := range u.sites {
-		hits[i] = u.counters[s.index].Hits
+	hits := u.hits[:0] // account does not keep it
+	for _, s := range u.sites {
+		hits = append(hits, u.counters[s.index].Hits)
 	}
+	u.hits = hits
 	// Attaching and recalibrating run here, on the reader's or the
 	// waker's thread: their CPU is in ownCPU. Detaches run on threads of
 	// their own and book theirs in u.extra.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -46,6 +47,9 @@ type loading struct {
 	done chan struct{}
 	coll *ebpf.Collection
 	err  error
+	// stats is where the per-site counters lie in their section's map
+	// (see readCounters).
+	stats *ebpf.VariableSpec
 }
 
 // startLoadLocked starts preparing the collection (the crash store,
@@ -62,12 +66,14 @@ func (u *uprobes) startLoadLocked(o *rt.Offsets) *loading {
 			l.err = err
 			return
 		}
+		l.stats = spec.Variables[mapguardVarStats]
 		l.coll, l.err = loadCollection(spec, opts)
 	}()
 	return l
 }
 
-// wait returns the loaded collection, which the caller then owns.
+// wait returns the loaded collection, which the caller then owns; l.stats
+// is then set too.
 func (l *loading) wait() (*ebpf.Collection, error) {
 	<-l.done
 	coll := l.coll
@@ -176,7 +182,7 @@ func loadCollection(spec *ebpf.CollectionSpec, opts ebpf.CollectionOptions) (*eb
 
 // finishLoadLocked takes the loaded collection and configures the sites
 // chosen meanwhile.
-func (u *uprobes) finishLoadLocked(coll *ebpf.Collection) error {
+func (u *uprobes) finishLoadLocked(coll *ebpf.Collection, stats *ebpf.VariableSpec) error {
 	u.coll = coll
 	if v := u.log.V(4); v.Enabled() {
 		for name, p := range coll.Programs {
@@ -187,6 +193,12 @@ func (u *uprobes) finishLoadLocked(coll *ebpf.Collection) error {
 		}
 	}
 	u.stats = coll.Variables[mapguardVarStats]
+	u.statsMem, u.statsOff = nil, 0
+	if m := coll.Maps[stats.SectionName]; m != nil && stats.Size() == uint32(unsafe.Sizeof(u.counters)) {
+		if mem, err := m.Memory(); err == nil {
+			u.statsMem, u.statsOff = mem, int64(stats.Offset)
+		}
+	}
 	u.costVar = coll.Variables[mapguardVarSiteCost]
 	u.spentVar = coll.Variables[mapguardVarSpentNs]
 	u.limitVar = coll.Variables[mapguardVarSpendLimit]

@@ -91,11 +91,18 @@ type uprobes struct {
 	sampled        []atomic.Bool // per site, as of the last tick; read by the reader
 	stats          *ebpf.Variable
 	counters       [maxSites]mapguardSiteStats // scratch for stats reads
-	decoder        *wire.Decoder
-	watched        [256]bool // kinds asked for
-	statsOnly      [256]bool // kinds counted per call site, without events
-	calls          callSites
-	commaOKs       map[uintptr]bool // call site -> a comma-ok read; the reader's
+	// statsMem and statsOff: the memory stats lies in, at statsOff, so
+	// that readCounters reads only the sites' part of it (nil: not
+	// memory-mapped, stats.Get reads it all).
+	statsMem  *ebpf.Memory
+	statsOff  int64
+	aggRead   aggReader // the reader's (flushAggsLocked)
+	hits      []uint64  // scratch for bookLocked
+	decoder   *wire.Decoder
+	watched   [256]bool // kinds asked for
+	statsOnly [256]bool // kinds counted per call site, without events
+	calls     callSites
+	commaOKs  map[uintptr]bool // call site -> a comma-ok read; the reader's
 	// notNested are the nested-miss aggregates whose first occurrence was
 	// found not to be one (the outer map's elements are not maps of the
 	// inner type): their counts are the nil-map reads they are.
@@ -330,7 +337,7 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err != nil {
 		return err
 	}
-	if err := u.finishLoadLocked(coll); err != nil {
+	if err := u.finishLoadLocked(coll, loading.stats); err != nil {
 		return err
 	}
 	if u.scanGoid != 0 {
