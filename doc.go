@@ -73,8 +73,9 @@
 // Under budget every occurrence is counted exactly. When the budget is
 // spent, the costliest sites are sampled: attached for a short window every
 // second (less often only if even that would break the budget, or, for the
-// sites that only count statistics, while their second has no room: up to
-// 4 s), their counts scaled by the time attached and their events marked
+// sites that only count statistics, while their second has no room, and
+// for a site whose last 256 hits gave nothing, all filtered out: 4 s),
+// their counts scaled by the time attached and their events marked
 // Sampled. The budget is kept per second, not only on average: what
 // may be spent is a second's budget less what the last second spent.
 // Stats().Budget and Stats().Sites show the measured costs, the rates and

@@ -202,6 +202,12 @@ func (u *uprobes) bookLocked(now time.Time) bool {
 	u.extra = 0
 	u.gov.noteCrossing(now, float64(spent), float64(u.limit.Load()))
 	u.gov.account(now, float64(spent), hits, float64(extra))
+	for i, s := range u.sites {
+		// Deep sites serve OpStats's counts, read when asked: never idle.
+		if s.deep || (int(s.index) < len(u.useful) && u.useful[s.index].Swap(false)) {
+			u.gov.useful(i)
+		}
+	}
 	return true
 }
 

@@ -37,6 +37,10 @@ type sim struct {
 	// opened holds, per site, when its windows opened (attaches of a
 	// sampled site).
 	opened [][]time.Time
+	// noise marks the sites whose hits give the user nothing (all
+	// filtered out, or the runtime's own): the others are useful after
+	// every account, as a site whose hits are misuse is.
+	noise []bool
 }
 
 const (
@@ -123,6 +127,11 @@ func (s *sim) advance() {
 func (s *sim) tick() {
 	s.g.account(s.now, s.spent, s.hits, s.extra)
 	s.extra = 0
+	for i := range s.hits {
+		if i >= len(s.noise) || !s.noise[i] {
+			s.g.useful(i)
+		}
+	}
 	attach, detach, move := s.g.plan(s.now)
 	for _, group := range move {
 		// A new link for sites that stay attached: its attach's cost.
@@ -968,5 +977,53 @@ func quietAfter(t *testing.T, s *sim, budget float64, quiet, busy []int, d time.
 	}
 	if spent > budget*1.1 {
 		t.Errorf("spent %.4f of a CPU, budget %v", spent, budget)
+	}
+}
+
+// A sampled site whose hits give the user nothing (the seeded service's
+// map-bloat site: a Delete that empties one of net/http's small maps,
+// 10,000 a second) has a window every idlePeriod, not every second, from
+// the start if it took idleHits hits before it was sampled; a window that
+// gives something again brings it back to one a second. An events' site
+// of the same rate that gives something keeps its window every second.
+func TestGovernorIdleSite(t *testing.T) {
+	const budget = 0.01
+	rates := []float64{12_000, 12_000}
+	costs := []float64{2_300, 2_300}
+	s := newSim(budget, rates, costs, 30*time.Millisecond)
+	s.g.prioritize(0)
+	s.g.prioritize(1)
+	s.noise = []bool{true, false}
+	s.share(100) // 10 s, the reader's tick every 100 ms
+	for i := range rates {
+		if !s.g.sites[i].sampled {
+			t.Fatalf("site %d not sampled at %v of a CPU", i, rates[i]*costs[i]/1e9)
+		}
+	}
+	windows := func(i int, from, to time.Duration) (n int) {
+		for _, at := range s.opened[i] {
+			if d := at.Sub(s.g.start); d >= from && d < to {
+				n++
+			}
+		}
+		return n
+	}
+	idle, busy := windows(0, 0, 10*time.Second), windows(1, 0, 10*time.Second)
+	t.Logf("in 10 s: %d windows of the idle site (first at %v), %d of the useful one", idle, s.opened[0][0].Sub(s.g.start), busy)
+	if idle > 3 || busy < 9 {
+		t.Errorf("windows in 10 s: %d of the idle site (want at most 3), %d of the useful one (want at least 9)", idle, busy)
+	}
+	if first := s.opened[0][0].Sub(s.g.start); first < idlePeriod {
+		t.Errorf("the idle site's first window opened %v after Start, want no sooner than %v (it had %d hits to show for nothing)", first, idlePeriod, s.hits[0])
+	}
+	// Its misuse begins: within one idle period, a window every second.
+	s.noise[0] = false
+	s.share(50)
+	for i := range s.maxGap {
+		s.maxGap[i] = 0
+	}
+	s.share(50)
+	if gap := s.maxGap[0]; gap > samplePeriod+100*time.Millisecond {
+		t.Errorf("the site went %v without a window after it gave something again", gap)
 	}
 }

@@ -278,7 +278,11 @@ func (g *governor) sample(s *govSite, now time.Time, shared bool) {
 	// serving events demoted 30 ms after Start had its first window 1.03 s
 	// after it (no estimate from a window in its first second), now at
 	// 0.5 s.
-	s.nextOn = g.nextBeat(now, min(s.period, samplePeriod), s.phase())
+	first := min(s.period, samplePeriod)
+	if s.idle() {
+		first = idlePeriod // nothing to show for its hits so far
+	}
+	s.nextOn = g.nextBeat(now, first, s.phase())
 	if s.armed {
 		s.offAt = now // detached by this plan
 		s.allow = math.Inf(1)

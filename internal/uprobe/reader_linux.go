@@ -198,6 +198,9 @@ func (u *uprobes) handleWith(dec *wire.Decoder, raw []byte, ev *decode.Event) {
 	if int(h.Site) < len(u.sampled) {
 		ev.Sampled = u.sampled[h.Site].Load()
 	}
+	if int(h.Site) < len(u.useful) {
+		u.useful[h.Site].Store(true)
+	}
 	if decode.IsStatistic(ev.Kind) && int(h.Site) < len(sites) {
 		commaOK := u.commaOK(h.PC)
 		u.calls.add(h.PC, commaOK, ev, ev.Count, ev.Sampled)
@@ -351,6 +354,7 @@ func (u *uprobes) flushAggsLocked() {
 			count = uint64(float64(count)*f + 0.5)
 		}
 		add(index, kind, key.Pc, count, sampled)
+		u.useful[index].Store(true)
 	}
 	for k, n := range u.nestedLate {
 		add(k.Site, decode.NestedMapMiss, k.Pc, n, false)
@@ -469,6 +473,7 @@ func (u *uprobes) commaOK(pc uintptr) bool {
 func (u *uprobes) startReadersLocked(offsets *rt.Offsets, clock wire.Clock) error {
 	// Per site, sites added after Start included.
 	u.notOwned = make([]atomic.Uint64, maxSites)
+	u.useful = make([]atomic.Bool, maxSites)
 	u.sampled = make([]atomic.Bool, maxSites) // before the readers start
 	u.outOfScope = make([]atomic.Uint64, maxSites)
 	u.aggSeen = make(map[mapguardAggKey]uint64)

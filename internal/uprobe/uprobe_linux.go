@@ -146,7 +146,11 @@ type uprobes struct {
 	// reader, read by Stats.
 	notOwned   []atomic.Uint64
 	outOfScope []atomic.Uint64
-	lastPlan   time.Time // the governor's last plan (planLocked)
+	// useful flags, per site, that it delivered an event or a call site's
+	// count since the governor last booked (see governor.useful); set by
+	// the readers.
+	useful   []atomic.Bool
+	lastPlan time.Time // the governor's last plan (planLocked)
 	// Aggregates (MissingKeyRead): the count already reported per key, and
 	// when they were last reported.
 	aggs    *ebpf.Map
