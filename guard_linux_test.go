@@ -735,7 +735,7 @@ func TestRealGoroutineFunctions(t *testing.T) {
 		// of ms after Start; the detaches while the governor detaches; the
 		// search for nested reads for a few seconds after Start.
 		transient := false
-		for _, f := range []string{".feed", ".(*calibrating).run", ".closeTimed", ".finishCalibration", ".(*uprobes).detach", ".scanNested"} {
+		for _, f := range []string{".feed", ".(*calibrating).run", ".closeTimed", ".finishCalibration", ".(*uprobes).detach", ".(*uprobes).detachChain", ".scanNested"} {
 			transient = transient || strings.HasSuffix(n, f)
 		}
 		if !found[n] && !transient {

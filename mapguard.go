@@ -588,6 +588,7 @@ func GoroutineFunctions() []string {
 		"github.com/mapguard/mapguard/internal/uprobe.closeTimed",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).finishCalibration",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).detach",
+		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).detachChain",
 		// For up to a few seconds after Start (its search for the nested
 		// reads in the program's code):
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).scanNested",

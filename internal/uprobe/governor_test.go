@@ -130,8 +130,11 @@ func (s *sim) tick() {
 	for i := range s.hits {
 		if i >= len(s.noise) || !s.noise[i] {
 			s.g.useful(i)
+		} else {
+			s.g.noteFiltered(i, s.hits[i]) // all of its hits
 		}
 	}
+	s.g.flushed()
 	attach, detach, move := s.g.plan(s.now)
 	for _, group := range move {
 		// A new link for sites that stay attached: its attach's cost.
@@ -1025,5 +1028,41 @@ func TestGovernorIdleSite(t *testing.T) {
 	s.share(50)
 	if gap := s.maxGap[0]; gap > samplePeriod+100*time.Millisecond {
 		t.Errorf("the site went %v without a window after it gave something again", gap)
+	}
+}
+
+// A window of a site whose rate is not measured yet is looked at on a
+// timer within unknownLook, not only when the kernel wakes the governor
+// (through the netpoller, late in a saturated process), until
+// minRateSpan has shown it is not among the hottest; a measured quiet
+// site's whole-second window is looked at halfway.
+func TestGovernorUnknownLook(t *testing.T) {
+	now := time.Unix(1000, 0)
+	g := newGovernor(0.01, []float64{6_000, 6_000}, simCycle, 30*time.Millisecond, now)
+	for i := range g.sites {
+		g.sample(&g.sites[i], now, false)
+		g.sites[i].window, g.sites[i].period = samplePeriod, samplePeriod
+	}
+	g.sites[1].measured = true // quiet, as measured
+	at := now.Add(time.Second)
+	g.armed(0, at)
+	g.armed(1, at)
+	if got := g.sites[0].checkAt.Sub(at); got != unknownLook {
+		t.Errorf("unknown site: next look %v after its attach, want %v", got, unknownLook)
+	}
+	if got := g.sites[1].checkAt.Sub(at); got != samplePeriod/2 {
+		t.Errorf("measured site: next look %v after its attach, want %v", got, samplePeriod/2)
+	}
+	if got := g.next().Sub(at); got != unknownLook {
+		t.Errorf("the governor runs next %v after the attach, want %v", got, unknownLook)
+	}
+	// Watched minRateSpan with fewer than minRateHits hits: not among the
+	// hottest, so its window is looked at halfway again.
+	g.sites[0].span = minRateSpan
+	if g.endWindow(&g.sites[0], at.Add(minRateSpan), false) {
+		t.Fatal("the window ended")
+	}
+	if got := g.sites[0].checkAt.Sub(at.Add(minRateSpan)); got < 100*time.Millisecond {
+		t.Errorf("after minRateSpan: next look in %v, want about half the window", got)
 	}
 }

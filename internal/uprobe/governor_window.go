@@ -175,10 +175,14 @@ func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
 			s.offAt = now.Add(d)
 		}
 	}
-	// Look again halfway, once a rate can be measured.
+	// Look again halfway, once a rate can be measured; soon, until it is
+	// (see unknownLook).
 	s.checkAt = time.Time{}
 	if half := s.offAt.Sub(now) / 2; half >= minRateSpan {
 		s.checkAt = now.Add(half)
+	}
+	if s.unknown() && now.Add(unknownLook).Before(s.offAt) {
+		s.checkAt = now.Add(unknownLook)
 	}
 	return false
 }

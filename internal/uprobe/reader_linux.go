@@ -387,6 +387,7 @@ func (u *uprobes) flushAggsLocked() {
 	if u.gov != nil {
 		u.gov.flush(now)
 	}
+	u.aggsFlushed = true // for the governor's next account (see idle)
 }
 
 // readCounters refreshes u.counters from the memory-mapped .bss: a copy,

@@ -149,8 +149,9 @@ type uprobes struct {
 	// useful flags, per site, that it delivered an event or a call site's
 	// count since the governor last booked (see governor.useful); set by
 	// the readers.
-	useful   []atomic.Bool
-	lastPlan time.Time // the governor's last plan (planLocked)
+	useful      []atomic.Bool
+	aggsFlushed bool      // flushAggsLocked ran since the governor last booked
+	lastPlan    time.Time // the governor's last plan (planLocked)
 	// Aggregates (MissingKeyRead): the count already reported per key, and
 	// when they were last reported.
 	aggs    *ebpf.Map
