@@ -37,10 +37,10 @@ func (r *aggReader) read(m *ebpf.Map) ([]mapguardAggKey, []mapguardAggVal, error
 		if err == nil {
 			return r.keys, r.vals, nil
 		}
-		if !errors.Is(err, ebpf.ErrNotSupported) {
-			return nil, nil, err
-		}
-		r.noBatch = true
+		// No batch lookups on this kernel: the iterator from now on. Any
+		// other failure (a hash bucket longer than a chunk, ENOSPC): the
+		// iterator this time, so that no report is lost.
+		r.noBatch = errors.Is(err, ebpf.ErrNotSupported)
 		r.keys, r.vals = r.keys[:0], r.vals[:0]
 	}
 	var (

@@ -775,13 +775,7 @@ func (g *governor) armed(i int, now time.Time) {
 	if s.sampled {
 		s.lastOn = now
 		s.offAt = now.Add(s.window)
-		s.checkAt = time.Time{}
-		if half := s.window / 2; half >= minRateSpan {
-			s.checkAt = now.Add(half)
-		}
-		if s.unknown() && s.window > unknownLook {
-			s.checkAt = now.Add(unknownLook) // its rate is not known: look soon
-		}
+		s.lookAgain(now)
 	}
 }
 

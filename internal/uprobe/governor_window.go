@@ -175,8 +175,14 @@ func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
 			s.offAt = now.Add(d)
 		}
 	}
-	// Look again halfway, once a rate can be measured; soon, until it is
-	// (see unknownLook).
+	s.lookAgain(now)
+	return false
+}
+
+// lookAgain sets when plan looks at s's window next, before its end
+// (offAt): halfway, once a rate can be measured; soon, while its rate is
+// not known (see unknownLook).
+func (s *govSite) lookAgain(now time.Time) {
 	s.checkAt = time.Time{}
 	if half := s.offAt.Sub(now) / 2; half >= minRateSpan {
 		s.checkAt = now.Add(half)
@@ -184,7 +190,6 @@ func (g *governor) endWindow(s *govSite, now time.Time, debt bool) bool {
 	if s.unknown() && now.Add(unknownLook).Before(s.offAt) {
 		s.checkAt = now.Add(unknownLook)
 	}
-	return false
 }
 
 // shortestWindow is the shortest window s is attached for: long enough
