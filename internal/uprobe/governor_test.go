@@ -1066,3 +1066,47 @@ func TestGovernorUnknownLook(t *testing.T) {
 		t.Errorf("after minRateSpan: next look in %v, want about half the window", got)
 	}
 }
+
+// The first window of a site whose rate was never measured is priced as
+// if the site were as hot as the hottest measured, until the governor can
+// end it: at a beat whose second was all but spent (Start's storm) it
+// waits for the next, and opens there.
+func TestGovernorDiscovery(t *testing.T) {
+	now := time.Unix(1000, 0)
+	// A link's attach and detach as measured on the seeded service.
+	g := newGovernor(0.01, []float64{7_000, 7_000}, 220_000, 30*time.Millisecond, now)
+	for i := range g.sites {
+		g.sample(&g.sites[i], now, false)
+		g.sites[i].armed = false
+	}
+	hot := &g.sites[0] // 40,000 hits a second at 7 us: 28% of a CPU
+	hot.measured, hot.rate, hot.peak, hot.peakAt = true, 40_000, 40_000, now
+	opens := func(at time.Time) bool {
+		attach, _, _ := g.plan(at)
+		for _, gr := range attach {
+			if slices.Contains(gr, 1) {
+				return true
+			}
+		}
+		return false
+	}
+	// 8.5 ms of the second's 10 spent just before the beat.
+	beat := now.Add(time.Second)
+	g.account(beat.Add(-20*time.Millisecond), 8.5e6, []uint64{0, 0}, 0)
+	g.account(beat, 8.5e6, []uint64{0, 0}, 0)
+	if d := g.discovery(); d < 0.5e6 {
+		t.Fatalf("discovery priced at %.0f ns, want the hottest site's traps for a few ms", d)
+	}
+	if opens(beat) {
+		t.Fatal("the unmeasured site's window opened in a second with no room for its traps")
+	}
+	if got := g.sites[1].nextOn.Sub(now); got != 2*time.Second {
+		t.Errorf("its window is next due %v after Start, want 2s (the next beat)", got)
+	}
+	// A second later the storm has left the second.
+	beat = beat.Add(time.Second)
+	g.account(beat, 8.6e6, []uint64{0, 0}, 0)
+	if !opens(beat) {
+		t.Error("the unmeasured site's window did not open in a second with room")
+	}
+}
