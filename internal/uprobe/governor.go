@@ -1,6 +1,7 @@
 package uprobe
 
 import (
+	"cmp"
 	"maps"
 	"math"
 	"slices"
@@ -606,9 +607,14 @@ func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 		// budget was tight).
 		// Its rate must be known (a window is the whole period too for a
 		// site not watched long enough to tell), and low at its peak.
+		// Either way it must have been measured: a rate never measured
+		// reads zero, and the seeded service's net/http miss sites,
+		// sampled with Start's storm before they took a hit, their first
+		// window waiting for room (see discovery), were counted exactly
+		// again at 2.6 s, and one took 5.3 ms of traps in 12 ms.
 		whole := s.window >= samplePeriod && s.period <= samplePeriod &&
 			s.watched >= relinkWatched && s.peakLoad() < g.budget*quietShare
-		if s.load() < g.budget*promoteShare && (g.tokens > g.perSecond/2 || whole) && (!s.armed || s.group == 0) {
+		if s.measured && s.load() < g.budget*promoteShare && (g.tokens > g.perSecond/2 || whole) && (!s.armed || s.group == 0) {
 			s.sampled = false
 			s.offAt, s.checkAt = time.Time{}, time.Time{}
 			if !s.armed {
@@ -751,7 +757,7 @@ func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 		for _, i := range opening[w] {
 			g.sites[i].group = g.groups
 		}
-		attach = append(attach, opening[w])
+		attach = append(attach, g.hottestFirst(opening[w]))
 		windows += len(opening[w])
 	}
 	if windows > 0 {
@@ -759,6 +765,27 @@ func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 	}
 	g.linkOps += len(attach) + len(detach) + len(move)
 	return attach, detach, move
+}
+
+// hottestFirst orders a group's sites as its link will hold them, the
+// hottest first (a site never measured counts as the hottest: see
+// discovery): when a link is detached the kernel removes its breakpoints
+// in that order, the first at once and the others some milliseconds
+// later (an RCU grace period, unless the link was attached within the
+// last few). On this machine, with 15 sites on one link and one of them
+// hot, traps went on 0.01 ms after the close began when it was first and
+// 3-8 ms (up to 16) when it was last; on the seeded service a window of
+// 16 sites never measured let 379-455 hits through its detach, 2-3 ms of
+// traps.
+func (g *governor) hottestFirst(group []int) []int {
+	heat := func(i int) float64 {
+		if s := &g.sites[i]; s.measured {
+			return s.peakLoad()
+		}
+		return math.Inf(1)
+	}
+	slices.SortStableFunc(group, func(a, b int) int { return cmp.Compare(heat(b), heat(a)) })
+	return group
 }
 
 // discovery is what the first window of a site whose rate was never
