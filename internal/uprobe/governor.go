@@ -791,13 +791,17 @@ func (g *governor) hottestFirst(group []int) []int {
 // discovery is what the first window of a site whose rate was never
 // measured may cost before the governor ends it: it may be as hot as the
 // hottest site measured, and its traps go on until the governor looks
-// (unknownLook), runs (late) and the detach is done (tail). On the seeded
-// service three sites took no hit in Start's first 2 ms (net/http's header
-// lookups had not begun), were sampled with Start's storm, and opened with
-// the statistics' windows at 1.0 s, a second that still held the storm:
-// one took 35,000-69,000 hits a second, single-stepped, and the window
-// 1.5-2.7 ms of traps before the governor ended it. Priced so, such a
-// window waits for a beat whose second has room for it.
+// (unknownLook), runs (late), and its detach is done: tail, and a grace
+// period more unless it is its link's first site (see hottestFirst),
+// which a cold attach measures (attachLag). On the seeded service 16
+// sites took no hit in Start's first 2 ms (net/http's header lookups had
+// not begun), were sampled with Start's storm, and opened with the
+// statistics' windows at 1.0 s, a second that still held the storm: one
+// took 35,000-69,000 hits a second, single-stepped, and the window 1.5-3.4
+// ms of traps (2-3 ms of them after its detach began). Priced without the
+// grace period, such a window still opened at 1.0 s in 2 runs of 12
+// (priced at 0.46 ms; it took 3.4). Priced so, it waits for a beat whose
+// second has room for it.
 func (g *governor) discovery() float64 {
 	hot := 0.0
 	for i := range g.sites {
@@ -805,7 +809,7 @@ func (g *governor) discovery() float64 {
 			hot = max(hot, s.peakLoad())
 		}
 	}
-	return hot*float64(unknownLook+g.overrun()) + g.siteCycle()
+	return hot*float64(unknownLook+g.overrun()+g.attachLag) + g.siteCycle()
 }
 
 // next is when plan must run again at the latest: the end of a window, a
