@@ -1110,3 +1110,30 @@ func TestGovernorDiscovery(t *testing.T) {
 		t.Error("the unmeasured site's window did not open in a second with room")
 	}
 }
+
+// Short of tokens, demote samples the statistics' sites first; a site
+// serving events stays counted exactly while the exact sites use at most
+// prioExactShare of the budget (its counts are events, and sampled they
+// are estimates).
+func TestGovernorDemotePrioLast(t *testing.T) {
+	now := time.Unix(1000, 0)
+	g := newGovernor(0.01, []float64{3_000, 3_000}, 220_000, 30*time.Millisecond, now)
+	g.prioritize(0)
+	for i, r := range []float64{2_000, 500} { // 6 ms and 1.5 ms of CPU a second
+		s := &g.sites[i]
+		s.measured, s.rate, s.peak, s.peakAt, s.hits, s.watched = true, r, r, now, 1_000, time.Second
+	}
+	g.demote(now)
+	if g.sites[0].sampled || !g.sites[1].sampled {
+		t.Errorf("events' site at 6 ms a second: sampled %v (want false); statistics' site: sampled %v (want true)", g.sites[0].sampled, g.sites[1].sampled)
+	}
+	// Above prioExactShare on its own, it is sampled too.
+	g = newGovernor(0.01, []float64{3_000}, 220_000, 30*time.Millisecond, now)
+	g.prioritize(0)
+	s := &g.sites[0]
+	s.measured, s.rate, s.peak, s.peakAt, s.hits, s.watched = true, 3_000, 3_000, now, 1_000, time.Second
+	g.demote(now)
+	if !s.sampled {
+		t.Error("events' site at 9 ms a second not sampled")
+	}
+}

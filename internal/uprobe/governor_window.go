@@ -204,8 +204,10 @@ func (g *governor) shortestWindow(s *govSite) time.Duration {
 	return min(max(time.Duration(minRateHits/r*1e9), time.Millisecond), minWindow)
 }
 
-// demote samples the costliest sites counted exactly until those left use
-// at most exactShare of the budget.
+// demote samples the sites counted exactly, the statistics' ones first and
+// the costliest first, until those left use at most exactShare of the
+// budget; a site serving events is sampled only while they use more than
+// prioExactShare.
 func (g *governor) demote(now time.Time) {
 	var exact []int
 	load := 0.0
@@ -216,11 +218,25 @@ func (g *governor) demote(now time.Time) {
 			load += s.load()
 		}
 	}
-	slices.SortFunc(exact, func(a, b int) int { return cmp.Compare(g.sites[b].load(), g.sites[a].load()) })
+	// The statistics' sites first, then those serving events; the
+	// costliest first within each.
+	slices.SortFunc(exact, func(a, b int) int {
+		if pa, pb := g.sites[a].prio, g.sites[b].prio; pa != pb {
+			if pb {
+				return -1
+			}
+			return 1
+		}
+		return cmp.Compare(g.sites[b].load(), g.sites[a].load())
+	})
 	for _, i := range exact {
 		s := &g.sites[i]
-		if load <= g.budget*exactShare || s.load() == 0 {
-			break
+		share := exactShare
+		if s.prio {
+			share = prioExactShare
+		}
+		if load <= g.budget*share || s.load() == 0 {
+			continue
 		}
 		if s.sampled || s.relink {
 			continue // sampled, or attached again, with its link's other sites below
