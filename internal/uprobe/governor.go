@@ -114,8 +114,10 @@ const (
 	peakHalfLife = 10 * time.Second
 	// initialTail is what a detach is assumed to let through until one was
 	// measured: the time from the start of a detach until the kernel has
-	// removed the breakpoints (under 0.2 ms for uprobe_multi on 6.18; the
-	// RCU grace period the close then waits for is not paid in traps).
+	// removed the breakpoints (for uprobe_multi on 6.18: 0.01 ms for the
+	// link's first site, a grace period more for the others unless the
+	// link is a few milliseconds old, see hottestFirst; the grace periods
+	// the close then waits for are not paid in traps).
 	initialTail = time.Millisecond
 	// initialLate is how late the governor is assumed to run, in the
 	// reserve, until a few runs were measured (see priorLate): 1-4 ms on
