@@ -582,13 +582,14 @@ func GoroutineFunctions() []string {
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).run",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).runWaker",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).runDeep",
-		// For tens of ms after Start, and while the governor detaches a
-		// sampled site's probe:
+		// For tens of ms after Start, and while the governor attaches or
+		// detaches a sampled site's probe:
 		"github.com/mapguard/mapguard/internal/uprobe.(*calibrating).run",
 		"github.com/mapguard/mapguard/internal/uprobe.closeTimed",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).finishCalibration",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).detach",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).detachChain",
+		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).attachAsync",
 		// For up to a few seconds after Start (its search for the nested
 		// reads in the program's code):
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).scanNested",
