@@ -79,10 +79,17 @@ func haveUprobeMulti() bool {
 // attachMulti attaches prog at every site in sites with one uprobe_multi
 // link, for this process only, each site's cookie its cookie.
 func (u *uprobes) attachMulti(sites []*site, prog *ebpf.Program) (link.Link, error) {
+	return attachMultiSites(u.ex, sites, prog)
+}
+
+// attachMultiSites is attachMulti in ex, for callers off u.mu (the sites'
+// offsets never change, and their cookies only when a move gives an
+// attached site a new link).
+func attachMultiSites(ex *link.Executable, sites []*site, prog *ebpf.Program) (link.Link, error) {
 	opts := &link.UprobeMultiOptions{PID: uint32(os.Getpid())}
 	for _, s := range sites {
 		opts.Addresses = append(opts.Addresses, s.fn.FileOffset+s.at.Offset)
 		opts.Cookies = append(opts.Cookies, s.cookie())
 	}
-	return u.ex.UprobeMulti(nil, prog, opts)
+	return ex.UprobeMulti(nil, prog, opts)
 }

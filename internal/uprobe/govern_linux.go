@@ -11,7 +11,6 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"math"
 	"os"
 	"runtime"
 	"slices"
@@ -258,9 +257,9 @@ func (u *uprobes) attachGroupLocked(group []int) {
 		}
 		s.attaching = true
 		job.sites = append(job.sites, s)
-		job.offs = append(job.offs, s.fn.FileOffset+s.at.Offset)
-		job.cookies = append(job.cookies, s.cookie())
-		job.progs = append(job.progs, u.program(s.deep))
+		if d := boolInt(s.deep); job.progs[d] == nil {
+			job.progs[d] = u.program(s.deep)
+		}
 	}
 	if len(job.sites) == 0 {
 		return
@@ -271,12 +270,10 @@ func (u *uprobes) attachGroupLocked(group []int) {
 
 // attachJob is what attachAsync needs, read under u.mu.
 type attachJob struct {
-	multi   bool
-	ex      *link.Executable
-	sites   []*site
-	offs    []uint64
-	cookies []uint64
-	progs   []*ebpf.Program
+	multi bool
+	ex    *link.Executable
+	progs [2]*ebpf.Program // always-on, deep
+	sites []*site
 }
 
 // attachAsync attaches a group's sites (see attachGroupLocked), then
@@ -288,68 +285,71 @@ func (u *uprobes) attachAsync(job attachJob) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	c0 := threadCPU()
-	links := make([]link.Link, len(job.sites))
-	errs := make([]error, len(job.sites))
-	took := make([]time.Duration, len(job.sites))
-	pid := uint32(os.Getpid())
 	// One link for the sites of each program (uprobe_multi), or one each.
-	for p := range job.progs {
-		if links[p] != nil || errs[p] != nil {
-			continue // attached with an earlier site's link
+	var groups [][]*site
+	if job.multi && len(job.sites) > 1 {
+		var byProg [2][]*site
+		for _, s := range job.sites {
+			byProg[boolInt(s.deep)] = append(byProg[boolInt(s.deep)], s)
 		}
-		var members []int
-		for k := range job.sites {
-			if k == p || (job.multi && len(job.sites) > 1 && job.progs[k] == job.progs[p] && k > p) {
-				members = append(members, k)
+		for _, g := range byProg {
+			if len(g) > 0 {
+				groups = append(groups, g)
 			}
 		}
-		opts := &link.UprobeMultiOptions{PID: pid}
-		for _, k := range members {
-			opts.Addresses = append(opts.Addresses, job.offs[k])
-			opts.Cookies = append(opts.Cookies, job.cookies[k])
+	} else {
+		for _, s := range job.sites {
+			groups = append(groups, []*site{s})
 		}
+	}
+	type attached struct {
+		sites []*site
+		link  link.Link
+		err   error
+		took  time.Duration
+	}
+	done := make([]attached, 0, len(groups))
+	for _, g := range groups {
+		prog := job.progs[boolInt(g[0].deep)]
 		t0 := time.Now()
-		var l link.Link
-		var err error
-		if job.multi {
-			l, err = job.ex.UprobeMulti(nil, job.progs[p], opts)
+		var a attached
+		if len(g) == 1 {
+			a.link, a.err = attachSite(job.ex, job.multi, g[0], prog)
 		} else {
-			l, err = job.ex.Uprobe("", job.progs[p], &link.UprobeOptions{Address: job.offs[p], Cookie: job.cookies[p], PID: int(pid)})
+			a.link, a.err = attachMultiSites(job.ex, g, prog)
 		}
-		d := time.Since(t0)
-		for _, k := range members {
-			links[k], errs[k], took[k] = l, err, d
-		}
+		a.sites, a.took = g, time.Since(t0)
+		done = append(done, a)
 	}
 	cpu := threadCPU() - c0
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.extra += cpu
 	now := time.Now()
-	var closing, noted []link.Link
-	for k, s := range job.sites {
-		s.attaching = false
-		if errs[k] != nil {
-			if !u.stopping {
-				u.log.Error(errs[k], "attach probe", "function", s.fn.Name)
-				u.gov.failed(int(s.index))
+	var closing []link.Link
+	for _, a := range done {
+		for _, s := range a.sites {
+			s.attaching = false
+		}
+		switch {
+		case a.err != nil:
+			for _, s := range a.sites {
+				if !u.stopping {
+					u.log.Error(a.err, "attach probe", "function", s.fn.Name)
+					u.gov.failed(int(s.index))
+				}
 			}
-			continue
-		}
-		if u.stopping || u.gov == nil {
-			if !slices.Contains(closing, links[k]) {
-				closing = append(closing, links[k])
+		case u.stopping:
+			closing = append(closing, a.link)
+		default:
+			u.gov.noteAttach(a.took)
+			for _, s := range a.sites {
+				s.link = a.link
+				u.gov.armed(int(s.index), now)
 			}
-			continue
 		}
-		s.link = links[k]
-		if !slices.Contains(noted, links[k]) {
-			noted = append(noted, links[k])
-			u.gov.noteAttach(took[k])
-		}
-		u.gov.armed(int(s.index), now)
 	}
-	if len(closing) > 0 {
+	if u.stopping {
 		u.mu.Unlock()
 		for _, l := range closing {
 			l.Close()
@@ -357,12 +357,10 @@ func (u *uprobes) attachAsync(job attachJob) {
 		u.mu.Lock()
 		return
 	}
-	if u.gov != nil && !u.stopping {
-		if err := u.pushCostsLocked(false); err != nil {
-			u.log.V(1).Info("set probe costs", "error", err.Error())
-		}
-		u.rescheduleLocked()
+	if err := u.pushCostsLocked(false); err != nil {
+		u.log.V(1).Info("set probe costs", "error", err.Error())
 	}
+	u.rescheduleLocked()
 }
 
 // moveGroupLocked moves the sites of one move group, counted exactly, off
@@ -448,7 +446,7 @@ func joinDetach(sites []*site, detach [][]int, s *site) [][]int {
 type detachBatch struct {
 	sites []*site
 	links []link.Link
-	load  float64 // the sites' load at their peaks (see startDetachesLocked)
+	load  float64 // its busiest site's heat (see startDetachesLocked)
 }
 
 // detachBatchLocked takes a group's sites off their links for a detach;
@@ -470,12 +468,7 @@ func (u *uprobes) detachBatchLocked(group []int) (b detachBatch, ok bool) {
 		s.link, s.detaching = nil, true
 		sites = append(sites, s)
 		if int(s.index) < len(u.gov.sites) {
-			gs := &u.gov.sites[s.index]
-			load := gs.peakLoad()
-			if gs.unknown() {
-				load = math.Inf(1) // may be the hottest: first
-			}
-			b.load = max(b.load, load)
+			b.load = max(b.load, u.gov.sites[s.index].heat())
 		}
 	}
 	if len(sites) == 0 {

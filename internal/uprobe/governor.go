@@ -228,6 +228,15 @@ func (s *govSite) idle() bool {
 // minRateHits hits in minRateSpan): see unknownLook.
 func (s *govSite) unknown() bool { return !s.measured && s.span < minRateSpan }
 
+// heat orders detaches the busiest first: s's load at its peak, or +Inf
+// if it may be among the hottest (see unknown).
+func (s *govSite) heat() float64 {
+	if s.unknown() {
+		return math.Inf(1)
+	}
+	return s.peakLoad()
+}
+
 // noteFiltered records the kernel's count of site i's hits that were no
 // anomaly.
 func (g *governor) noteFiltered(i int, filtered uint64) { g.sites[i].filtered = filtered }
@@ -777,11 +786,11 @@ func (g *governor) plan(now time.Time) (attach, detach, move [][]int) {
 }
 
 // hottestFirst orders a group's sites as its link will hold them, the
-// hottest first (a site never measured counts as the hottest: see
-// discovery): when a link is detached the kernel removes its breakpoints
-// in that order, the first at once and the others some milliseconds
-// later (an RCU grace period, unless the link was attached within the
-// last few). On this machine, with 15 sites on one link and one of them
+// hottest first (a site never measured counts as the hottest, as
+// discovery prices it): when a link is detached the kernel removes
+// its breakpoints in that order, the first at once and the others some
+// milliseconds later (an RCU grace period, unless the link was attached
+// within the last few). On this machine, with 15 sites on one link and one of them
 // hot, traps went on 0.01 ms after the close began when it was first and
 // 3-8 ms (up to 16) when it was last; on the seeded service a window of
 // 16 sites never measured let 379-455 hits through its detach, 2-3 ms of
@@ -791,7 +800,7 @@ func (g *governor) hottestFirst(group []int) []int {
 		if s := &g.sites[i]; s.measured {
 			return s.peakLoad()
 		}
-		return math.Inf(1)
+		return math.Inf(1) // never measured: priced as the hottest (see discovery)
 	}
 	slices.SortStableFunc(group, func(a, b int) int { return cmp.Compare(heat(b), heat(a)) })
 	return group
