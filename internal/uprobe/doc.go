@@ -14,8 +14,11 @@
 //     arithmetic; govern_linux.go, its execution: attaching and detaching
 //     sites, the waker; calibrate_linux.go, what a trap and a link cost on
 //     this machine) keeps every site within one CPU budget;
-//   - the Guard's goroutines never wait in a blocking system call
-//     (poll_linux.go): the Go runtime's sysmon would spin for them;
+//   - the Guard's goroutines never wait for records in a blocking system
+//     call (poll_linux.go): the Go runtime's sysmon would spin for them;
+//     attaches and detaches, which block in the kernel for a grace
+//     period, run in goroutines of their own, off the probe's lock
+//     (govern_linux.go);
 //   - the crash record (crash_linux.go, crashid_linux.go, crashread_linux.go) pins what a fatal concurrent map
 //     misuse left in the kernel, for the next Start;
 //   - checks_linux.go turns the kernel's refusals into the typed errors of
