@@ -436,6 +436,10 @@ func (g *Guard) OnEvent(fn func(Event)) {
 // Stats returns a snapshot of the Guard's counters. It is safe to call at
 // any time, also before Start and after Close; after a refused Start it
 // describes that attempt (Inactive says which kinds had no site, and why).
+// It never waits for the probes' attaches and detaches: while the probe's
+// lock is held, the governor's figures (Budget, and each site's Armed,
+// Rate, Cost, Watched and sampling) are those of its last account, at most
+// about 100 ms old, and the counters are read from the kernel then.
 func (g *Guard) Stats() Stats {
 	g.mu.Lock()
 	p := g.probe

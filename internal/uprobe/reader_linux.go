@@ -246,6 +246,11 @@ func (u *uprobes) tick() {
 	if u.bookLocked(now) && u.planDueLocked(now) {
 		u.planLocked(now)
 	}
+	if u.statsUsed.Load() {
+		if v := u.view.Load(); v == nil || now.Sub(v.at) >= pollInterval/2 {
+			u.publishStatsLocked(now) // for the Stats calls that find u.mu held
+		}
+	}
 	var dropped uint64
 	for _, s := range u.sites {
 		dropped += u.counters[s.index].Dropped

@@ -4,20 +4,60 @@ package uprobe
 
 import (
 	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/mapguard/mapguard/probe"
 )
 
+// Stats never waits for u.mu. Its holders include the governor's plan,
+// whose moves and nested-read attaches wait for the kernel (milliseconds
+// each), and any holder can wait that long for a thread in a saturated
+// process. When the lock is taken, Stats answers from the view the last
+// account published (statsView): the governor's figures of then, at most
+// about pollInterval old, with the sites' counters read now from the
+// kernel's memory.
 func (u *uprobes) Stats() probe.Stats {
-	u.mu.Lock()
+	u.statsUsed.Store(true)
+	if !u.mu.TryLock() {
+		if v := u.view.Load(); v != nil {
+			return v.fresh(u)
+		}
+		u.mu.Lock()
+	}
 	defer u.mu.Unlock()
 	now := time.Now()
-	st := probe.Stats{Inactive: append([]probe.Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
-		CrashRecordsDamaged: u.crashDamaged, Budget: u.budgetStatsLocked(now)}
-	st.CallSites, st.CallSitesOverflow = u.calls.snapshot()
 	if u.coll != nil {
 		u.readCounters()
 	}
+	u.publishStatsLocked(now)
+	st := u.view.Load().copy()
+	st.CallSites, st.CallSitesOverflow = u.calls.snapshot()
+	return st
+}
+
+// statsView is Stats as of an account, for the calls that find u.mu held.
+type statsView struct {
+	at time.Time
+	st probe.Stats // without CallSites (read at each call: callSites has its own lock)
+	// index is each of st.Sites' counter index; mem and off where the
+	// counters lie (nil: not memory-mapped, or the probe is closed and
+	// st holds the final counters).
+	index []uint32
+	mem   *ebpf.Memory
+	off   int64
+}
+
+// publishStatsLocked builds the view of now; u.counters must be current.
+func (u *uprobes) publishStatsLocked(now time.Time) {
+	st := probe.Stats{Inactive: append([]probe.Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
+		CrashRecordsDamaged: u.crashDamaged, Budget: u.budgetStatsLocked(now)}
+	v := &statsView{at: now, index: make([]uint32, 0, len(u.sites))}
+	if u.coll != nil {
+		v.mem, v.off = u.statsMem, u.statsOff
+	}
+	st.Sites = make([]probe.SiteStats, 0, len(u.sites))
 	for _, s := range u.sites {
 		ss := probe.SiteStats{
 			Kind:     s.kind,
@@ -48,16 +88,63 @@ func (u *uprobes) Stats() probe.Stats {
 		if u.coll != nil {
 			c = u.counters[s.index]
 		}
-		ss.Hits, ss.Events, ss.Dropped, ss.Filtered, ss.Ignored, ss.Aggregated = c.Hits, c.Events, c.Dropped, c.Filtered, c.Ignored, c.Agg
-		if s.deep {
-			// Deep hits that end in the kernel are not counted there, to
-			// save an atomic add on a hot path: they are the rest.
-			if done := c.Events + c.Dropped + c.Ignored; c.Hits >= done {
-				ss.Aggregated = c.Hits - done
-			}
-		}
+		setCounters(&ss, c)
 		st.Dropped += ss.Dropped
 		st.Sites = append(st.Sites, ss)
+		v.index = append(v.index, s.index)
+	}
+	v.st = st
+	u.view.Store(v)
+}
+
+// setCounters fills in what the kernel counted at the site.
+func setCounters(ss *probe.SiteStats, c mapguardSiteStats) {
+	ss.Hits, ss.Events, ss.Dropped, ss.Filtered, ss.Ignored, ss.Aggregated = c.Hits, c.Events, c.Dropped, c.Filtered, c.Ignored, c.Agg
+	if ss.Deep {
+		// Deep hits that end in the kernel are not counted there, to
+		// save an atomic add on a hot path: they are the rest.
+		if done := c.Events + c.Dropped + c.Ignored; c.Hits >= done {
+			ss.Aggregated = c.Hits - done
+		}
+	}
+}
+
+// copy is the view's Stats, in slices of the caller's own.
+func (v *statsView) copy() probe.Stats {
+	st := v.st
+	st.Inactive = append([]probe.Inactive(nil), v.st.Inactive...)
+	st.Sites = append([]probe.SiteStats(nil), v.st.Sites...)
+	if v.st.Budget != nil {
+		b := *v.st.Budget
+		st.Budget = &b
+	}
+	return st
+}
+
+// fresh is the view's Stats with the counters and call sites of now.
+func (v *statsView) fresh(u *uprobes) probe.Stats {
+	st := v.copy()
+	st.CallSites, st.CallSitesOverflow = u.calls.snapshot()
+	if v.mem == nil || len(v.index) == 0 {
+		return st
+	}
+	// The memory stays mapped while v holds it (cilium/ebpf unmaps it
+	// once unreachable), also after the probe's objects are closed.
+	var counters [maxSites]mapguardSiteStats
+	n := 0 // sites, from index 0 up to the highest (see readCounters)
+	for _, i := range v.index {
+		n = max(n, int(i)+1)
+	}
+	b := unsafe.Slice((*byte)(unsafe.Pointer(&counters)), min(n, maxSites)*int(unsafe.Sizeof(counters[0])))
+	if _, err := v.mem.ReadAt(b, v.off); err != nil {
+		return st
+	}
+	st.Dropped = 0
+	for k, i := range v.index {
+		if int(i) < maxSites {
+			setCounters(&st.Sites[k], counters[i])
+		}
+		st.Dropped += st.Sites[k].Dropped
 	}
 	return st
 }

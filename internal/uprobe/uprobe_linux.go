@@ -181,6 +181,11 @@ type uprobes struct {
 	lastDropped uint64
 	stopping    bool // teardown has begun
 	running     bool // Start succeeded
+	// view is what Stats reports while u.mu is held (stats_linux.go),
+	// published by Stats, by the reader's tick once Stats has been called
+	// (statsUsed), at the end of Start and at Close.
+	view      atomic.Pointer[statsView]
+	statsUsed atomic.Bool
 }
 
 type site struct {
@@ -408,6 +413,8 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	u.takeNestedAtStartLocked(ctx)
 	step("nested")
 	u.running = true
+	u.readCounters()
+	u.publishStatsLocked(time.Now())
 	if len(u.pending) > 0 {
 		select { // the reader delivers the crash records now (deliverPending)
 		case u.readerWake <- struct{}{}:
@@ -531,6 +538,8 @@ func (u *uprobes) teardownLocked() {
 		}
 		u.coll.Close()
 	}
+	u.coll = nil
+	u.publishStatsLocked(time.Now()) // the final counters, from s.final
 	if u.crash != nil {
 		releaseCrashStore(u.crash, u.log)
 	}

@@ -378,3 +378,49 @@ func TestAttachOffLock(t *testing.T) {
 		t.Fatal("no event from the site attached off the lock")
 	}
 }
+
+// Stats does not wait for the probe's lock: with it held (by a plan's
+// move, say), Stats answers from the last account's view, with the
+// kernel's counters of now.
+func TestStatsOffLock(t *testing.T) {
+	p, _ := startProbe(t, Config{Kinds: []decode.Kind{decode.NilMapRead}})
+	hits := func(st probe.Stats) (n uint64) {
+		for _, s := range st.Sites {
+			if s.Kind == decode.NilMapRead && !s.Deep {
+				n += s.Hits
+			}
+		}
+		return n
+	}
+	before := hits(p.Stats())
+	p.mu.Lock()
+	locked := true
+	defer func() {
+		if locked {
+			p.mu.Unlock()
+		}
+	}()
+	const reads = 25
+	var m map[int64]uint8
+	for i := range reads {
+		sinkByte = m[int64(i)]
+	}
+	got := make(chan probe.Stats, 1)
+	go func() { got <- p.Stats() }()
+	select {
+	case st := <-got:
+		if n := hits(st) - before; n < reads {
+			t.Errorf("Stats with the lock held: %d nil-map-read hits since the last call, want at least %d", n, reads)
+		}
+		if len(st.Sites) == 0 || st.Budget == nil {
+			t.Errorf("Stats with the lock held: %d sites, budget %v", len(st.Sites), st.Budget)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Stats waited for the probe's lock")
+	}
+	p.mu.Unlock()
+	locked = false
+	if n := hits(p.Stats()) - before; n < reads {
+		t.Errorf("Stats: %d nil-map-read hits, want at least %d", n, reads)
+	}
+}
