@@ -8,6 +8,7 @@ import (
 	"os"
 	"reflect"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -368,17 +369,32 @@ func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calib
 	// thread that took it, and a busy machine's preemptions do not count.
 	// Where the thread clock is too coarse to see the difference (an
 	// emulated VM), wall time is used instead.
+	//
+	// Each call is timed alone, after the core's own caches were evicted
+	// (eviction, untimed): a program's traps come between its own work,
+	// which has pushed the kernel's trap path and the uprobe's data out of
+	// them. Timed back to back, hot, a trap cost 0.6-1.2 us emulated and
+	// 4.3-6.8 us single-stepped on the project's VM, and a profile put the
+	// seeded service's traps at 2.1-2.9 times what those figures booked;
+	// evicted, 1.4-2.0 and 5.6-7.6 us, and 1.0-1.6 times (median 1.4: the
+	// shared last-level cache is colder still in a busy program, and
+	// evicting it too costs 1-2 ms a call).
+	evict := newEviction()
 	type sample struct{ cpu, wall time.Duration }
 	run := func(f func(map[int]int, int) int, calls int) sample {
-		t0, w0 := threadCPU(), time.Now()
+		var s sample
 		n := 0
 		for i := 0; i < calls; i++ {
+			evict.run()
+			t0, w0 := threadCPU(), time.Now()
 			n = f(m, n)
+			s.wall += time.Since(w0)
+			s.cpu += threadCPU() - t0
 		}
 		if n != calls {
 			panic("calibration")
 		}
-		return sample{threadCPU() - t0, time.Since(w0)}
+		return s
 	}
 	least := func(f func(map[int]int, int) int, calls int) sample {
 		best := sample{1<<63 - 1, 1<<63 - 1}
@@ -707,4 +723,96 @@ func (u *uprobes) calibrateDue(now time.Time) (ran, first bool) {
 		}
 	}
 	return true, first
+}
+
+// eviction is a buffer the calibration touches before each timed call, to
+// evict what the call's trap would find in the caches: one and a half
+// times the largest cache a core has to itself (the shared last level is
+// the whole machine's, and other work's as much as ours).
+type eviction struct {
+	b   []byte
+	sum byte
+}
+
+// Bounds of the eviction buffer, and its size where the caches cannot be
+// read (twice the 512 KiB L2 of the project's VMs).
+const (
+	evictMin     = 256 << 10
+	evictMax     = 4 << 20
+	evictDefault = 1 << 20
+)
+
+func newEviction() *eviction {
+	return &eviction{b: make([]byte, evictionSize("/sys/devices/system/cpu/cpu0/cache"))}
+}
+
+// run writes a byte of each cache line of the buffer: dirty lines, as a
+// program's own work leaves them (read only, the buffer evicted less: an
+// emulated trap then cost 0.8-1.4 us, against 1.4-2.0).
+func (e *eviction) run() {
+	for i := 0; i < len(e.b); i += 64 {
+		e.b[i]++
+		e.sum += e.b[i]
+	}
+}
+
+// evictionSize is 1.5 times the largest cache below the last level that
+// dir (sysfs's cpu0/cache) describes, within evictMin and evictMax.
+func evictionSize(dir string) int {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return evictDefault
+	}
+	top, private := 0, 0
+	sizes := map[int]int{}
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), "index") {
+			continue
+		}
+		lvl, err1 := readInt(dir + "/" + e.Name() + "/level")
+		size, err2 := readCacheSize(dir + "/" + e.Name() + "/size")
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		top = max(top, lvl)
+		sizes[lvl] = max(sizes[lvl], size)
+	}
+	for lvl, size := range sizes {
+		if lvl < top || top == 1 {
+			private = max(private, size)
+		}
+	}
+	if private == 0 {
+		return evictDefault
+	}
+	return min(max(private*3/2, evictMin), evictMax)
+}
+
+func readInt(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
+}
+
+// readCacheSize reads a sysfs cache size ("512K", "32768K", "1M").
+func readCacheSize(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	s := strings.TrimSpace(string(b))
+	mult := 1
+	switch {
+	case strings.HasSuffix(s, "K"):
+		mult, s = 1<<10, strings.TrimSuffix(s, "K")
+	case strings.HasSuffix(s, "M"):
+		mult, s = 1<<20, strings.TrimSuffix(s, "M")
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("cache size %q", string(b))
+	}
+	return n * mult, nil
 }

@@ -5,6 +5,7 @@ package uprobe
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -243,3 +244,37 @@ func TestSharedTrapCost(t *testing.T) {
 
 // fakeLink stands for an attached link where only its presence counts.
 type fakeLink struct{ link.Link }
+
+// The calibration's eviction buffer is sized from the caches a core has
+// to itself, as sysfs describes them.
+func TestEvictionSize(t *testing.T) {
+	mk := func(caches map[string][2]string) string {
+		dir := t.TempDir()
+		for name, lv := range caches {
+			d := filepath.Join(dir, name)
+			if err := os.MkdirAll(d, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			os.WriteFile(filepath.Join(d, "level"), []byte(lv[0]+"\n"), 0o644)
+			os.WriteFile(filepath.Join(d, "size"), []byte(lv[1]+"\n"), 0o644)
+		}
+		return dir
+	}
+	for _, c := range []struct {
+		name   string
+		caches map[string][2]string
+		want   int
+	}{
+		{"epyc", map[string][2]string{"index0": {"1", "32K"}, "index1": {"1", "32K"}, "index2": {"2", "512K"}, "index3": {"3", "32768K"}}, 768 << 10},
+		{"big L2", map[string][2]string{"index0": {"1", "48K"}, "index2": {"2", "4M"}, "index3": {"3", "64M"}}, evictMax},
+		{"L1 only", map[string][2]string{"index0": {"1", "32K"}}, evictMin},
+		{"unreadable", map[string][2]string{"index0": {"1", "lots"}}, evictDefault},
+	} {
+		if got := evictionSize(mk(c.caches)); got != c.want {
+			t.Errorf("%s: evictionSize %d, want %d", c.name, got, c.want)
+		}
+	}
+	if got := evictionSize(filepath.Join(t.TempDir(), "none")); got != evictDefault {
+		t.Errorf("no sysfs: evictionSize %d, want %d", got, evictDefault)
+	}
+}

@@ -28,10 +28,12 @@ import (
 const (
 	calibrationStepFunc = "github.com/mapguard/mapguard/internal/uprobe.calibrationStep"
 	calibrationEmuFunc  = "github.com/mapguard/mapguard/internal/uprobe.calibrationEmu"
-	// Calls per calibration run: a single-stepped trap costs 6-23 us on
-	// the project's VMs, an emulated one 0.5-6 us.
-	calibrationStepCalls = 100
-	calibrationEmuCalls  = 300
+	// Calls per calibration run, each timed alone with the caches
+	// evicted before it (75-95 us of CPU each on the project's VMs, so
+	// few: 4 x 3 x 15 calls, 10-15 ms): a single-stepped trap costs 6-23
+	// us there, an emulated one 0.5-6 us.
+	calibrationStepCalls = 15
+	calibrationEmuCalls  = 15
 	calibrationRuns      = 3
 	// initialLatency is what one detach is assumed to take until one was
 	// measured (uprobe_multi: 28-36 ms on the project's VMs).
