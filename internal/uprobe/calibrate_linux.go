@@ -375,10 +375,11 @@ func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calib
 	// which has pushed the kernel's trap path and the uprobe's data out of
 	// them. Timed back to back, hot, a trap cost 0.6-1.2 us emulated and
 	// 4.3-6.8 us single-stepped on the project's VM, and a profile put the
-	// seeded service's traps at 2.1-2.9 times what those figures booked;
-	// evicted, 1.4-2.0 and 5.6-7.6 us, and 1.0-1.6 times (median 1.4: the
-	// shared last-level cache is colder still in a busy program, and
-	// evicting it too costs 1-2 ms a call).
+	// seeded service's traps at 1.5-2.9 times (median 2.1) what those
+	// figures booked; evicted, 1.4-2.0 and 5.6-7.6 us, and 0.7-1.8 times
+	// (median 1.4: the shared last-level cache is colder still in a busy
+	// program, and evicting it too costs 1-2 ms a call). README: Checking
+	// the account.
 	evict := newEviction()
 	type sample struct{ cpu, wall time.Duration }
 	run := func(f func(map[int]int, int) int, calls int) sample {
