@@ -403,15 +403,21 @@ func (u *uprobes) readCounters() {
 		// maxSites of them (16 KiB), and the governor reads them 15-20
 		// times a second; on the seeded service that copy was 7% of the
 		// Guard's own CPU.
-		n := min(len(u.sites), maxSites) * int(unsafe.Sizeof(u.counters[0]))
-		b := unsafe.Slice((*byte)(unsafe.Pointer(&u.counters)), n)
-		if _, err := u.statsMem.ReadAt(b, u.statsOff); err == nil {
+		if readSiteCounters(u.statsMem, u.statsOff, &u.counters, len(u.sites)) == nil {
 			return
 		}
 	}
 	if err := u.stats.Get(&u.counters); err != nil {
 		u.counters = [maxSites]mapguardSiteStats{}
 	}
+}
+
+// readSiteCounters reads the counters of sites 0 to n-1 from mem, the
+// memory-mapped stats array at off, into dst.
+func readSiteCounters(mem *ebpf.Memory, off int64, dst *[maxSites]mapguardSiteStats, n int) error {
+	b := unsafe.Slice((*byte)(unsafe.Pointer(dst)), min(n, maxSites)*int(unsafe.Sizeof(dst[0])))
+	_, err := mem.ReadAt(b, off)
+	return err
 }
 
 // muteAgg makes the kernel count a call site's aggregate from now on

@@ -4,7 +4,6 @@ package uprobe
 
 import (
 	"time"
-	"unsafe"
 
 	"github.com/cilium/ebpf"
 
@@ -41,19 +40,18 @@ func (u *uprobes) Stats() probe.Stats {
 type statsView struct {
 	at time.Time
 	st probe.Stats // without CallSites (read at each call: callSites has its own lock)
-	// index is each of st.Sites' counter index; mem and off where the
-	// counters lie (nil: not memory-mapped, or the probe is closed and
-	// st holds the final counters).
-	index []uint32
-	mem   *ebpf.Memory
-	off   int64
+	// mem and off: where the counters lie, site i's at index i as in
+	// st.Sites (nil: not memory-mapped, or the probe is closed and st
+	// holds the final counters).
+	mem *ebpf.Memory
+	off int64
 }
 
 // publishStatsLocked builds the view of now; u.counters must be current.
 func (u *uprobes) publishStatsLocked(now time.Time) {
 	st := probe.Stats{Inactive: append([]probe.Inactive(nil), u.inactive...), CrashRecord: u.crashPath, CrashRecordError: u.crashErr,
 		CrashRecordsDamaged: u.crashDamaged, Budget: u.budgetStatsLocked(now)}
-	v := &statsView{at: now, index: make([]uint32, 0, len(u.sites))}
+	v := &statsView{at: now}
 	if u.coll != nil {
 		v.mem, v.off = u.statsMem, u.statsOff
 	}
@@ -91,7 +89,6 @@ func (u *uprobes) publishStatsLocked(now time.Time) {
 		setCounters(&ss, c)
 		st.Dropped += ss.Dropped
 		st.Sites = append(st.Sites, ss)
-		v.index = append(v.index, s.index)
 	}
 	v.st = st
 	u.view.Store(v)
@@ -125,26 +122,19 @@ func (v *statsView) copy() probe.Stats {
 func (v *statsView) fresh(u *uprobes) probe.Stats {
 	st := v.copy()
 	st.CallSites, st.CallSitesOverflow = u.calls.snapshot()
-	if v.mem == nil || len(v.index) == 0 {
+	if v.mem == nil || len(st.Sites) == 0 {
 		return st
 	}
 	// The memory stays mapped while v holds it (cilium/ebpf unmaps it
 	// once unreachable), also after the probe's objects are closed.
 	var counters [maxSites]mapguardSiteStats
-	n := 0 // sites, from index 0 up to the highest (see readCounters)
-	for _, i := range v.index {
-		n = max(n, int(i)+1)
-	}
-	b := unsafe.Slice((*byte)(unsafe.Pointer(&counters)), min(n, maxSites)*int(unsafe.Sizeof(counters[0])))
-	if _, err := v.mem.ReadAt(b, v.off); err != nil {
+	if readSiteCounters(v.mem, v.off, &counters, len(st.Sites)) != nil {
 		return st
 	}
 	st.Dropped = 0
-	for k, i := range v.index {
-		if int(i) < maxSites {
-			setCounters(&st.Sites[k], counters[i])
-		}
-		st.Dropped += st.Sites[k].Dropped
+	for i := range st.Sites {
+		setCounters(&st.Sites[i], counters[i])
+		st.Dropped += st.Sites[i].Dropped
 	}
 	return st
 }
