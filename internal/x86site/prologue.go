@@ -137,10 +137,21 @@ type Site struct {
 	Inst     string // GoSyntax text of the instruction at Offset
 	Emulated bool   // the x86 kernel emulates this instruction (cheap) rather than single-stepping it
 	Framed   bool   // the function's frame pointer is set up at this site: return PC at [BP+8]; else at [SP]
+	// Len is the instruction's length. Branch and Target say where a
+	// relative JMP, CALL or Jcc goes (Target: from the function entry);
+	// with Offset+Len, the addresses a thread resumes at after the
+	// instruction.
+	Len    int
+	Branch bool
+	Target uint64
 }
 
 func sxSite(in *Inst, framed bool) Site {
-	return Site{Offset: in.Offset, Inst: in.sxText(), Emulated: in.Emulated, Framed: framed}
+	s := Site{Offset: in.Offset, Inst: in.sxText(), Emulated: in.Emulated, Framed: framed, Len: in.Len}
+	if t, ok := sxRel(in); ok && t >= 0 {
+		s.Branch, s.Target = true, uint64(t)
+	}
+	return s
 }
 
 // sxDecodeFunc decodes a whole function and recognises its prologue. Every

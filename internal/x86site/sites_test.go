@@ -426,11 +426,11 @@ func TestEntrySiteHandWritten(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := (Site{Offset: 0xe, Inst: "PUSHQ BP", Emulated: true}); s != want {
+	if want := (Site{Offset: 0xe, Inst: "PUSHQ BP", Emulated: true, Len: 1}); s != want {
 		t.Errorf("EntrySite = %+v, want %+v", s, want)
 	}
 	s, err = EntrySite(sxtAssign(sxtOpts{bigFrame: true}).code(sxtEntry))
-	if want := (Site{Offset: 0xf, Inst: "PUSHQ BP", Emulated: true}); err != nil || s != want {
+	if want := (Site{Offset: 0xf, Inst: "PUSHQ BP", Emulated: true, Len: 1}); err != nil || s != want {
 		t.Errorf("EntrySite = %+v, %v, want %+v", s, err, want)
 	}
 	if _, err := EntrySite(sxtAssign(sxtOpts{noCheck: true}).code(sxtEntry)); !errors.Is(err, ErrUnrecognized) {
