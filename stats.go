@@ -111,6 +111,22 @@ type BudgetStats struct {
 	// every trap, so that the budget is not under-counted meanwhile.
 	StepCost, EmulatedCost, LinkCost time.Duration
 	Calibrations                     int
+	// Sampler reports whether the trap sampler can run here. While the
+	// traps are at least a tenth of the budget, a task-clock perf event on
+	// each of the process's threads samples it 100 times a second of CPU,
+	// until it has an estimate, then a fifth of the time at most; the
+	// samples that find it in a probe's trap measure what the traps cost
+	// in place, against the calibration on a function of the Guard's own.
+	// TrapScale is that
+	// ratio (1 until measured, never less: the calibration is a floor),
+	// and the governor books StepCost and EmulatedCost times TrapScale.
+	// What the samples cost (about 6 us each on a VM) is booked as the
+	// Guard's own work. TrapSamples counts the samples found in a trap.
+	// Without the sampler (perf events not allowed), the calibrated costs
+	// stand.
+	Sampler     bool
+	TrapScale   float64
+	TrapSamples uint64
 	// Spent is the CPU time the probes cost since Start, as accounted:
 	// each hit at its site's cost (SiteStats.Cost), plus attaching,
 	// detaching, recalibrating and the Guard's own goroutines (reading,
@@ -215,6 +231,9 @@ func budgetStatsOf(s probe.BudgetStats) BudgetStats {
 		EmulatedCost: s.EmulatedCost,
 		LinkCost:     s.LinkCost,
 		Calibrations: s.Calibrations,
+		Sampler:      s.Sampler,
+		TrapScale:    s.TrapScale,
+		TrapSamples:  s.TrapSamples,
 		Spent:        s.Spent,
 		Elapsed:      s.Elapsed,
 		Overhead:     s.Overhead,

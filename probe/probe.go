@@ -94,6 +94,18 @@ type BudgetStats struct {
 	// every trap, so that the budget is not under-counted meanwhile.
 	StepCost, EmulatedCost, LinkCost time.Duration
 	Calibrations                     int
+	// Sampler reports whether the trap sampler can run here: while the
+	// traps are at least a tenth of the budget, a task-clock perf event on
+	// each of the process's threads samples it 100 times a second of CPU,
+	// for a while (a fifth of the time at most), and the samples that find
+	// it in a probe's trap measure what the traps cost in place. TrapScale
+	// is that cost over the calibrated one (1 until measured, never less:
+	// the calibration is a floor); the governor books StepCost and
+	// EmulatedCost times TrapScale, and the samples' own cost as the
+	// Guard's work. TrapSamples counts the samples found in a trap.
+	Sampler     bool
+	TrapScale   float64
+	TrapSamples uint64
 	// Spent is the CPU time the probes cost since Start, as accounted:
 	// each hit at its site's cost (SiteStats.Cost), plus attaching,
 	// detaching, recalibrating and the Guard's own goroutines (reading,

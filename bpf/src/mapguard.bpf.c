@@ -836,6 +836,60 @@ int mapguard_empty(struct pt_regs *ctx)
 	return 0;
 }
 
+// The trap sampler: what the traps cost in place, which the calibration
+// (an empty program on a function of the Guard's own, caches evicted) can
+// only approach. User space opens a task-clock perf event on each of the
+// process's threads and attaches this program to them, for a while, when
+// the traps are a real part of the budget (internal/uprobe/sample_linux.go).
+// A sample that interrupted the thread in the kernel, on its way in from
+// an exception without an error code (int3 or #DB: the user registers'
+// orig_rax is -1), at a user address that is one of a site's (trap_ips:
+// the breakpoint, or one past it, before the kernel emulates or
+// single-steps the instruction; where it resumes after) is a sample of
+// that site's trap;
+// in the [uprobes] area (where the kernel single-steps a copy of the
+// instruction), of some single-stepped site's.
+__u32 sample_tgid;          // the process sampled (0: count nothing)
+__u64 xol_start, xol_end;   // its [uprobes] area
+struct sample_counts {
+	__u64 own;  // samples of the process, in any mode
+	__u64 xol;  // samples in a single-stepped site's second trap
+} sample_counts;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MG_MAX_SITES * 4);
+	__type(key, __u64);   // a user address a site's trap is taken at or resumes from
+	__type(value, __u32); // the site's index
+} trap_ips SEC(".maps");
+
+SEC("perf_event")
+int mapguard_sample(struct bpf_perf_event_data *ctx)
+{
+	__u32 tgid = sample_tgid;
+	if (!tgid || (__u32)(bpf_get_current_pid_tgid() >> 32) != tgid)
+		return 0;
+	__sync_fetch_and_add(&sample_counts.own, 1);
+	if ((ctx->regs.cs & 3) == 3)
+		return 0; // in user mode: no trap
+	struct pt_regs *regs = bpf_task_pt_regs(bpf_get_current_task_btf());
+	struct {
+		__u64 orig_rax, rip, cs;
+	} u;
+	if (bpf_probe_read_kernel(&u, sizeof(u), &regs->orig_rax))
+		return 0;
+	if (u.orig_rax != (__u64)-1 || (u.cs & 3) != 3)
+		return 0; // a system call, a page fault, or a kernel thread
+	__u32 *index = bpf_map_lookup_elem(&trap_ips, &u.rip);
+	if (index) {
+		__sync_fetch_and_add(&stats[*index & (MG_MAX_SITES - 1)].samples, 1);
+		return 0;
+	}
+	if (u.rip >= xol_start && u.rip < xol_end)
+		__sync_fetch_and_add(&sample_counts.xol, 1);
+	return 0;
+}
+
 // The object bpf2go builds from this file is committed, not next to it but
 // where the loader embeds it: internal/uprobe/mapguard_x86_bpfel.o with its
 // loader mapguard_x86_bpfel.go (bpf/gen.go says how; CI regenerates it and

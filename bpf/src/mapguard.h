@@ -47,6 +47,20 @@ static long (*bpf_probe_read_user)(void *dst, __u32 size, const void *unsafe_ptr
 static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
 static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
 static __u64 (*bpf_get_attach_cookie)(void *ctx) = (void *)174;
+// For the trap sampler (mapguard_sample): a BTF task pointer, and the
+// user-mode registers the kernel saved at the task's entry.
+static __u64 (*bpf_get_current_pid_tgid)(void) = (void *)14;
+static long (*bpf_probe_read_kernel)(void *dst, __u32 size, const void *unsafe_ptr) = (void *)113;
+static void *(*bpf_get_current_task_btf)(void) = (void *)158;
+static struct pt_regs *(*bpf_task_pt_regs)(void *task) = (void *)175;
+
+// What a perf_event program is given: the registers the sample
+// interrupted (user or kernel mode).
+struct bpf_perf_event_data {
+	struct pt_regs regs;
+	__u64 sample_period;
+	__u64 addr;
+};
 
 // Sizes and limits shared with the Go side (bpf2go -type mg_limit).
 enum mg_limit {
@@ -190,6 +204,7 @@ struct site_stats {
 	__u64 agg;      // hits counted into an aggregate instead of an event of their own
 	__u64 timed;    // hits whose program run time was measured (one in MG_TIME_EVERY)
 	__u64 prog_ns;  // the program run time of those hits, in ns
+	__u64 samples;  // trap sampler: samples that found the process in this site's trap
 };
 
 // One hit in MG_TIME_EVERY has its program run time measured, for the cost

@@ -534,12 +534,24 @@ func (u *uprobes) keepLinkLocked(c trapCosts) {
 	}
 }
 
-// floor is what a trap costs at s's instruction, as last calibrated.
-func (u *uprobes) floor(s *site) time.Duration {
+// calibratedFloor is what a trap costs at s's instruction, as last
+// calibrated.
+func (u *uprobes) calibratedFloor(s *site) time.Duration {
 	if s.at.Emulated {
 		return u.emuCost
 	}
 	return u.stepCost
+}
+
+// floor is what the governor books for a trap at s's instruction: the
+// calibrated cost, times what the trap sampler measured it to cost in
+// place (sample_linux.go).
+func (u *uprobes) floor(s *site) time.Duration {
+	f := u.calibratedFloor(s)
+	if u.samp != nil {
+		f = time.Duration(float64(f) * u.samp.scale)
+	}
+	return f
 }
 
 // siteCost is what one hit of s costs: its trap plus the program's run

@@ -675,6 +675,10 @@ func (u *uprobes) budgetStatsLocked(now time.Time) *probe.BudgetStats {
 		Elapsed:      now.Sub(u.govStart),
 		WorstSecond:  time.Duration(u.gov.worst),
 		Calibrations: u.calibrations,
+		TrapScale:    1,
+	}
+	if p := u.samp; p != nil {
+		b.Sampler, b.TrapScale, b.TrapSamples = true, p.scale, p.inTraps
 	}
 	for i := range u.gov.sites {
 		if u.gov.sites[i].sampled {

@@ -48,8 +48,10 @@ type loading struct {
 	coll *ebpf.Collection
 	err  error
 	// stats is where the per-site counters lie in their section's map
-	// (see readCounters).
-	stats *ebpf.VariableSpec
+	// (see readCounters); counts, the trap sampler's, in the same one (nil:
+	// the sampler is not loaded, for the reason in noSampler).
+	stats, counts *ebpf.VariableSpec
+	noSampler     error
 }
 
 // startLoadLocked starts preparing the collection (the crash store,
@@ -67,7 +69,21 @@ func (u *uprobes) startLoadLocked(o *rt.Offsets) *loading {
 			return
 		}
 		l.stats = spec.Variables[mapguardVarStats]
+		if c := spec.Variables[mapguardVarSampleCounts]; c != nil && c.SectionName == l.stats.SectionName {
+			l.counts = c
+		}
 		l.coll, l.err = loadCollection(spec, opts)
+		if l.err != nil && spec.Programs[mapguardProgMapguardSample] != nil {
+			// The trap sampler is optional: a kernel that refuses its
+			// program (a perf_event program reading the task's user registers
+			// through BTF helpers) runs without it.
+			l.noSampler = l.err
+			delete(spec.Programs, mapguardProgMapguardSample)
+			l.counts = nil
+			l.coll, l.err = loadCollection(spec, opts)
+		} else if l.counts == nil {
+			l.noSampler = errors.New("sample counts not beside the site counters")
+		}
 	}()
 	return l
 }
@@ -152,7 +168,9 @@ func (u *uprobes) prepareLoadLocked(o *rt.Offsets) (*ebpf.CollectionSpec, ebpf.C
 	}
 	if u.multi {
 		for _, p := range spec.Programs {
-			p.AttachType = ebpf.AttachTraceUprobeMulti
+			if p.Name != mapguardProgMapguardSample {
+				p.AttachType = ebpf.AttachTraceUprobeMulti
+			}
 		}
 	}
 	if u.crash != nil {

@@ -158,6 +158,12 @@ type mapguardPendingDelete struct {
 	Prefix    [16]int8
 }
 
+type mapguardSampleCounts struct {
+	_   structs.HostLayout
+	Own uint64
+	Xol uint64
+}
+
 type mapguardSiteConf struct {
 	_       structs.HostLayout
 	Kind    uint8
@@ -178,6 +184,7 @@ type mapguardSiteStats struct {
 	Agg      uint64
 	Timed    uint64
 	ProgNs   uint64
+	Samples  uint64
 }
 
 type mapguardWriters struct {
@@ -207,9 +214,11 @@ const (
 	mapguardMapMapWriters            = "map_writers"
 	mapguardMapScratch               = "scratch"
 	mapguardMapSites                 = "sites"
+	mapguardMapTrapIps               = "trap_ips"
 	mapguardMapWakeups               = "wakeups"
 	mapguardProgMapguardDeep         = "mapguard_deep"
 	mapguardProgMapguardEmpty        = "mapguard_empty"
+	mapguardProgMapguardSample       = "mapguard_sample"
 	mapguardProgMapguardSite         = "mapguard_site"
 	mapguardVarCaptureKeys           = "capture_keys"
 	mapguardVarCrashKey              = "crash_key"
@@ -225,6 +234,8 @@ const (
 	mapguardVarMapTypeKeyOffset      = "map_type_key_offset"
 	mapguardVarMapUsedOffset         = "map_used_offset"
 	mapguardVarMaxFrames             = "max_frames"
+	mapguardVarSampleCounts          = "sample_counts"
+	mapguardVarSampleTgid            = "sample_tgid"
 	mapguardVarSharedWindowNs        = "shared_window_ns"
 	mapguardVarSiteCost              = "site_cost"
 	mapguardVarSiteGen               = "site_gen"
@@ -244,6 +255,8 @@ const (
 	mapguardVarUnusedLimit           = "unused_limit"
 	mapguardVarUnusedReg             = "unused_reg"
 	mapguardVarUnusedSiteFlag        = "unused_site_flag"
+	mapguardVarXolEnd                = "xol_end"
+	mapguardVarXolStart              = "xol_start"
 )
 
 // loadMapguard returns the embedded CollectionSpec for mapguard.
@@ -288,9 +301,10 @@ type mapguardSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type mapguardProgramSpecs struct {
-	MapguardDeep  *ebpf.ProgramSpec `ebpf:"mapguard_deep"`
-	MapguardEmpty *ebpf.ProgramSpec `ebpf:"mapguard_empty"`
-	MapguardSite  *ebpf.ProgramSpec `ebpf:"mapguard_site"`
+	MapguardDeep   *ebpf.ProgramSpec `ebpf:"mapguard_deep"`
+	MapguardEmpty  *ebpf.ProgramSpec `ebpf:"mapguard_empty"`
+	MapguardSample *ebpf.ProgramSpec `ebpf:"mapguard_sample"`
+	MapguardSite   *ebpf.ProgramSpec `ebpf:"mapguard_site"`
 }
 
 // mapguardMapSpecs contains maps before they are loaded into the kernel.
@@ -311,6 +325,7 @@ type mapguardMapSpecs struct {
 	MapWriters   *ebpf.MapSpec `ebpf:"map_writers"`
 	Scratch      *ebpf.MapSpec `ebpf:"scratch"`
 	Sites        *ebpf.MapSpec `ebpf:"sites"`
+	TrapIps      *ebpf.MapSpec `ebpf:"trap_ips"`
 	Wakeups      *ebpf.MapSpec `ebpf:"wakeups"`
 }
 
@@ -332,6 +347,8 @@ type mapguardVariableSpecs struct {
 	MapTypeKeyOffset      *ebpf.VariableSpec `ebpf:"map_type_key_offset"`
 	MapUsedOffset         *ebpf.VariableSpec `ebpf:"map_used_offset"`
 	MaxFrames             *ebpf.VariableSpec `ebpf:"max_frames"`
+	SampleCounts          *ebpf.VariableSpec `ebpf:"sample_counts"`
+	SampleTgid            *ebpf.VariableSpec `ebpf:"sample_tgid"`
 	SharedWindowNs        *ebpf.VariableSpec `ebpf:"shared_window_ns"`
 	SiteCost              *ebpf.VariableSpec `ebpf:"site_cost"`
 	SiteGen               *ebpf.VariableSpec `ebpf:"site_gen"`
@@ -351,6 +368,8 @@ type mapguardVariableSpecs struct {
 	UnusedLimit           *ebpf.VariableSpec `ebpf:"unused_limit"`
 	UnusedReg             *ebpf.VariableSpec `ebpf:"unused_reg"`
 	UnusedSiteFlag        *ebpf.VariableSpec `ebpf:"unused_site_flag"`
+	XolEnd                *ebpf.VariableSpec `ebpf:"xol_end"`
+	XolStart              *ebpf.VariableSpec `ebpf:"xol_start"`
 }
 
 // mapguardObjects contains all objects after they have been loaded into the kernel.
@@ -387,6 +406,7 @@ type mapguardMaps struct {
 	MapWriters   *ebpf.Map `ebpf:"map_writers"`
 	Scratch      *ebpf.Map `ebpf:"scratch"`
 	Sites        *ebpf.Map `ebpf:"sites"`
+	TrapIps      *ebpf.Map `ebpf:"trap_ips"`
 	Wakeups      *ebpf.Map `ebpf:"wakeups"`
 }
 
@@ -406,6 +426,7 @@ func (m *mapguardMaps) Close() error {
 		m.MapWriters,
 		m.Scratch,
 		m.Sites,
+		m.TrapIps,
 		m.Wakeups,
 	)
 }
@@ -428,6 +449,8 @@ type mapguardVariables struct {
 	MapTypeKeyOffset      *ebpf.Variable `ebpf:"map_type_key_offset"`
 	MapUsedOffset         *ebpf.Variable `ebpf:"map_used_offset"`
 	MaxFrames             *ebpf.Variable `ebpf:"max_frames"`
+	SampleCounts          *ebpf.Variable `ebpf:"sample_counts"`
+	SampleTgid            *ebpf.Variable `ebpf:"sample_tgid"`
 	SharedWindowNs        *ebpf.Variable `ebpf:"shared_window_ns"`
 	SiteCost              *ebpf.Variable `ebpf:"site_cost"`
 	SiteGen               *ebpf.Variable `ebpf:"site_gen"`
@@ -447,21 +470,25 @@ type mapguardVariables struct {
 	UnusedLimit           *ebpf.Variable `ebpf:"unused_limit"`
 	UnusedReg             *ebpf.Variable `ebpf:"unused_reg"`
 	UnusedSiteFlag        *ebpf.Variable `ebpf:"unused_site_flag"`
+	XolEnd                *ebpf.Variable `ebpf:"xol_end"`
+	XolStart              *ebpf.Variable `ebpf:"xol_start"`
 }
 
 // mapguardPrograms contains all programs after they have been loaded into the kernel.
 //
 // It can be passed to loadMapguardObjects or ebpf.CollectionSpec.LoadAndAssign.
 type mapguardPrograms struct {
-	MapguardDeep  *ebpf.Program `ebpf:"mapguard_deep"`
-	MapguardEmpty *ebpf.Program `ebpf:"mapguard_empty"`
-	MapguardSite  *ebpf.Program `ebpf:"mapguard_site"`
+	MapguardDeep   *ebpf.Program `ebpf:"mapguard_deep"`
+	MapguardEmpty  *ebpf.Program `ebpf:"mapguard_empty"`
+	MapguardSample *ebpf.Program `ebpf:"mapguard_sample"`
+	MapguardSite   *ebpf.Program `ebpf:"mapguard_site"`
 }
 
 func (p *mapguardPrograms) Close() error {
 	return _MapguardClose(
 		p.MapguardDeep,
 		p.MapguardEmpty,
+		p.MapguardSample,
 		p.MapguardSite,
 	)
 }

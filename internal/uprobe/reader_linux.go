@@ -243,6 +243,7 @@ func (u *uprobes) tick() {
 	if u.reader.AvailableBytes() == 0 && u.running {
 		u.takeNestedLocked(now) // the search for nested reads is done
 	}
+	u.sampleLocked(now)
 	if u.bookLocked(now) && u.planDueLocked(now) {
 		u.planLocked(now)
 	}

@@ -186,6 +186,8 @@ type uprobes struct {
 	// (statsUsed), at the end of Start and at Close.
 	view      atomic.Pointer[statsView]
 	statsUsed atomic.Bool
+	// samp measures the traps' cost in place (nil: unavailable here).
+	samp *sampler
 }
 
 type site struct {
@@ -408,6 +410,11 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	if err := u.startGovernorLocked(time.Now()); err != nil {
 		return fmt.Errorf("start probe: cost governor: %w", err)
 	}
+	if loading.counts == nil {
+		u.log.V(1).Info("trap sampler unavailable; calibrated costs stand", "error", loading.noSampler.Error())
+	} else if err := u.startSamplerLocked(int64(loading.counts.Offset)); err != nil {
+		u.log.V(1).Info("trap sampler unavailable; calibrated costs stand", "error", err.Error())
+	}
 	u.wakeFile.SetReadDeadline(past)
 	step("governor")
 	u.takeNestedAtStartLocked(ctx)
@@ -473,6 +480,9 @@ func (u *uprobes) teardownLocked() {
 	// started (sites attached together share a link: closed once). A
 	// slice, not a map: a missing-key read here would hit the Guard's own
 	// probes while they are still attached.
+	if u.samp != nil {
+		u.samp.close()
+	}
 	var wg sync.WaitGroup
 	var closing []link.Link
 	for _, s := range u.sites {

@@ -18,7 +18,7 @@ import (
 )
 
 // startProbe starts real uprobes and returns a channel of their events.
-func startProbe(t *testing.T, cfg Config) (*uprobes, <-chan decode.Event) {
+func startProbe(t testing.TB, cfg Config) (*uprobes, <-chan decode.Event) {
 	t.Helper()
 	testutil.RequirePrivileged(t)
 	p := New(cfg).(*uprobes)

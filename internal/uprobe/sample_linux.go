@@ -1,0 +1,361 @@
+//go:build linux && amd64
+
+package uprobe
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// The trap sampler measures what the probes' traps cost in this process,
+// in place, and corrects the calibrated costs by it.
+//
+// The calibration times traps on a function of the Guard's own, with the
+// core's private caches evicted before each: the closest it can come
+// cheaply to a trap in a busy program. In the seeded service a CPU
+// profile still put the traps at 1.1-1.8 times what the governor booked
+// (median 1.4; the nested read's emulated CALL at 1.7): the shared cache
+// and the TLB are colder there than a calibration can make them.
+//
+// So, when the traps are a real part of the budget (sampleFrom), a
+// task-clock perf event on each of the process's threads runs
+// mapguard_sample sampleHz times a second of the thread's CPU, and counts
+// the samples that find it in a site's trap (bpf/src/mapguard.bpf.c says
+// how it tells). The traps' share of the samples, times the process's CPU
+// time over the same stretch, is what they cost; less their programs'
+// measured time, over their hits' calibrated floors, it is the scale the
+// governor's floors are multiplied by from then on (floor). One scale
+// serves both kinds of trap: the cause (colder caches) is the process's,
+// and an estimate per kind would take twice the samples.
+//
+// Sampling is dear on a VM: a sample costs the thread it interrupts about
+// sampleCost (BenchmarkSampleCost), booked as the
+// Guard's own work. An estimate takes minSamples samples in the traps, so
+// its cost is set by the traps' share of the process's CPU, not by the
+// rate: about 20 ms of CPU where the traps are 0.7% of it (the seeded
+// service; the estimate took 30-60 s there). After each estimate the
+// sampler rests restFactor times as long as it ran: it is on a fifth of
+// the time at most. Only the process's threads are sampled (one event
+// each, opened when the sampler turns on: threads started while it is on
+// are not), never another process.
+//
+// The scale is never below 1. The calibration is a floor: a program whose
+// traps find warm caches (a tight loop of hits) costs less than it and is
+// over-booked, which is safe; a sampler that sees no trap at all (a kernel
+// that enters them another way) must not halve the account. Samples are
+// interrupts: one due while the kernel runs with interrupts off (the last
+// stretch of a trap's way back to user space) is taken in user space and
+// not counted as the trap's. A CPU profile has the same blind spot (perf's
+// CPU clock put a loop of known emulated traps at 0.9 times its threads'
+// CPU clock).
+const (
+	sampleHz   = 100
+	perfPeriod = time.Second / sampleHz
+	// sampleCost is what one sample costs the thread it interrupts
+	// (BenchmarkSampleCost: 4.0-5.7 us on the project's VMs, mostly the
+	// timer's interrupt; on bare metal it is over-booked).
+	sampleCost = 6 * time.Microsecond
+	// The sampler turns on while the traps booked over the last second
+	// are at least sampleFrom of the budget, and off below half of it.
+	sampleFrom = 0.10
+	restFactor = 4
+	// An estimate takes minSamples samples in the traps (about 22% of
+	// statistical error); the scale moves halfway to each new one.
+	minSamples = 20
+	maxScale   = 4.0
+	// maxSampledThreads bounds the events (and file descriptors) the
+	// sampler opens in a process with many threads.
+	maxSampledThreads = 256
+)
+
+// sampler is the trap sampler's state; the reader's, under u.mu.
+type sampler struct {
+	prog      *ebpf.Program
+	fds       []int // one task-clock event per thread while on
+	on        bool
+	onSince   time.Time
+	restUntil time.Time
+	ips       *ebpf.Map // trap_ips
+	// known counts the sites whose addresses are in ips (sites are added
+	// after Start; their indexes only grow).
+	known    int
+	xolSet   bool
+	xolStart *ebpf.Variable
+	xolEnd   *ebpf.Variable
+	// counts is sample_counts in the memory-mapped .bss, at off.
+	mem    *ebpf.Memory
+	off    int64
+	counts mapguardSampleCounts
+	cpu    time.Duration // the process's CPU time at the last read while on
+	calibs int           // u.calibrations at the last read
+	// Per site, the counters at the last read.
+	hits, samples [maxSites]uint64
+	acc           sampleAcc
+	// scale is what the traps cost in place over their calibrated floor;
+	// 1 until measured.
+	scale     float64
+	estimates int
+	inTraps   uint64 // samples found in a trap, in all
+	// The traps booked (ns) since winStart, for turning on and off.
+	winLoad  float64
+	winStart time.Time
+}
+
+// sampleAcc is the samples and the booked costs since the last estimate,
+// over the stretches the sampler was on.
+type sampleAcc struct {
+	samples, own uint64
+	cpu          float64 // ns of the process's CPU over the same stretches
+	floor, prog  float64 // ns: the hits' calibrated trap floors, their programs' time
+}
+
+// startSamplerLocked prepares the sampler, off. It is optional: without
+// it (a verifier that refuses mapguard_sample), the calibrated costs
+// stand, as before; perf events that cannot be opened turn it off for
+// good when it first turns on.
+func (u *uprobes) startSamplerLocked(countsOff int64) error {
+	prog := u.coll.Programs[mapguardProgMapguardSample]
+	tgid := u.coll.Variables[mapguardVarSampleTgid]
+	if prog == nil || tgid == nil || u.statsMem == nil {
+		return errors.New("trap sampler not loaded")
+	}
+	p := &sampler{
+		prog:     prog,
+		ips:      u.coll.Maps[mapguardMapTrapIps],
+		xolStart: u.coll.Variables[mapguardVarXolStart],
+		xolEnd:   u.coll.Variables[mapguardVarXolEnd],
+		mem:      u.statsMem,
+		off:      countsOff,
+		scale:    1,
+	}
+	if err := tgid.Set(uint32(os.Getpid())); err != nil {
+		return err
+	}
+	u.samp = p
+	return nil
+}
+
+// close closes the events, which detaches the program.
+func (p *sampler) close() {
+	for _, fd := range p.fds {
+		unix.Close(fd)
+	}
+	p.fds, p.on = p.fds[:0], false
+}
+
+// open opens a task-clock event on each of the process's threads (the
+// first maxSampledThreads: the estimate is a ratio, which a share of the
+// threads gives as well), the program attached, counting at once.
+func (p *sampler) open() error {
+	tids, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		return err
+	}
+	for _, d := range tids[:min(len(tids), maxSampledThreads)] {
+		tid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		attr := unix.PerfEventAttr{
+			Type:   unix.PERF_TYPE_SOFTWARE,
+			Config: unix.PERF_COUNT_SW_TASK_CLOCK,
+			Size:   uint32(unsafe.Sizeof(unix.PerfEventAttr{})),
+			Sample: uint64(perfPeriod),
+		}
+		fd, err := unix.PerfEventOpen(&attr, tid, -1, -1, unix.PERF_FLAG_FD_CLOEXEC)
+		if errors.Is(err, unix.ESRCH) {
+			continue // the thread is gone
+		}
+		if err == nil {
+			if err = unix.IoctlSetInt(fd, unix.PERF_EVENT_IOC_SET_BPF, p.prog.FD()); err != nil {
+				unix.Close(fd)
+			}
+		}
+		if err != nil {
+			p.close()
+			return fmt.Errorf("perf event on thread %d: %w", tid, err)
+		}
+		p.fds = append(p.fds, fd)
+	}
+	p.on = true
+	return nil
+}
+
+// addTrapIPsLocked puts the sites added since the last call in trap_ips.
+func (u *uprobes) addTrapIPsLocked(p *sampler) {
+	for ; p.known < len(u.sites); p.known++ {
+		s := u.sites[p.known]
+		ips, n := trapIPs(s)
+		for _, ip := range ips[:n] {
+			if err := p.ips.Put(ip, s.index); err != nil {
+				u.log.V(1).Info("trap sampler: site address", "error", err.Error())
+			}
+		}
+	}
+}
+
+// trapIPs are the user addresses at which a sample in s's trap finds the
+// thread (see mapguard_sample): just past the breakpoint on the way in;
+// the breakpoint's own while the kernel runs the programs (handle_swbp
+// sets it back there first); where the instruction resumes once the
+// kernel has emulated or single-stepped it (the next one, a branch's
+// target). A key is one site's only: sites at one instruction share a
+// trap, and resume addresses can coincide (two CALLs of one function).
+func trapIPs(s *site) (ips [4]uint64, n int) {
+	at := s.fn.Entry + s.at.Offset
+	ips[0], ips[1], n = at, at+1, 2
+	if s.at.Len > 0 {
+		ips[n], n = at+uint64(s.at.Len), n+1
+	}
+	if s.at.Emulated && s.at.Branch {
+		ips[n], n = s.fn.Entry+s.at.Target, n+1
+	}
+	return ips, n
+}
+
+// sampleLocked is the sampler's part of the reader's tick: it books what
+// sampling cost, adds the samples since the last call to the estimate,
+// corrects the scale when an estimate is due, and turns the sampler on or
+// off. u.counters must be current.
+func (u *uprobes) sampleLocked(now time.Time) {
+	p := u.samp
+	if p == nil || u.gov == nil {
+		return
+	}
+	u.addTrapIPsLocked(p)
+	var c mapguardSampleCounts
+	if _, err := p.mem.ReadAt(unsafe.Slice((*byte)(unsafe.Pointer(&c)), unsafe.Sizeof(c)), p.off); err != nil {
+		return
+	}
+	own, xol := c.Own-p.counts.Own, c.Xol-p.counts.Xol
+	p.counts = c
+	u.extra += time.Duration(own) * sampleCost
+	p.inTraps += xol
+	// A recalibration's single-stepped traps run in the [uprobes] area
+	// too, on a function no site is at: the ticks it overlaps are not
+	// counted.
+	counted := p.on && !u.calibrating && u.calibrations == p.calibs
+	p.calibs = u.calibrations
+	a := &p.acc
+	if p.on {
+		cpu := processCPU()
+		if counted {
+			a.own += own
+			a.cpu += float64(cpu - p.cpu)
+			a.samples += xol
+		}
+		p.cpu = cpu
+	}
+	for _, s := range u.sites {
+		cs := &u.counters[s.index]
+		dh, ds := cs.Hits-p.hits[s.index], cs.Samples-p.samples[s.index]
+		p.hits[s.index], p.samples[s.index] = cs.Hits, cs.Samples
+		p.inTraps += ds
+		prog, trap := 0.0, 0.0
+		if cs.Timed > 0 {
+			prog = float64(cs.ProgNs) / float64(cs.Timed)
+		}
+		if !u.sharedTrap(s) {
+			trap = float64(u.calibratedFloor(s))
+		}
+		p.winLoad += float64(dh) * (trap*p.scale + prog)
+		if counted {
+			a.samples += ds
+			a.floor += float64(dh) * trap
+			a.prog += float64(dh) * prog
+		}
+	}
+	if u.estimateLocked() {
+		if err := u.pushCostsLocked(false); err != nil {
+			u.log.V(1).Info("set probe costs", "error", err.Error())
+		}
+		if p.on {
+			p.restUntil = now.Add(restFactor * now.Sub(p.onSince))
+			p.close()
+		}
+	}
+	dt := now.Sub(p.winStart)
+	if dt < time.Second {
+		return
+	}
+	share := p.winLoad / dt.Seconds() / u.gov.perSecond
+	p.winLoad, p.winStart = 0, now
+	switch {
+	case p.on && share < sampleFrom/2:
+		p.close()
+	case !p.on && share >= sampleFrom && !now.Before(p.restUntil):
+		if !p.xolSet {
+			if lo, hi, ok := xolArea(); ok && p.xolStart.Set(lo) == nil && p.xolEnd.Set(hi) == nil {
+				p.xolSet = true
+			}
+		}
+		if err := p.open(); err != nil {
+			u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", err.Error())
+			u.samp = nil
+			return
+		}
+		p.onSince, p.cpu = now, processCPU()
+	}
+}
+
+// estimateLocked corrects the scale once minSamples samples were found in
+// the traps; it reports whether it did.
+func (u *uprobes) estimateLocked() bool {
+	p := u.samp
+	a := &p.acc
+	if a.samples < minSamples {
+		return false
+	}
+	if a.floor <= 0 || a.own == 0 {
+		*a = sampleAcc{}
+		return false
+	}
+	traps := float64(a.samples) / float64(a.own) * a.cpu
+	measured := (traps - a.prog) / a.floor
+	est := min(max(measured, 1), maxScale)
+	if p.estimates == 0 {
+		p.scale = est
+	} else {
+		p.scale = (p.scale + est) / 2
+	}
+	p.estimates++
+	u.log.V(1).Info("trap cost measured in place", "samples", a.samples, "of", a.own,
+		"measured", measured, "scale", p.scale)
+	*a = sampleAcc{}
+	return true
+}
+
+// xolArea returns the process's [uprobes] area, where the kernel runs the
+// copies of single-stepped instructions (it exists once a single-stepped
+// probe has fired: Start's calibration fires some).
+func xolArea() (lo, hi uint64, ok bool) {
+	b, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		return 0, 0, false
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		line := sc.Bytes()
+		if !bytes.HasSuffix(line, []byte("[uprobes]")) {
+			continue
+		}
+		r, _, _ := bytes.Cut(line, []byte(" "))
+		a, z, found := bytes.Cut(r, []byte("-"))
+		if !found {
+			return 0, 0, false
+		}
+		lo, err1 := strconv.ParseUint(string(a), 16, 64)
+		hi, err2 := strconv.ParseUint(string(z), 16, 64)
+		return lo, hi, err1 == nil && err2 == nil && lo < hi
+	}
+	return 0, 0, false
+}

@@ -1,0 +1,145 @@
+//go:build linux && amd64
+
+package uprobe
+
+import (
+	"runtime"
+	"slices"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/go-logr/logr/funcr"
+	"golang.org/x/sys/unix"
+
+	"github.com/mapguard/mapguard/decode"
+	"github.com/mapguard/mapguard/internal/testutil"
+	"github.com/mapguard/mapguard/internal/x86site"
+	"github.com/mapguard/mapguard/symbols"
+)
+
+var (
+	sampleMap    = map[uint64]uint64{1: 1}
+	sampleStrMap = map[string]uint64{"a": 1}
+	sampleKeys   = []string{"b", "c", "d", "e"}
+)
+
+//go:noinline
+func sampleMiss(k uint64) uint64 { return sampleMap[k] + sampleStrMap[sampleKeys[k&3]] }
+
+// The trap sampler finds the process in its probes' traps: a loop of
+// missing-key reads, every one trapped (the budget is the whole CPU), has
+// samples in the traps (at the sites' own addresses or in the [uprobes]
+// area) and an estimate of what they cost, and what sampling cost is
+// booked.
+func TestTrapSampler(t *testing.T) {
+	log := funcr.New(func(prefix, args string) { t.Logf("log: %s %s", prefix, args) }, funcr.Options{Verbosity: 1})
+	p, _ := startProbe(t, Config{Kinds: []decode.Kind{decode.MissingKeyRead}, Budget: 1, Logger: log})
+	if st := p.Stats().Budget; !st.Sampler {
+		t.Fatal("trap sampler not running")
+	}
+	var sum uint64
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		for k := range uint64(1000) {
+			sum += sampleMiss(k + 2)
+		}
+		p.mu.Lock()
+		done := p.samp.estimates > 0
+		p.mu.Unlock()
+		if done {
+			break
+		}
+	}
+	st := p.Stats().Budget
+	t.Logf("%+v", *st)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.samp.estimates == 0 {
+		t.Fatalf("no estimate in 20 s of traps: %d samples in traps of %d", p.samp.inTraps, p.samp.counts.Own)
+	}
+	if st.TrapSamples < minSamples || st.TrapScale < 1 || st.TrapScale > maxScale {
+		t.Errorf("TrapSamples %d, TrapScale %v", st.TrapSamples, st.TrapScale)
+	}
+	if p.samp.on {
+		t.Error("sampler still on after its estimate: it rests")
+	}
+	atSites := uint64(0)
+	for _, s := range p.sites {
+		atSites += p.counters[s.index].Samples
+	}
+	t.Logf("samples: %d of the process's %d; %d at the sites, %d in [uprobes]", p.samp.inTraps, p.samp.counts.Own, atSites, p.samp.counts.Xol)
+	if atSites == 0 || p.samp.counts.Own <= p.samp.inTraps {
+		t.Errorf("samples at the sites %d, of the process %d", atSites, p.samp.counts.Own)
+	}
+}
+
+// trapIPs gives the breakpoint, one past it, and where the instruction
+// resumes: the next instruction and, for an emulated branch, its target.
+func TestTrapIPs(t *testing.T) {
+	call := &site{fn: symbols.Func{Entry: 0x1000}, found: found{at: x86site.Site{Offset: 0x20, Emulated: true, Len: 5, Branch: true, Target: 0x400}}}
+	if ips, n := trapIPs(call); n != 4 || ips != [4]uint64{0x1020, 0x1021, 0x1025, 0x1400} {
+		t.Errorf("emulated CALL: %#x", ips[:n])
+	}
+	step := &site{fn: symbols.Func{Entry: 0x1000}, found: found{at: x86site.Site{Offset: 0x30, Len: 7}}}
+	if ips, n := trapIPs(step); n != 3 || ips != [4]uint64{0x1030, 0x1031, 0x1037, 0} {
+		t.Errorf("single-stepped LEAQ: %#x", ips[:n])
+	}
+}
+
+var sampleSink uint64
+
+// sampleWork is a fixed amount of CPU work, about 20 ms here.
+func sampleWork() {
+	x := sampleSink | 1
+	for range 20_000_000 {
+		x = x*6364136223846793005 + 1442695040888963407
+	}
+	sampleSink = x
+}
+
+// BenchmarkSampleCost measures what one sample of the trap sampler costs
+// the thread it interrupts (sampleCost): the same work timed on the
+// thread's CPU clock with a task-clock event at 10 kHz on the thread, the
+// trap sampler's program attached, and without, alternately. ns/sample is
+// the difference of the medians over the samples taken.
+func BenchmarkSampleCost(b *testing.B) {
+	testutil.RequirePrivileged(b)
+	p, _ := startProbe(b, Config{Kinds: []decode.Kind{decode.NilMapWrite}})
+	if p.samp == nil {
+		b.Skip("no trap sampler here")
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	const hz = 10_000
+	attr := unix.PerfEventAttr{
+		Type:   unix.PERF_TYPE_SOFTWARE,
+		Config: unix.PERF_COUNT_SW_TASK_CLOCK,
+		Size:   uint32(unsafe.Sizeof(unix.PerfEventAttr{})),
+		Sample: uint64(time.Second / hz),
+		Bits:   unix.PerfBitDisabled,
+	}
+	fd, err := unix.PerfEventOpen(&attr, unix.Gettid(), -1, -1, unix.PERF_FLAG_FD_CLOEXEC)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.IoctlSetInt(fd, unix.PERF_EVENT_IOC_SET_BPF, p.samp.prog.FD()); err != nil {
+		b.Fatal(err)
+	}
+	var on, off []float64
+	for b.Loop() {
+		t0 := threadCPU()
+		sampleWork()
+		t1 := threadCPU()
+		unix.IoctlSetInt(fd, unix.PERF_EVENT_IOC_ENABLE, 0)
+		sampleWork()
+		unix.IoctlSetInt(fd, unix.PERF_EVENT_IOC_DISABLE, 0)
+		t2 := threadCPU()
+		off, on = append(off, float64(t1-t0)), append(on, float64(t2-t1))
+	}
+	slices.Sort(on)
+	slices.Sort(off)
+	mOn, mOff := on[len(on)/2], off[len(off)/2]
+	b.ReportMetric((mOn-mOff)/(mOn/1e9*hz), "ns/sample")
+}
