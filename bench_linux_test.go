@@ -269,7 +269,8 @@ func budgetLoop() func(n int) {
 // windows (one a second), so the mean is the figure to hold against the
 // budget and the median the one a burst of other load cannot move; and
 // governor-x-budget is the governor's own account (Stats().Budget.Overhead
-// / budget) at the end. mean-work-thread-x-budget is the part of the mean
+// / budget) at the end, and trap-scale the trap sampler's correction of the
+// calibrated trap costs (Stats().Budget.TrapScale). mean-work-thread-x-budget is the part of the mean
 // spent on the thread doing the work (its traps and BPF programs, and any
 // slowdown of the work itself); the rest is the Guard's goroutines,
 // attaching and detaching, and the garbage collector, whose median over
@@ -312,6 +313,7 @@ func BenchmarkBudget(b *testing.B) {
 	if st := last.stats; st.budget > 0 {
 		b.ReportMetric(st.overhead/st.budget, "governor-x-budget")
 		b.ReportMetric(float64(st.sampled), "sampled-sites")
+		b.ReportMetric(st.trapScale, "trap-scale")
 	}
 	b.ReportMetric(sumWall.Seconds()/float64(b.N), "guard-on-s")
 }

@@ -121,6 +121,7 @@ type pairedStats struct {
 	spent, elapsed   time.Duration
 	sampled          int
 	hits             uint64
+	trapScale        float64
 	sites            []string // sites that took hits and threads' CPU, one line each
 }
 
@@ -248,7 +249,7 @@ loop:
 			}
 		}
 		if b := st.Budget; b != nil {
-			reply("stats %g %g %d %d %d %d", b.Budget, b.Overhead, int64(b.Spent), int64(b.Elapsed), b.Sampled, hits)
+			reply("stats %g %g %d %d %d %d %g", b.Budget, b.Overhead, int64(b.Spent), int64(b.Elapsed), b.Sampled, hits, b.TrapScale)
 		}
 		g.Close()
 	}
@@ -374,6 +375,7 @@ func runPaired(b *testing.B, loop, guard string, n int, seconds float64, minPair
 			st.elapsed = time.Duration(v)
 			st.sampled, _ = strconv.Atoi(f[5])
 			st.hits, _ = strconv.ParseUint(f[6], 10, 64)
+			st.trapScale, _ = strconv.ParseFloat(f[7], 64)
 		case "site", "thread":
 			res.stats.sites = append(res.stats.sites, strings.Join(f, " "))
 		}

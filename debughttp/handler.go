@@ -243,7 +243,7 @@ func (h *Handler) stats() Stats {
 		}
 	}
 	if b := s.Budget; b != nil {
-		st.Budget = &Budget{Budget: b.Budget, StepCost: b.StepCost, EmulatedCost: b.EmulatedCost,
+		st.Budget = &Budget{Budget: b.Budget, StepCost: b.StepCost, EmulatedCost: b.EmulatedCost, TrapScale: b.TrapScale,
 			Spent: b.Spent, Traps: b.Traps, Overhead: b.Overhead, WorstSecond: b.WorstSecond, Sampled: b.Sampled}
 	}
 	st.DroppedByKind = make(map[string]uint64)

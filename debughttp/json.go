@@ -71,6 +71,7 @@ type Budget struct {
 	Budget       float64       `json:"budget"`
 	StepCost     time.Duration `json:"stepCostNs"`
 	EmulatedCost time.Duration `json:"emulatedCostNs"`
+	TrapScale    float64       `json:"trapScale"`
 	Spent        time.Duration `json:"spentNs"`
 	Traps        time.Duration `json:"trapsNs"`
 	Overhead     float64       `json:"overhead"`

@@ -80,12 +80,14 @@ var (
 		Help: "CPU time the probes have cost: every hit at its site's measured cost, plus attaching, detaching, recalibrating and the Guard's own goroutines."}
 	TrapCost = &Desc{Name: "mapguard_trap_cost_seconds", Type: Gauge, Unit: "s", Labels: []string{"instruction"},
 		Help: "What one trap costs on this machine with an empty program, at a single-stepped or an emulated instruction, as last calibrated."}
+	TrapScale = &Desc{Name: "mapguard_trap_scale_ratio", Type: Gauge, Unit: "1",
+		Help: "What the traps cost in this process, measured by the trap sampler, over their calibrated cost; the governor books the calibrated cost times this (1 until measured)."}
 )
 
 // Descs lists every metric Collect may return.
 func Descs() []*Desc {
 	return []*Desc{Events, Dropped, DroppedByKind, CallbackPanics, ProbeSites, ProbeHits, ProbeSampled, CallSites, Operations,
-		CrashRecord, Budget, Overhead, Spent, TrapCost}
+		CrashRecord, Budget, Overhead, Spent, TrapCost, TrapScale}
 }
 
 // Source is what Collect reads: a *mapguard.Guard.
@@ -195,6 +197,7 @@ func Collect(g Source, maxSites int) []Sample {
 		add(Spent, b.Spent.Seconds())
 		add(TrapCost, b.StepCost.Seconds(), "single-stepped")
 		add(TrapCost, b.EmulatedCost.Seconds(), "emulated")
+		add(TrapScale, b.TrapScale)
 	}
 	return out
 }

@@ -13,7 +13,8 @@
 //   - the cost governor (governor.go and governor_window.go, pure
 //     arithmetic; govern_linux.go, its execution: attaching and detaching
 //     sites, the waker; calibrate_linux.go, what a trap and a link cost on
-//     this machine) keeps every site within one CPU budget;
+//     this machine; sample_linux.go, what the traps cost in this process,
+//     from samples of its threads) keeps every site within one CPU budget;
 //   - the Guard's goroutines never wait for records in a blocking system
 //     call (poll_linux.go): the Go runtime's sysmon would spin for them;
 //     attaches and detaches, which block in the kernel for a grace
@@ -32,7 +33,8 @@
 // maps, misses aggregated per call site, growth, bloat, the unhashable-key
 // panic, the fatal error and its crash record), mapguard_deep the deep ones
 // (operation counts, writers, deletes). Each program holds only its half,
-// which keeps the verifier's work small. The program's source is in
+// which keeps the verifier's work small. A third, mapguard_sample, runs on
+// the trap sampler's perf events, not on a probe. The program's source is in
 // ../../bpf/src; mapguard_x86_bpfel.go and .o are generated from it by
 // `go generate` in package bpf.
 package uprobe
