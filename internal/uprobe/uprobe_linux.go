@@ -476,13 +476,13 @@ func (u *uprobes) teardownLocked() {
 	u.stopping = true // tick must not re-arm anything from here on
 	u.calibStop.Store(true)
 	u.stopNestedScanLocked()
+	if u.samp != nil {
+		u.samp.close() // its perf events: the program stops running
+	}
 	// Every link closes in parallel, with the detaches the governor
 	// started (sites attached together share a link: closed once). A
 	// slice, not a map: a missing-key read here would hit the Guard's own
 	// probes while they are still attached.
-	if u.samp != nil {
-		u.samp.close()
-	}
 	var wg sync.WaitGroup
 	var closing []link.Link
 	for _, s := range u.sites {
