@@ -115,6 +115,10 @@ func permissionChild(t *testing.T) {
 		// An unprivileged user cannot keep the crash record (the BPF file
 		// system is root's): Start says so once, at V(0).
 		st := g.Stats()
+		// The trap sampler's program loads with these capabilities too.
+		if st.Budget == nil || !st.Budget.Sampler {
+			t.Fatal("trap sampler not loaded with CAP_BPF and CAP_PERFMON alone")
+		}
 		mu.Lock()
 		said := 0
 		for _, l := range logs {
