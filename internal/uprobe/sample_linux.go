@@ -28,7 +28,7 @@ import (
 //
 // So, when the traps are a real part of the budget (sampleFrom), a
 // task-clock perf event on each of the process's threads runs
-// mapguard_sample sampleHz times a second of the thread's CPU, and counts
+// mapguard_sample up to sampleHz times a second of the thread's CPU, and counts
 // the samples that find it in a site's trap (bpf/src/mapguard.bpf.c says
 // how it tells). The traps' share of the samples, times the process's CPU
 // time over the same stretch, is what they cost; less their programs'
@@ -44,7 +44,12 @@ import (
 // rate: about 20 ms of CPU where the traps are 0.7% of it (the seeded
 // service; the estimate took 30-60 s there). After each estimate the
 // sampler rests restFactor times as long as it ran: it is on a fifth of
-// the time at most. Only the process's threads are sampled (one event
+// the time at most. While on, it costs at most sampleShare of the budget:
+// a process busy on many CPUs is sampled more slowly (on 16 busy CPUs, 10
+// times a second of each thread's CPU, and the estimate takes ten times
+// as long), and one that would need fewer than minHz is not sampled (its
+// traps are then a tiny share of its CPU, and the calibrated costs
+// stand). Only the process's threads are sampled (one event
 // each, opened when the sampler turns on: threads started while it is on
 // are not), never another process.
 //
@@ -58,8 +63,9 @@ import (
 // CPU clock put a loop of known emulated traps at 0.9 times its threads'
 // CPU clock).
 const (
-	sampleHz   = 100
-	perfPeriod = time.Second / sampleHz
+	sampleHz    = 100
+	minHz       = 5
+	sampleShare = 0.1
 	// sampleCost is what one sample costs the thread it interrupts
 	// (BenchmarkSampleCost: 4.0-5.7 us on the project's VMs, mostly the
 	// timer's interrupt; on bare metal it is over-booked).
@@ -105,9 +111,11 @@ type sampler struct {
 	scale     float64
 	estimates int
 	inTraps   uint64 // samples found in a trap, in all
-	// The traps booked (ns) since winStart, for turning on and off.
+	// The traps booked (ns) since winStart, for turning on and off, and
+	// the process's CPU time then.
 	winLoad  float64
 	winStart time.Time
+	winCPU   time.Duration
 }
 
 // sampleAcc is the samples and the booked costs since the last estimate,
@@ -154,8 +162,9 @@ func (p *sampler) close() {
 
 // open opens a task-clock event on each of the process's threads (the
 // first maxSampledThreads: the estimate is a ratio, which a share of the
-// threads gives as well), the program attached, counting at once.
-func (p *sampler) open() error {
+// threads gives as well), sampling every period of the thread's CPU, the
+// program attached, counting at once.
+func (p *sampler) open(period time.Duration) error {
 	tids, err := os.ReadDir("/proc/self/task")
 	if err != nil {
 		return err
@@ -169,7 +178,7 @@ func (p *sampler) open() error {
 			Type:   unix.PERF_TYPE_SOFTWARE,
 			Config: unix.PERF_COUNT_SW_TASK_CLOCK,
 			Size:   uint32(unsafe.Sizeof(unix.PerfEventAttr{})),
-			Sample: uint64(perfPeriod),
+			Sample: uint64(period),
 		}
 		fd, err := unix.PerfEventOpen(&attr, tid, -1, -1, unix.PERF_FLAG_FD_CLOEXEC)
 		if errors.Is(err, unix.ESRCH) {
@@ -288,23 +297,34 @@ func (u *uprobes) sampleLocked(now time.Time) {
 		return
 	}
 	share := p.winLoad / dt.Seconds() / u.gov.perSecond
-	p.winLoad, p.winStart = 0, now
+	cpu := processCPU()
+	cpus := (cpu - p.winCPU).Seconds() / dt.Seconds() // the CPUs the process kept busy
+	p.winLoad, p.winStart, p.winCPU = 0, now, cpu
+	hz := sampleRate(u.gov.perSecond, cpus)
 	switch {
 	case p.on && share < sampleFrom/2:
 		p.close()
-	case !p.on && share >= sampleFrom && !now.Before(p.restUntil):
+	case !p.on && share >= sampleFrom && hz >= minHz && !now.Before(p.restUntil):
 		if !p.xolSet {
 			if lo, hi, ok := xolArea(); ok && p.xolStart.Set(lo) == nil && p.xolEnd.Set(hi) == nil {
 				p.xolSet = true
 			}
 		}
-		if err := p.open(); err != nil {
+		if err := p.open(time.Duration(float64(time.Second) / hz)); err != nil {
 			u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", err.Error())
 			u.samp = nil
 			return
 		}
 		p.onSince, p.cpu = now, processCPU()
 	}
+}
+
+// sampleRate is how often a thread is sampled, per second of its CPU,
+// when the budget is perSecond ns a second and the process keeps cpus CPUs
+// busy: at most sampleHz, and at most sampleShare of the budget spent on
+// samples.
+func sampleRate(perSecond, cpus float64) float64 {
+	return min(sampleHz, sampleShare*perSecond/(max(cpus, 0.1)*float64(sampleCost)))
 }
 
 // estimateLocked corrects the scale once minSamples samples were found in

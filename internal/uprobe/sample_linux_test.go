@@ -87,6 +87,25 @@ func TestTrapIPs(t *testing.T) {
 	}
 }
 
+// The sampler never spends more than sampleShare of the budget on its
+// samples: a process busy on many CPUs is sampled more slowly, and one on
+// very many not at all.
+func TestSampleRate(t *testing.T) {
+	budget := 0.01 * float64(time.Second)
+	for _, c := range []struct{ cpus, want float64 }{{0, sampleHz}, {0.9, sampleHz}, {1.5, sampleHz}, {4, 41.7}, {16, 10.4}, {64, 2.6}} {
+		got := sampleRate(budget, c.cpus)
+		if got < c.want-0.1 || got > c.want+0.1 {
+			t.Errorf("%v CPUs: %.1f Hz, want %.1f", c.cpus, got, c.want)
+		}
+		if cost := got * max(c.cpus, 0.1) * float64(sampleCost); cost > sampleShare*budget*1.0001 {
+			t.Errorf("%v CPUs: samples cost %.0f ns a second, over %v of the budget", c.cpus, cost, sampleShare)
+		}
+	}
+	if sampleRate(budget, 64) >= minHz {
+		t.Error("64 busy CPUs are sampled")
+	}
+}
+
 var sampleSink uint64
 
 // sampleWork is a fixed amount of CPU work, about 20 ms here.
