@@ -41,8 +41,8 @@ import (
 // sampleCost (BenchmarkSampleCost), booked as the
 // Guard's own work. An estimate takes minSamples samples in the traps, so
 // its cost is set by the traps' share of the process's CPU, not by the
-// rate: about 20 ms of CPU where the traps are 0.7% of it (the seeded
-// service; the estimate took 30-60 s there). After each estimate the
+// rate: 20-40 ms of CPU where the traps are 0.3-0.7% of it (the seeded
+// service, where the first estimate took 14-72 s). After each estimate the
 // sampler rests restFactor times as long as it ran: it is on a fifth of
 // the time at most. While on, it costs at most sampleShare of the budget:
 // a process busy on many CPUs is sampled more slowly (on 16 busy CPUs, 10
