@@ -69,8 +69,11 @@ func TestTrapSampler(t *testing.T) {
 		atSites += p.counters[s.index].Samples
 	}
 	t.Logf("samples: %d of the process's %d; %d at the sites, %d in [uprobes]", p.samp.inTraps, p.samp.counts.Own, atSites, p.samp.counts.Xol)
-	if atSites == 0 || p.samp.counts.Own <= p.samp.inTraps {
-		t.Errorf("samples at the sites %d, of the process %d", atSites, p.samp.counts.Own)
+	// Every sample in a trap is one of the process's too. All of them can
+	// be (CI, Go 1.25: 22 of 22): with the sites attached throughout, the
+	// loop's thread spends nearly all its time in their traps.
+	if atSites == 0 || p.samp.counts.Own < p.samp.inTraps {
+		t.Errorf("samples at the sites %d, in traps %d, of the process %d", atSites, p.samp.inTraps, p.samp.counts.Own)
 	}
 }
 
