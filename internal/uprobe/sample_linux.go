@@ -255,8 +255,9 @@ func (u *uprobes) sampleLocked(now time.Time) {
 	counted := p.on && !u.calibrating && u.calibrations == p.calibs
 	p.calibs = u.calibrations
 	a := &p.acc
+	var cpu time.Duration // the process's CPU time now, read once a tick at most
 	if p.on {
-		cpu := processCPU()
+		cpu = processCPU()
 		if counted {
 			a.own += own
 			a.cpu += float64(cpu - p.cpu)
@@ -297,7 +298,9 @@ func (u *uprobes) sampleLocked(now time.Time) {
 		return
 	}
 	share := p.winLoad / dt.Seconds() / u.gov.perSecond
-	cpu := processCPU()
+	if cpu == 0 {
+		cpu = processCPU()
+	}
 	cpus := (cpu - p.winCPU).Seconds() / dt.Seconds() // the CPUs the process kept busy
 	p.winLoad, p.winStart, p.winCPU = 0, now, cpu
 	hz := sampleRate(u.gov.perSecond, cpus)
