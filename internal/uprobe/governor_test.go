@@ -877,6 +877,54 @@ func TestGovernorWindowsFitTheirSecond(t *testing.T) {
 	}
 }
 
+// A statistics' site that has had no window for debtGap opens one only
+// if the whole second can pay for it: on the seeded service the hot
+// net/http and encoding/json sites (14,000-37,000 hits a second,
+// single-stepped, an attach of 14 ms and a governor 10 ms late around
+// each window) were given 21 ms at once, 4 s after Start, and the second
+// cost 12-18 ms of a 10 ms budget. A cheap one past debtGap opens in the
+// margin the plan leaves (planAim), not beyond it.
+func TestGovernorForcedWindowFitsTheSecond(t *testing.T) {
+	start := time.Unix(1000, 0)
+	g := newGovernor(0.01, []float64{10_000, 10_000}, simCycle, 30*time.Millisecond, start)
+	now := start.Add(10 * time.Second)
+	g.account(now.Add(-time.Second), 0, []uint64{0, 0}, 0)
+	g.account(now, 8e6, []uint64{0, 0}, 0) // 8 ms of the second's 10 spent
+	g.late, g.attachLag = 10*time.Millisecond, 14*time.Millisecond
+	rates := []float64{30_000, 50}
+	for i := range g.sites {
+		s := &g.sites[i]
+		s.sampled, s.armed, s.measured = true, false, true
+		s.rate, s.peak, s.peakAt = rates[i], rates[i], now
+		s.watched = time.Second
+		s.nextOn = now
+		s.lastOn = now.Add(-debtGap - time.Second)
+	}
+	hot, cheap := &g.sites[0], &g.sites[1]
+	if least := g.windowCost(hot, g.shortestWindow(hot)); least < 2e6 {
+		t.Fatalf("the hot site's shortest window costs %.2f ms: the test needs more than the second leaves", least/1e6)
+	}
+	if least := g.windowCost(cheap, g.shortestWindow(cheap)); least < g.perSecond*planAim-8e6 || least > 2e6 {
+		t.Fatalf("the cheap site's shortest window costs %.2f ms: the test needs it between the plan's room and the second's", least/1e6)
+	}
+	attach, _, _ := g.plan(now)
+	opened := map[int]bool{}
+	for _, group := range attach {
+		for _, i := range group {
+			opened[i] = true
+		}
+	}
+	if opened[0] {
+		t.Errorf("the hot site opened a window of %.2f ms with 2 ms of the second left", hot.allow/1e6)
+	}
+	if !opened[1] {
+		t.Error("the cheap site, past debtGap, did not open its window in the second's margin")
+	}
+	if next := hot.nextOn; !next.After(now) || next.Sub(now) > samplePeriod {
+		t.Errorf("the hot site tries again at %v, want the next beat", next.Sub(now))
+	}
+}
+
 // A site whose hits are events is not sampled on a rate read from its
 // first hit: 2 hits a second at 150 us (0.03% of a CPU), the first right
 // after Start, read over the first 8 ms as 125 a second (1.9%), while a
