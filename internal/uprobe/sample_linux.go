@@ -42,7 +42,8 @@ import (
 // Guard's own work. An estimate takes minSamples samples in the traps, so
 // its cost is set by the traps' share of the process's CPU, not by the
 // rate: 20-40 ms of CPU where the traps are 0.3-0.7% of it (the seeded
-// service, where the first estimate took 14-72 s). After each estimate the
+// service, where the first estimate took 14-72 s at 100 samples a second
+// and 4-17 s, provisional, at sampleHz). After each estimate the
 // sampler rests restFactor times as long as it ran: it is on a fifth of
 // the time at most. While on, it costs at most sampleShare of the budget:
 // a process busy on many CPUs is sampled more slowly (on 16 busy CPUs, 10
@@ -63,7 +64,7 @@ import (
 // CPU clock put a loop of known emulated traps at 0.9 times its threads'
 // CPU clock).
 const (
-	sampleHz    = 100
+	sampleHz    = 200
 	minHz       = 5
 	sampleShare = 0.1
 	// sampleCost is what one sample costs the thread it interrupts
@@ -75,9 +76,12 @@ const (
 	sampleFrom = 0.10
 	restFactor = 4
 	// An estimate takes minSamples samples in the traps (about 22% of
-	// statistical error); the scale moves halfway to each new one.
-	minSamples = 20
-	maxScale   = 4.0
+	// statistical error); the scale moves halfway to each new one. Until
+	// the first, a provisional one from firstSamples (about 35%) stands in
+	// (see estimateLocked).
+	minSamples   = 20
+	firstSamples = 8
+	maxScale     = 4.0
 	// maxSampledThreads bounds the events (and file descriptors) the
 	// sampler opens in a process with many threads.
 	maxSampledThreads = 256
@@ -110,7 +114,10 @@ type sampler struct {
 	// 1 until measured.
 	scale     float64
 	estimates int
-	inTraps   uint64 // samples found in a trap, in all
+	// provisional: the scale is the provisional estimate (see
+	// estimateLocked).
+	provisional bool
+	inTraps     uint64 // samples found in a trap, in all
 	// The traps booked (ns) since winStart, for turning on and off, and
 	// the process's CPU time then.
 	winLoad  float64
@@ -332,10 +339,18 @@ func sampleRate(perSecond, cpus float64) float64 {
 
 // estimateLocked corrects the scale once minSamples samples were found in
 // the traps; it reports whether it did.
+//
+// Before the first estimate the scale is 1, and the governor books the
+// traps at their calibrated floors: on the seeded service half what they
+// cost, for the 14-72 s the first estimate took. So once firstSamples
+// samples are in, a provisional estimate sets the scale, and the samples
+// go on to the first estimate, which replaces it; the sampler does not
+// rest after it (it reports false then too).
 func (u *uprobes) estimateLocked() bool {
 	p := u.samp
 	a := &p.acc
-	if a.samples < minSamples {
+	provisional := p.estimates == 0 && !p.provisional && a.samples >= firstSamples
+	if a.samples < minSamples && !provisional {
 		return false
 	}
 	if a.floor <= 0 || a.own == 0 {
@@ -345,6 +360,15 @@ func (u *uprobes) estimateLocked() bool {
 	traps := float64(a.samples) / float64(a.own) * a.cpu
 	measured := (traps - a.prog) / a.floor
 	est := min(max(measured, 1), maxScale)
+	if provisional && a.samples < minSamples {
+		p.scale, p.provisional = est, true
+		u.log.V(1).Info("trap cost measured in place (provisional)", "samples", a.samples, "of", a.own,
+			"measured", measured, "scale", p.scale)
+		if err := u.pushCostsLocked(false); err != nil {
+			u.log.V(1).Info("set probe costs", "error", err.Error())
+		}
+		return false
+	}
 	if p.estimates == 0 {
 		p.scale = est
 	} else {

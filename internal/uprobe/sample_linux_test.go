@@ -98,7 +98,7 @@ func TestTrapIPs(t *testing.T) {
 // very many not at all.
 func TestSampleRate(t *testing.T) {
 	budget := 0.01 * float64(time.Second)
-	for _, c := range []struct{ cpus, want float64 }{{0, sampleHz}, {0.9, sampleHz}, {1.5, sampleHz}, {4, 41.7}, {16, 10.4}, {64, 2.6}} {
+	for _, c := range []struct{ cpus, want float64 }{{0, sampleHz}, {0.5, sampleHz}, {0.9, 185.2}, {1.5, 111.1}, {4, 41.7}, {16, 10.4}, {64, 2.6}} {
 		got := sampleRate(budget, c.cpus)
 		if got < c.want-0.1 || got > c.want+0.1 {
 			t.Errorf("%v CPUs: %.1f Hz, want %.1f", c.cpus, got, c.want)
