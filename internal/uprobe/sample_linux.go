@@ -291,11 +291,11 @@ func (u *uprobes) sampleLocked(now time.Time) {
 			a.prog += float64(dh) * prog
 		}
 	}
-	if u.estimateLocked() {
+	if moved, done := u.estimateLocked(); moved {
 		if err := u.pushCostsLocked(false); err != nil {
 			u.log.V(1).Info("set probe costs", "error", err.Error())
 		}
-		if p.on {
+		if done && p.on {
 			p.restUntil = now.Add(restFactor * now.Sub(p.onSince))
 			p.close()
 		}
@@ -338,36 +338,34 @@ func sampleRate(perSecond, cpus float64) float64 {
 }
 
 // estimateLocked corrects the scale once minSamples samples were found in
-// the traps; it reports whether it did.
+// the traps; it reports whether it moved the scale, and whether that was
+// an estimate (done; not the provisional one, see below).
 //
 // Before the first estimate the scale is 1, and the governor books the
 // traps at their calibrated floors: on the seeded service half what they
 // cost, for the 14-72 s the first estimate took. So once firstSamples
 // samples are in, a provisional estimate sets the scale, and the samples
 // go on to the first estimate, which replaces it; the sampler does not
-// rest after it (it reports false then too).
-func (u *uprobes) estimateLocked() bool {
+// rest after it.
+func (u *uprobes) estimateLocked() (moved, done bool) {
 	p := u.samp
 	a := &p.acc
 	provisional := p.estimates == 0 && !p.provisional && a.samples >= firstSamples
 	if a.samples < minSamples && !provisional {
-		return false
+		return false, false
 	}
 	if a.floor <= 0 || a.own == 0 {
 		*a = sampleAcc{}
-		return false
+		return false, false
 	}
 	traps := float64(a.samples) / float64(a.own) * a.cpu
 	measured := (traps - a.prog) / a.floor
 	est := min(max(measured, 1), maxScale)
-	if provisional && a.samples < minSamples {
+	if a.samples < minSamples {
 		p.scale, p.provisional = est, true
 		u.log.V(1).Info("trap cost measured in place (provisional)", "samples", a.samples, "of", a.own,
 			"measured", measured, "scale", p.scale)
-		if err := u.pushCostsLocked(false); err != nil {
-			u.log.V(1).Info("set probe costs", "error", err.Error())
-		}
-		return false
+		return true, false
 	}
 	if p.estimates == 0 {
 		p.scale = est
@@ -378,7 +376,7 @@ func (u *uprobes) estimateLocked() bool {
 	u.log.V(1).Info("trap cost measured in place", "samples", a.samples, "of", a.own,
 		"measured", measured, "scale", p.scale)
 	*a = sampleAcc{}
-	return true
+	return true, true
 }
 
 // xolArea returns the process's [uprobes] area, where the kernel runs the

@@ -3,12 +3,14 @@
 package uprobe
 
 import (
+	"math"
 	"runtime"
 	"slices"
 	"testing"
 	"time"
 	"unsafe"
 
+	"github.com/go-logr/logr"
 	"github.com/go-logr/logr/funcr"
 	"golang.org/x/sys/unix"
 
@@ -77,6 +79,41 @@ func TestTrapSampler(t *testing.T) {
 	// loop's thread spends nearly all its time in their traps.
 	if atSites == 0 || p.samp.counts.Own < p.samp.inTraps {
 		t.Errorf("samples at the sites %d, in traps %d, of the process %d", atSites, p.samp.inTraps, p.samp.counts.Own)
+	}
+}
+
+// The first estimate is preceded by a provisional one from firstSamples
+// samples, which it replaces; the sampler rests only after an estimate.
+func TestTrapEstimates(t *testing.T) {
+	u := &uprobes{log: logr.Discard(), samp: &sampler{scale: 1}}
+	p := u.samp
+	// Traps are a hundredth of the samples, the process used 1 s of CPU,
+	// the hits' floors were 4 ms: the traps cost 10 ms, a scale of 2.5.
+	feed := func(samples uint64) (bool, bool) {
+		p.acc = sampleAcc{samples: samples, own: 100 * samples, cpu: 1e9, floor: 4e6}
+		return u.estimateLocked()
+	}
+	if moved, done := feed(firstSamples - 1); moved || done || p.scale != 1 {
+		t.Fatalf("%d samples: moved %v, done %v, scale %v", firstSamples-1, moved, done, p.scale)
+	}
+	if moved, done := feed(firstSamples); !moved || done || math.Abs(p.scale-2.5) > 1e-9 || !p.provisional {
+		t.Fatalf("%d samples: moved %v, done %v, scale %v, want a provisional 2.5", firstSamples, moved, done, p.scale)
+	}
+	if p.acc.samples != firstSamples {
+		t.Errorf("the provisional estimate dropped its samples (%d left): the first estimate counts them", p.acc.samples)
+	}
+	// Still short of minSamples: no second provisional estimate.
+	p.acc = sampleAcc{samples: minSamples - 1, own: 50 * (minSamples - 1), cpu: 1e9, floor: 4e6}
+	if moved, _ := u.estimateLocked(); moved {
+		t.Errorf("a second provisional estimate (scale %v)", p.scale)
+	}
+	// The first estimate replaces the provisional one; the next moves halfway.
+	if moved, done := feed(minSamples); !moved || !done || math.Abs(p.scale-2.5) > 1e-9 || p.estimates != 1 {
+		t.Fatalf("first estimate: moved %v, done %v, scale %v", moved, done, p.scale)
+	}
+	p.acc = sampleAcc{samples: minSamples, own: 200 * minSamples, cpu: 1e9, floor: 4e6} // 1.25
+	if moved, done := u.estimateLocked(); !moved || !done || math.Abs(p.scale-(2.5+1.25)/2) > 1e-9 {
+		t.Errorf("second estimate: moved %v, done %v, scale %v, want %v", moved, done, p.scale, (2.5+1.25)/2)
 	}
 }
 
