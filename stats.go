@@ -112,19 +112,19 @@ type BudgetStats struct {
 	StepCost, EmulatedCost, LinkCost time.Duration
 	Calibrations                     int
 	// Sampler reports whether the trap sampler can run here. While the
-	// traps are at least a tenth of the budget, a task-clock perf event on
-	// each of the process's threads samples it up to 100 times a second
-	// of CPU (slower on many busy CPUs: the samples cost at most a tenth
-	// of the budget), until it has an estimate, then a fifth of the time
-	// at most; the samples that find it in a probe's trap measure what the
-	// traps cost in place, against the calibration on a function of the
-	// Guard's own. TrapScale is that ratio (1 until measured, never less:
-	// the calibration is a floor), and the governor books StepCost and
-	// EmulatedCost times TrapScale.
-	// What the samples cost (about 6 us each on a VM) is booked as the
-	// Guard's own work. TrapSamples counts the samples found in a trap.
-	// Without the sampler (perf events not allowed), the calibrated costs
-	// stand.
+	// traps are at least a tenth of the budget, a BPF program on the CPU's
+	// timer interrupt (the scheduler's tick, which comes anyway) samples
+	// the process's threads, until it has an estimate, then a fifth of
+	// the time at most (not at all in a process busy on more CPUs than a
+	// tenth of the budget pays samples for); the samples that find a
+	// thread in a probe's trap measure what the traps cost in place,
+	// against the calibration on a function of the Guard's own. TrapScale
+	// is that ratio (1 until measured, never less: the calibration is a
+	// floor), and the governor books StepCost and EmulatedCost times
+	// TrapScale. What the samples cost (about 3 us each on a VM) is booked
+	// as the Guard's own work. TrapSamples counts the samples found in a
+	// trap. Without the sampler (its tracepoint not allowed), the
+	// calibrated costs stand.
 	Sampler     bool
 	TrapScale   float64
 	TrapSamples uint64

@@ -95,11 +95,11 @@ type BudgetStats struct {
 	StepCost, EmulatedCost, LinkCost time.Duration
 	Calibrations                     int
 	// Sampler reports whether the trap sampler can run here: while the
-	// traps are at least a tenth of the budget, a task-clock perf event on
-	// each of the process's threads samples it up to 100 times a second of
-	// CPU (its samples cost at most a tenth of the budget), for a while (a
-	// fifth of the time at most), and the samples that find it in a
-	// probe's trap measure what the traps cost in place. TrapScale
+	// traps are at least a tenth of the budget, a BPF program on the CPU's
+	// timer interrupt samples the process's threads (its samples cost at
+	// most a tenth of the budget), for a while (a fifth of the time at
+	// most), and the samples that find one in a probe's trap measure what
+	// the traps cost in place. TrapScale
 	// is that cost over the calibrated one (1 until measured, never less:
 	// the calibration is a floor); the governor books StepCost and
 	// EmulatedCost times TrapScale, and the samples' own cost as the

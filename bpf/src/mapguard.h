@@ -54,14 +54,6 @@ static long (*bpf_probe_read_kernel)(void *dst, __u32 size, const void *unsafe_p
 static void *(*bpf_get_current_task_btf)(void) = (void *)158;
 static struct pt_regs *(*bpf_task_pt_regs)(void *task) = (void *)175;
 
-// What a perf_event program is given: the registers the sample
-// interrupted (user or kernel mode).
-struct bpf_perf_event_data {
-	struct pt_regs regs;
-	__u64 sample_period;
-	__u64 addr;
-};
-
 // Sizes and limits shared with the Go side (bpf2go -type mg_limit).
 enum mg_limit {
 	MG_MAX_SITES = 256,

@@ -34,7 +34,8 @@
 // panic, the fatal error and its crash record), mapguard_deep the deep ones
 // (operation counts, writers, deletes). Each program holds only its half,
 // which keeps the verifier's work small. A third, mapguard_sample, runs on
-// the trap sampler's perf events, not on a probe. The program's source is in
+// the CPU's timer interrupt (a raw tracepoint) for the trap sampler, not on
+// a probe. The program's source is in
 // ../../bpf/src; mapguard_x86_bpfel.go and .o are generated from it by
 // `go generate` in package bpf.
 package uprobe

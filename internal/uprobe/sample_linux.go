@@ -13,7 +13,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
+	"github.com/cilium/ebpf/link"
 )
 
 // The trap sampler measures what the probes' traps cost in this process,
@@ -26,51 +26,55 @@ import (
 // (median 1.4; the nested read's emulated CALL at 1.7): the shared cache
 // and the TLB are colder there than a calibration can make them.
 //
-// So, when the traps are a real part of the budget (sampleFrom), a
-// task-clock perf event on each of the process's threads runs
-// mapguard_sample up to sampleHz times a second of the thread's CPU, and counts
-// the samples that find it in a site's trap (bpf/src/mapguard.bpf.c says
-// how it tells). The traps' share of the samples, times the process's CPU
-// time over the same stretch, is what they cost; less their programs'
-// measured time, over their hits' calibrated floors, it is the scale the
-// governor's floors are multiplied by from then on (floor). One scale
-// serves both kinds of trap: the cause (colder caches) is the process's,
-// and an estimate per kind would take twice the samples.
+// So, when the traps are a real part of the budget (sampleFrom), the
+// sampler attaches mapguard_sample to the local APIC timer's interrupt (a
+// raw tracepoint): the scheduler's tick, HZ times a second on a busy CPU
+// (250 here), and the CPU's other timers. It counts the interrupts that
+// find one of the process's threads current, and those that find it in a
+// site's trap (bpf/src/mapguard.bpf.c says how it tells). The traps' share
+// of the samples, times the process's CPU time over the same stretch, is
+// what they cost; less their programs' measured time, over their hits'
+// calibrated floors, it is the scale the governor's floors are multiplied
+// by from then on (floor). One scale serves both kinds of trap: the cause
+// (colder caches) is the process's, and an estimate per kind would take
+// twice the samples.
 //
-// Sampling is dear on a VM: a sample costs the thread it interrupts about
-// sampleCost (BenchmarkSampleCost), booked as the
-// Guard's own work. An estimate takes minSamples samples in the traps, so
-// its cost is set by the traps' share of the process's CPU, not by the
-// rate: 20-40 ms of CPU where the traps are 0.3-0.7% of it (the seeded
-// service, where the first estimate took 14-72 s at 100 samples a second
-// and 4-17 s, provisional, at sampleHz). After each estimate the
-// sampler rests restFactor times as long as it ran: it is on a fifth of
-// the time at most. While on, it costs at most sampleShare of the budget:
-// a process busy on many CPUs is sampled more slowly (on 16 busy CPUs, 10
-// times a second of each thread's CPU, and the estimate takes ten times
-// as long), and one that would need fewer than minHz is not sampled (its
-// traps are then a tiny share of its CPU, and the calibrated costs
-// stand). Only the process's threads are sampled (one event
-// each, opened when the sampler turns on: threads started while it is on
-// are not), never another process.
+// The interrupts come anyway: a sample costs the process only the
+// program's run, about sampleCost (BenchmarkSampleCost), booked as the
+// Guard's own work. (The sampler's first way, a task-clock perf event on
+// each thread at up to 200 samples a second, cost about 5 us a sample, and
+// every context switch of a sampled thread about 4 us more, to stop and
+// start the event's timer: on the seeded service, 9,400 switches a second,
+// 38 ms a second, unbooked, while it ran; the service's throughput fell
+// 12-14% in those seconds.) The program runs for every process's timer
+// interrupts while attached, and returns at once for the others'. An
+// estimate takes minSamples samples in the traps, so its length is set by
+// the traps' share of the process's CPU: at 250 a second of a busy CPU and
+// traps at 1% of it, 8 s. After each estimate the sampler rests
+// restFactor times as long as it ran. Threads started while it is on are
+// sampled too, and only the process's own are counted.
 //
 // The scale is never below 1. The calibration is a floor: a program whose
 // traps find warm caches (a tight loop of hits) costs less than it and is
 // over-booked, which is safe; a sampler that sees no trap at all (a kernel
-// that enters them another way) must not halve the account. Samples are
-// interrupts: one due while the kernel runs with interrupts off (the last
-// stretch of a trap's way back to user space) is taken in user space and
-// not counted as the trap's. A CPU profile has the same blind spot (perf's
-// CPU clock put a loop of known emulated traps at 0.9 times its threads'
-// CPU clock).
+// that enters them another way) must not halve the account. An interrupt
+// that comes due while the kernel runs with interrupts off (the last
+// stretch of a trap's way back to user space) is taken in user space, at
+// the address the trap resumes at: it is counted as the trap's.
 const (
-	sampleHz    = 200
-	minHz       = 5
+	// sampleCost is what one of the process's samples costs it: the
+	// program's run in the interrupt (BenchmarkSampleCost: 2.8-3.4 us on
+	// the project's VMs, with the kernel's BPF run-time statistics on,
+	// which add to it; 0.9-1.1 us a run for the other processes' samples,
+	// which return at once).
+	sampleCost = 3 * time.Microsecond
+	// sampleShare is the most of the budget the samples may cost while
+	// the sampler runs: HZ times the CPUs the process keeps busy times
+	// sampleCost (250 x 1 x 3 us is 0.75 ms a second). A process busy on
+	// more CPUs than that allows (1.3 at HZ=250 and the default budget) is
+	// sampled for a window, then not for dearRest.
 	sampleShare = 0.1
-	// sampleCost is what one sample costs the thread it interrupts
-	// (BenchmarkSampleCost: 4.0-5.7 us on the project's VMs, mostly the
-	// timer's interrupt; on bare metal it is over-booked).
-	sampleCost = 6 * time.Microsecond
+	dearRest    = time.Minute
 	// The sampler turns on while the traps booked over the last second
 	// are at least sampleFrom of the budget, and off below half of it.
 	sampleFrom = 0.10
@@ -82,15 +86,12 @@ const (
 	minSamples   = 20
 	firstSamples = 8
 	maxScale     = 4.0
-	// maxSampledThreads bounds the events (and file descriptors) the
-	// sampler opens in a process with many threads.
-	maxSampledThreads = 256
 )
 
 // sampler is the trap sampler's state; the reader's, under u.mu.
 type sampler struct {
 	prog      *ebpf.Program
-	fds       []int // one task-clock event per thread while on
+	lnk       link.Link // the program on the timer's tracepoint, while on
 	on        bool
 	onSince   time.Time
 	restUntil time.Time
@@ -118,11 +119,11 @@ type sampler struct {
 	// estimateLocked).
 	provisional bool
 	inTraps     uint64 // samples found in a trap, in all
-	// The traps booked (ns) since winStart, for turning on and off, and
-	// the process's CPU time then.
+	// The traps booked (ns) and the process's samples since winStart, for
+	// turning on and off.
 	winLoad  float64
 	winStart time.Time
-	winCPU   time.Duration
+	winOwn   uint64
 }
 
 // sampleAcc is the samples and the booked costs since the last estimate,
@@ -135,7 +136,7 @@ type sampleAcc struct {
 
 // startSamplerLocked prepares the sampler, off. It is optional: without
 // it (a verifier that refuses mapguard_sample), the calibrated costs
-// stand, as before; perf events that cannot be opened turn it off for
+// stand, as before; a tracepoint it cannot attach to turns it off for
 // good when it first turns on.
 func (u *uprobes) startSamplerLocked(countsOff int64) error {
 	prog := u.coll.Programs[mapguardProgMapguardSample]
@@ -159,52 +160,29 @@ func (u *uprobes) startSamplerLocked(countsOff int64) error {
 	return nil
 }
 
-// close closes the events, which detaches the program.
+// close detaches the program.
 func (p *sampler) close() {
-	for _, fd := range p.fds {
-		unix.Close(fd)
+	if p.lnk != nil {
+		p.lnk.Close()
+		p.lnk = nil
 	}
-	p.fds, p.on = p.fds[:0], false
+	p.on = false
 }
 
-// open opens a task-clock event on each of the process's threads (the
-// first maxSampledThreads: the estimate is a ratio, which a share of the
-// threads gives as well), sampling every period of the thread's CPU, the
-// program attached, counting at once.
-func (p *sampler) open(period time.Duration) error {
-	tids, err := os.ReadDir("/proc/self/task")
+// open attaches the program to the local APIC timer's interrupt; it counts
+// at once.
+func (p *sampler) open() error {
+	l, err := link.AttachRawTracepoint(link.RawTracepointOptions{Name: sampleTracepoint, Program: p.prog})
 	if err != nil {
-		return err
+		return fmt.Errorf("attach to %s: %w", sampleTracepoint, err)
 	}
-	for _, d := range tids[:min(len(tids), maxSampledThreads)] {
-		tid, err := strconv.Atoi(d.Name())
-		if err != nil {
-			continue
-		}
-		attr := unix.PerfEventAttr{
-			Type:   unix.PERF_TYPE_SOFTWARE,
-			Config: unix.PERF_COUNT_SW_TASK_CLOCK,
-			Size:   uint32(unsafe.Sizeof(unix.PerfEventAttr{})),
-			Sample: uint64(period),
-		}
-		fd, err := unix.PerfEventOpen(&attr, tid, -1, -1, unix.PERF_FLAG_FD_CLOEXEC)
-		if errors.Is(err, unix.ESRCH) {
-			continue // the thread is gone
-		}
-		if err == nil {
-			if err = unix.IoctlSetInt(fd, unix.PERF_EVENT_IOC_SET_BPF, p.prog.FD()); err != nil {
-				unix.Close(fd)
-			}
-		}
-		if err != nil {
-			p.close()
-			return fmt.Errorf("perf event on thread %d: %w", tid, err)
-		}
-		p.fds = append(p.fds, fd)
-	}
-	p.on = true
+	p.lnk, p.on = l, true
 	return nil
 }
+
+// sampleTracepoint is the raw tracepoint the sampler runs on: x86's local
+// APIC timer interrupt, in the interrupted thread's context.
+const sampleTracepoint = "local_timer_entry"
 
 // addTrapIPsLocked puts the sites added since the last call in trap_ips.
 func (u *uprobes) addTrapIPsLocked(p *sampler) {
@@ -255,6 +233,7 @@ func (u *uprobes) sampleLocked(now time.Time) {
 	own, xol := c.Own-p.counts.Own, c.Xol-p.counts.Xol
 	p.counts = c
 	u.extra += time.Duration(own) * sampleCost
+	p.winOwn += own
 	p.inTraps += xol
 	// A recalibration's single-stepped traps run in the [uprobes] area
 	// too, on a function no site is at: the ticks it overlaps are not
@@ -305,36 +284,30 @@ func (u *uprobes) sampleLocked(now time.Time) {
 		return
 	}
 	share := p.winLoad / dt.Seconds() / u.gov.perSecond
-	if cpu == 0 {
-		cpu = processCPU()
-	}
-	cpus := (cpu - p.winCPU).Seconds() / dt.Seconds() // the CPUs the process kept busy
-	p.winLoad, p.winStart, p.winCPU = 0, now, cpu
-	hz := sampleRate(u.gov.perSecond, cpus)
+	dear := float64(p.winOwn)*float64(sampleCost)/dt.Seconds() > sampleShare*u.gov.perSecond
+	p.winLoad, p.winStart, p.winOwn = 0, now, 0
 	switch {
+	case p.on && dear:
+		// Busy on too many CPUs: its samples would cost more than
+		// sampleShare of the budget. The calibrated costs stand.
+		p.close()
+		p.restUntil = now.Add(dearRest)
+		u.log.V(1).Info("trap sampler off for a while: its samples cost over a tenth of the budget here")
 	case p.on && share < sampleFrom/2:
 		p.close()
-	case !p.on && share >= sampleFrom && hz >= minHz && !now.Before(p.restUntil):
+	case !p.on && share >= sampleFrom && !now.Before(p.restUntil):
 		if !p.xolSet {
 			if lo, hi, ok := xolArea(); ok && p.xolStart.Set(lo) == nil && p.xolEnd.Set(hi) == nil {
 				p.xolSet = true
 			}
 		}
-		if err := p.open(time.Duration(float64(time.Second) / hz)); err != nil {
+		if err := p.open(); err != nil {
 			u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", err.Error())
 			u.samp = nil
 			return
 		}
 		p.onSince, p.cpu = now, processCPU()
 	}
-}
-
-// sampleRate is how often a thread is sampled, per second of its CPU,
-// when the budget is perSecond ns a second and the process keeps cpus CPUs
-// busy: at most sampleHz, and at most sampleShare of the budget spent on
-// samples.
-func sampleRate(perSecond, cpus float64) float64 {
-	return min(sampleHz, sampleShare*perSecond/(max(cpus, 0.1)*float64(sampleCost)))
 }
 
 // estimateLocked corrects the scale once minSamples samples were found in

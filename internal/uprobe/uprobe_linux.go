@@ -477,7 +477,7 @@ func (u *uprobes) teardownLocked() {
 	u.calibStop.Store(true)
 	u.stopNestedScanLocked()
 	if u.samp != nil {
-		u.samp.close() // its perf events: the program stops running
+		u.samp.close() // its tracepoint link: the program stops running
 	}
 	// Every link closes in parallel, with the detaches the governor
 	// started (sites attached together share a link: closed once). A
