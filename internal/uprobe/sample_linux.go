@@ -41,18 +41,20 @@ import (
 //
 // The interrupts come anyway: a sample costs the process only the
 // program's run, about sampleCost (BenchmarkSampleCost), booked as the
-// Guard's own work. (The sampler's first way, a task-clock perf event on
-// each thread at up to 200 samples a second, cost about 5 us a sample, and
-// every context switch of a sampled thread about 4 us more, to stop and
-// start the event's timer: on the seeded service, 9,400 switches a second,
-// 38 ms a second, unbooked, while it ran; the service's throughput fell
-// 12-14% in those seconds.) The program runs for every process's timer
-// interrupts while attached, and returns at once for the others'. An
-// estimate takes minSamples samples in the traps, so its length is set by
-// the traps' share of the process's CPU: at 250 a second of a busy CPU and
-// traps at 1% of it, 8 s. After each estimate the sampler rests
-// restFactor times as long as it ran. Threads started while it is on are
-// sampled too, and only the process's own are counted.
+// Guard's own work. A Go process takes many more of them than the tick's
+// (its runtime's timers: the seeded service about 1,900 a second on 0.9
+// CPU), so the samples may cost at most sampleShare of each second's
+// budget: once they have, the program is detached until the next second.
+// (The sampler's first way, a task-clock perf event on each thread, cost
+// about 5 us a sample, and every context switch of a sampled thread about
+// 3 us more, to stop and start the event's timer: on the seeded service,
+// 9,400 switches a second, about 28 ms a second, unbooked, while it ran.)
+// The program runs for every process's timer interrupts while attached,
+// and returns at once for the others'. An estimate takes minSamples
+// samples in the traps: on the seeded service the provisional one came
+// after a second of sampling and the first after 8-9. After each estimate
+// the sampler rests restFactor times as long as it ran. Threads started
+// while it is on are sampled too, and only the process's own are counted.
 //
 // The scale is never below 1. The calibration is a floor: a program whose
 // traps find warm caches (a tight loop of hits) costs less than it and is
