@@ -115,8 +115,8 @@ type BudgetStats struct {
 	// traps are at least a tenth of the budget, a BPF program on the CPU's
 	// timer interrupt (the scheduler's tick, which comes anyway) samples
 	// the process's threads, until it has an estimate, then a fifth of
-	// the time at most (not at all in a process busy on more CPUs than a
-	// tenth of the budget pays samples for); the samples that find a
+	// the time at most (its samples cost at most a tenth of each second's
+	// budget: then it pauses until the next second); the samples that find a
 	// thread in a probe's trap measure what the traps cost in place,
 	// against the calibration on a function of the Guard's own. TrapScale
 	// is that ratio (1 until measured, never less: the calibration is a

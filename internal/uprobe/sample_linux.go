@@ -70,13 +70,10 @@ const (
 	// which add to it; 0.9-1.1 us a run for the other processes' samples,
 	// which return at once).
 	sampleCost = 3 * time.Microsecond
-	// sampleShare is the most of the budget the samples may cost while
-	// the sampler runs: HZ times the CPUs the process keeps busy times
-	// sampleCost (250 x 1 x 3 us is 0.75 ms a second). A process busy on
-	// more CPUs than that allows (1.3 at HZ=250 and the default budget) is
-	// sampled for a window, then not for dearRest.
+	// sampleShare is the most of each second's budget the samples may
+	// cost while the sampler runs: once they have, it pauses until the
+	// next second.
 	sampleShare = 0.1
-	dearRest    = time.Minute
 	// The sampler turns on while the traps booked over the last second
 	// are at least sampleFrom of the budget, and off below half of it.
 	sampleFrom = 0.10
@@ -93,8 +90,8 @@ const (
 // sampler is the trap sampler's state; the reader's, under u.mu.
 type sampler struct {
 	prog      *ebpf.Program
-	lnk       link.Link // the program on the timer's tracepoint, while on
-	on        bool
+	lnk       link.Link // the program on the timer's tracepoint, while attached
+	on        bool      // sampling: attached, or paused until the next second
 	onSince   time.Time
 	restUntil time.Time
 	ips       *ebpf.Map // trap_ips
@@ -121,11 +118,12 @@ type sampler struct {
 	// estimateLocked).
 	provisional bool
 	inTraps     uint64 // samples found in a trap, in all
-	// The traps booked (ns) and the process's samples since winStart, for
-	// turning on and off.
+	// The traps booked (ns) since winStart, for turning on and off.
 	winLoad  float64
 	winStart time.Time
-	winOwn   uint64
+	// The process's samples since secStart (see sampleShare).
+	secStart time.Time
+	secOwn   uint64
 }
 
 // sampleAcc is the samples and the booked costs since the last estimate,
@@ -162,24 +160,39 @@ func (u *uprobes) startSamplerLocked(countsOff int64) error {
 	return nil
 }
 
-// close detaches the program.
+// close ends sampling: the program is detached.
 func (p *sampler) close() {
-	if p.lnk != nil {
-		p.lnk.Close()
-		p.lnk = nil
-	}
+	p.detach()
 	p.on = false
 }
 
-// open attaches the program to the local APIC timer's interrupt; it counts
-// at once.
+// open begins sampling: the program is attached to the local APIC timer's
+// interrupt, and counts at once.
 func (p *sampler) open() error {
+	if err := p.attach(); err != nil {
+		return err
+	}
+	p.on = true
+	return nil
+}
+
+// attach attaches the program (sampling goes on, or resumes in a new
+// second); detach detaches it (sampling ends, or pauses until the next
+// second).
+func (p *sampler) attach() error {
 	l, err := link.AttachRawTracepoint(link.RawTracepointOptions{Name: sampleTracepoint, Program: p.prog})
 	if err != nil {
 		return fmt.Errorf("attach to %s: %w", sampleTracepoint, err)
 	}
-	p.lnk, p.on = l, true
+	p.lnk = l
 	return nil
+}
+
+func (p *sampler) detach() {
+	if p.lnk != nil {
+		p.lnk.Close()
+		p.lnk = nil
+	}
 }
 
 // sampleTracepoint is the raw tracepoint the sampler runs on: x86's local
@@ -235,12 +248,13 @@ func (u *uprobes) sampleLocked(now time.Time) {
 	own, xol := c.Own-p.counts.Own, c.Xol-p.counts.Xol
 	p.counts = c
 	u.extra += time.Duration(own) * sampleCost
-	p.winOwn += own
+	p.secOwn += own
 	p.inTraps += xol
-	// A recalibration's single-stepped traps run in the [uprobes] area
-	// too, on a function no site is at: the ticks it overlaps are not
-	// counted.
-	counted := p.on && !u.calibrating && u.calibrations == p.calibs
+	// Only the stretches the program ran all along count (it is attached
+	// and detached here, between them). A recalibration's single-stepped
+	// traps run in the [uprobes] area too, on a function no site is at:
+	// the ticks it overlaps are not counted.
+	counted := p.lnk != nil && !u.calibrating && u.calibrations == p.calibs
 	p.calibs = u.calibrations
 	a := &p.acc
 	var cpu time.Duration // the process's CPU time now, read once a tick at most
@@ -272,6 +286,23 @@ func (u *uprobes) sampleLocked(now time.Time) {
 			a.prog += float64(dh) * prog
 		}
 	}
+	// Its samples may cost sampleShare of each second's budget: once they
+	// have, the program is detached until the next second (a Go process
+	// takes many more timer interrupts than the tick's: the seeded
+	// service 1,900 a second on 0.9 CPU, 5.6 ms of samples a second).
+	if now.Sub(p.secStart) >= time.Second {
+		p.secStart, p.secOwn = now, 0
+		if p.on && p.lnk == nil {
+			if err := p.attach(); err != nil {
+				u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", err.Error())
+				p.close()
+				u.samp = nil
+				return
+			}
+		}
+	} else if p.lnk != nil && float64(p.secOwn)*float64(sampleCost) >= sampleShare*u.gov.perSecond {
+		p.detach()
+	}
 	if moved, done := u.estimateLocked(); moved {
 		if err := u.pushCostsLocked(false); err != nil {
 			u.log.V(1).Info("set probe costs", "error", err.Error())
@@ -286,15 +317,8 @@ func (u *uprobes) sampleLocked(now time.Time) {
 		return
 	}
 	share := p.winLoad / dt.Seconds() / u.gov.perSecond
-	dear := float64(p.winOwn)*float64(sampleCost)/dt.Seconds() > sampleShare*u.gov.perSecond
-	p.winLoad, p.winStart, p.winOwn = 0, now, 0
+	p.winLoad, p.winStart = 0, now
 	switch {
-	case p.on && dear:
-		// Busy on too many CPUs: its samples would cost more than
-		// sampleShare of the budget. The calibrated costs stand.
-		p.close()
-		p.restUntil = now.Add(dearRest)
-		u.log.V(1).Info("trap sampler off for a while: its samples cost over a tenth of the budget here")
 	case p.on && share < sampleFrom/2:
 		p.close()
 	case !p.on && share >= sampleFrom && !now.Before(p.restUntil):
@@ -303,6 +327,7 @@ func (u *uprobes) sampleLocked(now time.Time) {
 				p.xolSet = true
 			}
 		}
+		p.secStart, p.secOwn = now, 0
 		if err := p.open(); err != nil {
 			u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", err.Error())
 			u.samp = nil
