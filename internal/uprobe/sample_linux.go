@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"time"
 	"unsafe"
@@ -92,6 +93,8 @@ type sampler struct {
 	prog      *ebpf.Program
 	lnk       link.Link // the program on the timer's tracepoint, while attached
 	on        bool      // sampling: attached, or paused until the next second
+	busy      bool      // an attach is under way (off u.mu)
+	linked    bool      // lnk was set at the last tick
 	onSince   time.Time
 	restUntil time.Time
 	ips       *ebpf.Map // trap_ips
@@ -250,11 +253,13 @@ func (u *uprobes) sampleLocked(now time.Time) {
 	u.extra += time.Duration(own) * sampleCost
 	p.secOwn += own
 	p.inTraps += xol
-	// Only the stretches the program ran all along count (it is attached
-	// and detached here, between them). A recalibration's single-stepped
-	// traps run in the [uprobes] area too, on a function no site is at:
-	// the ticks it overlaps are not counted.
-	counted := p.lnk != nil && !u.calibrating && u.calibrations == p.calibs
+	// Only the stretches the program ran all along count: attached at the
+	// last tick and still (it is attached off the lock, between ticks, and
+	// detached here). A recalibration's single-stepped traps run in the
+	// [uprobes] area too, on a function no site is at: the ticks it
+	// overlaps are not counted.
+	counted := p.linked && p.lnk != nil && !u.calibrating && u.calibrations == p.calibs
+	defer func() { p.linked = p.lnk != nil }()
 	p.calibs = u.calibrations
 	a := &p.acc
 	var cpu time.Duration // the process's CPU time now, read once a tick at most
@@ -292,16 +297,11 @@ func (u *uprobes) sampleLocked(now time.Time) {
 	// service 1,900 a second on 0.9 CPU, 5.6 ms of samples a second).
 	if now.Sub(p.secStart) >= time.Second {
 		p.secStart, p.secOwn = now, 0
-		if p.on && p.lnk == nil {
-			if err := p.attach(); err != nil {
-				u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", err.Error())
-				p.close()
-				u.samp = nil
-				return
-			}
+		if p.on {
+			u.sampleAttachLocked(p)
 		}
 	} else if p.lnk != nil && float64(p.secOwn)*float64(sampleCost) >= sampleShare*u.gov.perSecond {
-		p.detach()
+		u.sampleDetachLocked(p)
 	}
 	if moved, done := u.estimateLocked(); moved {
 		if err := u.pushCostsLocked(false); err != nil {
@@ -309,7 +309,8 @@ func (u *uprobes) sampleLocked(now time.Time) {
 		}
 		if done && p.on {
 			p.restUntil = now.Add(restFactor * now.Sub(p.onSince))
-			p.close()
+			p.on = false
+			u.sampleDetachLocked(p)
 		}
 	}
 	dt := now.Sub(p.winStart)
@@ -320,7 +321,8 @@ func (u *uprobes) sampleLocked(now time.Time) {
 	p.winLoad, p.winStart = 0, now
 	switch {
 	case p.on && share < sampleFrom/2:
-		p.close()
+		p.on = false
+		u.sampleDetachLocked(p)
 	case !p.on && share >= sampleFrom && !now.Before(p.restUntil):
 		if !p.xolSet {
 			if lo, hi, ok := xolArea(); ok && p.xolStart.Set(lo) == nil && p.xolEnd.Set(hi) == nil {
@@ -328,13 +330,69 @@ func (u *uprobes) sampleLocked(now time.Time) {
 			}
 		}
 		p.secStart, p.secOwn = now, 0
-		if err := p.open(); err != nil {
-			u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", err.Error())
-			u.samp = nil
-			return
-		}
+		p.on = true
+		u.sampleAttachLocked(p)
 		p.onSince, p.cpu = now, processCPU()
 	}
+}
+
+// sampleAttachLocked attaches the program on a goroutine of its own, off
+// u.mu: an attach took 0.1-8 ms here (0.1-0.4 ms of CPU), the kernel
+// patching the tracepoint in, and the reader held the lock meanwhile. It
+// books the CPU the attach took. A sampler that cannot attach is off for
+// good: the calibrated costs stand.
+func (u *uprobes) sampleAttachLocked(p *sampler) {
+	if p.busy || p.lnk != nil {
+		return
+	}
+	p.busy = true
+	u.detaches.Add(1) // teardown waits for it
+	go func() {
+		defer u.detaches.Done()
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		c0 := threadCPU()
+		l, err := link.AttachRawTracepoint(link.RawTracepointOptions{Name: sampleTracepoint, Program: p.prog})
+		cpu := threadCPU() - c0
+		u.mu.Lock()
+		p.busy = false
+		u.extra += cpu
+		switch {
+		case err != nil:
+			u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", fmt.Errorf("attach to %s: %w", sampleTracepoint, err).Error())
+			p.on = false
+			if u.samp == p {
+				u.samp = nil
+			}
+		case u.stopping || !p.on:
+			defer l.Close() // off the lock
+		default:
+			p.lnk = l
+		}
+		u.mu.Unlock()
+	}()
+}
+
+// sampleDetachLocked detaches the program on a goroutine of its own, off
+// u.mu (a detach took 0.4-0.9 ms here), and books the CPU it took.
+func (u *uprobes) sampleDetachLocked(p *sampler) {
+	l := p.lnk
+	if l == nil {
+		return
+	}
+	p.lnk = nil
+	u.detaches.Add(1) // teardown waits for it
+	go func() {
+		defer u.detaches.Done()
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		c0 := threadCPU()
+		l.Close()
+		cpu := threadCPU() - c0
+		u.mu.Lock()
+		u.extra += cpu
+		u.mu.Unlock()
+	}()
 }
 
 // estimateLocked corrects the scale once minSamples samples were found in
