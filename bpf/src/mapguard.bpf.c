@@ -844,8 +844,8 @@ int mapguard_empty(struct pt_regs *ctx)
 // tracepoint): the scheduler's tick, and the CPU's other timers, come
 // anyway, so a sample costs only this program, and the interrupted thread
 // is current. (Per-thread task-clock perf events, the first way, cost
-// every context switch of a sampled thread about 4 us to stop and start
-// their timers: 38 ms a second on the seeded service's 9,400 switches.)
+// every context switch of a sampled thread about 3 us to stop and start
+// their timers: 28 ms a second on the seeded service's 9,400 switches.)
 // It runs for every process's interrupts; it counts only sample_tgid's.
 // A sample of a thread that entered the kernel from an exception without
 // an error code (int3 or #DB: the user registers' orig_rax is -1; also the
