@@ -336,27 +336,21 @@ func (u *uprobes) sampleLocked(now time.Time) {
 	}
 }
 
-// sampleAttachLocked attaches the program on a goroutine of its own, off
-// u.mu: an attach took 0.1-8 ms here (0.1-0.4 ms of CPU), the kernel
-// patching the tracepoint in, and the reader held the lock meanwhile. It
-// books the CPU the attach took. A sampler that cannot attach is off for
-// good: the calibrated costs stand.
+// sampleAttachLocked attaches the program off u.mu (see offLock): an
+// attach took 0.1-8 ms here (0.1-0.4 ms of CPU), the kernel patching the
+// tracepoint in, and the reader held the lock meanwhile. A sampler that
+// cannot attach is off for good: the calibrated costs stand.
 func (u *uprobes) sampleAttachLocked(p *sampler) {
 	if p.busy || p.lnk != nil {
 		return
 	}
 	p.busy = true
-	u.detaches.Add(1) // teardown waits for it
-	go func() {
-		defer u.detaches.Done()
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		c0 := threadCPU()
-		l, err := link.AttachRawTracepoint(link.RawTracepointOptions{Name: sampleTracepoint, Program: p.prog})
-		cpu := threadCPU() - c0
-		u.mu.Lock()
+	var l link.Link
+	var err error
+	u.offLock(func() {
+		l, err = link.AttachRawTracepoint(link.RawTracepointOptions{Name: sampleTracepoint, Program: p.prog})
+	}, func() {
 		p.busy = false
-		u.extra += cpu
 		switch {
 		case err != nil:
 			u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", fmt.Errorf("attach to %s: %w", sampleTracepoint, err).Error())
@@ -365,33 +359,40 @@ func (u *uprobes) sampleAttachLocked(p *sampler) {
 				u.samp = nil
 			}
 		case u.stopping || !p.on:
-			defer l.Close() // off the lock
+			u.offLock(func() { l.Close() }, nil)
 		default:
 			p.lnk = l
 		}
-		u.mu.Unlock()
-	}()
+	})
 }
 
-// sampleDetachLocked detaches the program on a goroutine of its own, off
-// u.mu (a detach took 0.4-0.9 ms here), and books the CPU it took.
+// sampleDetachLocked detaches the program off u.mu (a detach took 0.4-0.9
+// ms here).
 func (u *uprobes) sampleDetachLocked(p *sampler) {
-	l := p.lnk
-	if l == nil {
-		return
+	if l := p.lnk; l != nil {
+		p.lnk = nil
+		u.offLock(func() { l.Close() }, nil)
 	}
-	p.lnk = nil
-	u.detaches.Add(1) // teardown waits for it
+}
+
+// offLock runs op on a goroutine of its own, off u.mu, on a thread of its
+// own, then books the CPU it took and runs done (if any) under u.mu.
+// Teardown waits for it.
+func (u *uprobes) offLock(op, done func()) {
+	u.detaches.Add(1)
 	go func() {
 		defer u.detaches.Done()
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
 		c0 := threadCPU()
-		l.Close()
+		op()
 		cpu := threadCPU() - c0
 		u.mu.Lock()
+		defer u.mu.Unlock()
 		u.extra += cpu
-		u.mu.Unlock()
+		if done != nil {
+			done()
+		}
 	}()
 }
 
