@@ -169,28 +169,18 @@ func (p *sampler) close() {
 	p.on = false
 }
 
-// open begins sampling: the program is attached to the local APIC timer's
-// interrupt, and counts at once.
-func (p *sampler) open() error {
-	if err := p.attach(); err != nil {
-		return err
-	}
-	p.on = true
-	return nil
-}
-
-// attach attaches the program (sampling goes on, or resumes in a new
-// second); detach detaches it (sampling ends, or pauses until the next
-// second).
-func (p *sampler) attach() error {
+// newLink attaches the program to the local APIC timer's interrupt; it
+// counts at once.
+func (p *sampler) newLink() (link.Link, error) {
 	l, err := link.AttachRawTracepoint(link.RawTracepointOptions{Name: sampleTracepoint, Program: p.prog})
 	if err != nil {
-		return fmt.Errorf("attach to %s: %w", sampleTracepoint, err)
+		return nil, fmt.Errorf("attach to %s: %w", sampleTracepoint, err)
 	}
-	p.lnk = l
-	return nil
+	return l, nil
 }
 
+// detach detaches the program at once (sampling ends, or pauses until the
+// next second; sampleDetachLocked does it off the lock).
 func (p *sampler) detach() {
 	if p.lnk != nil {
 		p.lnk.Close()
@@ -347,13 +337,11 @@ func (u *uprobes) sampleAttachLocked(p *sampler) {
 	p.busy = true
 	var l link.Link
 	var err error
-	u.offLock(func() {
-		l, err = link.AttachRawTracepoint(link.RawTracepointOptions{Name: sampleTracepoint, Program: p.prog})
-	}, func() {
+	u.offLock(func() { l, err = p.newLink() }, func() {
 		p.busy = false
 		switch {
 		case err != nil:
-			u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", fmt.Errorf("attach to %s: %w", sampleTracepoint, err).Error())
+			u.log.V(1).Info("trap sampler off: calibrated costs stand", "error", err.Error())
 			p.on = false
 			if u.samp == p {
 				u.samp = nil

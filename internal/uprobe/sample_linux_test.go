@@ -82,6 +82,17 @@ func TestTrapSampler(t *testing.T) {
 	}
 }
 
+// open begins sampling at once, under u.mu (the Guard attaches off it, see
+// sampleAttachLocked), for the benchmarks.
+func (p *sampler) open() error {
+	l, err := p.newLink()
+	if err != nil {
+		return err
+	}
+	p.lnk, p.on = l, true
+	return nil
+}
+
 // The first estimate is preceded by a provisional one from firstSamples
 // samples, which it replaces; the sampler rests only after an estimate.
 func TestTrapEstimates(t *testing.T) {
