@@ -276,17 +276,29 @@ func (s *crashStore) collect(own *ownBinary, log logr.Logger) (pending []crashRe
 		if key == s.key {
 			continue
 		}
+		if val.Crashed == 0 && checkEntry(key, &val, now) == "" {
+			gone, why := s.ownerGone(key, &val)
+			if !gone {
+				continue
+			}
+			// The owner may have crashed between the read and the proof
+			// (its last act is the BPF program's write of the record):
+			// read the entry again, final now that its owner is gone.
+			collectReread(key)
+			if err := s.m.Lookup(key, &val); err != nil {
+				continue
+			}
+			now, _ = kernelMono() // its crash may be later than the first reading
+			if val.Crashed == 0 {
+				log.V(1).Info("removing the crash entry of a process that is gone", "pid", val.Pid, "proof", why)
+				del = append(del, key)
+				continue
+			}
+		}
 		if why := checkEntry(key, &val, now); why != "" {
 			log.Info("crash record damaged: removed, not reported", "path", s.path, "pid", val.Pid, "reason", why)
 			damaged++
 			del = append(del, key)
-			continue
-		}
-		if val.Crashed == 0 {
-			if gone, why := s.ownerGone(key, &val); gone {
-				log.V(1).Info("removing the crash entry of a process that is gone", "pid", val.Pid, "proof", why)
-				del = append(del, key)
-			}
 			continue
 		}
 		r := crashRecord{key: key, pid: int(val.Pid), val: val}
@@ -310,6 +322,10 @@ func (s *crashStore) collect(own *ownBinary, log logr.Logger) (pending []crashRe
 	s.sweepAlive()
 	return pending, damaged
 }
+
+// collectReread runs before collect reads again the entry of a process it
+// has just proven gone; a test sets it to crash that process in between.
+var collectReread = func(key uint64) {}
 
 // sweepAlive removes the alive directories no process holds: those of
 // processes that died after their entry was claimed (a crashed process
