@@ -34,6 +34,8 @@ type config struct {
 	loadConc       int
 	loadReps       int
 	loadLimit      time.Duration
+	toggle         time.Duration
+	togglePeriod   time.Duration
 	bugs           float64
 	failUnlabelled bool
 	failUnlabDeep  bool
@@ -55,6 +57,8 @@ func main() {
 	flag.IntVar(&c.loadConc, "concurrency", 8, "concurrent clients in a load run")
 	flag.IntVar(&c.loadReps, "load-reps", 2, "load runs per mode (off and default, interleaved)")
 	flag.DurationVar(&c.loadLimit, "load-time", 60*time.Second, "longest load run")
+	flag.DurationVar(&c.toggle, "toggle", 0, "also drive one service process this long while it starts and closes a default Guard every -toggle-period (0: not)")
+	flag.DurationVar(&c.togglePeriod, "toggle-period", 5*time.Second, "how long each phase of -toggle lasts, Guard on or off")
 	flag.Float64Var(&c.bugs, "bugs", 0.01, "share of load requests hitting each seeded request bug (nil-map write, nested miss)")
 	flag.BoolVar(&c.failUnlabelled, "fail-unlabelled", true, "fail on an unlabelled (kind, site) seen in default mode")
 	flag.BoolVar(&c.failUnlabDeep, "fail-unlabelled-deep", false, "fail on an unlabelled (kind, site) seen only in deep mode")

@@ -76,7 +76,76 @@ func (j *judge) runService(repo, out string) error {
 	}
 	j.checkSeeds(seeds, recs)
 	printLoad(runs)
+	if j.cfg.toggle > 0 {
+		events := filepath.Join(out, "service-toggle.jsonl")
+		s, err := startServer(bin, record.Default, events, "-toggle", j.cfg.togglePeriod.String())
+		if err != nil {
+			return err
+		}
+		load(s, int(j.cfg.toggle.Seconds()*30000), j.cfg.loadConc, j.cfg.bugs, j.cfg.toggle) // more than this VM serves
+		s.stop()
+		r, err := readRecords(events)
+		if err != nil {
+			return err
+		}
+		printToggle(r, j.cfg.togglePeriod)
+	}
 	return nil
+}
+
+// printToggle prints a toggled run's phases: CPU per request and
+// throughput with the Guard on, each against the mean of the two off
+// phases beside it, for the phases' first seconds and for the rest.
+func printToggle(recs []record.Record, period time.Duration) {
+	var first, rest []*record.Phase
+	for _, r := range recs {
+		switch {
+		case r.Type == "start-error":
+			fmt.Printf("\n== toggled service: the Guard failed to start: %s\n", r.Error)
+			return
+		case r.Type != "phase" || r.Phase == nil:
+		case r.Phase.First:
+			first = append(first, r.Phase)
+		default:
+			rest = append(rest, r.Phase)
+		}
+	}
+	fmt.Printf("\n== service in one process, a default Guard started and closed every %v (phases on and off alternate;\n", period)
+	fmt.Printf("   Start's and Close's own CPU fall between them): each on phase against the mean of the off phases beside it\n")
+	fmt.Printf("   %-28s %7s %18s %18s %16s\n", "span", "phases", "CPU/req on/off", "req/s on/off", "booked overhead")
+	for _, c := range []struct {
+		name string
+		ps   []*record.Phase
+	}{{"first second of each phase", first}, {fmt.Sprintf("the other %v", period-time.Second), rest}} {
+		var cpu, tput, booked []time.Duration
+		for i := 1; i+1 < len(c.ps); i++ {
+			p, a, b := c.ps[i], c.ps[i-1], c.ps[i+1]
+			if !p.On || a.On || b.On || p.Requests == 0 || a.Requests == 0 || b.Requests == 0 {
+				continue
+			}
+			per := func(x *record.Phase) float64 { return float64(x.CPU) / float64(x.Requests) }
+			rate := func(x *record.Phase) float64 { return float64(x.Requests) / x.Wall.Seconds() }
+			cpu = append(cpu, time.Duration(1e6*per(p)/((per(a)+per(b))/2)))
+			tput = append(tput, time.Duration(1e6*rate(p)/((rate(a)+rate(b))/2)))
+			booked = append(booked, time.Duration(1e6*p.Overhead))
+		}
+		if len(cpu) == 0 {
+			fmt.Printf("   %-28s %7d\n", c.name, 0)
+			continue
+		}
+		ratio := func(d []time.Duration) string {
+			lo, hi := d[0], d[0]
+			for _, x := range d {
+				lo, hi = min(lo, x), max(hi, x)
+			}
+			return fmt.Sprintf("%.3fx (%.2f-%.2f)", float64(median(d))/1e6, float64(lo)/1e6, float64(hi)/1e6)
+		}
+		over := ""
+		if !c.ps[0].First {
+			over = fmt.Sprintf("%.2f%% of a CPU", float64(median(booked))/1e4)
+		}
+		fmt.Printf("   %-28s %7d %18s %18s %16s\n", c.name, len(cpu), ratio(cpu), ratio(tput), over)
+	}
 }
 
 // checkSeeds fails for every seed no event reported at its line.

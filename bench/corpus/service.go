@@ -53,8 +53,8 @@ type server struct {
 	addr string
 }
 
-func startServer(bin, mode, events string) (*server, error) {
-	cmd := exec.Command(bin, "-mode", mode, "-events", events)
+func startServer(bin, mode, events string, args ...string) (*server, error) {
+	cmd := exec.Command(bin, append([]string{"-mode", mode, "-events", events}, args...)...)
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {

@@ -24,7 +24,7 @@ const (
 
 // Record is one line of the output file.
 type Record struct {
-	// Type is "started", "start-error", "event" or "stats".
+	// Type is "started", "start-error", "event", "stats" or "phase".
 	Type  string `json:"type"`
 	Mode  string `json:"mode,omitempty"`
 	PID   int    `json:"pid,omitempty"`
@@ -40,6 +40,21 @@ type Record struct {
 	CPU time.Duration `json:"cpu,omitempty"`
 	// Close is how long Guard.Close took, on "stats".
 	Close time.Duration `json:"close,omitempty"`
+	// Phase is one phase of a toggled run (see Toggle), on "phase".
+	Phase *Phase `json:"phase,omitempty"`
+}
+
+// Phase is a measured span of a toggled run: the first second of a
+// phase (after Start returned, or after Close), or the rest of it.
+type Phase struct {
+	On       bool          `json:"on"`
+	First    bool          `json:"first,omitempty"`
+	Requests int64         `json:"requests"`
+	CPU      time.Duration `json:"cpu"`  // the process's user+system CPU (getrusage)
+	Wall     time.Duration `json:"wall"` // the span's length
+	// Overhead is the Guard's own account over its life (Stats.Budget),
+	// on the rest of an on phase.
+	Overhead float64 `json:"overhead,omitempty"`
 }
 
 // Options returns the Guard options of a mode, and false for Off or an
@@ -113,6 +128,92 @@ func Start(mode, path string) (stop func()) {
 			closed := time.Since(t0)
 			st := g.Stats()
 			write(Record{Type: "stats", Stats: &st, OpStats: ops, Close: closed})
+			f.Close()
+		})
+	}
+}
+
+// Toggle starts a Guard of mode, runs it for period, closes it, waits
+// period, and again, until stop is called; it appends a "phase" record for
+// the first second and for the rest of every phase, with the process's CPU
+// and the requests counted (by requests) over each. Start's and Close's own
+// CPU fall between phases. Within one process, the phases compare the
+// Guard on and off without the differences between processes (on these VMs
+// a run of one command moves by several percent from one process to the
+// next).
+func Toggle(mode, path string, period time.Duration, requests func() int64) (stop func()) {
+	opts, ok := Options(mode)
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if !ok || err != nil || period <= time.Second {
+		return func() {}
+	}
+	write := func(r Record) {
+		r.Mode, r.PID = mode, os.Getpid()
+		b, _ := json.Marshal(r)
+		f.Write(append(b, '\n'))
+	}
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	sleep := func(d time.Duration) bool {
+		select {
+		case <-done:
+			return false
+		case <-time.After(d):
+			return true
+		}
+	}
+	type mark struct {
+		cpu time.Duration
+		req int64
+		at  time.Time
+	}
+	now := func() mark { return mark{processCPU(), requests(), time.Now()} }
+	span := func(a, b mark, on, first bool) *Phase {
+		return &Phase{On: on, First: first, Requests: b.req - a.req, CPU: b.cpu - a.cpu, Wall: b.at.Sub(a.at)}
+	}
+	go func() {
+		defer close(finished)
+		for on := false; ; on = !on {
+			var g *mapguard.Guard
+			if on {
+				var err error
+				if g, err = mapguard.New(opts); err == nil {
+					err = g.Start(context.Background())
+				}
+				if err != nil {
+					write(Record{Type: "start-error", Error: err.Error()})
+					if g != nil {
+						g.Close()
+					}
+					return
+				}
+			}
+			m0 := now()
+			ok := sleep(time.Second)
+			m1 := now()
+			ok = ok && sleep(period-time.Second)
+			m2 := now()
+			if ok {
+				write(Record{Type: "phase", Phase: span(m0, m1, on, true)})
+				p := span(m1, m2, on, false)
+				if g != nil {
+					p.Overhead = g.Stats().Budget.Overhead
+				}
+				write(Record{Type: "phase", Phase: p})
+			}
+			if g != nil {
+				g.Close()
+			}
+			if !ok {
+				return
+			}
+		}
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			close(done)
+			<-finished
 			f.Close()
 		})
 	}

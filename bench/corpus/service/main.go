@@ -23,6 +23,7 @@ import (
 	"os/signal"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/mapguard/mapguard/bench/corpus/record"
@@ -136,9 +137,16 @@ func main() {
 	mode := flag.String("mode", record.Default, "off, default or deep")
 	events := flag.String("events", "", "append the Guard's records (JSON lines) to this file")
 	crashNow := flag.Bool("crash", false, "start the Guard, then die of concurrent map writes")
+	toggle := flag.Duration("toggle", 0, "start a Guard of -mode, close it after this long, wait as long, and again (see record.Toggle)")
 	flag.Parse()
 
-	stop := record.Start(*mode, *events)
+	var requests atomic.Int64
+	var stop func()
+	if *toggle > 0 {
+		stop = record.Toggle(*mode, *events, *toggle, requests.Load)
+	} else {
+		stop = record.Start(*mode, *events)
+	}
 	if *crashNow {
 		crash()
 	}
@@ -150,7 +158,11 @@ func main() {
 	mux.HandleFunc("/order", handleOrder)
 	mux.HandleFunc("/limit", handleLimit)
 	mux.HandleFunc("/grow", handleGrow)
-	srv := &http.Server{Handler: mux, ErrorLog: log.New(io.Discard, "", 0)}
+	count := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		mux.ServeHTTP(w, r)
+	})
+	srv := &http.Server{Handler: count, ErrorLog: log.New(io.Discard, "", 0)}
 	go srv.Serve(ln)
 	fmt.Printf("ready %s\n", ln.Addr())
 
