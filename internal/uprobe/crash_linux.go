@@ -270,12 +270,14 @@ func (s *crashStore) collect(own *ownBinary, log logr.Logger) (pending []crashRe
 		val mapguardCrash
 		del []uint64
 	)
-	now, _ := kernelMono()
 	it := s.m.Iterate()
 	for it.Next(&key, &val) {
 		if key == s.key {
 			continue
 		}
+		// The clock after the read: a crash written just before the read
+		// is no later than now.
+		now, _ := kernelMono()
 		if val.Crashed == 0 && checkEntry(key, &val, now) == "" {
 			gone, why := s.ownerGone(key, &val)
 			if !gone {
@@ -288,7 +290,7 @@ func (s *crashStore) collect(own *ownBinary, log logr.Logger) (pending []crashRe
 			if err := s.m.Lookup(key, &val); err != nil {
 				continue
 			}
-			now, _ = kernelMono() // its crash may be later than the first reading
+			now, _ = kernelMono()
 			if val.Crashed == 0 {
 				log.V(1).Info("removing the crash entry of a process that is gone", "pid", val.Pid, "proof", why)
 				del = append(del, key)
