@@ -19,11 +19,8 @@ import (
 // kernel's memory.
 func (u *uprobes) Stats() probe.Stats {
 	u.statsUsed.Store(true)
-	if !u.mu.TryLock() {
-		if v := u.view.Load(); v != nil {
-			return v.fresh(u)
-		}
-		u.mu.Lock()
+	if !u.mu.TryLock() && !u.lockForStats() {
+		return u.view.Load().fresh(u)
 	}
 	defer u.mu.Unlock()
 	now := time.Now()
@@ -34,6 +31,38 @@ func (u *uprobes) Stats() probe.Stats {
 	st := u.view.Load().copy()
 	st.CallSites, st.CallSitesOverflow = u.calls.snapshot()
 	return st
+}
+
+// statsWait bounds how long Stats waits for u.mu when the view is
+// stale; a variable for the tests.
+var statsWait = time.Millisecond
+
+// lockForStats takes u.mu for a Stats call that found it held, unless the
+// view is fresh enough to report (the reader's ticks keep it within
+// pollInterval once Stats has been called) or u.mu stays held for
+// statsWait: then Stats reports the view as it is. Without this, the
+// first Stats call that found u.mu held reported the view published at
+// the end of Start (seen: a second after Start, Budget.Elapsed 1 ms and
+// nothing spent). Reports whether it holds u.mu.
+func (u *uprobes) lockForStats() bool {
+	v := u.view.Load()
+	if v != nil && time.Since(v.at) < pollInterval {
+		return false
+	}
+	deadline := time.Now().Add(statsWait)
+	for {
+		if u.mu.TryLock() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			if v == nil {
+				u.mu.Lock()
+				return true
+			}
+			return false
+		}
+		time.Sleep(20 * time.Microsecond)
+	}
 }
 
 // statsView is Stats as of an account, for the calls that find u.mu held.

@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unsafe"
@@ -422,5 +423,45 @@ func TestStatsOffLock(t *testing.T) {
 	locked = false
 	if n := hits(p.Stats()) - before; n < reads {
 		t.Errorf("Stats: %d nil-map-read hits, want at least %d", n, reads)
+	}
+}
+
+// The first Stats call that finds the lock held, long after Start (no call
+// before it asked the reader to keep the view fresh), waits for the lock
+// rather than report the view of Start's end; it waits statsWait at most,
+// then reports the view as it is.
+func TestStatsStaleView(t *testing.T) {
+	p, _ := startProbe(t, Config{})
+	time.Sleep(4 * pollInterval)
+	hold := func(d time.Duration) (released *atomic.Bool) {
+		released = new(atomic.Bool)
+		locked := make(chan struct{})
+		go func() {
+			p.mu.Lock()
+			close(locked)
+			time.Sleep(d)
+			released.Store(true)
+			p.mu.Unlock()
+		}()
+		<-locked
+		return released
+	}
+	defer func(w time.Duration) { statsWait = w }(statsWait)
+	statsWait = 10 * time.Second // the test's holder decides
+	hold(20 * time.Millisecond)
+	if b := p.Stats().Budget; b == nil || b.Elapsed < 3*pollInterval {
+		t.Fatalf("Stats %v after Start, the lock held: Budget %+v, want the account of now", 4*pollInterval, b)
+	}
+	// Held longer than statsWait, with a stale view: the view as it is,
+	// without waiting for the lock.
+	statsWait = time.Millisecond
+	released := hold(2 * time.Second)
+	p.view.Store(&statsView{at: time.Now().Add(-time.Hour), st: p.view.Load().st}) // no tick can publish now
+	st := p.Stats()
+	if released.Load() {
+		t.Errorf("Stats waited for a lock held for 2 s (statsWait %v)", statsWait)
+	}
+	if st.Budget == nil {
+		t.Error("Stats with the lock held: no budget")
 	}
 }
