@@ -51,18 +51,7 @@ func TestForgedCrashRecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	own, err := openOwnBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	self, err := selfIdentity()
-	if err != nil {
-		t.Fatal(err)
-	}
-	mono, err := kernelMono()
-	if err != nil {
-		t.Fatal(err)
-	}
+	own, self, mono := crashTestIdentity(t)
 	// A record as the BPF program writes it, of a process of this build
 	// that is gone (a PID no process has: above pid_max).
 	record := func(pid uint32, detail string) (uint64, mapguardCrash) {
@@ -340,18 +329,7 @@ func TestCrashBetweenReadAndProof(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	own, err := openOwnBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	self, err := selfIdentity()
-	if err != nil {
-		t.Fatal(err)
-	}
-	mono, err := kernelMono()
-	if err != nil {
-		t.Fatal(err)
-	}
+	own, self, mono := crashTestIdentity(t)
 	// A process of this build, alive when read (its alive directory is
 	// locked by this test), with a PID no process has (above pid_max).
 	v := mapguardCrash{
@@ -400,4 +378,23 @@ func TestCrashBetweenReadAndProof(t *testing.T) {
 	if err := m.Lookup(key, &left); err != nil {
 		t.Errorf("the record was removed before a claim: %v", err)
 	}
+}
+
+// crashTestIdentity is what a crash record of this build needs: the
+// binary, this process's identity, and the kernel's clock now.
+func crashTestIdentity(t *testing.T) (*ownBinary, procIdentity, uint64) {
+	t.Helper()
+	own, err := openOwnBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, err := selfIdentity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mono, err := kernelMono()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return own, self, mono
 }
