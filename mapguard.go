@@ -439,7 +439,10 @@ func (g *Guard) OnEvent(fn func(Event)) {
 // It never waits for the probes' attaches and detaches: while the probe's
 // lock is held, the governor's figures (Budget, and each site's Armed,
 // Rate, Cost, Watched and sampling) are those of its last account, at most
-// about 100 ms old, and the counters are read from the kernel then.
+// about 100 ms old, and the counters are read from the kernel then. (Until
+// Stats is first called nobody keeps that account fresh: a call that
+// finds it older waits up to a millisecond for the lock, and reports it
+// as it is if the lock stays held.)
 func (g *Guard) Stats() Stats {
 	g.mu.Lock()
 	p := g.probe
