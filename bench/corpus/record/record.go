@@ -143,8 +143,11 @@ func Start(mode, path string) (stop func()) {
 // next).
 func Toggle(mode, path string, period time.Duration, requests func() int64) (stop func()) {
 	opts, ok := Options(mode)
+	if !ok || period <= time.Second {
+		return func() {}
+	}
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if !ok || err != nil || period <= time.Second {
+	if err != nil {
 		return func() {}
 	}
 	write := func(r Record) {
@@ -197,7 +200,9 @@ func Toggle(mode, path string, period time.Duration, requests func() int64) (sto
 				write(Record{Type: "phase", Phase: span(m0, m1, on, true)})
 				p := span(m1, m2, on, false)
 				if g != nil {
-					p.Overhead = g.Stats().Budget.Overhead
+					if b := g.Stats().Budget; b != nil {
+						p.Overhead = b.Overhead
+					}
 				}
 				write(Record{Type: "phase", Phase: p})
 			}
