@@ -55,6 +55,12 @@ type Phase struct {
 	// Overhead is the Guard's own account over its life (Stats.Budget),
 	// on the rest of an on phase.
 	Overhead float64 `json:"overhead,omitempty"`
+	// Seconds is what the Guard booked (Stats.Budget.Spent) in each whole
+	// second of an on phase since Start returned, the first included, on
+	// the rest of the phase; WorstSecond is Stats.Budget.WorstSecond at
+	// its end.
+	Seconds     []time.Duration `json:"seconds,omitempty"`
+	WorstSecond time.Duration   `json:"worstSecond,omitempty"`
 }
 
 // Options returns the Guard options of a mode, and false for Off or an
@@ -191,17 +197,34 @@ func Toggle(mode, path string, period time.Duration, requests func() int64) (sto
 					return
 				}
 			}
+			// spent is what the Guard booked so far (zero without one).
+			spent := func() time.Duration {
+				if g != nil {
+					if b := g.Stats().Budget; b != nil {
+						return b.Spent
+					}
+				}
+				return 0
+			}
 			m0 := now()
 			ok := sleep(time.Second)
 			m1 := now()
-			ok = ok && sleep(period-time.Second)
+			last := spent()
+			seconds := []time.Duration{last}
+			for left := period - time.Second; ok && left > 0; left -= time.Second {
+				ok = sleep(min(left, time.Second))
+				if s := spent(); ok && left >= time.Second && g != nil {
+					seconds = append(seconds, s-last)
+					last = s
+				}
+			}
 			m2 := now()
 			if ok {
 				write(Record{Type: "phase", Phase: span(m0, m1, on, true)})
 				p := span(m1, m2, on, false)
 				if g != nil {
 					if b := g.Stats().Budget; b != nil {
-						p.Overhead = b.Overhead
+						p.Overhead, p.WorstSecond, p.Seconds = b.Overhead, b.WorstSecond, seconds
 					}
 				}
 				write(Record{Type: "phase", Phase: p})
