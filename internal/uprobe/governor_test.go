@@ -838,11 +838,14 @@ func TestGovernorCrossingLate(t *testing.T) {
 // other waits for the next beat.
 func TestGovernorWindowsFitTheirSecond(t *testing.T) {
 	start := time.Unix(1000, 0)
-	g := newGovernor(0.01, []float64{20_000, 20_000, 20_000}, simCycle, 30*time.Millisecond, start)
+	g := newGovernor(0.01, []float64{20_000, 20_000, 20_000, 20_000}, simCycle, 30*time.Millisecond, start)
 	now := start.Add(3 * time.Second)
-	g.account(now, 5e6, []uint64{0, 0, 0}, 0) // 5 ms of the second's 10 spent
+	g.account(now, 5e6, []uint64{0, 0, 0, 0}, 0) // 5 ms of the second's 10 spent
+	// Site 3 is counted exactly, at 2 ms a second: beside it the events'
+	// site (4 ms) does not fit in prioPromoteShare, and stays sampled.
+	g.sites[3].rate = 100
 	rates := []float64{200, 2000, 2000}
-	for i := range g.sites {
+	for i := range rates {
 		s := &g.sites[i]
 		s.sampled, s.armed = true, false
 		s.rate, s.peak, s.peakAt = rates[i], rates[i], now
@@ -1183,5 +1186,43 @@ func TestGovernorDemotePrioLast(t *testing.T) {
 	g.demote(now)
 	if !s.sampled {
 		t.Error("events' site at 9 ms a second not sampled")
+	}
+}
+
+// The Guard's own work and the pinned sites go on whatever is sampled:
+// a site serving events is sampled once it no longer fits beside them in
+// prioExactShare, and counted exactly again once it fits in
+// prioPromoteShare.
+func TestGovernorPrioBesideBase(t *testing.T) {
+	// Site 0 serves events, at 5 ms a second; site 1 is pinned, at 1 ms.
+	s := newSim(0.01, []float64{2_000, 100}, []float64{2_500, 10_000}, 30*time.Millisecond)
+	s.g.prioritize(0)
+	s.g.pin(1)
+	run := func(steps int, own time.Duration) {
+		for range steps {
+			s.extra += float64(own) / 10
+			s.step(100 * time.Millisecond)
+		}
+	}
+	// 3 ms a second of the Guard's own (Start's first second): 9 ms in
+	// all, over prioExactShare.
+	run(10, 3*time.Millisecond)
+	if !s.g.sites[0].sampled {
+		t.Fatalf("the events' site at 5 ms a second beside 4 ms of own and pinned load (base %.2f ms) is not sampled", s.g.baseLoad()*1e3)
+	}
+	if s.g.sites[1].sampled {
+		t.Error("the pinned site was sampled")
+	}
+	// The same with 0.5 ms a second of the Guard's own (6.5 ms in all):
+	// not back, over prioPromoteShare.
+	run(30, 500*time.Microsecond)
+	if !s.g.sites[0].sampled {
+		t.Errorf("the events' site was counted exactly again at 6.5 ms of a 10-ms budget in all")
+	}
+	// A quieter program: at 3 ms a second the site fits again.
+	s.rates[0] = 1_200
+	run(300, 500*time.Microsecond)
+	if st := s.g.sites[0]; st.sampled || !st.armed {
+		t.Errorf("the events' site at 3 ms a second (peak %.0f a second) beside 1.5 ms: sampled %v, attached %v; want counted exactly again", st.peak, st.sampled, st.armed)
 	}
 }

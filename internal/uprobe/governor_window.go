@@ -206,9 +206,11 @@ func (g *governor) shortestWindow(s *govSite) time.Duration {
 
 // demote samples the sites counted exactly, the statistics' ones first and
 // the costliest first, until those left use at most exactShare of the
-// budget; a site serving events is sampled only while they use more than
+// budget; a site serving events is sampled only while they, with the load
+// that goes on whatever is sampled (baseLoad), use more than
 // prioExactShare.
 func (g *governor) demote(now time.Time) {
+	base := g.baseLoad()
 	var exact []int
 	load := 0.0
 	for i := range g.sites {
@@ -231,11 +233,11 @@ func (g *governor) demote(now time.Time) {
 	})
 	for _, i := range exact {
 		s := &g.sites[i]
-		share := exactShare
+		over := load > g.budget*exactShare
 		if s.prio {
-			share = prioExactShare
+			over = load+base > g.budget*prioExactShare
 		}
-		if load <= g.budget*share || s.load() == 0 {
+		if !over || s.load() == 0 {
 			continue
 		}
 		if s.sampled || s.relink {
