@@ -5,6 +5,7 @@ package main
 import (
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -146,6 +147,40 @@ func printToggle(recs []record.Record, period time.Duration) {
 		}
 		fmt.Printf("   %-28s %7d %18s %18s %16s\n", c.name, len(cpu), ratio(cpu), ratio(tput), over)
 	}
+	printSeconds(rest)
+}
+
+// printSeconds prints what the Guard booked in each whole second of the on
+// phases (record.Phase.Seconds): the budget is meant to hold in every
+// second, the first included, not only on average.
+func printSeconds(rest []*record.Phase) {
+	var firsts, after []time.Duration
+	for _, p := range rest {
+		if p.On && len(p.Seconds) > 0 {
+			firsts = append(firsts, p.Seconds[0])
+			after = append(after, p.Seconds[1:]...)
+		}
+	}
+	if len(firsts) == 0 {
+		return
+	}
+	const budget = 10 * time.Millisecond // the default Guard's: 1% of a CPU
+	line := func(name string, d []time.Duration) {
+		if len(d) == 0 {
+			return
+		}
+		over := 0
+		for _, x := range d {
+			if x > budget {
+				over++
+			}
+		}
+		fmt.Printf("   %-28s %7d   median %5.1f ms, max %5.1f ms; over the %v budget in %d\n", name, len(d),
+			float64(median(d))/1e6, float64(slices.Max(d))/1e6, budget, over)
+	}
+	fmt.Printf("   what the Guard booked in each second (Stats().Budget.Spent):\n")
+	line("first second of each phase", firsts)
+	line("each second after it", after)
 }
 
 // checkSeeds fails for every seed no event reported at its line.
