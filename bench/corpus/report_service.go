@@ -83,21 +83,23 @@ func (j *judge) runService(repo, out string) error {
 		if err != nil {
 			return err
 		}
-		load(s, int(j.cfg.toggle.Seconds()*30000), j.cfg.loadConc, j.cfg.bugs, j.cfg.toggle) // more than this VM serves
+		lr := load(s, int(j.cfg.toggle.Seconds()*30000), j.cfg.loadConc, j.cfg.bugs, j.cfg.toggle) // more than this VM serves
 		s.stop()
 		r, err := readRecords(events)
 		if err != nil {
 			return err
 		}
-		printToggle(r, j.cfg.togglePeriod)
+		printToggle(r, j.cfg.togglePeriod, lr.Done)
 	}
 	return nil
 }
 
-// printToggle prints a toggled run's phases: CPU per request and
-// throughput with the Guard on, each against the mean of the two off
-// phases beside it, for the phases' first seconds and for the rest.
-func printToggle(recs []record.Record, period time.Duration) {
+// printToggle prints a toggled run's phases: CPU per request, throughput
+// and p99 latency (of the requests that ended in the phase, from reqs)
+// with the Guard on, each against the mean of the two off phases beside
+// it, for the phases' first seconds and for the rest.
+func printToggle(recs []record.Record, period time.Duration, reqs []done) {
+	slices.SortFunc(reqs, func(a, b done) int { return a.At.Compare(b.At) })
 	var first, rest []*record.Phase
 	for _, r := range recs {
 		switch {
@@ -113,12 +115,12 @@ func printToggle(recs []record.Record, period time.Duration) {
 	}
 	fmt.Printf("\n== service in one process, a default Guard started and closed every %v (phases on and off alternate;\n", period)
 	fmt.Printf("   Start's and Close's own CPU fall between them): each on phase against the mean of the off phases beside it\n")
-	fmt.Printf("   %-28s %7s %18s %18s %16s\n", "span", "phases", "CPU/req on/off", "req/s on/off", "booked overhead")
+	fmt.Printf("   %-28s %7s %18s %18s %18s %16s\n", "span", "phases", "CPU/req on/off", "req/s on/off", "p99 on/off", "booked overhead")
 	for _, c := range []struct {
 		name string
 		ps   []*record.Phase
 	}{{"first second of each phase", first}, {fmt.Sprintf("the other %v", period-time.Second), rest}} {
-		var cpu, tput, booked []time.Duration
+		var cpu, tput, lat, booked []time.Duration
 		for i := 1; i+1 < len(c.ps); i++ {
 			p, a, b := c.ps[i], c.ps[i-1], c.ps[i+1]
 			if !p.On || a.On || b.On || p.Requests == 0 || a.Requests == 0 || b.Requests == 0 {
@@ -129,12 +131,18 @@ func printToggle(recs []record.Record, period time.Duration) {
 			cpu = append(cpu, time.Duration(1e6*per(p)/((per(a)+per(b))/2)))
 			tput = append(tput, time.Duration(1e6*rate(p)/((rate(a)+rate(b))/2)))
 			booked = append(booked, time.Duration(1e6*p.Overhead))
+			if q, qa, qb := phaseP99(reqs, p), phaseP99(reqs, a), phaseP99(reqs, b); q > 0 && qa > 0 && qb > 0 {
+				lat = append(lat, time.Duration(1e6*float64(q)/(float64(qa+qb)/2)))
+			}
 		}
 		if len(cpu) == 0 {
 			fmt.Printf("   %-28s %7d\n", c.name, 0)
 			continue
 		}
 		ratio := func(d []time.Duration) string {
+			if len(d) == 0 {
+				return "-"
+			}
 			lo, hi := d[0], d[0]
 			for _, x := range d {
 				lo, hi = min(lo, x), max(hi, x)
@@ -145,9 +153,24 @@ func printToggle(recs []record.Record, period time.Duration) {
 		if !c.ps[0].First {
 			over = fmt.Sprintf("%.2f%% of a CPU", float64(median(booked))/1e4)
 		}
-		fmt.Printf("   %-28s %7d %18s %18s %16s\n", c.name, len(cpu), ratio(cpu), ratio(tput), over)
+		fmt.Printf("   %-28s %7d %18s %18s %18s %16s\n", c.name, len(cpu), ratio(cpu), ratio(tput), ratio(lat), over)
 	}
 	printSeconds(rest)
+}
+
+// phaseP99 is the p99 latency of the requests in reqs (sorted by their
+// end) that ended within p; zero if none did.
+func phaseP99(reqs []done, p *record.Phase) time.Duration {
+	if p.Start.IsZero() {
+		return 0
+	}
+	from, _ := slices.BinarySearchFunc(reqs, p.Start, func(d done, t time.Time) int { return d.At.Compare(t) })
+	to, _ := slices.BinarySearchFunc(reqs, p.Start.Add(p.Wall), func(d done, t time.Time) int { return d.At.Compare(t) })
+	var lat []time.Duration
+	for _, d := range reqs[from:to] {
+		lat = append(lat, d.Lat)
+	}
+	return p99(lat)
 }
 
 // printSeconds prints what the Guard booked in each whole second of the on

@@ -153,6 +153,14 @@ type loadResult struct {
 	CPU      time.Duration   // server CPU during the load
 	Windows  []window        // one per second of the run
 	Records  []record.Record // the server's
+	// Done holds each request's end and latency (see phaseP99).
+	Done []done
+}
+
+// done is one request's end (the wall clock) and latency.
+type done struct {
+	At  time.Time
+	Lat time.Duration
 }
 
 type window struct {
@@ -252,6 +260,7 @@ func load(s *server, n, conc int, bugs float64, limit time.Duration) loadResult 
 			res.Errors++
 		}
 		all = append(all, sm.lat)
+		res.Done = append(res.Done, done{start.Add(sm.at), sm.lat})
 		sec := int(sm.at / time.Second)
 		perSec[sec] = append(perSec[sec], sm.lat)
 	}

@@ -47,8 +47,11 @@ type Record struct {
 // Phase is a measured span of a toggled run: the first second of a
 // phase (after Start returned, or after Close), or the rest of it.
 type Phase struct {
-	On       bool          `json:"on"`
-	First    bool          `json:"first,omitempty"`
+	On    bool `json:"on"`
+	First bool `json:"first,omitempty"`
+	// Start is when the span began (the wall clock, which the load
+	// generator's requests can be placed on).
+	Start    time.Time     `json:"start"`
 	Requests int64         `json:"requests"`
 	CPU      time.Duration `json:"cpu"`  // the process's user+system CPU (getrusage)
 	Wall     time.Duration `json:"wall"` // the span's length
@@ -178,7 +181,7 @@ func Toggle(mode, path string, period time.Duration, requests func() int64) (sto
 	}
 	now := func() mark { return mark{processCPU(), requests(), time.Now()} }
 	span := func(a, b mark, on, first bool) *Phase {
-		return &Phase{On: on, First: first, Requests: b.req - a.req, CPU: b.cpu - a.cpu, Wall: b.at.Sub(a.at)}
+		return &Phase{On: on, First: first, Start: a.at, Requests: b.req - a.req, CPU: b.cpu - a.cpu, Wall: b.at.Sub(a.at)}
 	}
 	go func() {
 		defer close(finished)
