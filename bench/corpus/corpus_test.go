@@ -6,11 +6,13 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/mapguard/mapguard"
+	"github.com/mapguard/mapguard/bench/corpus/record"
 )
 
 func TestLoadLabels(t *testing.T) {
@@ -191,5 +193,34 @@ func TestP99AndMedian(t *testing.T) {
 	}
 	if p99(nil) != 0 || median(nil) != 0 {
 		t.Error("empty input should give 0")
+	}
+}
+
+// phaseP99 takes the requests that ended within a phase, and none before
+// or after it.
+func TestPhaseP99(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	var reqs []done
+	for i := range 300 {
+		// 100 requests a second for 3 s; the second second's are slow.
+		lat := time.Millisecond
+		if i >= 100 && i < 200 {
+			lat = 10 * time.Millisecond
+		}
+		reqs = append(reqs, done{At: t0.Add(time.Duration(i) * 10 * time.Millisecond), Lat: lat})
+	}
+	slices.Reverse(reqs) // printToggle sorts them
+	slices.SortFunc(reqs, func(a, b done) int { return a.At.Compare(b.At) })
+	for _, c := range []struct {
+		from time.Duration
+		want time.Duration
+	}{{0, time.Millisecond}, {time.Second, 10 * time.Millisecond}, {2 * time.Second, time.Millisecond}, {5 * time.Second, 0}} {
+		p := &record.Phase{Start: t0.Add(c.from), Wall: time.Second}
+		if got := phaseP99(reqs, p); got != c.want {
+			t.Errorf("p99 of the phase from %v = %v, want %v", c.from, got, c.want)
+		}
+	}
+	if got := phaseP99(reqs, &record.Phase{Wall: time.Second}); got != 0 {
+		t.Errorf("p99 of a phase without a start = %v, want 0", got)
 	}
 }
