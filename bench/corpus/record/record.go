@@ -64,6 +64,9 @@ type Phase struct {
 	// its end.
 	Seconds     []time.Duration `json:"seconds,omitempty"`
 	WorstSecond time.Duration   `json:"worstSecond,omitempty"`
+	// Budget is Stats().Budget at the end of an on phase: what the
+	// account was built from (the calibrated trap costs, the trap scale).
+	Budget *mapguard.BudgetStats `json:"budget,omitempty"`
 }
 
 // Options returns the Guard options of a mode, and false for Off or an
@@ -227,7 +230,7 @@ func Toggle(mode, path string, period time.Duration, requests func() int64) (sto
 				p := span(m1, m2, on, false)
 				if g != nil {
 					if b := g.Stats().Budget; b != nil {
-						p.Overhead, p.WorstSecond, p.Seconds = b.Overhead, b.WorstSecond, seconds
+						p.Overhead, p.WorstSecond, p.Seconds, p.Budget = b.Overhead, b.WorstSecond, seconds, b
 					}
 				}
 				write(Record{Type: "phase", Phase: p})
