@@ -1076,13 +1076,16 @@ func TestRealNestedAcrossAttach(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	close(stop)
 	<-done
-	total := uint64(0)
+	total, sampled := uint64(0), 0
 	deadline := time.After(5 * time.Second)
 	for total < uint64(n) {
 		select {
 		case ev := <-events:
 			if ev.Kind == mapguard.NestedMapMiss && ev.Site.Line == line && strings.HasSuffix(ev.Site.File, "guard_linux_test.go") {
 				total += uint64(max(ev.Count, 1))
+				if ev.Sampled {
+					sampled++
+				}
 			}
 		case <-deadline:
 			t.Fatalf("%d of %d nested misses counted", total, n)
@@ -1093,13 +1096,18 @@ func TestRealNestedAcrossAttach(t *testing.T) {
 	for len(events) > 0 {
 		if ev := <-events; ev.Kind == mapguard.NestedMapMiss && ev.Site.Line == line {
 			total += uint64(max(ev.Count, 1))
+			if ev.Sampled {
+				sampled++
+			}
 		}
 	}
 	// An occurrence during the handover's one pass over the kernel's
 	// counts (microseconds here, more under the VMs' emulation) may be
 	// counted twice or not at all: seen once, by 1 of 372.
 	if total+2 < uint64(n) || total > uint64(n)+2 {
-		t.Errorf("%d nested misses counted, want %d (within 2)", total, n)
+		// Say whether the governor sampled the site (its counts then
+		// estimates): once in the 6.1 VM, 647 were counted of 627.
+		t.Errorf("%d nested misses counted, want %d (within 2); %d of the events sampled; budget %+v", total, n, sampled, g.Stats().Budget)
 	}
 	var own uint64
 	for _, s := range g.Stats().Sites {

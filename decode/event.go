@@ -167,9 +167,10 @@ type Event struct {
 	KeyHash uint64
 	KeyLen  int
 	Key     string
-	// Sampled is set on deep-watching events while the budget governor
-	// detaches the deep probes part of the time: the event is real, but
-	// counts are lower bounds.
+	// Sampled is set while the budget governor samples the event's probe
+	// site (attached for short windows, over the budget): the event is
+	// real, and a Count is an estimate, scaled by the time the site was
+	// attached.
 	Sampled bool
 }
 
