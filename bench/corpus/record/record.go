@@ -64,6 +64,9 @@ type Phase struct {
 	// its end.
 	Seconds     []time.Duration `json:"seconds,omitempty"`
 	WorstSecond time.Duration   `json:"worstSecond,omitempty"`
+	// Traps is the part of each of Seconds that the probes' hits cost
+	// (Stats.Budget.Traps); the rest is the Guard's own work.
+	Traps []time.Duration `json:"traps,omitempty"`
 	// Budget is Stats().Budget at the end of an on phase: what the
 	// account was built from (the calibrated trap costs, the trap scale).
 	Budget *mapguard.BudgetStats `json:"budget,omitempty"`
@@ -203,25 +206,26 @@ func Toggle(mode, path string, period time.Duration, requests func() int64) (sto
 					return
 				}
 			}
-			// spent is what the Guard booked so far (zero without one).
-			spent := func() time.Duration {
+			// spent is what the Guard booked so far, and the part of it
+			// that its probes' hits cost (zero without one).
+			spent := func() (time.Duration, time.Duration) {
 				if g != nil {
 					if b := g.Stats().Budget; b != nil {
-						return b.Spent
+						return b.Spent, b.Traps
 					}
 				}
-				return 0
+				return 0, 0
 			}
 			m0 := now()
 			ok := sleep(time.Second)
 			m1 := now()
-			last := spent()
-			seconds := []time.Duration{last}
+			last, lastTraps := spent()
+			seconds, traps := []time.Duration{last}, []time.Duration{lastTraps}
 			for left := period - time.Second; ok && left > 0; left -= time.Second {
 				ok = sleep(min(left, time.Second))
-				if s := spent(); ok && left >= time.Second && g != nil {
-					seconds = append(seconds, s-last)
-					last = s
+				if s, t := spent(); ok && left >= time.Second && g != nil {
+					seconds, traps = append(seconds, s-last), append(traps, t-lastTraps)
+					last, lastTraps = s, t
 				}
 			}
 			m2 := now()
@@ -230,7 +234,7 @@ func Toggle(mode, path string, period time.Duration, requests func() int64) (sto
 				p := span(m1, m2, on, false)
 				if g != nil {
 					if b := g.Stats().Budget; b != nil {
-						p.Overhead, p.WorstSecond, p.Seconds, p.Budget = b.Overhead, b.WorstSecond, seconds, b
+						p.Overhead, p.WorstSecond, p.Seconds, p.Traps, p.Budget = b.Overhead, b.WorstSecond, seconds, traps, b
 					}
 				}
 				write(Record{Type: "phase", Phase: p})
