@@ -82,10 +82,14 @@ type SiteStats struct {
 	// on purpose (net/http on every request).
 	NotOwned uint64
 	// Cost is what one hit of the site costs, as measured: the trap at its
-	// instruction (BudgetStats.StepCost or EmulatedCost) plus the BPF
-	// program's run time there. Rate is its hits per second while attached.
-	Cost time.Duration
-	Rate float64
+	// instruction (BudgetStats.StepCost or EmulatedCost, times TrapScale)
+	// plus the BPF program's run time there. TrapScale is what the trap
+	// sampler measured this trap to cost over its calibration, once its
+	// own samples were enough, else BudgetStats.TrapScale. Rate is its
+	// hits per second while attached.
+	Cost      time.Duration
+	TrapScale float64
+	Rate      float64
 	// Sampled: the site costs more than the budget allows, so it is
 	// attached for Window once every Period, and its counts are estimates
 	// (scaled by the time attached). Watched is how long it was attached
@@ -121,7 +125,11 @@ type BudgetStats struct {
 	// against the calibration on a function of the Guard's own. TrapScale
 	// is that ratio (1 until measured, never less: the calibration is a
 	// floor), and the governor books StepCost and EmulatedCost times
-	// TrapScale. What the samples cost (about 3 us each on a VM) is booked
+	// TrapScale. A trap whose own samples are enough is booked at a scale
+	// of its own (SiteStats.TrapScale): the cost in place differs by site
+	// (a rare hit in a program that trashes its caches between hits costs
+	// several times a hot one's), and TrapScale is the other traps'.
+	// What the samples cost (about 3 us each on a VM) is booked
 	// as the Guard's own work. TrapSamples counts the samples found in a
 	// trap. Without the sampler (its tracepoint not allowed), the
 	// calibrated costs stand.
@@ -217,6 +225,7 @@ func siteStatsOf(s probe.SiteStats) SiteStats {
 		OutOfScope: s.OutOfScope,
 		NotOwned:   s.NotOwned,
 		Cost:       s.Cost,
+		TrapScale:  s.TrapScale,
 		Rate:       s.Rate,
 		Sampled:    s.Sampled,
 		Window:     s.Window,

@@ -103,7 +103,9 @@ type BudgetStats struct {
 	// is that cost over the calibrated one (1 until measured, never less:
 	// the calibration is a floor); the governor books StepCost and
 	// EmulatedCost times TrapScale, and the samples' own cost as the
-	// Guard's work. TrapSamples counts the samples found in a trap.
+	// Guard's work. A trap whose own samples are enough has a scale of its
+	// own (SiteStats.TrapScale): TrapScale is the others'. TrapSamples
+	// counts the samples found in a trap.
 	Sampler     bool
 	TrapScale   float64
 	TrapSamples uint64
@@ -155,10 +157,13 @@ type SiteStats struct {
 	// on purpose (net/http on every request).
 	NotOwned uint64
 	// Cost is what one hit of the site costs, as measured: the trap at its
-	// instruction (BudgetStats.StepCost or EmulatedCost) plus the BPF
-	// program's run time there. Rate is its hits per second while attached.
-	Cost time.Duration
-	Rate float64
+	// instruction (BudgetStats.StepCost or EmulatedCost, times TrapScale)
+	// plus the BPF program's run time there. TrapScale is the trap's own
+	// scale once the trap sampler measured it, else BudgetStats.TrapScale.
+	// Rate is its hits per second while attached.
+	Cost      time.Duration
+	TrapScale float64
+	Rate      float64
 	// Sampled: the site costs more than the budget allows, so it is
 	// attached for Window once every Period, and its counts are estimates
 	// (scaled by the time attached). Watched is how long it was attached

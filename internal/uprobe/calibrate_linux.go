@@ -549,7 +549,7 @@ func (u *uprobes) calibratedFloor(s *site) time.Duration {
 func (u *uprobes) floor(s *site) time.Duration {
 	f := u.calibratedFloor(s)
 	if u.samp != nil {
-		f = time.Duration(float64(f) * u.samp.scale)
+		f = time.Duration(float64(f) * u.samp.scaleOf(s.index))
 	}
 	return f
 }

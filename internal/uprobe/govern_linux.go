@@ -678,7 +678,7 @@ func (u *uprobes) budgetStatsLocked(now time.Time) *probe.BudgetStats {
 		TrapScale:    1,
 	}
 	if p := u.samp; p != nil {
-		b.Sampler, b.TrapScale, b.TrapSamples = true, p.scale, p.inTraps
+		b.Sampler, b.TrapScale, b.TrapSamples = true, p.pool.scale, p.inTraps
 	}
 	for i := range u.gov.sites {
 		if u.gov.sites[i].sampled {

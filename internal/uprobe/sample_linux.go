@@ -10,6 +10,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"time"
 	"unsafe"
 
@@ -36,9 +37,13 @@ import (
 // of the samples, times the process's CPU time over the same stretch, is
 // what they cost; less their programs' measured time, over their hits'
 // calibrated floors, it is the scale the governor's floors are multiplied
-// by from then on (floor). One scale serves both kinds of trap: the cause
-// (colder caches) is the process's, and an estimate per kind would take
-// twice the samples.
+// by from then on (floor). A trap (an instruction) whose own samples are
+// enough gets a scale of its own: a rare hit in a program that trashes
+// its caches between hits (a nil-map write that net/http recovers and
+// logs) costs in place several times what a hot one costs, and one scale
+// for both over-books the one and under-books the other (see
+// estimateLocked). The others, and the single-stepped sites' second traps
+// (in the [uprobes] area, no site's), share the pool's scale.
 //
 // The interrupts come anyway: a sample costs the process only the
 // program's run, about sampleCost (BenchmarkSampleCost), booked as the
@@ -83,9 +88,11 @@ const (
 	// statistical error); the scale moves halfway to each new one. Until
 	// the first, a provisional one from firstSamples (about 35%) stands in
 	// (see estimateLocked).
+	// maxScale bounds a scale: a provisional estimate is +-35%, and the
+	// cold nil-map write's trap above measured about 6.
 	minSamples   = 20
 	firstSamples = 8
-	maxScale     = 4.0
+	maxScale     = 8.0
 )
 
 // sampler is the trap sampler's state; the reader's, under u.mu.
@@ -112,15 +119,18 @@ type sampler struct {
 	calibs int           // u.calibrations at the last read
 	// Per site, the counters at the last read.
 	hits, samples [maxSites]uint64
-	acc           sampleAcc
-	// scale is what the traps cost in place over their calibrated floor;
-	// 1 until measured.
-	scale     float64
-	estimates int
-	// provisional: the scale is the provisional estimate (see
-	// estimateLocked).
-	provisional bool
-	inTraps     uint64 // samples found in a trap, in all
+	// pool is the scale of the traps that have none of their own (see
+	// estimateLocked), and acc the process's samples and CPU time since
+	// its last estimate.
+	pool scaleEst
+	acc  sampleAcc
+	// Per trap, keyed by the index of the first site at its instruction
+	// (trapKey, set for the sites known): its own scale once its samples
+	// gave one, and its samples since its last estimate.
+	trapKey [maxSites]uint32
+	trapEst [maxSites]scaleEst
+	trapAcc [maxSites]sampleAcc
+	inTraps uint64 // samples found in a trap, in all
 	// The traps booked (ns) since winStart, for turning on and off.
 	winLoad  float64
 	winStart time.Time
@@ -132,9 +142,25 @@ type sampler struct {
 // sampleAcc is the samples and the booked costs since the last estimate,
 // over the stretches the sampler was on.
 type sampleAcc struct {
-	samples, own uint64
-	cpu          float64 // ns of the process's CPU over the same stretches
-	floor, prog  float64 // ns: the hits' calibrated trap floors, their programs' time
+	// samples found in the traps: a single-stepped trap's second part,
+	// in the [uprobes] area, is no one site's, and is shared among the
+	// single-stepped sites by their floors over the same tick.
+	samples     float64
+	own         uint64
+	cpu         float64 // ns of the process's CPU over the same stretches
+	floor, prog float64 // ns: the hits' calibrated trap floors, their programs' time
+}
+
+// scaleEst is one trap scale, and how far it was estimated.
+type scaleEst struct {
+	// scale is what the traps cost in place over their calibrated floor:
+	// 1 until measured for the pool; 0 for a trap with no scale of its
+	// own.
+	scale     float64
+	estimates int
+	// provisional: the scale is the provisional estimate (see
+	// estimateLocked).
+	provisional bool
 }
 
 // startSamplerLocked prepares the sampler, off. It is optional: without
@@ -154,7 +180,7 @@ func (u *uprobes) startSamplerLocked(countsOff int64) error {
 		xolEnd:   u.coll.Variables[mapguardVarXolEnd],
 		mem:      u.statsMem,
 		off:      countsOff,
-		scale:    1,
+		pool:     scaleEst{scale: 1},
 	}
 	if err := tgid.Set(uint32(os.Getpid())); err != nil {
 		return err
@@ -192,10 +218,23 @@ func (p *sampler) detach() {
 // APIC timer interrupt, in the interrupted thread's context.
 const sampleTracepoint = "local_timer_entry"
 
-// addTrapIPsLocked puts the sites added since the last call in trap_ips.
+// addTrapIPsLocked puts the sites added since the last call in trap_ips
+// (if the sampler has it: not in unit tests), and keys each with its
+// trap: the first site at its instruction.
 func (u *uprobes) addTrapIPsLocked(p *sampler) {
 	for ; p.known < len(u.sites); p.known++ {
 		s := u.sites[p.known]
+		p.trapKey[s.index] = s.index
+		at := s.fn.FileOffset + s.at.Offset
+		for _, t := range u.sites[:p.known] {
+			if t.fn.FileOffset+t.at.Offset == at {
+				p.trapKey[s.index] = p.trapKey[t.index]
+				break
+			}
+		}
+		if p.ips == nil {
+			continue
+		}
 		ips, n := trapIPs(s)
 		for _, ip := range ips[:n] {
 			if err := p.ips.Put(ip, s.index); err != nil {
@@ -210,15 +249,21 @@ func (u *uprobes) addTrapIPsLocked(p *sampler) {
 // the breakpoint's own while the kernel runs the programs (handle_swbp
 // sets it back there first); where the instruction resumes once the
 // kernel has emulated or single-stepped it (the next one, a branch's
-// target). A key is one site's only: sites at one instruction share a
-// trap, and resume addresses can coincide (two CALLs of one function).
+// target). Not the next instruction of an emulated JMP or CALL, where
+// the trap does not resume, and not a CALL's target either: the callee's
+// entry, which every other caller runs too (the nested read's CALL goes
+// to mapaccess1_faststr, which net/http calls on every header lookup).
+// A key is one site's only: sites at one instruction share a trap, and
+// resume addresses can coincide.
 func trapIPs(s *site) (ips [4]uint64, n int) {
 	at := s.fn.Entry + s.at.Offset
 	ips[0], ips[1], n = at, at+1, 2
-	if s.at.Len > 0 {
+	call := strings.HasPrefix(s.at.Inst, "CALL ")
+	jump := s.at.Emulated && s.at.Branch && (call || strings.HasPrefix(s.at.Inst, "JMP "))
+	if s.at.Len > 0 && !jump {
 		ips[n], n = at+uint64(s.at.Len), n+1
 	}
-	if s.at.Emulated && s.at.Branch {
+	if s.at.Emulated && s.at.Branch && !call {
 		ips[n], n = s.fn.Entry+s.at.Target, n+1
 	}
 	return ips, n
@@ -253,14 +298,24 @@ func (u *uprobes) sampleLocked(now time.Time) {
 	p.calibs = u.calibrations
 	a := &p.acc
 	var cpu time.Duration // the process's CPU time now, read once a tick at most
+	dcpu := 0.0
 	if p.on {
 		cpu = processCPU()
 		if counted {
+			dcpu = float64(cpu - p.cpu)
 			a.own += own
-			a.cpu += float64(cpu - p.cpu)
-			a.samples += xol
+			a.cpu += dcpu
 		}
 		p.cpu = cpu
+	}
+	// The single-stepped sites' floors this tick, to share xol among.
+	stepFloors := 0.0
+	if counted && xol > 0 {
+		for _, s := range u.sites {
+			if !s.at.Emulated && !u.sharedTrap(s) {
+				stepFloors += float64(u.counters[s.index].Hits-p.hits[s.index]) * float64(u.calibratedFloor(s))
+			}
+		}
 	}
 	for _, s := range u.sites {
 		cs := &u.counters[s.index]
@@ -274,12 +329,27 @@ func (u *uprobes) sampleLocked(now time.Time) {
 		if !u.sharedTrap(s) {
 			trap = float64(u.calibratedFloor(s))
 		}
-		p.winLoad += float64(dh) * (trap*p.scale + prog)
-		if counted {
-			a.samples += ds
-			a.floor += float64(dh) * trap
-			a.prog += float64(dh) * prog
+		k := p.trapKey[s.index]
+		p.winLoad += float64(dh) * (trap*p.scaleOf(s.index) + prog)
+		if !counted {
+			continue
 		}
+		if dh == 0 && s.link == nil {
+			// Detached all along: its addresses ran as plain code, and a
+			// sample there was in no trap.
+			ds = 0
+		}
+		t := &p.trapAcc[k]
+		if k == s.index {
+			t.own += own
+			t.cpu += dcpu
+		}
+		t.samples += float64(ds)
+		if !s.at.Emulated && trap > 0 && stepFloors > 0 {
+			t.samples += float64(xol) * float64(dh) * trap / stepFloors
+		}
+		t.floor += float64(dh) * trap
+		t.prog += float64(dh) * prog
 	}
 	// Its samples may cost sampleShare of each second's budget: once they
 	// have, the program is detached until the next second (a Go process
@@ -384,46 +454,136 @@ func (u *uprobes) offLock(op, done func()) {
 	}()
 }
 
-// estimateLocked corrects the scale once minSamples samples were found in
-// the traps; it reports whether it moved the scale, and whether that was
-// an estimate (done; not the provisional one, see below).
+// scaleOf is the scale site i's trap is booked at: its own, once its
+// samples gave one, else the pool's.
+func (p *sampler) scaleOf(i uint32) float64 {
+	if int(i) < p.known {
+		if sc := p.trapEst[p.trapKey[i]].scale; sc > 0 {
+			return sc
+		}
+	}
+	return p.pool.scale
+}
+
+// estimated reports whether any scale was estimated (not only
+// provisionally).
+func (p *sampler) estimated() bool {
+	if p.pool.estimates > 0 {
+		return true
+	}
+	for i := range p.known {
+		if p.trapEst[i].estimates > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// estimateLocked corrects the scales once enough samples are in (see
+// scaleEst.update); it reports whether it moved one, and whether one was
+// an estimate (done; not a provisional one).
 //
-// Before the first estimate the scale is 1, and the governor books the
-// traps at their calibrated floors: on the seeded service half what they
-// cost, for the 14-72 s the first estimate took. So once firstSamples
-// samples are in, a provisional estimate sets the scale, and the samples
-// go on to the first estimate, which replaces it; the sampler does not
-// rest after it.
+// A trap whose own samples are enough is given a scale of its own: what
+// a trap costs in place differs by site by more than any one scale can
+// say. On the seeded service a perf profile (20 s, 5 kHz) put the
+// recovered nil-map write's trap (mapassign_faststr's emulated JE, 120
+// hits a second, each followed by a panic that net/http recovers and logs
+// with a stack trace, caches cold) at about 21 us a hit, against 2.1 us
+// calibrated and 8.1 us of program; the nested read's emulated CALL at
+// 2.3 us, as calibrated. The one scale they shared read 4, its cap then:
+// it booked every other trap four times over, the hot sites' storms
+// included, and still under-booked the nil-map write's. With every site
+// exact (Budget 1) it read 1.0-1.2.
+//
+// The other traps share the pool's scale, estimated from their samples
+// together, less the trap with the most: that one is on its way to a
+// scale of its own, and in the seeded service, where it was the nil-map
+// write's, it made the pool's first estimate alone (7 of 8 samples).
 func (u *uprobes) estimateLocked() (moved, done bool) {
 	p := u.samp
-	a := &p.acc
-	provisional := p.estimates == 0 && !p.provisional && a.samples >= firstSamples
+	big := -1 // the pool's trap with the most samples
+	for i := range p.known {
+		k := u.sites[i].index
+		if p.trapKey[k] != k {
+			continue
+		}
+		e, t := &p.trapEst[k], &p.trapAcc[k]
+		before := *t
+		if m, d, measured := e.update(t); m {
+			moved, done = true, done || d
+			u.log.V(1).Info("trap cost measured in place", "function", u.sites[i].fn.Name, "offset", u.sites[i].at.Offset,
+				"samples", before.samples, "of", before.own, "measured", measured, "scale", e.scale, "provisional", !d)
+		}
+		if e.scale == 0 && (big < 0 || t.samples > p.trapAcc[big].samples) {
+			big = int(k)
+		}
+	}
+	pool := sampleAcc{own: p.acc.own, cpu: p.acc.cpu}
+	for i := range p.known {
+		k := u.sites[i].index
+		if t := &p.trapAcc[k]; p.trapKey[k] == k && p.trapEst[k].scale == 0 && int(k) != big {
+			pool.samples += t.samples
+			pool.floor += t.floor
+			pool.prog += t.prog
+		}
+	}
+	before := pool
+	m, d, measured := p.pool.update(&pool)
+	if pool.own == 0 && before.own > 0 {
+		// The pool's samples were used (or told nothing): its traps start
+		// again with it.
+		p.acc = sampleAcc{}
+		for i := range p.known {
+			if k := u.sites[i].index; p.trapKey[k] == k && p.trapEst[k].scale == 0 && int(k) != big {
+				p.trapAcc[k] = sampleAcc{}
+			}
+		}
+	}
+	if m {
+		moved, done = true, done || d
+		u.log.V(1).Info("trap cost measured in place", "samples", before.samples, "of", before.own,
+			"measured", measured, "scale", p.pool.scale, "provisional", !d)
+	}
+	return moved, done
+}
+
+// update corrects e from a once minSamples samples were found in the
+// traps (then a is emptied), and reports whether it moved the scale,
+// whether that was an estimate (done; not the provisional one, see
+// below), and what was measured.
+//
+// Before the first estimate the pool's scale is 1, and the governor books
+// the traps at their calibrated floors: on the seeded service half what
+// they cost, for the 14-72 s the first estimate took. So once
+// firstSamples samples are in, a provisional estimate sets the scale,
+// and the samples go on to the first estimate, which replaces it; the
+// sampler does not rest after it.
+func (e *scaleEst) update(a *sampleAcc) (moved, done bool, measured float64) {
+	provisional := e.estimates == 0 && !e.provisional && a.samples >= firstSamples
 	if a.samples < minSamples && !provisional {
-		return false, false
+		return false, false, 0
 	}
 	if a.floor <= 0 || a.own == 0 {
+		// Samples at a trap's addresses while it took no hit (its code
+		// ran detached), or no process samples: nothing to tell.
 		*a = sampleAcc{}
-		return false, false
+		return false, false, 0
 	}
-	traps := float64(a.samples) / float64(a.own) * a.cpu
-	measured := (traps - a.prog) / a.floor
+	traps := a.samples / float64(a.own) * a.cpu
+	measured = (traps - a.prog) / a.floor
 	est := min(max(measured, 1), maxScale)
 	if a.samples < minSamples {
-		p.scale, p.provisional = est, true
-		u.log.V(1).Info("trap cost measured in place (provisional)", "samples", a.samples, "of", a.own,
-			"measured", measured, "scale", p.scale)
-		return true, false
+		e.scale, e.provisional = est, true
+		return true, false, measured
 	}
-	if p.estimates == 0 {
-		p.scale = est
+	if e.estimates == 0 {
+		e.scale = est
 	} else {
-		p.scale = (p.scale + est) / 2
+		e.scale = (e.scale + est) / 2
 	}
-	p.estimates++
-	u.log.V(1).Info("trap cost measured in place", "samples", a.samples, "of", a.own,
-		"measured", measured, "scale", p.scale)
+	e.estimates++
 	*a = sampleAcc{}
-	return true, true
+	return true, true, measured
 }
 
 // xolArea returns the process's [uprobes] area, where the kernel runs the

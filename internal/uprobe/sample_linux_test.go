@@ -50,7 +50,7 @@ func TestTrapSampler(t *testing.T) {
 			sum += sampleMiss(k + 2)
 		}
 		p.mu.Lock()
-		done := p.samp.estimates > 0
+		done := p.samp.estimated()
 		p.mu.Unlock()
 		if done {
 			break
@@ -60,7 +60,7 @@ func TestTrapSampler(t *testing.T) {
 	t.Logf("%+v", *st)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.samp.estimates == 0 {
+	if !p.samp.estimated() {
 		t.Fatalf("no estimate in 60 s of traps: %d samples in traps of %d", p.samp.inTraps, p.samp.counts.Own)
 	}
 	if st.TrapSamples < minSamples || st.TrapScale < 1 || st.TrapScale > maxScale {
@@ -96,48 +96,118 @@ func (p *sampler) open() error {
 // The first estimate is preceded by a provisional one from firstSamples
 // samples, which it replaces; the sampler rests only after an estimate.
 func TestTrapEstimates(t *testing.T) {
-	u := &uprobes{log: logr.Discard(), samp: &sampler{scale: 1}}
-	p := u.samp
+	e := scaleEst{scale: 1}
+	var a sampleAcc
 	// Traps are a hundredth of the samples, the process used 1 s of CPU,
 	// the hits' floors were 4 ms: the traps cost 10 ms, a scale of 2.5.
-	feed := func(samples uint64) (bool, bool) {
-		p.acc = sampleAcc{samples: samples, own: 100 * samples, cpu: 1e9, floor: 4e6}
-		return u.estimateLocked()
+	feed := func(samples float64) (bool, bool) {
+		a = sampleAcc{samples: samples, own: uint64(100 * samples), cpu: 1e9, floor: 4e6}
+		moved, done, _ := e.update(&a)
+		return moved, done
 	}
-	if moved, done := feed(firstSamples - 1); moved || done || p.scale != 1 {
-		t.Fatalf("%d samples: moved %v, done %v, scale %v", firstSamples-1, moved, done, p.scale)
+	if moved, done := feed(firstSamples - 1); moved || done || e.scale != 1 {
+		t.Fatalf("%d samples: moved %v, done %v, scale %v", firstSamples-1, moved, done, e.scale)
 	}
-	if moved, done := feed(firstSamples); !moved || done || math.Abs(p.scale-2.5) > 1e-9 || !p.provisional {
-		t.Fatalf("%d samples: moved %v, done %v, scale %v, want a provisional 2.5", firstSamples, moved, done, p.scale)
+	if moved, done := feed(firstSamples); !moved || done || math.Abs(e.scale-2.5) > 1e-9 || !e.provisional {
+		t.Fatalf("%d samples: moved %v, done %v, scale %v, want a provisional 2.5", firstSamples, moved, done, e.scale)
 	}
-	if p.acc.samples != firstSamples {
-		t.Errorf("the provisional estimate dropped its samples (%d left): the first estimate counts them", p.acc.samples)
+	if a.samples != firstSamples {
+		t.Errorf("the provisional estimate dropped its samples (%v left): the first estimate counts them", a.samples)
 	}
 	// Still short of minSamples: no second provisional estimate.
-	p.acc = sampleAcc{samples: minSamples - 1, own: 50 * (minSamples - 1), cpu: 1e9, floor: 4e6}
-	if moved, _ := u.estimateLocked(); moved {
-		t.Errorf("a second provisional estimate (scale %v)", p.scale)
+	a = sampleAcc{samples: minSamples - 1, own: 50 * (minSamples - 1), cpu: 1e9, floor: 4e6}
+	if moved, _, _ := e.update(&a); moved {
+		t.Errorf("a second provisional estimate (scale %v)", e.scale)
 	}
 	// The first estimate replaces the provisional one; the next moves halfway.
-	if moved, done := feed(minSamples); !moved || !done || math.Abs(p.scale-2.5) > 1e-9 || p.estimates != 1 {
-		t.Fatalf("first estimate: moved %v, done %v, scale %v", moved, done, p.scale)
+	if moved, done := feed(minSamples); !moved || !done || math.Abs(e.scale-2.5) > 1e-9 || e.estimates != 1 {
+		t.Fatalf("first estimate: moved %v, done %v, scale %v", moved, done, e.scale)
 	}
-	p.acc = sampleAcc{samples: minSamples, own: 200 * minSamples, cpu: 1e9, floor: 4e6} // 1.25
-	if moved, done := u.estimateLocked(); !moved || !done || math.Abs(p.scale-(2.5+1.25)/2) > 1e-9 {
-		t.Errorf("second estimate: moved %v, done %v, scale %v, want %v", moved, done, p.scale, (2.5+1.25)/2)
+	a = sampleAcc{samples: minSamples, own: 200 * minSamples, cpu: 1e9, floor: 4e6} // 1.25
+	if moved, done, _ := e.update(&a); !moved || !done || math.Abs(e.scale-(2.5+1.25)/2) > 1e-9 {
+		t.Errorf("second estimate: moved %v, done %v, scale %v, want %v", moved, done, e.scale, (2.5+1.25)/2)
+	}
+	// Samples with no floor (a trap's code ran while it was detached) tell
+	// nothing: they are dropped.
+	a = sampleAcc{samples: minSamples, own: 1e4, cpu: 1e9}
+	if moved, _, _ := e.update(&a); moved || a.samples != 0 {
+		t.Errorf("samples without hits: moved %v, %v samples left", moved, a.samples)
 	}
 }
 
 // trapIPs gives the breakpoint, one past it, and where the instruction
-// resumes: the next instruction and, for an emulated branch, its target.
+// resumes: the next instruction and, for an emulated branch, its target;
+// only the target for an emulated JMP, neither for a CALL.
 func TestTrapIPs(t *testing.T) {
-	call := &site{fn: symbols.Func{Entry: 0x1000}, found: found{at: x86site.Site{Offset: 0x20, Emulated: true, Len: 5, Branch: true, Target: 0x400}}}
-	if ips, n := trapIPs(call); n != 4 || ips != [4]uint64{0x1020, 0x1021, 0x1025, 0x1400} {
+	call := &site{fn: symbols.Func{Entry: 0x1000}, found: found{at: x86site.Site{Offset: 0x20, Inst: "CALL .+992", Emulated: true, Len: 5, Branch: true, Target: 0x400}}}
+	if ips, n := trapIPs(call); n != 2 || ips != [4]uint64{0x1020, 0x1021, 0, 0} {
 		t.Errorf("emulated CALL: %#x", ips[:n])
 	}
-	step := &site{fn: symbols.Func{Entry: 0x1000}, found: found{at: x86site.Site{Offset: 0x30, Len: 7}}}
+	jmp := &site{fn: symbols.Func{Entry: 0x1000}, found: found{at: x86site.Site{Offset: 0x20, Inst: "JMP .+16", Emulated: true, Len: 2, Branch: true, Target: 0x32}}}
+	if ips, n := trapIPs(jmp); n != 3 || ips != [4]uint64{0x1020, 0x1021, 0x1032, 0} {
+		t.Errorf("emulated JMP: %#x", ips[:n])
+	}
+	jcc := &site{fn: symbols.Func{Entry: 0x1000}, found: found{at: x86site.Site{Offset: 0x20, Inst: "JE .+4", Emulated: true, Len: 2, Branch: true, Target: 0x26}}}
+	if ips, n := trapIPs(jcc); n != 4 || ips != [4]uint64{0x1020, 0x1021, 0x1022, 0x1026} {
+		t.Errorf("emulated JE: %#x", ips[:n])
+	}
+	step := &site{fn: symbols.Func{Entry: 0x1000}, found: found{at: x86site.Site{Offset: 0x30, Inst: "LEAQ 0x10(IP), AX", Len: 7}}}
 	if ips, n := trapIPs(step); n != 3 || ips != [4]uint64{0x1030, 0x1031, 0x1037, 0} {
 		t.Errorf("single-stepped LEAQ: %#x", ips[:n])
+	}
+}
+
+// A trap whose own samples are enough gets a scale of its own; the
+// others are booked at the pool's, estimated from their samples less
+// those of the trap with the most, and sites at one instruction share
+// their trap's.
+func TestTrapScalePerTrap(t *testing.T) {
+	at := func(i uint32, off uint64) *site {
+		return &site{index: i, fn: symbols.Func{Entry: 0x1000, FileOffset: 0x1000}, found: found{at: x86site.Site{Offset: off, Inst: "JE .+4", Emulated: true, Len: 2, Branch: true, Target: off + 6}}}
+	}
+	// 0: a cold trap (a hit followed by a recovered panic); 1 and 2: one
+	// instruction, two sites; 3, 4 and 5: other traps.
+	u := &uprobes{log: logr.Discard(), samp: &sampler{pool: scaleEst{scale: 1}}}
+	u.sites = []*site{at(0, 0x10), at(1, 0x40), at(2, 0x40), at(3, 0x80), at(4, 0x90), at(5, 0xa0)}
+	p := u.samp
+	u.addTrapIPsLocked(p)
+	if [6]uint32(p.trapKey[:6]) != [6]uint32{0, 1, 1, 3, 4, 5} {
+		t.Fatalf("trap keys %v, want 0 1 1 3 4 5", p.trapKey[:6])
+	}
+	// A sample is 0.1 ms of the process's CPU. The cold trap: 10
+	// samples, 1 ms, on floors of 0.1 ms: a scale of 10, at the cap.
+	// Trap 1: 7 samples on 0.35 ms of floors (a scale of 2, short of an
+	// estimate of its own, the pool's biggest); 3 and 4: 3 samples each
+	// on 0.5 ms, 6 with trap 1's left out, short of the pool's first.
+	acc := func(samples, floor float64) sampleAcc {
+		return sampleAcc{samples: samples, own: 1e4, cpu: 1e9, floor: floor}
+	}
+	p.trapAcc[0], p.trapAcc[1], p.trapAcc[3], p.trapAcc[4] = acc(10, 1e5), acc(7, 3.5e5), acc(3, 5e5), acc(3, 5e5)
+	p.acc = sampleAcc{own: 1e4, cpu: 1e9}
+	if moved, done := u.estimateLocked(); !moved || done {
+		t.Fatalf("moved %v, done %v: want provisional scales", moved, done)
+	}
+	for i, want := range []float64{maxScale, 1, 1, 1, 1, 1} {
+		if got := p.scaleOf(uint32(i)); math.Abs(got-want) > 1e-9 {
+			t.Errorf("site %d: scale %v, want %v", i, got, want)
+		}
+	}
+	if p.pool.provisional {
+		t.Errorf("pool scale %v, provisional: its traps but the biggest have 6 samples", p.pool.scale)
+	}
+	// Trap 5's samples make the pool's first: 8 samples besides trap 1's,
+	// on 1.6 ms of floors less nothing of program: 0.5, so 1.
+	p.trapAcc[5] = acc(0, 6e5)
+	p.trapAcc[3].samples, p.trapAcc[4].samples = 4, 4
+	u.estimateLocked()
+	if !p.pool.provisional || p.pool.scale != 1 {
+		t.Errorf("pool: %+v, want a provisional 1", p.pool)
+	}
+	// Sites added later at a known instruction share its trap.
+	u.sites = append(u.sites, at(6, 0x10))
+	u.addTrapIPsLocked(p)
+	if got := p.scaleOf(6); got != maxScale {
+		t.Errorf("a site at the cold trap's instruction: scale %v, want %v", got, maxScale)
 	}
 }
 

@@ -98,6 +98,10 @@ func (u *uprobes) publishStatsLocked(now time.Time) {
 		if u.gov != nil {
 			g := &u.gov.sites[s.index]
 			ss.Cost = time.Duration(g.cost)
+			ss.TrapScale = 1
+			if u.samp != nil {
+				ss.TrapScale = u.samp.scaleOf(s.index)
+			}
 			ss.Rate = g.rate
 			ss.Watched = g.watched
 			if g.armed && !g.armedAt.After(now) {
