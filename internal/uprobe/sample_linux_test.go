@@ -211,6 +211,25 @@ func TestTrapScalePerTrap(t *testing.T) {
 	}
 }
 
+// The sampler stops for the second before the next tick's samples would
+// take it past its share of the budget, not after.
+func TestSampleCapped(t *testing.T) {
+	const perSecond = 10e6 // the default budget's second: 1 ms of samples, 333 at 3 us
+	for _, tc := range []struct {
+		secOwn, own uint64
+		want        bool
+	}{
+		{0, 100, false},
+		{100, 100, false},
+		{290, 190, true}, // 0.87 ms so far, 1.44 ms by the next tick
+		{340, 0, true},
+	} {
+		if got := sampleCapped(tc.secOwn, tc.own, perSecond); got != tc.want {
+			t.Errorf("%d samples so far, %d in the last tick: capped %v, want %v", tc.secOwn, tc.own, got, tc.want)
+		}
+	}
+}
+
 var sampleSink uint64
 
 // sampleWork is a fixed amount of CPU work, about 20 ms here.
