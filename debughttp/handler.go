@@ -302,7 +302,7 @@ func (h *Handler) sites() Sites {
 		}
 		out.Probes = append(out.Probes, ProbeSite{Function: p.Function, Offset: p.Offset, Kind: kind, Deep: p.Deep,
 			Inst: p.Inst, Emulated: p.Emulated, Armed: p.Armed, Hits: p.Hits, Events: p.Events, Dropped: p.Dropped,
-			Cost: p.Cost, Sampled: p.Sampled, Window: p.Window, Period: p.Period})
+			Cost: p.Cost, TrapScale: p.TrapScale, Sampled: p.Sampled, Window: p.Window, Period: p.Period})
 	}
 
 	ops := h.g.OpStats()

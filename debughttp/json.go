@@ -122,12 +122,14 @@ type ProbeSite struct {
 	Hits     uint64 `json:"hits"`
 	Events   uint64 `json:"events"`
 	Dropped  uint64 `json:"dropped"`
-	// Cost is what one hit costs here, as measured; Sampled: over the
-	// budget, attached for Window every Period.
-	Cost    time.Duration `json:"costNs"`
-	Sampled bool          `json:"sampled,omitempty"`
-	Window  time.Duration `json:"windowNs,omitempty"`
-	Period  time.Duration `json:"periodNs,omitempty"`
+	// Cost is what one hit costs here, as measured, its trap booked at
+	// TrapScale times the calibration; Sampled: over the budget, attached
+	// for Window every Period.
+	Cost      time.Duration `json:"costNs"`
+	TrapScale float64       `json:"trapScale"`
+	Sampled   bool          `json:"sampled,omitempty"`
+	Window    time.Duration `json:"windowNs,omitempty"`
+	Period    time.Duration `json:"periodNs,omitempty"`
 }
 
 // Operation is a mapguard.OpStat.

@@ -81,7 +81,7 @@ var (
 	TrapCost = &Desc{Name: "mapguard_trap_cost_seconds", Type: Gauge, Unit: "s", Labels: []string{"instruction"},
 		Help: "What one trap costs on this machine with an empty program, at a single-stepped or an emulated instruction, as last calibrated."}
 	TrapScale = &Desc{Name: "mapguard_trap_scale_ratio", Type: Gauge, Unit: "1",
-		Help: "What the traps cost in this process, measured by the trap sampler, over their calibrated cost; the governor books the calibrated cost times this (1 until measured)."}
+		Help: "What the traps cost in this process, measured by the trap sampler, over their calibrated cost, for the traps with no scale of their own; the governor books their calibrated cost times this (1 until measured)."}
 )
 
 // Descs lists every metric Collect may return.
