@@ -124,7 +124,7 @@ func TestRealDeleteCounts(t *testing.T) {
 				got++
 			}
 		case <-timeout:
-			t.Fatalf("%d missing-key deletes reported, want %d", got, n)
+			t.Fatalf("%d missing-key deletes reported, want %d; %s", got, n, governorState(g))
 		}
 	}
 	select {

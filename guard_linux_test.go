@@ -1085,16 +1085,7 @@ func TestRealNestedAcrossAttach(t *testing.T) {
 	// why says whether the governor sampled the sites (the counts are then
 	// estimates), and what it booked them at: once in the 6.1 VM 647 were
 	// counted of 627, once 543 of 659 by the deadline.
-	why := func() string {
-		var b strings.Builder
-		fmt.Fprintf(&b, "%d of the events sampled; budget %+v", sampled, *g.Stats().Budget)
-		for _, s := range g.Stats().Sites {
-			if s.Hits > 0 {
-				fmt.Fprintf(&b, "\n  %s+%#x %s: %d hits, sampled %v, cost %v (trap scale %.2f), %.0f/s", s.Function, s.Offset, s.Kind, s.Hits, s.Sampled, s.Cost, s.TrapScale, s.Rate)
-			}
-		}
-		return b.String()
-	}
+	why := func() string { return fmt.Sprintf("%d of the events sampled; %s", sampled, governorState(g)) }
 	deadline := time.After(5 * time.Second)
 	for total < uint64(n) {
 		select {
@@ -1135,6 +1126,23 @@ func TestRealNestedAcrossAttach(t *testing.T) {
 		t.Errorf("the nested read's own site took %d of %d: the attach did not fall inside the run", own, n)
 	}
 	t.Logf("%d nested misses, counted %d; %d at the read's own site", n, total, own)
+}
+
+// governorState is what a test that counts occurrences says when the
+// count is off: the Budget stats, and every site with hits, sampled or
+// not (its counts then estimates), its cost and trap scale, its rate.
+func governorState(g *mapguard.Guard) string {
+	var b strings.Builder
+	st := g.Stats()
+	if st.Budget != nil {
+		fmt.Fprintf(&b, "budget %+v", *st.Budget)
+	}
+	for _, s := range st.Sites {
+		if s.Hits > 0 {
+			fmt.Fprintf(&b, "\n  %s+%#x %s: %d hits, sampled %v, cost %v (trap scale %.2f), %.0f/s", s.Function, s.Offset, s.Kind, s.Hits, s.Sampled, s.Cost, s.TrapScale, s.Rate)
+		}
+	}
+	return b.String()
 }
 
 // awaitNestedSite waits for the site of a nested read in the function
