@@ -82,6 +82,20 @@ func TestTrapSampler(t *testing.T) {
 	}
 }
 
+// estimated reports whether any scale was estimated (not only
+// provisionally).
+func (p *sampler) estimated() bool {
+	if p.pool.estimates > 0 {
+		return true
+	}
+	for i := range p.known {
+		if p.trapEst[i].estimates > 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // open begins sampling at once, under u.mu (the Guard attaches off it, see
 // sampleAttachLocked), for the benchmarks.
 func (p *sampler) open() error {
