@@ -589,7 +589,12 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 			if govNext.IsZero() {
 				govNext = time.Now().Add(time.Hour)
 			}
-			if u.gov.storm(time.Now()) {
+			if now := time.Now(); u.gov.startLook(now) {
+				// Start's storm (see startLook): look every startPoll.
+				if t := now.Add(startPoll); next.IsZero() || t.Before(next) {
+					next, polling = t, true
+				}
+			} else if u.gov.storm(now) {
 				// The kernel's wake-up reaches a goroutine through Go's
 				// netpoller, which a saturated process polls late (seen:
 				// 60-90 ms while traps spent 60 ms of CPU); a timer is
@@ -601,7 +606,7 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 			}
 		}
 		u.wakeAt = next
-		if !next.IsZero() {
+		if !next.IsZero() && !polling {
 			// Rounded up a millisecond, as a ring buffer's wait would be.
 			next = next.Add(time.Millisecond)
 		}

@@ -988,6 +988,26 @@ func (g *governor) storm(now time.Time) bool {
 		now.Sub(later(g.pressureAt, g.demotedAt)) < stormQuiet
 }
 
+// startLook reports whether the waker must look at the spend on a timer
+// (every startPoll), whatever the kernel's wake-ups: until the governor's
+// first look at the rates (see limit), in the first startLookSpan. The
+// storm a busy program makes at Start (hot runtime sites, single-stepped,
+// trapping on both CPUs) crosses firstLook within a millisecond, and the
+// kernel's wake-up reached the waker through the netpoller 1-9 ms later
+// on the seeded service, while the traps went on: 1.5-10 ms of them
+// before the governor first ran, most of the first second's budget.
+func (g *governor) startLook(now time.Time) bool {
+	return !g.looked && now.Sub(g.start) < startLookSpan
+}
+
+// startPoll is how often the waker looks while startLook; startLookSpan
+// bounds how long (a program with no hot site never has a rate measured
+// so soon).
+const (
+	startPoll     = time.Millisecond
+	startLookSpan = 50 * time.Millisecond
+)
+
 // stormSpan bounds how long storm reports one storm; stormQuiet is how
 // long it does after the last demotion.
 const (

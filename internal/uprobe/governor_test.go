@@ -833,6 +833,33 @@ func TestGovernorCrossingLate(t *testing.T) {
 	}
 }
 
+// Until its first look at the rates, the governor is looked at on a timer
+// (the kernel's wake-up is late in a busy process), for startLookSpan at
+// most: a program with no hot site is not polled for ever.
+func TestGovernorStartLook(t *testing.T) {
+	start := time.Unix(1000, 0)
+	g := newGovernor(0.01, []float64{20_000}, simCycle, 30*time.Millisecond, start)
+	if !g.startLook(start.Add(startPoll)) {
+		t.Fatal("no timed look right after start")
+	}
+	if g.startLook(start.Add(startLookSpan)) {
+		t.Error("timed looks past startLookSpan")
+	}
+	g.account(start.Add(2*time.Millisecond), 2e6, []uint64{100}, 0) // a storm: 50,000 hits a second
+	if !g.looked {
+		t.Fatal("no rate from 100 hits in 2 ms")
+	}
+	if g.startLook(start.Add(3 * time.Millisecond)) {
+		t.Error("timed looks after the rates were measured")
+	}
+	if !g.sites[0].sampled {
+		attach, detach, _ := g.plan(start.Add(2 * time.Millisecond))
+		if !g.sites[0].sampled || len(attach) != 0 || len(detach) != 1 {
+			t.Errorf("the storm's site not demoted at the first look: sampled %v, attach %v, detach %v", g.sites[0].sampled, attach, detach)
+		}
+	}
+}
+
 // When the second has room for some of the windows due, the site serving
 // events opens first, then the statistics' site that waited longest; the
 // other waits for the next beat.
