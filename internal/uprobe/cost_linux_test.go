@@ -216,9 +216,10 @@ func deepHits(p probe.Probe) uint64 {
 	return n
 }
 
-// Two sites at one instruction share one trap while both are attached: it
-// is charged to the first attached one only; once that one is detached
-// (the governor samples them apart), the other bears it whole.
+// Two sites at one instruction share one trap while both are attached, or
+// both are being detached with one link: it is charged to the first one
+// only; once that one is detached (the governor samples them apart), the
+// other bears it whole.
 func TestSharedTrapCost(t *testing.T) {
 	fn := symbols.Func{Name: "runtime.mapaccess1_faststr", FileOffset: 0x1000}
 	at := func(i uint32, off uint64) *site {
@@ -240,6 +241,16 @@ func TestSharedTrapCost(t *testing.T) {
 	check("all attached", []float64{20000, 0, 20000, 0})
 	u.sites[0].link = nil // sampled apart: site 1 traps alone
 	check("the first detached", []float64{20000, 20000, 20000, 0})
+	// Detached with one link (Start's, demoted in a storm): the kernel
+	// removes the breakpoint with the second site, and the two trap
+	// together until then: the trap is still the first one's.
+	start := &fakeLink{}
+	for _, i := range []int{0, 1, 3} {
+		u.sites[i].link, u.sites[i].closing, u.sites[i].detaching = nil, start, true
+	}
+	check("detached together", []float64{20000, 0, 20000, 0})
+	u.sites[3].closing = &fakeLink{} // its own link: it may outlast the others
+	check("detached with two links", []float64{20000, 0, 20000, 20000})
 }
 
 // fakeLink stands for an attached link where only its presence counts.

@@ -467,7 +467,7 @@ func (u *uprobes) detachBatchLocked(group []int) (b detachBatch, ok bool) {
 		if !slices.Contains(links, s.link) {
 			links = append(links, s.link)
 		}
-		s.link, s.detaching = nil, true
+		s.link, s.closing, s.detaching = nil, s.link, true
 		sites = append(sites, s)
 		if int(s.index) < len(u.gov.sites) {
 			b.load = max(b.load, u.gov.sites[s.index].heat())
@@ -526,7 +526,7 @@ func (u *uprobes) detach(sites []*site, links []link.Link) {
 	u.extra += cpu + time.Duration(len(links))*u.linkOthers
 	now := time.Now()
 	for _, s := range sites {
-		s.detaching = false
+		s.detaching, s.closing = false, nil
 		u.detaching--
 		if u.gov != nil {
 			u.gov.disarmed(int(s.index), now)
