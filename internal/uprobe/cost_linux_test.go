@@ -246,7 +246,7 @@ func TestSharedTrapCost(t *testing.T) {
 	// together until then: the trap is still the first one's.
 	start := &fakeLink{}
 	for _, i := range []int{0, 1, 3} {
-		u.sites[i].link, u.sites[i].closing, u.sites[i].detaching = nil, start, true
+		u.sites[i].link, u.sites[i].closing = nil, start
 	}
 	check("detached together", []float64{20000, 0, 20000, 0})
 	u.sites[3].closing = &fakeLink{} // its own link: it may outlast the others

@@ -254,7 +254,7 @@ func (u *uprobes) attachGroupLocked(group []int) {
 	job := attachJob{multi: u.multi, ex: u.ex}
 	for _, i := range group {
 		s := u.sites[i]
-		if s.link != nil || s.detaching || s.attaching {
+		if s.link != nil || s.closing != nil || s.attaching {
 			continue
 		}
 		s.attaching = true
@@ -379,7 +379,7 @@ func (u *uprobes) moveGroupLocked(group []int, detach [][]int, now time.Time) []
 	var progs [2][]*site // always-on, deep
 	for _, i := range group {
 		s := u.sites[i]
-		if s.link == nil || s.detaching {
+		if s.link == nil || s.closing != nil {
 			continue // not attached: nothing to keep
 		}
 		shared := false
@@ -467,7 +467,7 @@ func (u *uprobes) detachBatchLocked(group []int) (b detachBatch, ok bool) {
 		if !slices.Contains(links, s.link) {
 			links = append(links, s.link)
 		}
-		s.link, s.closing, s.detaching = nil, s.link, true
+		s.link, s.closing = nil, s.link
 		sites = append(sites, s)
 		if int(s.index) < len(u.gov.sites) {
 			b.load = max(b.load, u.gov.sites[s.index].heat())
@@ -526,7 +526,7 @@ func (u *uprobes) detach(sites []*site, links []link.Link) {
 	u.extra += cpu + time.Duration(len(links))*u.linkOthers
 	now := time.Now()
 	for _, s := range sites {
-		s.detaching, s.closing = false, nil
+		s.closing = nil
 		u.detaching--
 		if u.gov != nil {
 			u.gov.disarmed(int(s.index), now)
@@ -600,7 +600,7 @@ func (u *uprobes) runWaker(r *ringbuf.Reader, ready chan<- error) {
 				// 60-90 ms while traps spent 60 ms of CPU); a timer is
 				// run on time. While the budget is under pressure, look
 				// every stormPoll as well.
-				if t := time.Now().Add(stormPoll); next.IsZero() || t.Before(next) {
+				if t := now.Add(stormPoll); next.IsZero() || t.Before(next) {
 					next, polling = t, true
 				}
 			}

@@ -201,8 +201,7 @@ type site struct {
 	keyMode uint8
 	found
 	link      link.Link         // nil while detached
-	detaching bool              // a detach is in flight
-	closing   link.Link         // while detaching: the link being closed
+	closing   link.Link         // while a detach is in flight: the link being closed
 	attaching bool              // an attach is in flight (see attachGroupLocked)
 	gen       uint8             // link generation of link (see cookie)
 	final     mapguardSiteStats // counters at Close
