@@ -589,9 +589,11 @@ func GoroutineFunctions() []string {
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).run",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).runWaker",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).runDeep",
-		// For tens of ms after Start, and while the governor attaches or
-		// detaches a sampled site's probe:
+		// For about a second after Start (its calibration's links are
+		// closed after Start's first second), and while the governor
+		// attaches or detaches a sampled site's probe:
 		"github.com/mapguard/mapguard/internal/uprobe.(*calibrating).run",
+		"github.com/mapguard/mapguard/internal/uprobe.(*linkLane).holdEnded",
 		"github.com/mapguard/mapguard/internal/uprobe.closeTimed",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).finishCalibration",
 		"github.com/mapguard/mapguard/internal/uprobe.(*uprobes).detach",

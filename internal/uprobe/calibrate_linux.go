@@ -225,13 +225,13 @@ type calibrating struct {
 // executable handle of its own; it needs nothing else of Start's.
 func (u *uprobes) startCalibration() *calibrating {
 	c := &calibrating{done: make(chan struct{}), traps: make(chan struct{})}
-	go c.run(u.multi)
+	go c.run(u.multi, u.calibLane)
 	return c
 }
 
 // run is the calibration's goroutine. Its name is in
 // mapguard.GoroutineFunctions: it outlives Start by its detaches.
-func (c *calibrating) run(multi bool) {
+func (c *calibrating) run(multi bool, lane *linkLane) {
 	defer close(c.done)
 	defer c.trapsOnce.Do(func() { close(c.traps) })
 	defer lowerPriority()()
@@ -249,7 +249,7 @@ func (c *calibrating) run(multi bool) {
 		c.err = err
 		return
 	}
-	c.costs, c.err = measureTraps(ex, multi, prog, c.calib, &c.stop, false, func(t trapCosts) {
+	c.costs, c.err = measureTraps(ex, multi, lane, laneStartCalib, prog, c.calib, &c.stop, false, func(t trapCosts) {
 		c.trapsOnce.Do(func() {
 			c.trapped, c.trapsOK = t, true
 			close(c.traps)
@@ -356,14 +356,16 @@ var errCalibrationStopped = errors.New("calibration stopped: the probe is closin
 // at a single-stepped and at an emulated instruction (the least of a few
 // runs: noise only adds), and the CPU time of attaching and detaching one
 // link. It takes no lock: it uses only its arguments. Once stop is set it
-// attaches nothing more. Both probes are attached at once, and detached in
-// parallel (each waits for the kernel). With others, it also measures what
+// attaches nothing more. Both probes are attached at once, and detached
+// each on a thread of its own, in their turns in lane (the probe's
+// calibLane: one at a time, apart from the governor's) at closePrio. With
+// others, it also measures what
 // the detaches cost the rest of the process; else trapCosts.others is -1.
 // measured, if not nil, is called with the trap costs as soon as they are
 // known, before the detaches.
 //
 // measureTraps is one measurement with its helpers as closures, which share its clocks.
-func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calibration, stop *atomic.Bool, others bool, measured func(trapCosts)) (c trapCosts, err error) {
+func measureTraps(ex *link.Executable, multi bool, lane *linkLane, closePrio float64, prog *ebpf.Program, cal calibration, stop *atomic.Bool, others bool, measured func(trapCosts)) (c trapCosts, err error) {
 	m := map[int]int{}
 	// CPU time of this thread, not wall time: a trap is handled on the
 	// thread that took it, and a busy machine's preemptions do not count.
@@ -429,7 +431,9 @@ func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calib
 		}
 	}
 	for _, s := range []*site{cal.step, cal.emu} {
-		l, err := attachSite(ex, multi, s, prog)
+		var l link.Link
+		var err error
+		lane.do(laneCalib, func() { l, err = attachSite(ex, multi, s, prog) })
 		if err != nil {
 			closeAll()
 			return c, fmt.Errorf("calibrate %s: %w", s.at.Inst, err)
@@ -460,7 +464,7 @@ func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calib
 	var wg sync.WaitGroup
 	for i, l := range links {
 		wg.Add(1)
-		go closeTimed(l, &closeCPU[i], &wg)
+		go closeTimed(l, lane.enter(closePrio), &closeCPU[i], &wg)
 	}
 	wg.Wait()
 	var closing time.Duration
@@ -477,10 +481,13 @@ func measureTraps(ex *link.Executable, multi bool, prog *ebpf.Program, cal calib
 	return c, nil
 }
 
-// closeTimed closes l on a thread of its own and stores the CPU time that
-// took in cpu. Its name is in mapguard.GoroutineFunctions.
-func closeTimed(l link.Link, cpu *time.Duration, wg *sync.WaitGroup) {
+// closeTimed closes l on a thread of its own in its turn in the link lane
+// and stores the CPU time that took in cpu. Its name is in
+// mapguard.GoroutineFunctions.
+func closeTimed(l link.Link, turn *laneTicket, cpu *time.Duration, wg *sync.WaitGroup) {
 	defer wg.Done()
+	turn.wait()
+	defer turn.leave()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	t := threadCPU()
@@ -725,7 +732,7 @@ func (u *uprobes) calibrateDue(now time.Time) (ran, first bool) {
 	prog := u.coll.Programs[mapguardProgMapguardEmpty]
 	u.mu.Unlock()
 
-	c, err := measureTraps(u.ex, u.multi, prog, u.calib, &u.calibStop, true, nil)
+	c, err := measureTraps(u.ex, u.multi, u.calibLane, laneCalib, prog, u.calib, &u.calibStop, true, nil)
 
 	u.mu.Lock()
 	defer u.mu.Unlock()

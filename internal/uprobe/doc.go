@@ -19,7 +19,9 @@
 //     call (poll_linux.go): the Go runtime's sysmon would spin for them;
 //     attaches and detaches, which block in the kernel for a grace
 //     period, run in goroutines of their own, off the probe's lock
-//     (govern_linux.go);
+//     (govern_linux.go), and take turns (lane.go): a thread blocked in
+//     the kernel keeps its P until sysmon retakes it, and two at once
+//     stopped a two-CPU program;
 //   - the crash record (crash_linux.go, crashid_linux.go, crashread_linux.go) pins what a fatal concurrent map
 //     misuse left in the kernel, for the next Start;
 //   - checks_linux.go turns the kernel's refusals into the typed errors of

@@ -266,7 +266,8 @@ func (u *uprobes) attachGroupLocked(group []int) {
 	if len(job.sites) == 0 {
 		return
 	}
-	u.detaches.Add(1) // teardown waits for it
+	job.turn = u.lane.enter(laneAttach) // after this run's detaches
+	u.detaches.Add(1)                   // teardown waits for it
 	go u.attachAsync(job)
 }
 
@@ -276,14 +277,16 @@ type attachJob struct {
 	ex    *link.Executable
 	progs [2]*ebpf.Program // always-on, deep
 	sites []*site
+	turn  *laneTicket
 }
 
-// attachAsync attaches a group's sites (see attachGroupLocked), then
-// hands their links to the probe and tells the governor, booking the CPU
-// the attaches took (measured on this goroutine's thread). If the probe
-// is closing meanwhile, it closes them.
+// attachAsync attaches a group's sites (see attachGroupLocked) in its turn
+// in the link lane, then hands their links to the probe and tells the
+// governor, booking the CPU the attaches took (measured on this
+// goroutine's thread). If the probe is closing meanwhile, it closes them.
 func (u *uprobes) attachAsync(job attachJob) {
 	defer u.detaches.Done()
+	job.turn.wait()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	c0 := threadCPU()
@@ -323,6 +326,7 @@ func (u *uprobes) attachAsync(job attachJob) {
 		a.sites, a.took = g, time.Since(t0)
 		done = append(done, a)
 	}
+	job.turn.leave()
 	cpu := threadCPU() - c0
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -449,6 +453,7 @@ type detachBatch struct {
 	sites []*site
 	links []link.Link
 	load  float64 // its busiest site's heat (see startDetachesLocked)
+	turn  *laneTicket
 }
 
 // detachBatchLocked takes a group's sites off their links for a detach;
@@ -482,7 +487,8 @@ func (u *uprobes) detachBatchLocked(group []int) (b detachBatch, ok bool) {
 }
 
 // startDetachesLocked detaches the batches off u.mu, the busiest first,
-// each in a goroutine that starts the next one before its own close: a
+// each in its turn in the link lane (their places taken here, before this
+// run's attaches), each in a goroutine that starts the next one before its own close: a
 // new goroutine runs next on its P, and the one it displaced goes to the
 // back of the queue. Started together from the governor, the second of
 // two detaches waited 12-14 ms for a P in a saturated service (its
@@ -493,6 +499,9 @@ func (u *uprobes) startDetachesLocked(batches []detachBatch) {
 		return
 	}
 	slices.SortStableFunc(batches, func(a, b detachBatch) int { return cmp.Compare(b.load, a.load) })
+	for i := range batches {
+		batches[i].turn = u.lane.enter(laneDetach + batches[i].load)
+	}
 	u.detaches.Add(len(batches))
 	go u.detachChain(batches)
 }
@@ -502,21 +511,25 @@ func (u *uprobes) detachChain(batches []detachBatch) {
 	if len(batches) > 1 {
 		go u.detachChain(batches[1:])
 	}
-	u.detach(batches[0].sites, batches[0].links)
+	u.detach(batches[0].sites, batches[0].links, batches[0].turn)
 }
 
-// detach closes links and tells the governor when it is done, booking the
-// CPU the closes took (measured on this goroutine's thread).
-func (u *uprobes) detach(sites []*site, links []link.Link) {
+// detach closes links in its turn in the link lane and tells the governor
+// when it is done, booking the CPU the closes took (measured on this
+// goroutine's thread).
+func (u *uprobes) detach(sites []*site, links []link.Link, turn *laneTicket) {
 	defer u.detaches.Done()
+	t0 := time.Now() // the wait for its turn is part of the detach's latency
+	turn.wait()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	t0, c0 := time.Now(), threadCPU()
+	c0 := threadCPU()
 	for _, l := range links {
 		if err := l.Close(); err != nil {
 			u.log.Error(err, "detach probe", "function", sites[0].fn.Name)
 		}
 	}
+	turn.leave()
 	cpu := threadCPU() - c0
 	u.mu.Lock()
 	defer u.mu.Unlock()

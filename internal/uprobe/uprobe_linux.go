@@ -28,6 +28,11 @@ import (
 	"github.com/mapguard/mapguard/symbols"
 )
 
+// startCalibHold is how long after Start its calibration's links stay
+// (see linkLane.holdLow): Start's storm is over by then, and its closes
+// (a P each, until sysmon retakes it) do not add to the storm's.
+const startCalibHold = time.Second
+
 // selfExe is the running binary. Uprobes live on the inode, and the magic
 // link keeps naming the inode this process runs even if the file on disk
 // is replaced.
@@ -36,6 +41,12 @@ const selfExe = "/proc/self/exe"
 type uprobes struct {
 	cfg Config
 	log logr.Logger
+
+	// lane orders the governor's link system calls, made off mu
+	// (lane.go); calibLane the calibration's, one at a time, apart (they
+	// take 35-55 ms each, and a detach of a hot site behind them waited
+	// as long: see linkLane). Each has its own lock.
+	lane, calibLane *linkLane
 
 	mu       sync.Mutex // guards everything below once Start has begun
 	started  bool
@@ -214,7 +225,7 @@ func (s *site) cookie() uint64 { return uint64(s.index) | uint64(s.gen)<<32 }
 
 // newUprobes is New on linux/amd64.
 func newUprobes(cfg Config) probe.Probe {
-	return &uprobes{cfg: cfg, log: cfg.Logger}
+	return &uprobes{cfg: cfg, log: cfg.Logger, lane: new(linkLane), calibLane: &linkLane{size: 1}}
 }
 
 // Start is one sequence of steps, each of which may refuse and must
@@ -275,10 +286,14 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	u.deep = u.cfg.deep()
 	// What a trap and a link cost here is measured on a goroutine of its
 	// own while the rest of Start runs (calibrate_linux.go).
+	// Its links are closed after Start's first second (see holdLow), or
+	// at once if Start fails (teardownLocked opens the lane).
+	u.calibLane.holdLow(time.Time{})
 	cal := u.startCalibration()
 	calJoined := false
 	defer func() {
 		if !calJoined {
+			u.calibLane.open()
 			cal.abandon()
 		}
 	}()
@@ -422,6 +437,7 @@ func (u *uprobes) Start(ctx context.Context, sink probe.Sink) (err error) {
 	u.takeNestedAtStartLocked(ctx)
 	step("nested")
 	u.running = true
+	u.calibLane.holdLow(time.Now().Add(startCalibHold))
 	u.readCounters()
 	u.publishStatsLocked(time.Now())
 	if len(u.pending) > 0 {
@@ -477,6 +493,8 @@ func (u *uprobes) Close() error {
 func (u *uprobes) teardownLocked() {
 	u.stopping = true // tick must not re-arm anything from here on
 	u.calibStop.Store(true)
+	u.lane.open() // every link call waiting goes now
+	u.calibLane.open()
 	u.stopNestedScanLocked()
 	if u.samp != nil {
 		u.samp.close() // its tracepoint link: the program stops running

@@ -334,7 +334,7 @@ func TestAttachOffLock(t *testing.T) {
 		t.Fatal("site not detached")
 	}
 	p.detaches.Add(1)
-	p.detach(b.sites, b.links)
+	p.detach(b.sites, b.links, p.lane.enter(laneDetach))
 
 	p.mu.Lock()
 	s := p.sites[i]
@@ -464,4 +464,30 @@ func TestStatsStaleView(t *testing.T) {
 	if st.Budget == nil {
 		t.Error("Stats with the lock held: no budget")
 	}
+}
+
+var laneSink int
+
+// The link system calls the governor makes while it samples a hot site
+// take turns in the lane: no more are in the kernel at once than it
+// allows (a thread blocked there holds its P until sysmon retakes it).
+func TestLinkLaneReal(t *testing.T) {
+	p, _ := startProbe(t, Config{Budget: 0.001})
+	var nilMap map[uint64]int
+	deadline := time.Now().Add(2 * time.Second)
+	for time.Now().Before(deadline) {
+		for k := range 1000 {
+			laneSink += nilMap[uint64(k)]
+		}
+	}
+	p.lane.mu.Lock()
+	peak, turns := p.lane.peak, p.lane.turns
+	p.lane.mu.Unlock()
+	if turns < 2 {
+		t.Fatalf("%d link calls in 2 s of a hot site at a budget of 0.1%%: the governor did not sample it", turns)
+	}
+	if peak > laneSize() {
+		t.Errorf("%d link calls in the kernel at once, lane of %d", peak, laneSize())
+	}
+	t.Logf("%d link calls, at most %d at once (GOMAXPROCS %d)", turns, peak, runtime.GOMAXPROCS(0))
 }
