@@ -11,7 +11,7 @@ import (
 // be in the kernel at once, the most urgent first.
 //
 // Such a call blocks for a grace period or more (on the project's VM under
-// the seeded service's load: an attach 7-16 ms, a close 17-72 ms, of one
+// the seeded service's load: an attach 7-16 ms, a close 16-72 ms, of one
 // site or twenty), and the Go runtime counts a thread in a system call as
 // running: its P goes to another thread only when sysmon retakes it, up to
 // two of sysmon's sleeps later (10 ms each once it has backed off, as it
@@ -40,7 +40,7 @@ import (
 //
 // What waiting costs: a detach behind another lets its sites trap that
 // much longer; once its close begins they stop (a debug build read the
-// hit counters at both ends of each close: at most one hit more). On the
+// hit counters at both ends of each close: at most two hits more). On the
 // seeded service the second detach of Start's storm, of the map-bloat
 // site's link (net/http's emptied maps, 10,000-14,000 a second) behind
 // Start's shared link, waited 2-22 ms, and a window's detach at most 26.

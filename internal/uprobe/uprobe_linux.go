@@ -44,7 +44,7 @@ type uprobes struct {
 
 	// lane orders the governor's link system calls, made off mu
 	// (lane.go); calibLane the calibration's, one at a time, apart (they
-	// take 35-55 ms each, and a detach of a hot site behind them waited
+	// take 35-56 ms each, and a detach of a hot site behind them waited
 	// as long: see linkLane). Each has its own lock.
 	lane, calibLane *linkLane
 
