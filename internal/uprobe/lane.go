@@ -55,10 +55,9 @@ type linkLane struct {
 	mu      sync.Mutex
 	size    int // calls in the kernel at once, at most; 0: laneSize()
 	busy    int
-	seq     uint64
-	waiting []*laneTicket
-	peak    int // the most in the kernel at once (tests)
-	turns   int // calls let in (tests)
+	waiting []*laneTicket // in the order they entered
+	peak    int           // the most in the kernel at once (tests)
+	turns   int           // calls let in (tests)
 	// lowHeld: calls at laneStartCalib wait until lowAfter (holdLow).
 	lowHeld  bool
 	lowAfter time.Time
@@ -70,7 +69,6 @@ type linkLane struct {
 type laneTicket struct {
 	lane  *linkLane
 	prio  float64
-	seq   uint64
 	ready chan struct{}
 }
 
@@ -101,8 +99,7 @@ func (l *linkLane) enter(prio float64) *laneTicket {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.seq++
-	t := &laneTicket{lane: l, prio: prio, seq: l.seq, ready: make(chan struct{})}
+	t := &laneTicket{lane: l, prio: prio, ready: make(chan struct{})}
 	l.waiting = append(l.waiting, t)
 	l.grantLocked()
 	return t
@@ -195,7 +192,7 @@ func (l *linkLane) grantLocked() {
 			if held && t.prio <= laneStartCalib {
 				continue
 			}
-			if i < 0 || t.prio > l.waiting[i].prio || (t.prio == l.waiting[i].prio && t.seq < l.waiting[i].seq) {
+			if i < 0 || t.prio > l.waiting[i].prio { // the first entered among equals
 				i = j
 			}
 		}
